@@ -1,0 +1,174 @@
+//! Command line: `trellis-agent run` and `trellis-agent cleanup`.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tracing::{error, info, level_filters::LevelFilter};
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    admin, cgroup,
+    netns::Netns,
+    pods::{PodsFile, Reconciler},
+    redirect::{self, Redirect, RedirectConfig},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-agent",
+    version,
+    about = "Trellis node agent: captures enrolled pods' traffic with eBPF and proxies it."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
+    /// `info,trellis_agent=debug`. At debug the kernel programs' own log lines appear too.
+    #[arg(long, global = true, default_value = "info", env = "TRELLIS_LOG")]
+    log_level: String,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the capture programs (adopting any pinned by an earlier agent), enroll
+    /// the pods listed in --pods, and proxy their traffic. Runs until SIGTERM or Ctrl-C; capture
+    /// stays pinned after it exits.
+    Run(RunArgs),
+    /// Detach and remove everything the agent pinned for a node. Stop the agent first.
+    Cleanup(PinArgs),
+}
+
+#[derive(clap::Args)]
+struct PinArgs {
+    /// This node's name; names the pin directory (<pin-root>/<node>).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// Where programs, links and maps are pinned (on a BPF filesystem).
+    #[arg(long, default_value = "/sys/fs/bpf/trellis")]
+    pin_root: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    pins: PinArgs,
+    /// cgroup v2 directory the capture programs attach to; pods are found below it in the
+    /// kubelet layout (kubepods.slice/… or kubepods/…). Default: the cgroup v2 mount point.
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// JSON file listing the pods to capture: {"pods":[{"uid","namespace","name","ips":[..]}]}.
+    /// Re-read when it changes; a bad edit is reported and the previous list kept.
+    #[arg(long)]
+    pods: PathBuf,
+    /// Admin endpoint (/healthz, /readyz, /pods). Keep it on localhost.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Destination ports never captured outbound, comma-separated (e.g. 22,2379).
+    #[arg(long, value_delimiter = ',')]
+    exclude_ports: Vec<u16>,
+    /// Destination CIDRs never captured outbound, comma-separated (e.g. 169.254.0.0/16,fd00::/8).
+    #[arg(long, value_delimiter = ',')]
+    exclude_cidrs: Vec<IpNet>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log_level, cli.log_format) {
+        eprintln!("trellis-agent: {e:#}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Cleanup(args) => redirect::cleanup(&args.pin_root, &args.node)
+            .map(|()| info!(node = args.node, "removed all pinned capture state")),
+        Command::Run(args) => tokio::runtime::Runtime::new()
+            .context("starting the runtime")
+            .and_then(|rt| rt.block_on(run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str, format: LogFormat) -> Result<()> {
+    let filter =
+        EnvFilter::try_new(filter).with_context(|| format!("bad --log-level {filter:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let cgroup_root = match args.cgroup_root {
+        Some(root) => root,
+        None => cgroup::cgroup2_mount()?,
+    };
+    let cfg = RedirectConfig {
+        pin_root: args.pins.pin_root,
+        node: args.pins.node,
+        cgroup_root: cgroup_root.clone(),
+        exclude_ports: args.exclude_ports,
+        exclude_cidrs: args.exclude_cidrs,
+        kernel_debug_log: LevelFilter::current() >= LevelFilter::DEBUG,
+    };
+    let admin = admin::bind(args.admin_addr).await?;
+    let (redirect, table, logger) = Redirect::open(&cfg)?;
+    info!(node = cfg.node, cgroup_root = %cgroup_root.display(), "capture programs attached");
+    tokio::spawn(forward_kernel_logs(logger));
+
+    let home = Arc::new(Netns::current().context("opening the agent's own network namespace")?);
+    let mut reconciler = Reconciler::new(redirect, cgroup_root, home, Arc::new(table));
+    tokio::spawn(admin::serve(admin, reconciler.status()));
+
+    let mut source = PodsFile::new(&args.pods);
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        if let Some(pods) = source.poll() {
+            reconciler.set_desired(pods);
+        }
+        reconciler.reconcile();
+    }
+    info!("stopping; capture stays attached (pinned) for the next agent");
+    Ok(())
+}
+
+/// Copies the kernel programs' aya-log records into our log.
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd holds the logger.
+    let mut fd = match unsafe { AsyncFd::register(logger) } {
+        Ok(fd) => fd,
+        Err(e) => return error!("cannot poll the kernel log ring buffer: {e}"),
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

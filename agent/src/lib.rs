@@ -1,0 +1,8 @@
+//! The Trellis node agent. See docs/capture.md for how capture works.
+pub mod admin;
+pub mod cgroup;
+pub mod cli;
+pub mod netns;
+pub mod pods;
+pub mod proxy;
+pub mod redirect;

@@ -1,0 +1,342 @@
+//! The capture layer's userspace half: loads the kernel programs, attaches them (adopting what an
+//! earlier agent pinned), and keeps the maps that say which pods are enrolled.
+mod pins;
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::Mutex,
+};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, SockHash, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+};
+use aya_log::EbpfLogger;
+use ipnet::IpNet;
+use trellis_common::{AF_INET, ConnKey, OrigDst, POD_HAS_IP4, POD_HAS_IP6, PodInfo, v4_mapped};
+
+use crate::netns::Netns;
+pub use pins::PinDir;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis"));
+
+/// The cgroup programs, by program name and link pin name.
+const CGROUP_PROGRAMS: [(&str, &str); 3] = [
+    ("trellis_connect4", "connect4"),
+    ("trellis_connect6", "connect6"),
+    ("trellis_sock_ops", "sockops"),
+];
+const SK_LOOKUP: &str = "trellis_sk_lookup";
+
+pub struct RedirectConfig {
+    pub pin_root: PathBuf,
+    pub node: String,
+    pub cgroup_root: PathBuf,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_cidrs: Vec<IpNet>,
+    /// Whether the kernel programs emit their debug log records (they cost a ring-buffer write).
+    pub kernel_debug_log: bool,
+}
+
+/// Sole owner of the enrollment maps and the pinned links.
+pub struct Redirect {
+    pins: PinDir,
+    ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, PodInfo>,
+    listeners: SockHash<MapData, [u8; 16]>,
+}
+
+/// The proxy's view: original destinations of captured connections, consumed once each.
+pub struct OrigDstTable {
+    map: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+}
+
+impl OrigDstTable {
+    /// The original destination of the connection the proxy accepted from `client` in the netns
+    /// with `netns_cookie`; the entry is removed.
+    pub fn take(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
+        let key = ConnKey {
+            netns_cookie,
+            client_port: client.port(),
+            family: if client.is_ipv4() {
+                AF_INET
+            } else {
+                trellis_common::AF_INET6
+            },
+            _pad: 0,
+        };
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let dst = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(to_socket_addr(&dst))
+    }
+}
+
+fn to_socket_addr(dst: &OrigDst) -> SocketAddr {
+    let ip = std::net::Ipv6Addr::from(dst.addr);
+    let ip = if dst.family == AF_INET {
+        IpAddr::V4(
+            ip.to_ipv4_mapped()
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        )
+    } else {
+        IpAddr::V6(ip)
+    };
+    SocketAddr::new(ip, dst.port)
+}
+
+fn ip_key(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+impl Redirect {
+    /// Loads and attaches everything, adopting the pins of an earlier agent for this node.
+    pub fn open(
+        cfg: &RedirectConfig,
+    ) -> Result<(Self, OrigDstTable, EbpfLogger<&'static dyn log::Log>)> {
+        let pins = PinDir::lock(&cfg.pin_root, &cfg.node)?;
+        let level = if cfg.kernel_debug_log {
+            aya_log::Level::Debug
+        } else {
+            aya_log::Level::Warn
+        } as u8;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(OBJECT)
+            .context(
+                "loading the kernel programs (is this kernel ≥ 5.15 with BTF, and are we root?)",
+            )?;
+        let logger =
+            EbpfLogger::init(&mut ebpf).context("starting the kernel program log reader")?;
+
+        let cgroup = File::open(&cfg.cgroup_root)
+            .with_context(|| format!("opening cgroup root {}", cfg.cgroup_root.display()))?;
+        for (prog, pin) in CGROUP_PROGRAMS {
+            let link = attach_cgroup(&mut ebpf, prog, &cgroup)
+                .with_context(|| format!("attaching {prog} to {}", cfg.cgroup_root.display()))?;
+            pins::replace_pinned_link(link, &pins.link(pin))?;
+        }
+        let sk_lookup: &mut SkLookup = program(&mut ebpf, SK_LOOKUP)?.try_into()?;
+        sk_lookup.load().context("loading sk_lookup")?;
+
+        sync_exclusions(&mut ebpf, cfg)?;
+        let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?)?;
+        let listeners = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS")?)?;
+        let orig = OrigDstTable {
+            map: Mutex::new(HashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?)?),
+        };
+        Ok((
+            Self {
+                pins,
+                ebpf,
+                enrolled,
+                listeners,
+            },
+            orig,
+            logger,
+        ))
+    }
+
+    /// Starts capturing a pod: its inbound listener serves its addresses, sk_lookup is attached
+    /// to its netns, and its cgroup is marked enrolled (last, so capture never finds the proxy
+    /// missing).
+    pub fn enroll(
+        &mut self,
+        uid: &str,
+        cgroup_id: u64,
+        ips: &[IpAddr],
+        netns: &Netns,
+        inbound_listener: &std::net::TcpListener,
+    ) -> Result<()> {
+        for ip in ips {
+            self.listeners
+                .insert(ip_key(*ip), inbound_listener.as_raw_fd(), 0)
+                .with_context(|| format!("registering the inbound listener for {ip}"))?;
+        }
+        let dir = self.pins.pod_dir(uid);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let prog: &mut SkLookup = program(&mut self.ebpf, SK_LOOKUP)?.try_into()?;
+        let id = prog
+            .attach(netns)
+            .context("attaching sk_lookup to the pod's network namespace")?;
+        let link: FdLink = prog.take_link(id)?.into();
+        pins::replace_pinned_link(link, &dir.join("sk_lookup"))?;
+
+        let mut info = PodInfo::default();
+        for ip in ips {
+            match ip {
+                IpAddr::V4(v4) => (info.flags, info.ip4) = (info.flags | POD_HAS_IP4, v4.octets()),
+                IpAddr::V6(v6) => (info.flags, info.ip6) = (info.flags | POD_HAS_IP6, v6.octets()),
+            }
+        }
+        self.enrolled
+            .insert(cgroup_id, info, 0)
+            .context("marking the pod's cgroup enrolled")?;
+        Ok(())
+    }
+
+    /// Stops capturing a pod; connections already proxied are left to finish.
+    pub fn unenroll(&mut self, uid: &str, cgroup_id: Option<u64>, ips: &[IpAddr]) -> Result<()> {
+        if let Some(id) = cgroup_id {
+            let _ = self.enrolled.remove(&id); // absent is fine: already not captured
+        }
+        let dir = self.pins.pod_dir(uid);
+        pins::unpin_link(&dir.join("sk_lookup"))?;
+        if dir.exists() {
+            std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        for ip in ips {
+            let _ = self.listeners.remove(&ip_key(*ip)); // closed listeners drop out by themselves
+        }
+        Ok(())
+    }
+
+    /// Drops what an earlier agent enrolled that is not enrolled now (a pod deleted while no
+    /// agent ran).
+    pub fn forget_others(
+        &mut self,
+        keep_cgroups: &HashSet<u64>,
+        keep_uids: &HashSet<String>,
+    ) -> Result<Vec<String>> {
+        let stale: Vec<u64> = self
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !keep_cgroups.contains(id))
+            .collect();
+        for id in stale {
+            let _ = self.enrolled.remove(&id);
+        }
+        let mut forgotten = Vec::new();
+        for uid in self.pins.pinned_pods()? {
+            if !keep_uids.contains(&uid) {
+                self.unenroll(&uid, None, &[])?;
+                forgotten.push(uid);
+            }
+        }
+        Ok(forgotten)
+    }
+}
+
+/// `trellis-agent cleanup`: detach and unpin everything for the node.
+pub fn cleanup(pin_root: &std::path::Path, node: &str) -> Result<()> {
+    PinDir::lock(pin_root, node)?.remove_all()
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the kernel object"))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the kernel object"))
+}
+
+/// Attaches a cgroup program through a BPF link. Links coexist with other programs on the cgroup
+/// whatever the mode (the kernel rejects link flags), so `Single` here means "no flags".
+fn attach_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<FdLink> {
+    let prog = program(ebpf, name)?;
+    if let Ok(p) = <&mut SockOps>::try_from(&mut *prog) {
+        p.load()?;
+        let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+        return Ok(p.take_link(id)?.try_into()?);
+    }
+    let p: &mut CgroupSockAddr = prog.try_into()?;
+    p.load()?;
+    let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+    Ok(p.take_link(id)?.try_into()?)
+}
+
+/// Makes the exclusion maps hold exactly the configured ports and CIDRs.
+fn sync_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<()> {
+    let mut ports: HashMap<&mut MapData, u16, u8> =
+        HashMap::try_from(map_mut(ebpf, "EXCLUDE_PORTS")?)?;
+    let old: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
+    for p in old {
+        ports.remove(&p)?;
+    }
+    for p in &cfg.exclude_ports {
+        ports
+            .insert(p, 1, 0)
+            .with_context(|| format!("excluding port {p}"))?;
+    }
+    let mut v4: LpmTrie<&mut MapData, [u8; 4], u8> =
+        LpmTrie::try_from(map_mut(ebpf, "EXCLUDE_V4")?)?;
+    let old: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
+    for k in old {
+        v4.remove(&k)?;
+    }
+    for net in cfg.exclude_cidrs.iter().filter_map(|n| match n {
+        IpNet::V4(n) => Some(n),
+        IpNet::V6(_) => None,
+    }) {
+        v4.insert(
+            &Key::new(u32::from(net.prefix_len()), net.network().octets()),
+            1,
+            0,
+        )?;
+    }
+    let mut v6: LpmTrie<&mut MapData, [u8; 16], u8> =
+        LpmTrie::try_from(map_mut(ebpf, "EXCLUDE_V6")?)?;
+    let old: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
+    for k in old {
+        v6.remove(&k)?;
+    }
+    for net in cfg.exclude_cidrs.iter().filter_map(|n| match n {
+        IpNet::V6(n) => Some(n),
+        IpNet::V4(_) => None,
+    }) {
+        v6.insert(
+            &Key::new(u32::from(net.prefix_len()), net.network().octets()),
+            1,
+            0,
+        )?;
+    }
+    Ok(())
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .with_context(|| format!("map {name} missing from the kernel object"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orig_dst_round_trips_both_families() {
+        let v4 = OrigDst {
+            addr: v4_mapped([10, 244, 1, 3]),
+            port: 8080,
+            family: AF_INET,
+        };
+        assert_eq!(to_socket_addr(&v4), "10.244.1.3:8080".parse().unwrap());
+        let ip: std::net::Ipv6Addr = "fd00:244:1::3".parse().unwrap();
+        let v6 = OrigDst {
+            addr: ip.octets(),
+            port: 443,
+            family: trellis_common::AF_INET6,
+        };
+        assert_eq!(to_socket_addr(&v6), "[fd00:244:1::3]:443".parse().unwrap());
+    }
+
+    #[test]
+    fn listener_keys_map_v4_into_v6() {
+        assert_eq!(
+            ip_key("10.0.0.1".parse().unwrap()),
+            v4_mapped([10, 0, 0, 1])
+        );
+    }
+}

@@ -1,0 +1,48 @@
+//! Trellis kernel programs. The agent loads this object, pins the maps and links under
+//! `/sys/fs/bpf/trellis/<node>`, and fills the maps; see docs/capture.md.
+#![no_std]
+#![no_main]
+
+mod inbound;
+mod maps;
+mod outbound;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+
+/// `cgroup/connect4`: rewrite an enrolled pod's TCP connect to 127.0.0.1:15001.
+#[cgroup_sock_addr(connect4)]
+pub fn trellis_connect4(ctx: SockAddrContext) -> i32 {
+    outbound::connect4(&ctx);
+    1 // always allow the connect; capture only rewrites it
+}
+
+/// `cgroup/connect6`: the same for IPv6 (and IPv4-mapped) destinations, to [::1]:15001.
+#[cgroup_sock_addr(connect6)]
+pub fn trellis_connect6(ctx: SockAddrContext) -> i32 {
+    outbound::connect6(&ctx);
+    1
+}
+
+/// `sockops`: once a captured connection is established, re-key its original destination by
+/// (netns cookie, client port, family) so the proxy can find it from its accepted socket.
+#[sock_ops]
+pub fn trellis_sock_ops(ctx: SockOpsContext) -> u32 {
+    outbound::sock_ops(&ctx);
+    0
+}
+
+/// `sk_lookup`, attached per pod netns: steer connections to app ports to the agent's 15006.
+#[sk_lookup]
+pub fn trellis_sk_lookup(ctx: SkLookupContext) -> u32 {
+    inbound::sk_lookup(&ctx);
+    1 // SK_PASS: with a socket assigned it goes there, otherwise the normal lookup runs
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

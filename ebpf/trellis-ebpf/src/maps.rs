@@ -1,0 +1,34 @@
+//! The maps, pinned by name so they outlive an agent restart. Sizes are the node's limits.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap, SockHash},
+};
+use trellis_common::{ConnKey, OrigDst, Pending, PodInfo};
+
+/// Enrolled pods by cgroup v2 id (the pod-level cgroup, not a container's).
+#[map]
+pub static ENROLLED: HashMap<u64, PodInfo> = HashMap::pinned(4096, 0);
+
+/// Destination ports never captured outbound (value unused).
+#[map]
+pub static EXCLUDE_PORTS: HashMap<u16, u8> = HashMap::pinned(256, 0);
+
+/// Destination CIDRs never captured outbound.
+#[map]
+pub static EXCLUDE_V4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(1024, 0);
+#[map]
+pub static EXCLUDE_V6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1024, 0);
+
+/// Captured connects waiting to be established, by socket cookie. LRU: a connect that never
+/// completes leaves an entry that ages out.
+#[map]
+pub static PENDING: LruHashMap<u64, Pending> = LruHashMap::pinned(65536, 0);
+
+/// Original destinations of established captured connections, for the proxy (which deletes
+/// each entry once read).
+#[map]
+pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65536, 0);
+
+/// Each enrolled pod's 15006 listener, by pod IP (IPv4-mapped for IPv4).
+#[map]
+pub static INBOUND_LISTENERS: SockHash<[u8; 16]> = SockHash::pinned(8192, 0);

@@ -1,0 +1,185 @@
+//! Outbound capture: connect4/6 rewrite the destination and remember it; sock_ops re-keys it.
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    maps::lpm_trie::Key,
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::debug;
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use trellis_common::{
+    AF_INET, AF_INET6, ConnKey, MAX_CGROUP_DEPTH, OUTBOUND_PORT, OrigDst, POD_HAS_IP4, POD_HAS_IP6,
+    Pending, PodInfo, v4_mapped,
+};
+
+use crate::maps::{ENROLLED, EXCLUDE_PORTS, EXCLUDE_V4, EXCLUDE_V6, ORIG_DST, PENDING};
+
+const SOCK_STREAM: u32 = 1;
+const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// The pod whose cgroup contains the calling task, if it is enrolled. Containers sit in
+/// sub-cgroups of the pod cgroup, so walk the ancestors from the top.
+fn enrolled_pod() -> Option<PodInfo> {
+    for level in 1..=MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return None;
+        }
+        if let Some(pod) = unsafe { ENROLLED.get(&id) } {
+            return Some(*pod);
+        }
+    }
+    None
+}
+
+fn port_excluded(port: u16) -> bool {
+    unsafe { EXCLUDE_PORTS.get(&port) }.is_some()
+}
+
+fn remember(ctx: &SockAddrContext, dst: OrigDst) -> bool {
+    let pending = Pending {
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        dst,
+        _pad: 0,
+    };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // Without a record the proxy could not route the connection: leave it uncaptured.
+    PENDING.insert(&cookie, &pending, 0).is_ok()
+}
+
+fn stream_socket(sa: *const bpf_sock_addr) -> bool {
+    unsafe { read_volatile(addr_of!((*sa).type_)) == SOCK_STREAM }
+}
+
+fn rewrite_port(sa: *mut bpf_sock_addr) {
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*sa).user_port),
+            u32::from(OUTBOUND_PORT.to_be()),
+        )
+    };
+}
+
+pub fn connect4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    if !stream_socket(sa) {
+        return;
+    }
+    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
+    let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
+    if !capture_v4(ip, port) || !remember(ctx, v4_dst(ip, port)) {
+        return;
+    }
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*sa).user_ip4),
+            u32::from_ne_bytes([127, 0, 0, 1]),
+        )
+    };
+    rewrite_port(sa);
+    debug!(
+        ctx,
+        "connect4 captured {:i}:{}",
+        u32::from_be_bytes(ip),
+        port
+    );
+}
+
+pub fn connect6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    if !stream_socket(sa) {
+        return;
+    }
+    let mut ip = [0u8; 16];
+    for i in 0..4 {
+        let word = unsafe { read_volatile(addr_of!((*sa).user_ip6[i])) }.to_ne_bytes();
+        ip[i * 4..i * 4 + 4].copy_from_slice(&word);
+    }
+    let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
+    let dst = match v4_in_v6(&ip) {
+        Some(v4) if capture_v4(v4, port) => v4_dst(v4, port),
+        Some(_) => return,
+        None if capture_v6(&ip, port) => OrigDst {
+            addr: ip,
+            port,
+            family: AF_INET6,
+        },
+        None => return,
+    };
+    if !remember(ctx, dst) {
+        return;
+    }
+    // Separate 32-bit stores: the verifier rejects wider writes to user_ip6.
+    for (i, word) in [0u32, 0, 0, u32::from_be(1)].iter().enumerate() {
+        unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word) };
+    }
+    rewrite_port(sa);
+    debug!(ctx, "connect6 captured [{:i}]:{}", ip, port);
+}
+
+fn v4_dst(ip: [u8; 4], port: u16) -> OrigDst {
+    OrigDst {
+        addr: v4_mapped(ip),
+        port,
+        family: AF_INET,
+    }
+}
+
+fn v4_in_v6(ip: &[u8; 16]) -> Option<[u8; 4]> {
+    if ip[..10].iter().all(|b| *b == 0) && ip[10] == 0xff && ip[11] == 0xff {
+        Some([ip[12], ip[13], ip[14], ip[15]])
+    } else {
+        None
+    }
+}
+
+fn capture_v4(ip: [u8; 4], port: u16) -> bool {
+    if ip[0] == 127 {
+        return false;
+    }
+    let Some(pod) = enrolled_pod() else {
+        return false;
+    };
+    if pod.flags & POD_HAS_IP4 != 0 && pod.ip4 == ip {
+        return false;
+    }
+    !port_excluded(port) && EXCLUDE_V4.get(Key::new(32, ip)).is_none()
+}
+
+fn capture_v6(ip: &[u8; 16], port: u16) -> bool {
+    if *ip == LOOPBACK_V6 {
+        return false;
+    }
+    let Some(pod) = enrolled_pod() else {
+        return false;
+    };
+    if pod.flags & POD_HAS_IP6 != 0 && pod.ip6 == *ip {
+        return false;
+    }
+    !port_excluded(port) && EXCLUDE_V6.get(Key::new(128, *ip)).is_none()
+}
+
+pub fn sock_ops(ctx: &SockOpsContext) {
+    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(pending) = (unsafe { PENDING.get(&cookie) }).copied() else {
+        return;
+    };
+    let _ = PENDING.remove(&cookie);
+    let key = ConnKey {
+        netns_cookie: pending.netns_cookie,
+        // local_port is host order in sock_ops (remote_port is not).
+        client_port: ctx.local_port() as u16,
+        family: ctx.family() as u16,
+        _pad: 0,
+    };
+    if ORIG_DST.insert(&key, &pending.dst, 0).is_err() {
+        debug!(
+            ctx,
+            "sockops: ORIG_DST insert failed for client port {}", key.client_port
+        );
+    }
+}

@@ -1,0 +1,245 @@
+//! Nodes and pods as network namespaces with kubelet-style cgroups.
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU8, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::sys::{self, ip, run};
+
+/// kubelet's two cgroup layouts.
+#[derive(Clone, Copy, Debug)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid_>.slice`
+    Systemd,
+    /// `kubepods/besteffort/pod<uid>`
+    Cgroupfs,
+}
+
+pub struct Node {
+    /// Network namespace name; also the agent's node name and cgroup root's name.
+    pub name: String,
+    pub index: u8,
+    /// The node's cgroup root (what kubelet would see as the cgroup v2 root).
+    pub cgroup_root: PathBuf,
+    next_pod: AtomicU8,
+}
+
+impl Node {
+    /// Node `index` (1-based) of a cluster: bridge `br0` at 10.244.<index>.1/24 and fd00:244:<index>::1/64.
+    pub fn new(index: u8) -> Self {
+        crate::require_privileges();
+        let name = sys::unique_name();
+        let cgroup_root = sys::cgroup2_mount().join(&name);
+        let node = Self {
+            name,
+            index,
+            cgroup_root,
+            next_pod: AtomicU8::new(10),
+        };
+        run("ip", &["netns", "add", &node.name]);
+        fs::create_dir(&node.cgroup_root).expect("creating the node's cgroup root");
+        ip(&node.name, "link set lo up");
+        ip(&node.name, "link add br0 type bridge");
+        ip(&node.name, &format!("addr add 10.244.{index}.1/24 dev br0"));
+        ip(
+            &node.name,
+            &format!("-6 addr add fd00:244:{index}::1/64 dev br0 nodad"),
+        );
+        ip(&node.name, "link set br0 up");
+        node
+    }
+
+    pub fn add_pod(&self, name: &str) -> Pod {
+        self.add_pod_with(name, CgroupDriver::Systemd)
+    }
+
+    pub fn add_pod_with(&self, name: &str, driver: CgroupDriver) -> Pod {
+        let k = self.next_pod.fetch_add(1, Ordering::Relaxed);
+        let netns = format!("{}-{name}", self.name);
+        let uid = format!(
+            "{:08x}-0000-4000-8000-{:012x}",
+            std::process::id(),
+            u64::from(self.index) << 16 | u64::from(k)
+        );
+        let qos = "besteffort";
+        let cgroup = match driver {
+            CgroupDriver::Systemd => self.cgroup_root.join(format!(
+                "kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{}.slice",
+                uid.replace('-', "_")
+            )),
+            CgroupDriver::Cgroupfs => self.cgroup_root.join(format!("kubepods/{qos}/pod{uid}")),
+        };
+        let pod = Pod {
+            name: name.to_owned(),
+            uid,
+            netns,
+            ip4: Ipv4Addr::new(10, 244, self.index, k),
+            ip6: format!("fd00:244:{}::{k}", self.index)
+                .parse()
+                .expect("valid IPv6"),
+            cgroup,
+            children: Mutex::new(Vec::new()),
+        };
+        run("ip", &["netns", "add", &pod.netns]);
+        let n = &pod.netns;
+        ip(n, "link set lo up");
+        ip(
+            n,
+            &format!(
+                "link add eth0 type veth peer name vp{k} netns {}",
+                self.name
+            ),
+        );
+        ip(&self.name, &format!("link set vp{k} master br0 up"));
+        ip(n, &format!("addr add {}/24 dev eth0", pod.ip4));
+        ip(n, &format!("-6 addr add {}/64 dev eth0 nodad", pod.ip6));
+        ip(n, "link set eth0 up");
+        ip(n, &format!("route add default via 10.244.{}.1", self.index));
+        ip(
+            n,
+            &format!("-6 route add default via fd00:244:{}::1", self.index),
+        );
+        for c in ["cri-containerd-pause.scope", "cri-containerd-app.scope"] {
+            fs::create_dir_all(pod.cgroup.join(c)).expect("creating pod cgroups");
+        }
+        // The sandbox process that holds the pod's namespace, like kubelet's pause container.
+        let pause = sys::spawn_in(
+            &pod.netns,
+            Some(&pod.cgroup.join("cri-containerd-pause.scope")),
+            Command::new("sleep").arg("infinity"),
+        )
+        .expect("starting the pod's sandbox process");
+        pod.children.lock().unwrap().push(pause);
+        pod
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        sys::remove_cgroup_tree(&self.cgroup_root);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub uid: String,
+    pub netns: String,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    /// The pod-level cgroup; processes live in `cri-containerd-*.scope` below it.
+    pub cgroup: PathBuf,
+    children: Mutex<Vec<Child>>,
+}
+
+/// Where the harness's helper binaries are: beside the running executable (or one level up,
+/// for test executables in target/*/deps), or in $TRELLIS_BIN_DIR.
+pub fn binary(name: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("TRELLIS_BIN_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    if let Ok(exe) = std::env::current_exe() {
+        dirs.extend(exe.parent().map(Path::to_owned));
+        dirs.extend(exe.parent().and_then(Path::parent).map(Path::to_owned));
+    }
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!("{name} not found in {dirs:?}: build it first (cargo build --workspace --bins; cargo xtask test does)")
+    })
+}
+
+impl Pod {
+    pub fn ips(&self) -> [IpAddr; 2] {
+        [IpAddr::V4(self.ip4), IpAddr::V6(self.ip6)]
+    }
+
+    fn app_cgroup(&self) -> PathBuf {
+        self.cgroup.join("cri-containerd-app.scope")
+    }
+
+    /// Starts the test app serving on `port` (all addresses, IPv4 and IPv6); waits until it listens.
+    pub fn serve(&self, port: u16) {
+        let mut cmd = Command::new(binary("trellis-testpod"));
+        cmd.args(["serve", &self.name, &format!("[::]:{port}")])
+            .stdout(Stdio::piped());
+        let mut child = sys::spawn_in(&self.netns, Some(&self.app_cgroup()), &mut cmd)
+            .expect("starting the test app");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("reading the app's ready line");
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "test app in {} did not start",
+            self.name
+        );
+        self.children.lock().unwrap().push(child);
+    }
+
+    /// Connects from this pod (as its app would) to `addr`, sends `data`, and returns what the
+    /// test app printed: `{"local", "banner": {"server","local","peer"}, "echo"}` or `{"error"}`.
+    pub fn connect(&self, addr: SocketAddr, data: &str) -> serde_json::Value {
+        let mut cmd = Command::new(binary("trellis-testpod"));
+        cmd.args(["connect", &addr.to_string(), data])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = sys::spawn_in(&self.netns, Some(&self.app_cgroup()), &mut cmd)
+            .expect("starting the test client");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let out = wait_bounded(child, deadline);
+        serde_json::from_slice(&out).unwrap_or_else(|e| {
+            panic!(
+                "test client printed {:?}: {e}",
+                String::from_utf8_lossy(&out)
+            )
+        })
+    }
+
+    /// Kills the pod's processes (its sandbox too), as when a pod dies.
+    pub fn kill_processes(&self) {
+        for mut c in self.children.lock().unwrap().drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// This pod as the agent's pods file lists it.
+    pub fn spec(&self, namespace: &str) -> serde_json::Value {
+        serde_json::json!({ "uid": self.uid, "namespace": namespace, "name": self.name, "ips": self.ips() })
+    }
+}
+
+fn wait_bounded(mut child: Child, deadline: Instant) -> Vec<u8> {
+    loop {
+        if let Some(_status) = child.try_wait().expect("waiting for the test client") {
+            let out = child.wait_with_output().expect("collecting output");
+            return out.stdout;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("test client did not finish within 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.kill_processes();
+        sys::remove_cgroup_tree(&self.cgroup);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
