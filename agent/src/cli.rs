@@ -130,8 +130,8 @@ async fn run(args: RunArgs) -> Result<()> {
         exclude_cidrs: args.exclude_cidrs,
         kernel_debug_log: LevelFilter::current() >= LevelFilter::DEBUG,
     };
-    let admin = admin::bind(args.admin_addr).await?;
     let (redirect, table, logger) = Redirect::open(&cfg)?;
+    let admin = admin::bind(args.admin_addr).await?;
     info!(node = cfg.node, cgroup_root = %cgroup_root.display(), "capture programs attached");
     tokio::spawn(forward_kernel_logs(logger));
 

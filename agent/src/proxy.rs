@@ -148,6 +148,8 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, table: 
 }
 
 async fn inbound(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>) {
+    // The listener is dual-stack: show IPv4 peers as IPv4.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(e) => return warn!(pod = %pod.name, "inbound connection without a local address: {e}"),

@@ -99,14 +99,14 @@ impl Agent {
     fn spawn(&mut self) {
         self.runs += 1;
         self.child = Some(
-            self.spawn_extra()
+            self.spawn_extra(&self.log_file())
                 .unwrap_or_else(|e| panic!("starting trellis-agent: {e}")),
         );
     }
 
-    /// Spawns another agent process with this one's arguments (for the second-agent test).
-    pub fn spawn_extra(&self) -> std::io::Result<Child> {
-        let log = fs::File::create(self.log_file())?;
+    /// Spawns another agent process with this one's arguments, logging to `log`.
+    pub fn spawn_extra(&self, log: &std::path::Path) -> std::io::Result<Child> {
+        let log = fs::File::create(log)?;
         let mut cmd = Command::new(binary("trellis-agent"));
         cmd.args(self.args()).stdout(log.try_clone()?).stderr(log);
         sys::spawn_in(&self.node, None, &mut cmd)
@@ -172,6 +172,11 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A scratch file path in the agent's temp dir.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 
     pub fn log_text(&self) -> String {

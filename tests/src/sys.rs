@@ -224,10 +224,16 @@ fn owner(name: &str) -> Option<u32> {
     name.strip_prefix(PREFIX)?.split('x').next()?.parse().ok()
 }
 
-/// Removes namespaces, cgroups and pins left by harness runs whose process is gone.
+/// Removes namespaces, cgroups and pins left by harness runs whose process is gone (once per
+/// process).
 pub fn sweep_stale() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
+    ONCE.call_once(sweep);
+}
+
+/// One sweep (see `sweep_stale`).
+pub fn sweep() {
+    {
         let stale = |name: &str| owner(name).is_some_and(|pid| !pid_alive(pid));
         let cg = cgroup2_mount();
         for e in fs::read_dir(&cg).into_iter().flatten().flatten() {
@@ -252,7 +258,7 @@ pub fn sweep_stale() {
                 }
             }
         }
-    });
+    }
 }
 
 /// rm -r that also works on bpffs (where pins are removed with unlink).
@@ -266,4 +272,34 @@ pub fn remove_tree(dir: &Path) {
         }
     }
     let _ = fs::remove_dir(dir);
+}
+
+/// Names of the BPF programs attached to a cgroup (bpftool's view, independent of the agent).
+pub fn cgroup_programs(cgroup: &Path) -> Vec<String> {
+    let out = run(
+        "bpftool",
+        &["-j", "cgroup", "show", &cgroup.to_string_lossy()],
+    );
+    let progs: Vec<serde_json::Value> =
+        serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
+            .unwrap_or_else(|e| panic!("bpftool cgroup show printed {out:?}: {e}"));
+    progs
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// How many sk_lookup links are attached to network namespace `netns`.
+pub fn sk_lookup_links(netns: &str) -> usize {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = fs::metadata(netns_path(netns)).expect("netns exists").ino();
+    let out = run("bpftool", &["-j", "link", "show"]);
+    let links: Vec<serde_json::Value> = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("bpftool link show printed {out:?}: {e}"));
+    links
+        .iter()
+        .filter(|l| {
+            l["type"] == "netns" && l["attach_type"] == "sk_lookup" && l["netns_ino"] == ino
+        })
+        .count()
 }

@@ -1,63 +1,346 @@
 //! End-to-end tests of the capture layer on the real kernel: real eBPF programs attached by the
 //! real agent binary, pods as network namespaces with kubelet-style cgroups.
-use std::net::SocketAddr;
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use trellis_e2e::{Agent, CgroupDriver, Node, Pod};
+use trellis_e2e::{Agent, CgroupDriver, Node, Pod, sys};
 
-fn addr(ip: impl Into<std::net::IpAddr>, port: u16) -> SocketAddr {
+fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
 
-/// Connects from `from` to `to`, asserts the echo came back from the right server, and returns
-/// the client's local port (to find the connection in the agent's log).
-fn round_trip(from: &Pod, to: SocketAddr, server: &str) -> u16 {
+/// Connects from `from` to `to` through the test app, checks the echo, and says whether the
+/// connection was captured. The kernel decides that, not the agent: a captured connect() was
+/// rewritten to the loopback capture listener, so the app's own end is on loopback.
+fn connect_captured(from: &Pod, to: SocketAddr) -> (bool, u16) {
     let out = from.connect(to, "ping");
-    assert_eq!(
-        out["echo"],
-        "ping",
-        "{from_name} -> {to}: {out}",
-        from_name = from.name
-    );
-    assert_eq!(out["banner"]["server"], server, "{out}");
-    out["local"]
-        .as_str()
-        .unwrap()
-        .parse::<SocketAddr>()
-        .unwrap()
-        .port()
+    assert_eq!(out["echo"], "ping", "{} -> {to}: {out}", from.name);
+    let local: SocketAddr = out["local"].as_str().unwrap().parse().unwrap();
+    (local.ip().is_loopback(), local.port())
 }
 
-fn captured(agent: &Agent, direction: &str, pod: &Pod, dst: SocketAddr) -> bool {
-    agent.captures().iter().any(|(d, p, _, o)| {
-        d == direction && p.ends_with(&format!("/{}", pod.name)) && *o == dst.to_string()
-    })
+/// The agent's log line for the captured connection from `client_port` to `dst`.
+fn capture_line(
+    agent: &Agent,
+    direction: &str,
+    dst: SocketAddr,
+    client_port: u16,
+) -> serde_json::Value {
+    agent.wait_log(
+        &format!("{direction} capture of {dst} from port {client_port}"),
+        |v| {
+            v["message"] == "connection captured"
+                && v["direction"] == direction
+                && v["orig_dst"] == dst.to_string()
+                && v["client"]
+                    .as_str()
+                    .and_then(|c| c.parse::<SocketAddr>().ok())
+                    .is_some_and(|c| c.port() == client_port)
+        },
+    )
 }
 
 #[test]
-fn outbound_is_captured_with_exact_original_destination() {
+fn outbound_reports_exact_original_destination_v4_and_v6() {
     let node = Node::new(1);
     let client = node.add_pod("client");
     let server = node.add_pod("server");
     server.serve(8080);
-    let agent = Agent::start(&node, &[&client]);
+    let agent = Agent::start_with(&node, &[&client], &["--log-level", "debug"]);
     agent.wait_pod_state(&client, "enrolled");
 
     for dst in [addr(server.ip4, 8080), addr(server.ip6, 8080)] {
-        let port = round_trip(&client, dst, "server");
-        let line = agent.wait_log("the captured connection", |v| {
-            v["message"] == "connection captured" && v["orig_dst"] == dst.to_string()
-        });
-        assert_eq!(line["direction"], "outbound");
-        assert_eq!(line["pod"], "default/client");
-        let client_port: SocketAddr = line["client"].as_str().unwrap().parse().unwrap();
-        assert_eq!(
-            client_port.port(),
-            port,
-            "the agent matched a different connection: {line}"
-        );
+        let (captured, port) = connect_captured(&client, dst);
         assert!(
-            client_port.ip().is_loopback(),
-            "captured connections arrive on the loopback listener: {line}"
+            captured,
+            "connection to {dst} from an enrolled pod was not redirected"
+        );
+        let line = capture_line(&agent, "outbound", dst, port);
+        assert_eq!(line["pod"], "default/client", "{line}");
+    }
+    // The kernel programs' own aya-log lines reach the agent's log at debug level.
+    agent.wait_log("connect4's kernel log line", |v| {
+        v["message"] == format!("connect4 captured {}:8080", server.ip4)
+    });
+    agent.wait_log("connect6's kernel log line", |v| {
+        v["message"] == format!("connect6 captured [{}]:8080", server.ip6)
+    });
+}
+
+#[test]
+fn unenrolled_pods_excluded_ports_and_cidrs_are_not_redirected() {
+    let node = Node::new(1);
+    // The cgroupfs driver layout (kubepods/besteffort/pod<uid>) must work like the systemd one.
+    let client = node.add_pod_with("client", CgroupDriver::Cgroupfs);
+    let bystander = node.add_pod("bystander");
+    let server = node.add_pod("server");
+    server.serve(8080);
+    server.serve(9090);
+    let excluded_net = format!("{}/128", server.ip6);
+    let agent = Agent::start_with(
+        &node,
+        &[&client],
+        &["--exclude-ports", "9090", "--exclude-cidrs", &excluded_net],
+    );
+    agent.wait_pod_state(&client, "enrolled");
+
+    let (captured, port) = connect_captured(&client, addr(server.ip4, 8080));
+    assert!(captured, "enrolled pod (cgroupfs layout) not redirected");
+    capture_line(&agent, "outbound", addr(server.ip4, 8080), port);
+
+    assert!(
+        !connect_captured(&bystander, addr(server.ip4, 8080)).0,
+        "a pod that is not enrolled was redirected"
+    );
+    assert!(
+        !connect_captured(&client, addr(server.ip4, 9090)).0,
+        "an excluded port was redirected"
+    );
+    assert!(
+        !connect_captured(&client, addr(server.ip6, 8080)).0,
+        "an excluded CIDR was redirected"
+    );
+    assert!(
+        connect_captured(&client, addr(server.ip4, 8080)).0,
+        "capture stopped"
+    );
+
+    // Unenrolled at runtime: capture stops, connections still work.
+    agent.set_pods(&[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.pods().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "agent kept the pod: {:?}",
+            agent.pods()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !connect_captured(&client, addr(server.ip4, 8080)).0,
+        "an unenrolled pod is still redirected"
+    );
+    assert!(
+        !Path::new(&format!(
+            "/sys/fs/bpf/trellis/{}/pods/{}",
+            node.name, client.uid
+        ))
+        .exists(),
+        "pod pins left behind"
+    );
+}
+
+#[test]
+fn inbound_lands_on_15006_and_the_onward_connection_is_not_recaptured() {
+    let node = Node::new(1);
+    let client = node.add_pod("client");
+    let server = node.add_pod("server");
+    server.serve(8080);
+    let agent = Agent::start(&node, &[&server]);
+    agent.wait_pod_state(&server, "enrolled");
+
+    for dst in [addr(server.ip4, 8080), addr(server.ip6, 8080)] {
+        let out = client.connect(dst, "hello");
+        assert_eq!(out["echo"], "hello", "{out}");
+        let local: SocketAddr = out["local"].as_str().unwrap().parse().unwrap();
+        let line = capture_line(&agent, "inbound", dst, local.port());
+        assert_eq!(line["pod"], "default/server");
+        assert_eq!(
+            line["client"],
+            local.to_string(),
+            "client address must be the true peer"
+        );
+        // The app was reached by the proxy from the pod's own address, and that connection was
+        // not steered back into the proxy.
+        let peer: SocketAddr = out["banner"]["peer"].as_str().unwrap().parse().unwrap();
+        assert_eq!(peer.ip(), dst.ip(), "{out}");
+        assert_eq!(out["banner"]["local"], dst.to_string());
+        let recaptured = agent
+            .captures()
+            .into_iter()
+            .filter(|(d, _, c, _)| d == "inbound" && c == &peer.to_string())
+            .count();
+        assert_eq!(
+            recaptured, 0,
+            "the proxy's own onward connection was captured again"
         );
     }
+}
+
+#[test]
+fn pod_to_pod_on_one_node_is_captured_at_both_ends() {
+    let node = Node::new(1);
+    let client = node.add_pod("client");
+    let server = node.add_pod("server");
+    server.serve(8080);
+    let agent = Agent::start(&node, &[&client, &server]);
+    agent.wait_pod_state(&client, "enrolled");
+    agent.wait_pod_state(&server, "enrolled");
+    let dst = addr(server.ip4, 8080);
+    let (captured, port) = connect_captured(&client, dst);
+    assert!(captured);
+    capture_line(&agent, "outbound", dst, port);
+    agent.wait_log("the inbound side", |v| {
+        v["direction"] == "inbound" && v["orig_dst"] == dst.to_string()
+    });
+}
+
+#[test]
+fn sigkill_restart_adopts_pins_and_cleanup_removes_them() {
+    let node = Node::new(1);
+    let client = node.add_pod("client");
+    let server = node.add_pod("server");
+    server.serve(8080);
+    let dst = addr(server.ip4, 8080);
+    let mut agent = Agent::start(&node, &[&client, &server]);
+    agent.wait_pod_state(&client, "enrolled");
+    agent.wait_pod_state(&server, "enrolled");
+    assert!(connect_captured(&client, dst).0);
+    let attached = |node: &Node| {
+        let mut p = sys::cgroup_programs(&node.cgroup_root);
+        p.sort();
+        p
+    };
+    assert_eq!(
+        attached(&node),
+        ["trellis_connect4", "trellis_connect6", "trellis_sock_ops"]
+    );
+    assert_eq!(sys::sk_lookup_links(&server.netns), 1);
+
+    agent.kill9();
+    // Still pinned, still capturing: the connect is redirected to a capture port nobody serves.
+    let out = client.connect(dst, "ping");
+    assert!(
+        out["error"].as_str().is_some_and(|e| e.contains("refused")),
+        "capture lapsed with the agent dead: {out}"
+    );
+    assert_eq!(attached(&node).len(), 3);
+
+    agent.restart();
+    agent.wait_pod_state(&client, "enrolled");
+    agent.wait_pod_state(&server, "enrolled");
+    let (captured, port) = connect_captured(&client, dst);
+    assert!(captured);
+    capture_line(&agent, "outbound", dst, port);
+    assert_eq!(
+        attached(&node).len(),
+        3,
+        "restart duplicated attachments: {:?}",
+        attached(&node)
+    );
+    assert_eq!(
+        sys::sk_lookup_links(&server.netns),
+        1,
+        "restart duplicated the sk_lookup link"
+    );
+
+    agent.kill9();
+    let out = agent.cleanup();
+    assert!(
+        out.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !Path::new(&format!("/sys/fs/bpf/trellis/{}", node.name)).exists(),
+        "pins left after cleanup"
+    );
+    assert!(
+        attached(&node).is_empty(),
+        "programs still attached after cleanup: {:?}",
+        attached(&node)
+    );
+    assert_eq!(sys::sk_lookup_links(&server.netns), 0);
+    assert!(
+        !connect_captured(&client, dst).0,
+        "still captured after cleanup"
+    );
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_other_pods_keep_working() {
+    let node = Node::new(1);
+    let good = node.add_pod("good");
+    let doomed = node.add_pod("doomed");
+    let empty = node.add_pod("empty");
+    empty.kill_processes(); // cgroup exists, no process: sandbox not running
+    let server = node.add_pod("server");
+    server.serve(8080);
+    let dst = addr(server.ip4, 8080);
+    let ghost = "deadbeef-0000-4000-8000-000000000001";
+
+    let agent = Agent::start(&node, &[&good, &doomed]);
+    let mut pods = vec![
+        good.spec("default"),
+        doomed.spec("default"),
+        empty.spec("default"),
+    ];
+    pods.push(serde_json::json!({"uid": ghost, "namespace": "default", "name": "ghost", "ips": ["10.244.1.99"]}));
+    agent.write_pods_file(&serde_json::json!({ "pods": pods }).to_string());
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let error_of = |uid: &str| {
+        agent
+            .pods()
+            .into_iter()
+            .find(|p| p["uid"] == uid)
+            .and_then(|p| p["error"].as_str().map(str::to_owned))
+    };
+    while error_of(ghost).is_none() || error_of(&empty.uid).is_none() {
+        assert!(Instant::now() < deadline, "{:?}", agent.pods());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ghost_err = error_of(ghost).unwrap();
+    assert!(
+        ghost_err.contains("no cgroup for pod") && ghost_err.contains(ghost),
+        "{ghost_err}"
+    );
+    let empty_err = error_of(&empty.uid).unwrap();
+    assert!(empty_err.contains("has no processes"), "{empty_err}");
+    assert!(
+        connect_captured(&good, dst).0,
+        "a good pod stopped being served"
+    );
+
+    // A pod whose processes die (its netns vanishes) is dropped with a reason.
+    agent.wait_pod_state(&doomed, "enrolled");
+    doomed.kill_processes();
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &doomed.netns])
+        .status();
+    let status = agent.wait_pod_state(&doomed, "failed");
+    let why = status["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("exited") || why.contains("has no processes"),
+        "{status}"
+    );
+    assert!(
+        connect_captured(&good, dst).0,
+        "a good pod stopped being served"
+    );
+
+    // Malformed pods file: reported, last good list kept.
+    agent.write_pods_file("{\"pods\": [ this is not json");
+    agent.wait_log("the bad pods file warning", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("still serving the previous pod list"))
+    });
+    assert_eq!(agent.wait_pod_state(&good, "enrolled")["state"], "enrolled");
+    assert!(connect_captured(&good, dst).0);
+
+    // A second agent for the same node refuses to start and says why.
+    let log = agent.scratch("second.log");
+    let mut second = agent.spawn_extra(&log).expect("spawning a second agent");
+    let status = second.wait().expect("waiting for the second agent");
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("another trellis-agent is running"), "{text}");
+    assert!(
+        connect_captured(&good, dst).0,
+        "the first agent stopped serving"
+    );
 }

@@ -54,8 +54,8 @@ fn serve(name: &str, addrs: &[String]) -> ExitCode {
 fn echo(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
     let banner = serde_json::json!({
         "server": name,
-        "local": stream.local_addr()?.to_string(),
-        "peer": stream.peer_addr()?.to_string(),
+        "local": canonical(stream.local_addr()?),
+        "peer": canonical(stream.peer_addr()?),
     });
     writeln!(stream, "{banner}")?;
     let mut buf = [0u8; 65536];
@@ -66,6 +66,11 @@ fn echo(name: &str, mut stream: TcpStream) -> std::io::Result<()> {
         }
         stream.write_all(&buf[..n])?;
     }
+}
+
+/// The listener is dual-stack: show IPv4 clients as IPv4.
+fn canonical(a: SocketAddr) -> String {
+    SocketAddr::new(a.ip().to_canonical(), a.port()).to_string()
 }
 
 fn connect(addr: &str, data: &str) -> ExitCode {
