@@ -74,10 +74,10 @@ pub fn any_pid(path: &Path) -> Result<Option<u32>> {
     }
     for entry in fs::read_dir(path).with_context(|| format!("listing {}", path.display()))? {
         let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            if let Some(pid) = any_pid(&entry.path())? {
-                return Ok(Some(pid));
-            }
+        if entry.file_type()?.is_dir()
+            && let Some(pid) = any_pid(&entry.path())?
+        {
+            return Ok(Some(pid));
         }
     }
     Ok(None)

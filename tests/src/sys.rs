@@ -84,10 +84,10 @@ pub fn spawn_in(netns: &str, cgroup: Option<&Path>, cmd: &mut Command) -> std::i
     // SAFETY: only async-signal-safe syscalls on fds that stay open until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(fd) = procs_fd {
-                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(fd) = procs_fd
+                && libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+            {
+                return Err(std::io::Error::last_os_error());
             }
             if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());

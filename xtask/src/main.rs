@@ -1,1 +1,56 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's own commands. See README.md.
+mod cmd;
+mod demo;
+mod ebpf;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Trellis developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: nightly rust-src, bpf-linker 0.13.0 (built against
+    /// nightly's own LLVM, cached in ~/.cache/trellis), Debian packages the tests use. Idempotent.
+    Setup,
+    /// Build the kernel programs (through the agent's build script) and print the object's path.
+    BuildEbpf,
+    /// Run setup if needed, then every test: formatting, clippy, unit, integration and
+    /// real-kernel end-to-end tests. Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Bring up a node with demo pods under the real agent, send traffic through the capture
+    /// layer, and print what was captured. Stays up until Ctrl-C unless --once.
+    Demo {
+        /// Run the scenario once, print the summary and exit (non-zero if anything failed).
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => ebpf::run(),
+        Task::Test { args } => test::run(&args),
+        Task::Demo { once } => demo::run(once),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
