@@ -19,6 +19,9 @@ use trellis_common::{INBOUND_PORT, OUTBOUND_PORT};
 
 use crate::{netns::Netns, redirect::OrigDstTable};
 
+/// How long an onward connect may take before the captured connection is given up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What connection handlers need to know about their pod.
 pub struct PodCtx {
     /// `namespace/name`, for logs.
@@ -143,7 +146,7 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, table: 
         return;
     };
     info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, "connection captured");
-    let result = async { splice(client, pod.socket_for(dst)?.connect(dst).await?).await }.await;
+    let result = async { splice(client, connect(pod.socket_for(dst)?, dst).await?).await }.await;
     report(&pod, "outbound", dst, result);
 }
 
@@ -159,10 +162,21 @@ async fn inbound(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>) {
         let sock = pod.socket_for(dst)?;
         // From the pod's own address: sk_lookup never steers a pod's connections to itself.
         sock.bind(SocketAddr::new(dst.ip(), 0))?;
-        splice(client, sock.connect(dst).await?).await
+        splice(client, connect(sock, dst).await?).await
     }
     .await;
     report(&pod, "inbound", dst, result);
+}
+
+async fn connect(sock: TcpSocket, dst: SocketAddr) -> io::Result<TcpStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {dst} timed out"),
+            )
+        })?
 }
 
 async fn splice(mut a: TcpStream, mut b: TcpStream) -> io::Result<(u64, u64)> {
