@@ -271,37 +271,31 @@ fn sync_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<()> {
             .insert(p, 1, 0)
             .with_context(|| format!("excluding port {p}"))?;
     }
-    let mut v4: LpmTrie<&mut MapData, [u8; 4], u8> =
-        LpmTrie::try_from(map_mut(ebpf, "EXCLUDE_V4")?)?;
-    let old: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
-    for k in old {
-        v4.remove(&k)?;
-    }
-    for net in cfg.exclude_cidrs.iter().filter_map(|n| match n {
-        IpNet::V4(n) => Some(n),
+    let v4 = cfg.exclude_cidrs.iter().filter_map(|n| match n {
+        IpNet::V4(n) => Some(Key::new(u32::from(n.prefix_len()), n.network().octets())),
         IpNet::V6(_) => None,
-    }) {
-        v4.insert(
-            &Key::new(u32::from(net.prefix_len()), net.network().octets()),
-            1,
-            0,
-        )?;
-    }
-    let mut v6: LpmTrie<&mut MapData, [u8; 16], u8> =
-        LpmTrie::try_from(map_mut(ebpf, "EXCLUDE_V6")?)?;
-    let old: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
-    for k in old {
-        v6.remove(&k)?;
-    }
-    for net in cfg.exclude_cidrs.iter().filter_map(|n| match n {
-        IpNet::V6(n) => Some(n),
+    });
+    sync_trie(map_mut(ebpf, "EXCLUDE_V4")?, v4)?;
+    let v6 = cfg.exclude_cidrs.iter().filter_map(|n| match n {
+        IpNet::V6(n) => Some(Key::new(u32::from(n.prefix_len()), n.network().octets())),
         IpNet::V4(_) => None,
-    }) {
-        v6.insert(
-            &Key::new(u32::from(net.prefix_len()), net.network().octets()),
-            1,
-            0,
-        )?;
+    });
+    sync_trie(map_mut(ebpf, "EXCLUDE_V6")?, v6)?;
+    Ok(())
+}
+
+/// Makes an LPM trie hold exactly `keys`.
+fn sync_trie<K: aya::Pod>(
+    map: &mut aya::maps::Map,
+    keys: impl Iterator<Item = Key<K>>,
+) -> Result<()> {
+    let mut trie: LpmTrie<&mut MapData, K, u8> = LpmTrie::try_from(map)?;
+    let old: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+    for k in old {
+        trie.remove(&k)?;
+    }
+    for k in keys {
+        trie.insert(&k, 1, 0).context("adding an excluded CIDR")?;
     }
     Ok(())
 }
