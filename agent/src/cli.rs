@@ -47,6 +47,57 @@ enum Command {
     Run(RunArgs),
     /// Detach and remove everything the agent pinned for a node. Stop the agent first.
     Cleanup(PinArgs),
+    /// Subscribe to control as NODE and print each config update it sends (acknowledging it),
+    /// without capturing anything: to see what control tells this node.
+    WatchConfig(WatchArgs),
+}
+
+#[derive(clap::Args)]
+struct WatchArgs {
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    #[command(flatten)]
+    control: ControlArgs,
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Control's gRPC address.
+    #[arg(
+        long,
+        default_value = "https://trellis-control.trellis-system.svc:15012"
+    )]
+    control_url: String,
+    /// The mesh root CA (PEM) that signed control's certificate (dir mode: <ca-dir>/ca.pem).
+    #[arg(long)]
+    control_ca: PathBuf,
+    /// Name in control's certificate to check (default: the URL's host).
+    #[arg(long)]
+    control_server_name: Option<String>,
+    /// File holding the token presented to control.
+    #[arg(long)]
+    control_token_file: PathBuf,
+}
+
+impl ControlArgs {
+    fn endpoint(self) -> Result<crate::config::ControlEndpoint> {
+        let server_name = match self.control_server_name {
+            Some(n) => n,
+            None => self
+                .control_url
+                .parse::<hyper::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::to_owned))
+                .with_context(|| format!("--control-url {:?} has no host", self.control_url))?,
+        };
+        Ok(crate::config::ControlEndpoint {
+            url: self.control_url,
+            ca_file: self.control_ca,
+            server_name,
+            token_file: self.control_token_file,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -91,6 +142,9 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Cleanup(args) => redirect::cleanup(&args.pin_root, &args.node)
             .map(|()| info!(node = args.node, "removed all pinned capture state")),
+        Command::WatchConfig(args) => tokio::runtime::Runtime::new()
+            .context("starting the runtime")
+            .and_then(|rt| rt.block_on(watch_config(args))),
         Command::Run(args) => tokio::runtime::Runtime::new()
             .context("starting the runtime")
             .and_then(|rt| rt.block_on(run(args))),
@@ -154,6 +208,27 @@ async fn run(args: RunArgs) -> Result<()> {
         reconciler.reconcile();
     }
     info!("stopping; capture stays attached (pinned) for the next agent");
+    Ok(())
+}
+
+async fn watch_config(args: WatchArgs) -> Result<()> {
+    let endpoint = args.control.endpoint()?;
+    crate::config::follow(endpoint, args.node, |config, update| {
+        let kind = if update.snapshot { "snapshot" } else { "update" };
+        println!(
+            "version {} ({kind}): {} upserts, {} removals; now {} workloads, {} services, {} policies",
+            update.version,
+            update.upserts.len(),
+            update.removals.len(),
+            config.workloads().count(),
+            config.services().count(),
+            config.policies().count()
+        );
+        for w in config.workloads() {
+            println!("  workload {}/{} {} {}", w.namespace, w.name, w.ips.join(","), w.identity);
+        }
+    })
+    .await;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 pub mod admin;
 pub mod cgroup;
 pub mod cli;
+pub mod config;
 pub mod netns;
 pub mod pods;
 pub mod proxy;

@@ -1,41 +1,115 @@
-//! trellis-control: the mesh's control service. It is not built yet (the control-service issue):
-//! this binary documents its interface and refuses to run, rather than pretending to serve.
-use std::process::ExitCode;
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
+use anyhow::{Context as _, Result, bail};
 use clap::Parser;
+use trellis_control::{
+    istio::parse_duration,
+    run::{self, ControlConfig},
+};
 
 #[derive(Parser)]
 #[command(
     name = "trellis-control",
     version,
-    about = "Trellis control service: watches the cluster, streams per-node config to agents, signs workload certificates.",
-    long_about = "Trellis control service: watches the cluster, streams per-node config to agents, signs workload \
-                  certificates.\n\nNOT IMPLEMENTED YET: this build only validates its arguments and exits with status 2. \
-                  Until it lands, give each trellis-agent its pods with `trellis-agent run --pods FILE`."
+    about = "Trellis control service: watches the cluster, streams per-node config to agents over gRPC/TLS, \
+             and signs workload certificates."
 )]
 struct Cli {
-    /// Where the cluster model comes from: `kube` (watch the Kubernetes API) or `dir:PATH`
-    /// (a directory of Kubernetes YAML, re-read on change).
-    #[arg(long, default_value = "kube", value_parser = parse_source)]
-    source: String,
+    /// Where the cluster comes from: `dir:PATH`, a directory of Kubernetes YAML (Namespaces, Pods
+    /// with spec.nodeName and status.podIP, Services, Istio policies), re-read on change.
+    /// (`kube`, watching the Kubernetes API, is not built yet.)
+    #[arg(long, value_parser = parse_source)]
+    source: PathBuf,
+    /// gRPC (TLS) listen address for agents.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    listen: SocketAddr,
+    /// SPIFFE trust domain: identities are spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Directory holding the mesh root CA (ca.pem, ca-key.pem). Created on first start and
+    /// reused after; put your own root there to supply one.
+    #[arg(long, default_value = "/var/lib/trellis-control")]
+    ca_dir: PathBuf,
+    /// File with the token agents must present (`authorization: Bearer <token>`).
+    #[arg(long)]
+    bootstrap_token_file: PathBuf,
+    /// Names (DNS or IP) in control's TLS certificate; agents must dial one of them.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "trellis-control,trellis-control.trellis-system.svc,localhost,127.0.0.1"
+    )]
+    server_names: Vec<String>,
+    /// Lifetime of workload certificates (e.g. 24h, 90m).
+    #[arg(long, default_value = "24h")]
+    workload_cert_ttl: String,
+    /// Log filter (level or tracing directives).
+    #[arg(long, default_value = "info", env = "TRELLIS_LOG")]
+    log_level: String,
 }
 
-fn parse_source(s: &str) -> Result<String, String> {
+fn parse_source(s: &str) -> Result<PathBuf, String> {
     match s.split_once(':') {
-        None if s == "kube" => Ok(s.to_owned()),
-        Some(("dir", path)) if !path.is_empty() => Ok(s.to_owned()),
-        _ => Err(format!("expected `kube` or `dir:PATH`, got {s:?}")),
+        Some(("dir", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
+        None if s == "kube" => {
+            Err("--source kube is not implemented yet; use --source dir:PATH".into())
+        }
+        _ => Err(format!(
+            "expected `dir:PATH` (or, later, `kube`), got {s:?}"
+        )),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "trellis-control: --source {} accepted, but the control service is not implemented in this build; \
-         run trellis-agent with --pods FILE instead",
-        cli.source
-    );
-    ExitCode::from(2)
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("trellis-control: bad --log-level: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)))
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let Some(ttl) = parse_duration(&cli.workload_cert_ttl) else {
+        bail!(
+            "--workload-cert-ttl {:?}: not a duration (e.g. 24h)",
+            cli.workload_cert_ttl
+        );
+    };
+    if ttl < Duration::from_secs(600) {
+        bail!("--workload-cert-ttl must be at least 10m (certificates are renewed at half life)");
+    }
+    let _control = run::start(ControlConfig {
+        source_dir: cli.source,
+        listen: cli.listen,
+        trust_domain: cli.trust_domain,
+        ca_dir: cli.ca_dir,
+        bootstrap_token_file: cli.bootstrap_token_file,
+        server_names: cli.server_names,
+        workload_cert_ttl: ttl,
+    })
+    .await?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    tracing::info!("stopping");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -43,10 +117,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn source_must_be_kube_or_dir() {
-        assert!(parse_source("kube").is_ok());
-        assert!(parse_source("dir:/etc/trellis").is_ok());
-        for bad in ["", "dir:", "file:/x", "kubernetes"] {
+    fn source_must_be_a_dir() {
+        assert_eq!(
+            parse_source("dir:/etc/trellis").unwrap(),
+            PathBuf::from("/etc/trellis")
+        );
+        for bad in ["", "dir:", "file:/x", "kube", "kubernetes"] {
             assert!(parse_source(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -1,0 +1,8 @@
+// Compiles the protos with protox (pure Rust), so no system protoc is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/trellis/v1/mesh.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}

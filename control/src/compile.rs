@@ -1,0 +1,284 @@
+//! Compiles the cluster model into what one node's agent needs: its own enrolled workloads, every
+//! service with endpoints derived from running pods, and the mesh policies that apply there.
+use std::collections::BTreeMap;
+
+use trellis_api as api;
+
+use crate::model::{Cluster, PodInfo, ServiceInfo, TargetPort};
+
+/// Namespace whose security policies apply mesh-wide (Istio's root namespace).
+pub const ROOT_NAMESPACE: &str = "trellis-system";
+
+/// A node's config, keyed so two versions can be diffed.
+pub type NodeConfig = BTreeMap<(i32, String), api::Resource>;
+
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeConfig {
+    let mut out = NodeConfig::new();
+    let local: Vec<&PodInfo> = cluster
+        .pods
+        .values()
+        .filter(|p| p.node == node && p.ready && cluster.in_mesh(p))
+        .collect();
+    for p in &local {
+        let w = api::Workload {
+            uid: p.uid.clone(),
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            service_account: p.service_account.clone(),
+            ips: p.ips.iter().map(ToString::to_string).collect(),
+            labels: p.labels.clone().into_iter().collect(),
+            identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
+        };
+        insert(
+            &mut out,
+            api::Kind::Workload,
+            p.uid.clone(),
+            api::resource::Resource::Workload(w),
+        );
+    }
+    for s in cluster.services.values() {
+        let svc = service(cluster, s, trust_domain);
+        insert(
+            &mut out,
+            api::Kind::Service,
+            format!("{}/{}", s.namespace, s.name),
+            api::resource::Resource::Service(svc),
+        );
+    }
+    for (key, p) in &cluster.policies {
+        let security = matches!(p.kind, "AuthorizationPolicy" | "PeerAuthentication");
+        // Server-side policies matter only where their namespace has workloads (or mesh-wide).
+        if security
+            && p.namespace != ROOT_NAMESPACE
+            && !local.iter().any(|w| w.namespace == p.namespace)
+        {
+            continue;
+        }
+        let policy = api::Policy {
+            kind: p.kind.to_owned(),
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            spec_json: p.spec.to_string(),
+        };
+        insert(
+            &mut out,
+            api::Kind::Policy,
+            key.clone(),
+            api::resource::Resource::Policy(policy),
+        );
+    }
+    out
+}
+
+fn insert(out: &mut NodeConfig, kind: api::Kind, name: String, r: api::resource::Resource) {
+    out.insert((kind as i32, name), api::Resource { resource: Some(r) });
+}
+
+fn service(cluster: &Cluster, s: &ServiceInfo, trust_domain: &str) -> api::Service {
+    let endpoints = match &s.selector {
+        Some(sel) => cluster
+            .pods
+            .values()
+            .filter(|p| {
+                p.namespace == s.namespace
+                    && p.ready
+                    && sel.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+            })
+            .map(|p| api::Endpoint {
+                pod_uid: p.uid.clone(),
+                pod_name: p.name.clone(),
+                ips: p.ips.iter().map(ToString::to_string).collect(),
+                node: p.node.clone(),
+                in_mesh: cluster.in_mesh(p),
+                identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
+                labels: p.labels.clone().into_iter().collect(),
+                ports: s
+                    .ports
+                    .iter()
+                    .filter_map(|port| {
+                        let target = match &port.target {
+                            TargetPort::Number(n) => Some(*n),
+                            TargetPort::Name(name) => p.named_ports.get(name).copied(),
+                        }?;
+                        Some((port.name.clone(), target))
+                    })
+                    .collect(),
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    api::Service {
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        vips: s.cluster_ips.iter().map(ToString::to_string).collect(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| api::ServicePort {
+                name: p.name.clone(),
+                port: p.port,
+                target_port: match p.target {
+                    TargetPort::Number(n) => n,
+                    TargetPort::Name(_) => 0,
+                },
+                protocol: protocol(p.app_protocol.as_deref(), &p.name) as i32,
+            })
+            .collect(),
+        endpoints,
+    }
+}
+
+/// appProtocol wins; otherwise Istio's port-name convention (`http-…`, `grpc-…`); else TCP.
+pub fn protocol(app_protocol: Option<&str>, port_name: &str) -> api::Protocol {
+    let from = |s: &str| match s.to_ascii_lowercase().as_str() {
+        "http" => Some(api::Protocol::Http),
+        "http2" | "kubernetes.io/h2c" => Some(api::Protocol::Http2),
+        "grpc" => Some(api::Protocol::Grpc),
+        "tcp" => Some(api::Protocol::Tcp),
+        _ => None,
+    };
+    app_protocol
+        .and_then(from)
+        .or_else(|| from(port_name.split('-').next().unwrap_or_default()))
+        .unwrap_or(api::Protocol::Tcp)
+}
+
+/// What changed from `old` to `new`: (upserts, removals).
+pub fn diff(old: &NodeConfig, new: &NodeConfig) -> (Vec<api::Resource>, Vec<api::ResourceKey>) {
+    let upserts = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let removals = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(|(kind, name)| api::ResourceKey {
+            kind: *kind,
+            name: name.clone(),
+        })
+        .collect();
+    (upserts, removals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{MESH_LABEL, Object, PortInfo};
+
+    fn pod(uid: &str, ns: &str, node: &str, labels: &[(&str, &str)]) -> Object {
+        Object::Pod(PodInfo {
+            uid: uid.into(),
+            namespace: ns.into(),
+            name: format!("pod-{uid}"),
+            node: node.into(),
+            service_account: "sa".into(),
+            ips: vec![format!("10.0.0.{}", uid.len()).parse().unwrap()],
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ready: true,
+            named_ports: [("http".to_string(), 9080)].into(),
+        })
+    }
+
+    fn cluster() -> Cluster {
+        let mut c = Cluster::default();
+        c.insert(Object::Namespace {
+            name: "shop".into(),
+            labels: [(MESH_LABEL.into(), "enabled".into())].into(),
+        });
+        c.insert(Object::Namespace {
+            name: "legacy".into(),
+            labels: Default::default(),
+        });
+        c.insert(pod("a", "shop", "n1", &[("app", "reviews")]));
+        c.insert(pod("bb", "shop", "n2", &[("app", "reviews")]));
+        c.insert(pod(
+            "ccc",
+            "shop",
+            "n1",
+            &[("app", "web"), (MESH_LABEL, "disabled")],
+        ));
+        c.insert(pod("dddd", "legacy", "n1", &[("app", "reviews")]));
+        c.insert(Object::Service(ServiceInfo {
+            namespace: "shop".into(),
+            name: "reviews".into(),
+            selector: Some([("app".to_string(), "reviews".to_string())].into()),
+            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+            ports: vec![PortInfo {
+                name: "http".into(),
+                port: 80,
+                target: TargetPort::Name("http".into()),
+                app_protocol: None,
+            }],
+        }));
+        c
+    }
+
+    #[test]
+    fn a_node_gets_its_enrolled_workloads_and_all_services() {
+        let cfg = node_config(&cluster(), "n1", "cluster.local");
+        let workloads: Vec<&str> = cfg
+            .keys()
+            .filter(|(k, _)| *k == api::Kind::Workload as i32)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        assert_eq!(
+            workloads,
+            ["a"],
+            "only n1's enrolled pods (not opted-out, not in unlabelled namespaces)"
+        );
+        let svc = match &cfg[&(api::Kind::Service as i32, "shop/reviews".into())].resource {
+            Some(api::resource::Resource::Service(s)) => s.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            svc.endpoints.len(),
+            2,
+            "both reviews pods in shop, on any node"
+        );
+        assert!(
+            svc.endpoints
+                .iter()
+                .all(|e| e.in_mesh && e.ports["http"] == 9080)
+        );
+        assert_eq!(svc.ports[0].protocol, api::Protocol::Http as i32);
+        assert_eq!(
+            svc.endpoints[0].identity,
+            "spiffe://cluster.local/ns/shop/sa/sa"
+        );
+    }
+
+    #[test]
+    fn diff_reports_upserts_and_removals() {
+        let c = cluster();
+        let old = node_config(&c, "n1", "td");
+        let mut c2 = c.clone();
+        c2.pods.remove("a");
+        let new = node_config(&c2, "n1", "td");
+        let (ups, rm) = diff(&old, &new);
+        assert_eq!(
+            rm,
+            [api::ResourceKey {
+                kind: api::Kind::Workload as i32,
+                name: "a".into()
+            }]
+        );
+        assert_eq!(ups.len(), 1, "the service lost an endpoint");
+        assert_eq!(diff(&new, &new), (vec![], vec![]));
+    }
+
+    #[test]
+    fn protocols_from_app_protocol_then_name() {
+        assert_eq!(protocol(Some("grpc"), "tcp-x"), api::Protocol::Grpc);
+        assert_eq!(protocol(None, "http2-web"), api::Protocol::Http2);
+        assert_eq!(protocol(None, "http"), api::Protocol::Http);
+        assert_eq!(protocol(None, "metrics"), api::Protocol::Tcp);
+    }
+}

@@ -1,0 +1,594 @@
+//! `networking.istio.io/v1`: VirtualService, DestinationRule, ServiceEntry, Gateway (subset).
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Validate,
+    common::{Percent, StringMatch, check_duration, check_enum},
+};
+
+#[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "VirtualService",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualServiceSpec {
+    /// Short name, FQDN or service VIP the rules apply to.
+    pub hosts: Vec<String>,
+    /// Only `mesh` (sidecar-less proxies of the mesh) is supported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpRoute>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<TcpRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<HttpMatchRequest>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<HttpRouteDestination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<HttpRetry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<HttpFault>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<HttpRewrite>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Headers>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_percentage: Option<Percent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatchRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteDestination {
+    pub destination: Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Destination {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSelector {
+    pub number: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRetry {
+    pub attempts: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    /// Comma-separated: 5xx, gateway-error, connect-failure, reset, retriable-4xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<String>,
+}
+
+pub const RETRY_ON: [&str; 5] = [
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "retriable-4xx",
+];
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpFault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    pub fixed_delay: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    pub http_status: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRewrite {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Headers {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<HeaderOperations>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderOperations {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpRoute {
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<TcpMatch>,
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i32>,
+}
+
+impl Validate for VirtualServiceSpec {
+    fn validate(&self) -> Result<(), String> {
+        if self.hosts.is_empty() {
+            return Err("hosts: at least one host is required".into());
+        }
+        if let Some(g) = self.gateways.iter().find(|g| *g != "mesh") {
+            return Err(format!(
+                "gateways: {g:?} is not supported (only \"mesh\": Trellis routes in the node proxy)"
+            ));
+        }
+        for (i, r) in self.http.iter().enumerate() {
+            let at = format!("http[{i}]");
+            if r.route.is_empty() && r.fault.as_ref().and_then(|f| f.abort.as_ref()).is_none() {
+                return Err(format!("{at}.route: at least one destination is required"));
+            }
+            check_weights(&at, r.route.iter().map(|d| d.weight))?;
+            for (j, m) in r.matches.iter().enumerate() {
+                let at = format!("{at}.match[{j}]");
+                for (name, sm) in [("uri", &m.uri), ("method", &m.method)] {
+                    if let Some(sm) = sm {
+                        sm.validate(&format!("{at}.{name}"))?;
+                    }
+                }
+                for (h, sm) in &m.headers {
+                    sm.validate(&format!("{at}.headers.{h}"))?;
+                }
+            }
+            check_duration(&format!("{at}.timeout"), &r.timeout)?;
+            if let Some(retries) = &r.retries {
+                if retries.attempts < 0 {
+                    return Err(format!("{at}.retries.attempts: must not be negative"));
+                }
+                check_duration(
+                    &format!("{at}.retries.perTryTimeout"),
+                    &retries.per_try_timeout,
+                )?;
+                for cond in retries
+                    .retry_on
+                    .iter()
+                    .flat_map(|s| s.split(','))
+                    .map(str::trim)
+                {
+                    if !RETRY_ON.contains(&cond) {
+                        return Err(format!(
+                            "{at}.retries.retryOn: {cond:?} is not supported (supported: {})",
+                            RETRY_ON.join(", ")
+                        ));
+                    }
+                }
+            }
+            if let Some(fault) = &r.fault {
+                if let Some(d) = &fault.delay {
+                    check_duration(
+                        &format!("{at}.fault.delay.fixedDelay"),
+                        &Some(d.fixed_delay.clone()),
+                    )?;
+                    if let Some(p) = &d.percentage {
+                        p.validate(&format!("{at}.fault.delay.percentage"))?;
+                    }
+                }
+                if let Some(a) = &fault.abort {
+                    if !(200..=599).contains(&a.http_status) {
+                        return Err(format!(
+                            "{at}.fault.abort.httpStatus: {} is not an HTTP status",
+                            a.http_status
+                        ));
+                    }
+                    if let Some(p) = &a.percentage {
+                        p.validate(&format!("{at}.fault.abort.percentage"))?;
+                    }
+                }
+            }
+            if let Some(p) = &r.mirror_percentage {
+                p.validate(&format!("{at}.mirrorPercentage"))?;
+            }
+        }
+        for (i, r) in self.tcp.iter().enumerate() {
+            check_weights(&format!("tcp[{i}]"), r.route.iter().map(|d| d.weight))?;
+        }
+        Ok(())
+    }
+}
+
+/// Weights are optional, but when any is given they must be non-negative and sum to 100.
+fn check_weights(at: &str, weights: impl Iterator<Item = Option<i32>>) -> Result<(), String> {
+    let weights: Vec<Option<i32>> = weights.collect();
+    if weights.iter().all(Option::is_none) {
+        return Ok(());
+    }
+    if weights.iter().any(|w| w.is_some_and(|w| w < 0)) {
+        return Err(format!("{at}.route: weights must not be negative"));
+    }
+    let sum: i32 = weights.iter().map(|w| w.unwrap_or(0)).sum();
+    if weights.len() > 1 && sum != 100 {
+        return Err(format!("{at}.route: weights add up to {sum}, not 100"));
+    }
+    Ok(())
+}
+
+#[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "DestinationRule",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// ROUND_ROBIN, LEAST_REQUEST or RANDOM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simple: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHash>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHash {
+    pub http_header_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPool {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpPool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpPool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpPool {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpPool {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http1_max_pending_requests: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_max_requests: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<i32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive5xx_errors: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<i32>,
+}
+
+impl TrafficPolicy {
+    fn validate(&self, at: &str) -> Result<(), String> {
+        if let Some(lb) = &self.load_balancer {
+            check_enum(
+                &format!("{at}.loadBalancer.simple"),
+                &lb.simple,
+                &["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"],
+            )?;
+            if lb.simple.is_some() && lb.consistent_hash.is_some() {
+                return Err(format!(
+                    "{at}.loadBalancer: give either simple or consistentHash, not both"
+                ));
+            }
+        }
+        if let Some(pool) = &self.connection_pool {
+            let limits = [
+                (
+                    "tcp.maxConnections",
+                    pool.tcp.as_ref().and_then(|t| t.max_connections),
+                ),
+                (
+                    "http.http1MaxPendingRequests",
+                    pool.http
+                        .as_ref()
+                        .and_then(|h| h.http1_max_pending_requests),
+                ),
+                (
+                    "http.http2MaxRequests",
+                    pool.http.as_ref().and_then(|h| h.http2_max_requests),
+                ),
+                (
+                    "http.maxRequestsPerConnection",
+                    pool.http
+                        .as_ref()
+                        .and_then(|h| h.max_requests_per_connection),
+                ),
+            ];
+            if let Some((name, v)) = limits.iter().find(|(_, v)| v.is_some_and(|v| v < 1)) {
+                return Err(format!(
+                    "{at}.connectionPool.{name}: {} must be at least 1",
+                    v.unwrap_or(0)
+                ));
+            }
+        }
+        if let Some(od) = &self.outlier_detection {
+            check_duration(&format!("{at}.outlierDetection.interval"), &od.interval)?;
+            check_duration(
+                &format!("{at}.outlierDetection.baseEjectionTime"),
+                &od.base_ejection_time,
+            )?;
+            if od
+                .max_ejection_percent
+                .is_some_and(|p| !(0..=100).contains(&p))
+            {
+                return Err(format!(
+                    "{at}.outlierDetection.maxEjectionPercent: must be 0 to 100"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for DestinationRuleSpec {
+    fn validate(&self) -> Result<(), String> {
+        if self.host.is_empty() {
+            return Err("host: required".into());
+        }
+        if let Some(tp) = &self.traffic_policy {
+            tp.validate("trafficPolicy")?;
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, s) in self.subsets.iter().enumerate() {
+            if !names.insert(&s.name) {
+                return Err(format!("subsets[{i}].name: {:?} is used twice", s.name));
+            }
+            if let Some(tp) = &s.traffic_policy {
+                tp.validate(&format!("subsets[{i}].trafficPolicy"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "ServiceEntry",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEntrySpec {
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ServiceEntryPort>,
+    /// MESH_EXTERNAL (default) or MESH_INTERNAL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// NONE, STATIC or DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<WorkloadEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEntryPort {
+    pub number: u32,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadEntry {
+    pub address: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+pub const PORT_PROTOCOLS: [&str; 6] = ["HTTP", "HTTP2", "GRPC", "TCP", "TLS", "HTTPS"];
+
+impl Validate for ServiceEntrySpec {
+    fn validate(&self) -> Result<(), String> {
+        if self.hosts.is_empty() {
+            return Err("hosts: at least one host is required".into());
+        }
+        check_enum(
+            "location",
+            &self.location,
+            &["MESH_EXTERNAL", "MESH_INTERNAL"],
+        )?;
+        check_enum("resolution", &self.resolution, &["NONE", "STATIC", "DNS"])?;
+        for (i, p) in self.ports.iter().enumerate() {
+            check_enum(
+                &format!("ports[{i}].protocol"),
+                &p.protocol,
+                &PORT_PROTOCOLS,
+            )?;
+            if p.number == 0 || p.number > 65535 {
+                return Err(format!("ports[{i}].number: {} is not a port", p.number));
+            }
+        }
+        for (i, a) in self.addresses.iter().enumerate() {
+            if a.parse::<ipnet::IpNet>().is_err() && a.parse::<std::net::IpAddr>().is_err() {
+                return Err(format!(
+                    "addresses[{i}]: {a:?} is not an IP address or CIDR"
+                ));
+            }
+        }
+        if self.resolution.as_deref() == Some("STATIC") && self.endpoints.is_empty() {
+            return Err("endpoints: resolution STATIC needs at least one endpoint".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "Gateway",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    pub servers: Vec<GatewayServer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayServer {
+    pub port: GatewayPort,
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayPort {
+    pub number: u32,
+    pub protocol: String,
+    pub name: String,
+}
+
+impl Validate for GatewaySpec {
+    fn validate(&self) -> Result<(), String> {
+        for (i, s) in self.servers.iter().enumerate() {
+            check_enum(
+                &format!("servers[{i}].port.protocol"),
+                &Some(s.port.protocol.clone()),
+                &PORT_PROTOCOLS,
+            )?;
+            if s.hosts.is_empty() {
+                return Err(format!("servers[{i}].hosts: at least one host is required"));
+            }
+        }
+        Ok(())
+    }
+}

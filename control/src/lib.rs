@@ -1,0 +1,10 @@
+//! trellis-control: watches the cluster, compiles per-node config, streams it to agents, and
+//! signs workload certificates. See docs/control.md.
+pub mod auth;
+pub mod ca;
+pub mod compile;
+pub mod istio;
+pub mod model;
+pub mod run;
+pub mod server;
+pub mod source;

@@ -1,0 +1,206 @@
+//! The `trellis.v1.MeshControl` gRPC service: per-node config streams, acknowledgements, and
+//! certificate signing.
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use trellis_api::{self as api, mesh_control_server::MeshControl};
+
+use crate::{
+    auth::Authenticator,
+    ca::{Ca, SignError},
+    compile::{self, NodeConfig},
+    model::Cluster,
+};
+
+/// What control knows about each node's agent.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct NodeStatus {
+    /// The last version sent to the node.
+    pub sent: u64,
+    /// The last version the node accepted.
+    pub accepted: Option<u64>,
+    /// The last rejection: (version, reason).
+    pub rejected: Option<(u64, String)>,
+    /// Streams open now.
+    pub streams: u32,
+}
+
+/// Shared by every request: the model, the CA, who may call, and per-node bookkeeping.
+pub struct ControlState {
+    pub model: watch::Receiver<Arc<Cluster>>,
+    pub ca: Ca,
+    pub auth: Authenticator,
+    nodes: Mutex<BTreeMap<String, NodeStatus>>,
+}
+
+impl ControlState {
+    pub fn new(model: watch::Receiver<Arc<Cluster>>, ca: Ca, auth: Authenticator) -> Arc<Self> {
+        Arc::new(Self {
+            model,
+            ca,
+            auth,
+            nodes: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn nodes(&self) -> BTreeMap<String, NodeStatus> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NodeStatus>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_version(&self, node: &str) -> u64 {
+        let mut nodes = self.lock();
+        let st = nodes.entry(node.to_owned()).or_default();
+        st.sent += 1;
+        st.sent
+    }
+
+    fn streams(&self, node: &str, delta: i32) {
+        let mut nodes = self.lock();
+        let st = nodes.entry(node.to_owned()).or_default();
+        st.streams = st.streams.saturating_add_signed(delta);
+    }
+
+    /// Authenticates the caller and checks it may act for `node`.
+    fn authorize<T>(&self, req: &Request<T>, node: &str) -> Result<(), Status> {
+        if node.is_empty() {
+            return Err(Status::invalid_argument("node: required"));
+        }
+        self.auth.check(req.metadata(), node)
+    }
+}
+
+pub struct MeshControlService(pub Arc<ControlState>);
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<api::ConfigUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MeshControl for MeshControlService {
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<api::SubscribeRequest>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let node = req.get_ref().node.clone();
+        self.0.authorize(&req, &node)?;
+        let (tx, rx) = mpsc::channel(4);
+        let state = self.0.clone();
+        info!(node, "agent subscribed");
+        tokio::spawn(async move {
+            state.streams(&node, 1);
+            stream_updates(&state, &node, tx).await;
+            state.streams(&node, -1);
+            info!(node, "agent stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(
+        &self,
+        req: Request<api::AckRequest>,
+    ) -> Result<Response<api::AckResponse>, Status> {
+        let ack = req.get_ref().clone();
+        self.0.authorize(&req, &ack.node)?;
+        let mut nodes = self.0.lock();
+        let st = nodes.entry(ack.node.clone()).or_default();
+        if ack.version > st.sent {
+            return Err(Status::invalid_argument(format!(
+                "version {} was never sent to {}",
+                ack.version, ack.node
+            )));
+        }
+        if ack.error.is_empty() {
+            st.accepted = Some(st.accepted.map_or(ack.version, |v| v.max(ack.version)));
+        } else {
+            warn!(
+                node = ack.node,
+                version = ack.version,
+                "agent rejected config: {}",
+                ack.error
+            );
+            st.rejected = Some((ack.version, ack.error));
+        }
+        Ok(Response::new(api::AckResponse {}))
+    }
+
+    async fn sign(
+        &self,
+        req: Request<api::SignRequest>,
+    ) -> Result<Response<api::SignResponse>, Status> {
+        let node = req.get_ref().node.clone();
+        self.0.authorize(&req, &node)?;
+        let cluster = self.0.model.borrow().clone();
+        let chain = self
+            .0
+            .ca
+            .sign_workload(&req.get_ref().csr_pem, &node, |ns, sa| {
+                cluster.pods.values().any(|p| {
+                    p.node == node
+                        && p.namespace == ns
+                        && p.service_account == sa
+                        && p.ready
+                        && cluster.in_mesh(p)
+                })
+            });
+        match chain {
+            Ok(cert_chain_pem) => Ok(Response::new(api::SignResponse {
+                cert_chain_pem,
+                root_pem: self.0.ca.root_pem().to_owned(),
+            })),
+            Err(e @ SignError::NotOnNode { .. }) => Err(Status::permission_denied(e.to_string())),
+            Err(e @ SignError::Internal(_)) => Err(Status::internal(e.to_string())),
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        }
+    }
+}
+
+/// Sends a snapshot, then an update whenever the node's compiled config changes.
+async fn stream_updates(
+    state: &ControlState,
+    node: &str,
+    tx: mpsc::Sender<Result<api::ConfigUpdate, Status>>,
+) {
+    let mut model = state.model.clone();
+    let trust_domain = state.ca.trust_domain().to_owned();
+    let mut sent: Option<NodeConfig> = None;
+    loop {
+        let cluster = model.borrow_and_update().clone();
+        let config = compile::node_config(&cluster, node, &trust_domain);
+        let (upserts, removals, snapshot) = match &sent {
+            None => (config.values().cloned().collect(), Vec::new(), true),
+            Some(old) => {
+                let (u, r) = compile::diff(old, &config);
+                (u, r, false)
+            }
+        };
+        if snapshot || !upserts.is_empty() || !removals.is_empty() {
+            let update = api::ConfigUpdate {
+                version: state.next_version(node),
+                snapshot,
+                upserts,
+                removals,
+                trust_domain: trust_domain.clone(),
+            };
+            if tx.send(Ok(update)).await.is_err() {
+                return; // the agent went away
+            }
+            sent = Some(config);
+        }
+        tokio::select! {
+            changed = model.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
+}

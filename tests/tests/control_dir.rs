@@ -1,0 +1,386 @@
+//! trellis-control in dir mode, in process on loopback, with the agent's real config client
+//! subscribing over TLS: what a node receives, and how bad input and restarts are handled.
+use std::{net::SocketAddr, time::Duration};
+
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+use trellis_agent::config::{ControlEndpoint, NodeConfig, follow};
+use trellis_api::{self as api, mesh_control_client::MeshControlClient};
+use trellis_control::run::{Control, ControlConfig, start};
+
+const TOKEN: &str = "test-bootstrap-token-0123456789";
+
+struct Fixture {
+    yaml: TempDir,
+    state: TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let f = Self {
+            yaml: TempDir::new().unwrap(),
+            state: TempDir::new().unwrap(),
+        };
+        std::fs::write(f.state.path().join("token"), TOKEN).unwrap();
+        f.write("shop.yaml", &shop(&["10.244.1.10"], ""));
+        f
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        // Write then rename, as editors and config managers do, so a reader never sees half a file.
+        let tmp = self.yaml.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(tmp, self.yaml.path().join(name)).unwrap();
+    }
+
+    async fn start(&self, port: u16) -> Control {
+        start(ControlConfig {
+            source_dir: self.yaml.path().to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            trust_domain: "cluster.local".into(),
+            ca_dir: self.state.path().join("ca"),
+            bootstrap_token_file: self.state.path().join("token"),
+            server_names: vec!["trellis-control".into()],
+            workload_cert_ttl: Duration::from_secs(24 * 3600),
+        })
+        .await
+        .expect("control starts")
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> ControlEndpoint {
+        ControlEndpoint {
+            url: format!("https://{addr}"),
+            ca_file: self.state.path().join("ca/ca.pem"),
+            server_name: "trellis-control".into(),
+            token_file: self.state.path().join("token"),
+        }
+    }
+}
+
+/// A mesh namespace, pods web (node n1) and reviews (n2), and a service for reviews.
+fn shop(web_ips: &[&str], web_labels: &str) -> String {
+    let ips: Vec<String> = web_ips.iter().map(|ip| format!("{{ip: {ip}}}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{trellis.dev/mesh: enabled}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, uid: 11111111-0000-4000-8000-000000000001, labels: {{app: web{web_labels}}}}}\n\
+         spec: {{nodeName: n1, serviceAccountName: web, containers: []}}\nstatus: {{phase: Running, podIPs: [{}]}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: reviews-v1, namespace: shop, labels: {{app: reviews, version: v1}}}}\n\
+         spec: {{nodeName: n2, serviceAccountName: reviews, containers: [{{name: app, ports: [{{name: http, containerPort: 9080}}]}}]}}\n\
+         status: {{podIP: 10.244.2.10}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: shop}}\n\
+         spec: {{clusterIP: 10.96.0.20, selector: {{app: reviews}}, ports: [{{name: http, port: 9080, targetPort: http}}]}}\n",
+        ips.join(", ")
+    )
+}
+
+/// Follows control as `node`; each applied update arrives with the config after it.
+fn subscribe(
+    endpoint: ControlEndpoint,
+    node: &str,
+) -> mpsc::UnboundedReceiver<(api::ConfigUpdate, NodeConfig)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(follow(endpoint, node.to_owned(), move |config, update| {
+        let _ = tx.send((update.clone(), config.clone()));
+    }));
+    rx
+}
+
+/// Waits (at most 10 s) for an update after which `pred` holds.
+async fn until(
+    rx: &mut mpsc::UnboundedReceiver<(api::ConfigUpdate, NodeConfig)>,
+    what: &str,
+    pred: impl Fn(&NodeConfig) -> bool,
+) -> (api::ConfigUpdate, NodeConfig) {
+    let wait = async {
+        loop {
+            let (update, config) = rx.recv().await.expect("follower stopped");
+            if pred(&config) {
+                return (update, config);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("never received: {what}"))
+}
+
+fn web_ips(c: &NodeConfig) -> Vec<String> {
+    c.workloads()
+        .filter(|w| w.name == "web")
+        .flat_map(|w| w.ips.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn snapshot_then_incremental_updates_and_acks() {
+    let f = Fixture::new();
+    let control = f.start(0).await;
+    let mut n1 = subscribe(f.endpoint(control.addr), "n1");
+
+    let (first, config) = until(&mut n1, "the snapshot", |_| true).await;
+    assert!(first.snapshot);
+    assert_eq!(config.trust_domain, "cluster.local");
+    let workloads: Vec<_> = config
+        .workloads()
+        .map(|w| (w.name.clone(), w.identity.clone()))
+        .collect();
+    assert_eq!(
+        workloads,
+        [(
+            "web".to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web".to_string()
+        )],
+        "only n1's pods"
+    );
+    let reviews = config
+        .services()
+        .find(|s| s.name == "reviews")
+        .expect("service reviews");
+    assert_eq!(reviews.vips, ["10.96.0.20"]);
+    assert_eq!(reviews.endpoints.len(), 1);
+    assert_eq!(
+        (
+            reviews.endpoints[0].node.as_str(),
+            reviews.endpoints[0].ports["http"]
+        ),
+        ("n2", 9080)
+    );
+
+    // Pod IP change: one incremental update.
+    f.write("shop.yaml", &shop(&["10.244.1.11", "fd00:244:1::11"], ""));
+    let (update, _) = until(&mut n1, "web's new IPs", |c| {
+        web_ips(c) == ["10.244.1.11", "fd00:244:1::11"]
+    })
+    .await;
+    assert!(!update.snapshot);
+    assert_eq!(update.upserts.len(), 1, "only web changed: {update:?}");
+
+    // Opt-out label: the workload goes away.
+    f.write(
+        "shop.yaml",
+        &shop(&["10.244.1.11"], ", trellis.dev/mesh: disabled"),
+    );
+    let (update, _) = until(&mut n1, "web opted out", |c| c.workloads().count() == 0).await;
+    assert_eq!(update.removals.len(), 1);
+
+    // Delete the file: everything it defined is removed.
+    std::fs::remove_file(f.yaml.path().join("shop.yaml")).unwrap();
+    let (update, _) = until(&mut n1, "the service removed", |c| {
+        c.services().count() == 0
+    })
+    .await;
+
+    // The agent acknowledged every version; control recorded the last.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while control.state.nodes()["n1"].accepted != Some(update.version) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            control.state.nodes()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(control.state.nodes()["n1"].rejected, None);
+}
+
+#[tokio::test]
+async fn bad_files_are_reported_and_the_last_good_config_kept() {
+    let f = Fixture::new();
+    let control = f.start(0).await;
+    let mut n1 = subscribe(f.endpoint(control.addr), "n1");
+    until(&mut n1, "the snapshot", |c| c.workloads().count() == 1).await;
+    let mut errors = control.source_errors.clone();
+    let mut next_error = async |want: &str| {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            errors.wait_for(|e| e.iter().any(|e| e.contains(want))),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no error containing {want:?}"))
+        .unwrap()
+        .join("\n")
+    };
+
+    f.write(
+        "shop.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: [broken\n",
+    );
+    let e = next_error("not valid YAML").await;
+    assert!(e.contains("shop.yaml"), "{e}");
+
+    f.write(
+        "routes.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
+         spec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews}}]\n    mirrorPercent: 50\n",
+    );
+    let e = next_error("mirrorPercent").await;
+    assert!(
+        e.contains("routes.yaml")
+            && e.contains("VirtualService shop/reviews")
+            && e.contains("spec.http[0]"),
+        "{e}"
+    );
+
+    f.write(
+        "extra.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n",
+    );
+    let e = next_error("unsupported kind Deployment").await;
+    assert!(e.contains("extra.yaml"), "{e}");
+
+    // Nothing the bad files said reached the node: it still has web.
+    f.write(
+        "routes.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
+         spec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews, subset: v1}, weight: 80}, {destination: {host: reviews, subset: v2}, weight: 20}]\n",
+    );
+    let (_, config) = until(&mut n1, "the valid VirtualService", |c| {
+        c.policies().count() == 1
+    })
+    .await;
+    assert_eq!(
+        config.workloads().count(),
+        1,
+        "the last good shop.yaml still applies"
+    );
+    let vs = config.policies().next().unwrap();
+    assert!(vs.spec_json.contains("\"weight\":80"), "{}", vs.spec_json);
+}
+
+#[tokio::test]
+async fn callers_without_the_token_or_the_root_get_nothing() {
+    let f = Fixture::new();
+    let control = f.start(0).await;
+    let wrong = f.state.path().join("wrong-token");
+    std::fs::write(&wrong, "not-the-bootstrap-token-000").unwrap();
+    let mut ep = f.endpoint(control.addr);
+    ep.token_file = wrong;
+    let mut client = ep.connect().await.unwrap();
+    let err = client
+        .subscribe(api::SubscribeRequest { node: "n1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = client
+        .sign(api::SignRequest {
+            node: "n1".into(),
+            csr_pem: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // No token at all, over a plain TLS channel.
+    let ca = std::fs::read_to_string(f.state.path().join("ca/ca.pem")).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("trellis-control");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", control.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = MeshControlClient::new(channel)
+        .subscribe(api::SubscribeRequest { node: "n1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // A client that does not trust the mesh root cannot even connect.
+    let other = TempDir::new().unwrap();
+    let (root, _) = trellis_control::ca::Ca::generate_root("elsewhere").unwrap();
+    std::fs::write(other.path().join("ca.pem"), root).unwrap();
+    let mut ep = f.endpoint(control.addr);
+    ep.ca_file = other.path().join("ca.pem");
+    let result = match ep.connect().await {
+        Ok(mut c) => c
+            .subscribe(api::SubscribeRequest { node: "n1".into() })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    assert!(
+        result.is_err(),
+        "a client with another root talked to control"
+    );
+}
+
+#[tokio::test]
+async fn sign_issues_svids_only_for_identities_on_the_node() {
+    let f = Fixture::new();
+    let control = f.start(0).await;
+    let mut client = f.endpoint(control.addr).connect().await.unwrap();
+    let (csr, _key) =
+        trellis_control::ca::workload_csr("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+    let resp = client
+        .sign(api::SignRequest {
+            node: "n1".into(),
+            csr_pem: csr.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.cert_chain_pem.matches("BEGIN CERTIFICATE").count(), 2);
+    assert_eq!(
+        resp.root_pem,
+        std::fs::read_to_string(f.state.path().join("ca/ca.pem")).unwrap()
+    );
+
+    // web runs on n1, not n2.
+    let err = client
+        .sign(api::SignRequest {
+            node: "n2".into(),
+            csr_pem: csr,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("no pod on node n2 runs as spiffe://cluster.local/ns/shop/sa/web"),
+        "{}",
+        err.message()
+    );
+    let (csr, _) =
+        trellis_control::ca::workload_csr("spiffe://other.domain/ns/shop/sa/web").unwrap();
+    let err = client
+        .sign(api::SignRequest {
+            node: "n1".into(),
+            csr_pem: csr,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn a_restarted_control_keeps_its_root_and_agents_resync() {
+    let f = Fixture::new();
+    let control = f.start(0).await;
+    let addr = control.addr;
+    let root = std::fs::read_to_string(f.state.path().join("ca/ca.pem")).unwrap();
+    let mut n1 = subscribe(f.endpoint(addr), "n1");
+    let (_, before) = until(&mut n1, "the snapshot", |c| c.workloads().count() == 1).await;
+
+    drop(control);
+    // While control is away the agent keeps its config; a change made meanwhile arrives after.
+    f.write("shop.yaml", &shop(&["10.244.1.12"], ""));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let control = f.start(addr.port()).await;
+    let (update, after) = until(&mut n1, "the resync", |c| web_ips(c) == ["10.244.1.12"]).await;
+    assert!(update.snapshot, "a new stream starts with a snapshot");
+    assert_eq!(
+        after.resources.len(),
+        before.resources.len(),
+        "no duplicate state"
+    );
+    assert_eq!(
+        std::fs::read_to_string(f.state.path().join("ca/ca.pem")).unwrap(),
+        root,
+        "root changed on restart"
+    );
+    assert_eq!(control.state.nodes()["n1"].streams, 1);
+}
