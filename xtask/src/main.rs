@@ -2,6 +2,7 @@
 mod cmd;
 mod demo;
 mod ebpf;
+mod manifests;
 mod setup;
 mod test;
 
@@ -30,6 +31,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Write the generated deployment files: the mesh CRDs in deploy/crds/ (a test checks the
+    /// committed copy is current).
+    Manifests,
     /// Bring up a node with demo pods under the real agent, send traffic through the capture
     /// layer, and print what was captured. Stays up until Ctrl-C unless --once.
     Demo {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf => ebpf::run(),
         Task::Test { args } => test::run(&args),
         Task::Demo { once } => demo::run(once),
+        Task::Manifests => manifests::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -162,6 +162,25 @@ mod tests {
     const GOOD: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {trellis.dev/mesh: enabled}\n---\n\
         apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {nodeName: n1, containers: []}\nstatus: {podIP: 10.244.1.2}\n";
 
+    /// The examples in docs/ are what newcomers run first: they must load cleanly.
+    #[test]
+    fn the_documented_examples_load_without_errors() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/shop");
+        let mut src = DirSource::new(&dir).unwrap();
+        src.poll();
+        assert_eq!(src.errors(), Vec::<String>::new());
+        let c = src.cluster();
+        assert_eq!(
+            (
+                c.namespaces.len(),
+                c.pods.len(),
+                c.services.len(),
+                c.policies.len()
+            ),
+            (1, 3, 2, 4)
+        );
+    }
+
     #[test]
     fn bad_files_keep_their_last_good_objects_and_name_the_problem() {
         let dir = tempfile::tempdir().unwrap();
