@@ -101,6 +101,66 @@ impl Ca {
         Self::from_pem(&cert, &key, trust_domain, workload_ttl)
     }
 
+    /// Kube mode: the root lives in Secret `namespace/name` (keys `ca.crt`, `ca.key`), created
+    /// on first start. Two replicas starting at once both create; the loser reads the winner's.
+    pub async fn load_or_create_secret(
+        client: &kube::Client,
+        namespace: &str,
+        name: &str,
+        trust_domain: &str,
+        workload_ttl: Duration,
+    ) -> Result<Self> {
+        use k8s_openapi::{ByteString, api::core::v1::Secret};
+        use kube::api::{Api, PostParams};
+        let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        let read = |s: Secret| -> Result<(String, String)> {
+            let mut data = s.data.unwrap_or_default();
+            let mut take = |k: &str| {
+                data.remove(k)
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                    .with_context(|| format!("Secret {namespace}/{name} has no {k}"))
+            };
+            Ok((take("ca.crt")?, take("ca.key")?))
+        };
+        let existing = api
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading Secret {namespace}/{name}"))?;
+        let (cert, key) = match existing {
+            Some(s) => read(s)?,
+            None => {
+                let (cert, key) = Self::generate_root(trust_domain)?;
+                let secret = Secret {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(name.into()),
+                        namespace: Some(namespace.into()),
+                        ..Default::default()
+                    },
+                    data: Some(
+                        [
+                            ("ca.crt".to_owned(), ByteString(cert.clone().into_bytes())),
+                            ("ca.key".to_owned(), ByteString(key.clone().into_bytes())),
+                        ]
+                        .into(),
+                    ),
+                    ..Default::default()
+                };
+                match api.create(&PostParams::default(), &secret).await {
+                    Ok(_) => {
+                        tracing::info!(secret = %format!("{namespace}/{name}"), "created the mesh root CA");
+                        (cert, key)
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 409 => read(api.get(name).await?)?,
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("creating Secret {namespace}/{name}"));
+                    }
+                }
+            }
+        };
+        Self::from_pem(&cert, &key, trust_domain, workload_ttl)
+    }
+
     pub fn root_pem(&self) -> &str {
         &self.root_pem
     }

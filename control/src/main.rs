@@ -4,7 +4,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use trellis_control::{
     istio::parse_duration,
-    run::{self, ControlConfig},
+    run::{self, ControlConfig, Mode},
 };
 
 #[derive(Parser)]
@@ -15,24 +15,33 @@ use trellis_control::{
              and signs workload certificates."
 )]
 struct Cli {
-    /// Where the cluster comes from: `dir:PATH`, a directory of Kubernetes YAML (Namespaces, Pods
-    /// with spec.nodeName and status.podIP, Services, Istio policies), re-read on change.
-    /// (`kube`, watching the Kubernetes API, is not built yet.)
-    #[arg(long, value_parser = parse_source)]
-    source: PathBuf,
+    /// Where the cluster comes from: `kube` (watch the Kubernetes API, using $KUBECONFIG or the
+    /// in-cluster service account) or `dir:PATH` (a directory of Kubernetes YAML: Namespaces,
+    /// Pods with spec.nodeName and status.podIP, Services, Istio policies; re-read on change).
+    #[arg(long, default_value = "kube", value_parser = parse_source)]
+    source: Source,
+    /// Kube mode: control's namespace, holding the CA Secret and the agents' service account.
+    #[arg(long, default_value = "trellis-system")]
+    namespace: String,
+    /// Kube mode: the Secret (in --namespace) holding the mesh root CA; created on first start.
+    #[arg(long, default_value = "trellis-ca")]
+    ca_secret: String,
+    /// Kube mode: the service account agents run as; only its pod-bound tokens are accepted.
+    #[arg(long, default_value = "trellis-agent")]
+    agent_service_account: String,
     /// gRPC (TLS) listen address for agents.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
     /// SPIFFE trust domain: identities are spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Directory holding the mesh root CA (ca.pem, ca-key.pem). Created on first start and
-    /// reused after; put your own root there to supply one.
+    /// Dir mode: directory holding the mesh root CA (ca.pem, ca-key.pem). Created on first
+    /// start and reused after; put your own root there to supply one.
     #[arg(long, default_value = "/var/lib/trellis-control")]
     ca_dir: PathBuf,
-    /// File with the token agents must present (`authorization: Bearer <token>`).
+    /// Dir mode: file with the token agents must present (`authorization: Bearer <token>`).
     #[arg(long)]
-    bootstrap_token_file: PathBuf,
+    bootstrap_token_file: Option<PathBuf>,
     /// Names (DNS or IP) in control's TLS certificate; agents must dial one of them.
     #[arg(
         long,
@@ -48,15 +57,17 @@ struct Cli {
     log_level: String,
 }
 
-fn parse_source(s: &str) -> Result<PathBuf, String> {
+#[derive(Clone, Debug, PartialEq)]
+enum Source {
+    Kube,
+    Dir(PathBuf),
+}
+
+fn parse_source(s: &str) -> Result<Source, String> {
     match s.split_once(':') {
-        Some(("dir", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
-        None if s == "kube" => {
-            Err("--source kube is not implemented yet; use --source dir:PATH".into())
-        }
-        _ => Err(format!(
-            "expected `dir:PATH` (or, later, `kube`), got {s:?}"
-        )),
+        Some(("dir", path)) if !path.is_empty() => Ok(Source::Dir(PathBuf::from(path))),
+        None if s == "kube" => Ok(Source::Kube),
+        _ => Err(format!("expected `kube` or `dir:PATH`, got {s:?}")),
     }
 }
 
@@ -95,12 +106,27 @@ async fn run(cli: Cli) -> Result<()> {
     if ttl < Duration::from_secs(600) {
         bail!("--workload-cert-ttl must be at least 10m (certificates are renewed at half life)");
     }
+    let mode = match cli.source {
+        Source::Dir(path) => Mode::Dir {
+            path,
+            ca_dir: cli.ca_dir,
+            bootstrap_token_file: cli
+                .bootstrap_token_file
+                .context("--source dir: needs --bootstrap-token-file")?,
+        },
+        Source::Kube => Mode::Kube {
+            client: kube::Client::try_default().await.context(
+                "connecting to Kubernetes (set KUBECONFIG, or run in a pod with a service account)",
+            )?,
+            namespace: cli.namespace,
+            ca_secret: cli.ca_secret,
+            agent_service_account: cli.agent_service_account,
+        },
+    };
     let _control = run::start(ControlConfig {
-        source_dir: cli.source,
+        mode,
         listen: cli.listen,
         trust_domain: cli.trust_domain,
-        ca_dir: cli.ca_dir,
-        bootstrap_token_file: cli.bootstrap_token_file,
         server_names: cli.server_names,
         workload_cert_ttl: ttl,
     })
@@ -117,12 +143,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn source_must_be_a_dir() {
+    fn source_is_kube_or_a_dir() {
         assert_eq!(
             parse_source("dir:/etc/trellis").unwrap(),
-            PathBuf::from("/etc/trellis")
+            Source::Dir(PathBuf::from("/etc/trellis"))
         );
-        for bad in ["", "dir:", "file:/x", "kube", "kubernetes"] {
+        assert_eq!(parse_source("kube").unwrap(), Source::Kube);
+        for bad in ["", "dir:", "file:/x", "kubernetes"] {
             assert!(parse_source(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -11,19 +11,33 @@ use crate::{
     ca::Ca,
     model::Cluster,
     server::{ControlState, MeshControlService},
-    source::dir::DirSource,
+    source,
 };
 
 /// How often the directory source looks for changes.
 const POLL: Duration = Duration::from_millis(300);
 
+pub enum Mode {
+    /// A directory of YAML; the CA in a directory; agents present a bootstrap token.
+    Dir {
+        path: PathBuf,
+        ca_dir: PathBuf,
+        bootstrap_token_file: PathBuf,
+    },
+    /// The Kubernetes API; the CA in Secret `<namespace>/<ca_secret>`; agents present their
+    /// projected token for service account `<namespace>/<agent_service_account>`.
+    Kube {
+        client: kube::Client,
+        namespace: String,
+        ca_secret: String,
+        agent_service_account: String,
+    },
+}
+
 pub struct ControlConfig {
-    pub source_dir: PathBuf,
+    pub mode: Mode,
     pub listen: SocketAddr,
     pub trust_domain: String,
-    /// Where the root CA is kept (`ca.pem`, `ca-key.pem`); created on first start.
-    pub ca_dir: PathBuf,
-    pub bootstrap_token_file: PathBuf,
     /// DNS names and IPs in control's serving certificate.
     pub server_names: Vec<String>,
     pub workload_cert_ttl: Duration,
@@ -33,7 +47,7 @@ pub struct ControlConfig {
 pub struct Control {
     pub addr: SocketAddr,
     pub state: Arc<ControlState>,
-    /// Errors of the source's bad files, as they stand.
+    /// Errors of bad source objects, as they stand.
     pub source_errors: watch::Receiver<Vec<String>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -47,25 +61,64 @@ impl Drop for Control {
 }
 
 pub async fn start(cfg: ControlConfig) -> Result<Control> {
-    let ca = Ca::load_or_create_in(&cfg.ca_dir, &cfg.trust_domain, cfg.workload_cert_ttl)?;
-    let auth = Authenticator::bootstrap_token_file(&cfg.bootstrap_token_file)?;
-    let mut source = DirSource::new(&cfg.source_dir)?;
-    source.poll();
-    let (model_tx, model_rx) = watch::channel(Arc::new(source.cluster()));
-    let (errors_tx, errors_rx) = watch::channel(source.errors());
-    let poller = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(POLL).await;
-            if source.poll() {
-                let cluster = source.cluster();
-                model_tx.send_if_modified(|m| replace_if_changed(m, cluster));
-                errors_tx.send_replace(source.errors());
-            }
+    let (model_tx, model_rx) = watch::channel(Arc::new(Cluster::default()));
+    let (errors_tx, errors_rx) = watch::channel(Vec::new());
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (ca, auth, source_task) = match cfg.mode {
+        Mode::Dir {
+            path,
+            ca_dir,
+            bootstrap_token_file,
+        } => {
+            let ca = Ca::load_or_create_in(&ca_dir, &cfg.trust_domain, cfg.workload_cert_ttl)?;
+            let auth = Authenticator::bootstrap_token_file(&bootstrap_token_file)?;
+            let mut src = source::dir::DirSource::new(&path)?;
+            info!(source = %path.display(), "reading the cluster from a directory");
+            let task = tokio::spawn(async move {
+                let mut first = true;
+                loop {
+                    if src.poll() || first {
+                        let cluster = src.cluster();
+                        model_tx.send_if_modified(|m| replace_if_changed(m, cluster));
+                        errors_tx.send_replace(src.errors());
+                        ready_tx.send_replace(true);
+                        first = false;
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+            });
+            (ca, auth, task)
         }
-    });
+        Mode::Kube {
+            client,
+            namespace,
+            ca_secret,
+            agent_service_account,
+        } => {
+            let ca = Ca::load_or_create_secret(
+                &client,
+                &namespace,
+                &ca_secret,
+                &cfg.trust_domain,
+                cfg.workload_cert_ttl,
+            )
+            .await?;
+            let auth = Authenticator::Kube {
+                client: client.clone(),
+                namespace,
+                service_account: agent_service_account,
+            };
+            info!("watching the cluster through the Kubernetes API");
+            (
+                ca,
+                auth,
+                tokio::spawn(source::kube::run(client, model_tx, errors_tx, ready_tx)),
+            )
+        }
+    };
 
     let (cert, key) = ca.serving_cert(&cfg.server_names)?;
-    let state = ControlState::new(model_rx, ca, auth);
+    let state = ControlState::new(model_rx, ready_rx, ca, auth);
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {} (set --listen)", cfg.listen))?;
@@ -83,12 +136,12 @@ pub async fn start(cfg: ControlConfig) -> Result<Control> {
             tracing::error!("gRPC server stopped: {e}");
         }
     });
-    info!(%addr, source = %cfg.source_dir.display(), "control listening");
+    info!(%addr, "control listening");
     Ok(Control {
         addr,
         state,
         source_errors: errors_rx,
-        tasks: vec![poller, server],
+        tasks: vec![source_task, server],
     })
 }
 

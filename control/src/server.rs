@@ -36,15 +36,23 @@ pub struct NodeStatus {
 /// Shared by every request: the model, the CA, who may call, and per-node bookkeeping.
 pub struct ControlState {
     pub model: watch::Receiver<Arc<Cluster>>,
+    /// False until the source has read the cluster once; nothing is served before.
+    ready: watch::Receiver<bool>,
     pub ca: Ca,
     pub auth: Authenticator,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
 }
 
 impl ControlState {
-    pub fn new(model: watch::Receiver<Arc<Cluster>>, ca: Ca, auth: Authenticator) -> Arc<Self> {
+    pub fn new(
+        model: watch::Receiver<Arc<Cluster>>,
+        ready: watch::Receiver<bool>,
+        ca: Ca,
+        auth: Authenticator,
+    ) -> Arc<Self> {
         Arc::new(Self {
             model,
+            ready,
             ca,
             auth,
             nodes: Mutex::new(BTreeMap::new()),
@@ -73,11 +81,11 @@ impl ControlState {
     }
 
     /// Authenticates the caller and checks it may act for `node`.
-    fn authorize<T>(&self, req: &Request<T>, node: &str) -> Result<(), Status> {
+    async fn authorize<T>(&self, req: &Request<T>, node: &str) -> Result<(), Status> {
         if node.is_empty() {
             return Err(Status::invalid_argument("node: required"));
         }
-        self.auth.check(req.metadata(), node)
+        self.auth.check(req.metadata(), node).await
     }
 }
 
@@ -94,7 +102,7 @@ impl MeshControl for MeshControlService {
         req: Request<api::SubscribeRequest>,
     ) -> Result<Response<UpdateStream>, Status> {
         let node = req.get_ref().node.clone();
-        self.0.authorize(&req, &node)?;
+        self.0.authorize(&req, &node).await?;
         let (tx, rx) = mpsc::channel(4);
         let state = self.0.clone();
         info!(node, "agent subscribed");
@@ -112,7 +120,7 @@ impl MeshControl for MeshControlService {
         req: Request<api::AckRequest>,
     ) -> Result<Response<api::AckResponse>, Status> {
         let ack = req.get_ref().clone();
-        self.0.authorize(&req, &ack.node)?;
+        self.0.authorize(&req, &ack.node).await?;
         let mut nodes = self.0.lock();
         let st = nodes.entry(ack.node.clone()).or_default();
         if ack.version > st.sent {
@@ -140,7 +148,12 @@ impl MeshControl for MeshControlService {
         req: Request<api::SignRequest>,
     ) -> Result<Response<api::SignResponse>, Status> {
         let node = req.get_ref().node.clone();
-        self.0.authorize(&req, &node)?;
+        self.0.authorize(&req, &node).await?;
+        if !*self.0.ready.borrow() {
+            return Err(Status::unavailable(
+                "control has not read the cluster yet; retry shortly",
+            ));
+        }
         let cluster = self.0.model.borrow().clone();
         let chain = self
             .0
@@ -172,6 +185,11 @@ async fn stream_updates(
     node: &str,
     tx: mpsc::Sender<Result<api::ConfigUpdate, Status>>,
 ) {
+    // A snapshot before the first full read of the cluster would tell the agent to drop
+    // everything it serves.
+    if state.ready.clone().wait_for(|r| *r).await.is_err() {
+        return;
+    }
     let mut model = state.model.clone();
     let trust_domain = state.ca.trust_domain().to_owned();
     let mut sent: Option<NodeConfig> = None;

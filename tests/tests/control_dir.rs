@@ -6,7 +6,7 @@ use tempfile::TempDir;
 use tokio::sync::mpsc;
 use trellis_agent::config::{ControlEndpoint, NodeConfig, follow};
 use trellis_api::{self as api, mesh_control_client::MeshControlClient};
-use trellis_control::run::{Control, ControlConfig, start};
+use trellis_control::run::{Control, ControlConfig, Mode, start};
 
 const TOKEN: &str = "test-bootstrap-token-0123456789";
 
@@ -35,11 +35,13 @@ impl Fixture {
 
     async fn start(&self, port: u16) -> Control {
         start(ControlConfig {
-            source_dir: self.yaml.path().to_owned(),
+            mode: Mode::Dir {
+                path: self.yaml.path().to_owned(),
+                ca_dir: self.state.path().join("ca"),
+                bootstrap_token_file: self.state.path().join("token"),
+            },
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             trust_domain: "cluster.local".into(),
-            ca_dir: self.state.path().join("ca"),
-            bootstrap_token_file: self.state.path().join("token"),
             server_names: vec!["trellis-control".into()],
             workload_cert_ttl: Duration::from_secs(24 * 3600),
         })

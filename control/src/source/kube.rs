@@ -1,0 +1,209 @@
+//! `--source kube`: watches Namespaces, Pods, Services and the Istio kinds through the API server
+//! (kube-rs watchers, which re-list and resume by themselves after errors and server restarts).
+//! Objects are watched untyped and parsed with the same code as dir mode, so one bad object is
+//! reported and skipped (its last good version kept) instead of breaking a whole watch.
+use std::{collections::BTreeMap, sync::Arc};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::{
+    istio,
+    model::{Cluster, Object, parse_object},
+};
+
+/// The kinds watched: the three core kinds must list before control serves; a mesh CRD that is
+/// not installed is reported and retried, and does not hold control up.
+fn kinds() -> Vec<(ApiResource, bool)> {
+    let mut kinds = vec![
+        (ApiResource::erase::<Namespace>(&()), true),
+        (ApiResource::erase::<Pod>(&()), true),
+        (ApiResource::erase::<Service>(&()), true),
+    ];
+    for (group, kind) in istio::KINDS {
+        let plural = format!("{}s", kind.to_lowercase());
+        kinds.push((
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, "v1", kind), &plural),
+            false,
+        ));
+    }
+    kinds
+}
+
+#[derive(Default)]
+struct Entry {
+    good: Option<Object>,
+    error: Option<String>,
+}
+
+/// One kind's objects by `namespace/name`.
+type Store = BTreeMap<String, Entry>;
+
+struct Kind {
+    resource: ApiResource,
+    required: bool,
+    store: Store,
+    /// A re-list in progress (watcher Init … InitDone).
+    relist: Option<Store>,
+    /// Listed once, or (optional kinds) failed once.
+    settled: bool,
+}
+
+enum Msg {
+    Event(usize, watcher::Event<DynamicObject>),
+    Failed(usize),
+}
+
+/// Runs until the process ends. `ready` turns true once the required kinds have listed.
+pub async fn run(
+    client: Client,
+    model: watch::Sender<Arc<Cluster>>,
+    errors: watch::Sender<Vec<String>>,
+    ready: watch::Sender<bool>,
+) {
+    let (tx, mut rx) = mpsc::channel(1024);
+    let mut kinds: Vec<Kind> = kinds()
+        .into_iter()
+        .map(|(resource, required)| Kind {
+            resource,
+            required,
+            store: Store::new(),
+            relist: None,
+            settled: false,
+        })
+        .collect();
+    for (i, kind) in kinds.iter().enumerate() {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.resource);
+        let tx = tx.clone();
+        let name = kind.resource.kind.clone();
+        tokio::spawn(async move {
+            let mut stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            while let Some(ev) = stream.next().await {
+                let msg = match ev {
+                    Ok(ev) => Msg::Event(i, ev),
+                    Err(e) => {
+                        warn!(kind = name, "watch failed (retrying with backoff): {e}");
+                        Msg::Failed(i)
+                    }
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(tx);
+    while let Some(msg) = rx.recv().await {
+        handle(&mut kinds, msg);
+        while let Ok(msg) = rx.try_recv() {
+            handle(&mut kinds, msg);
+        }
+        if !kinds.iter().all(|k| k.settled || !k.required) {
+            continue;
+        }
+        let mut cluster = Cluster::default();
+        let mut errs = Vec::new();
+        for k in &kinds {
+            for e in k.store.values() {
+                if let Some(o) = &e.good {
+                    cluster.insert(o.clone());
+                }
+                errs.extend(e.error.clone());
+            }
+        }
+        model.send_if_modified(|m| {
+            let changed = **m != cluster;
+            if changed {
+                *m = Arc::new(cluster);
+            }
+            changed
+        });
+        errors.send_if_modified(|e| {
+            let changed = *e != errs;
+            *e = errs;
+            changed
+        });
+        if !*ready.borrow() {
+            info!("initial lists done; serving");
+            ready.send_replace(true);
+        }
+    }
+}
+
+fn handle(kinds: &mut [Kind], msg: Msg) {
+    match msg {
+        Msg::Failed(i) => kinds[i].settled |= !kinds[i].required,
+        Msg::Event(i, ev) => {
+            let kind = &mut kinds[i];
+            match ev {
+                watcher::Event::Init => kind.relist = Some(Store::new()),
+                watcher::Event::InitApply(obj) => {
+                    let store = kind.relist.get_or_insert_default();
+                    let (key, parsed) = parse(&kind.resource, &obj);
+                    let previous = kind.store.get(&key).and_then(|e| e.good.clone());
+                    store.insert(key, entry(previous, parsed));
+                }
+                watcher::Event::InitDone => {
+                    kind.store = kind.relist.take().unwrap_or_default();
+                    kind.settled = true;
+                }
+                watcher::Event::Apply(obj) => {
+                    let (key, parsed) = parse(&kind.resource, &obj);
+                    let previous = kind.store.get(&key).and_then(|e| e.good.clone());
+                    kind.store.insert(key, entry(previous, parsed));
+                }
+                watcher::Event::Delete(obj) => {
+                    let (key, _) = parse(&kind.resource, &obj);
+                    kind.store.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// A bad new version keeps the object's previous good version, with the error beside it.
+fn entry(previous: Option<Object>, parsed: Result<Object, String>) -> Entry {
+    match parsed {
+        Ok(o) => Entry {
+            good: Some(o),
+            error: None,
+        },
+        Err(e) => {
+            warn!("{e}; keeping its last good version");
+            Entry {
+                good: previous,
+                error: Some(e),
+            }
+        }
+    }
+}
+
+fn parse(resource: &ApiResource, obj: &DynamicObject) -> (String, Result<Object, String>) {
+    let ns = obj.metadata.namespace.clone().unwrap_or_default();
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    let key = format!("{ns}/{name}");
+    let label = if ns.is_empty() {
+        format!("{} {name}", resource.kind)
+    } else {
+        format!("{} {key}", resource.kind)
+    };
+    let parsed = serde_json::to_value(obj)
+        .map_err(|e| e.to_string())
+        .and_then(|mut v| {
+            // List items may come without their type; the watch knows it.
+            v["apiVersion"] = Value::String(resource.api_version.clone());
+            v["kind"] = Value::String(resource.kind.clone());
+            parse_object(&v).map_err(|e| format!("{label}: {e:#}"))
+        });
+    (key, parsed)
+}
