@@ -4,6 +4,7 @@
 //! used. Everything is removed on drop (also when a test panics), and leftovers of runs that were
 //! killed are swept on the next run.
 pub mod agent;
+pub mod apiserver;
 pub mod node;
 pub mod sys;
 

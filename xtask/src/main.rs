@@ -1,4 +1,5 @@
 //! `cargo xtask <task>`: the project's own commands. See README.md.
+mod apiserver;
 mod cmd;
 mod demo;
 mod ebpf;

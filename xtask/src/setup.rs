@@ -14,12 +14,17 @@ use crate::cmd::{self, output};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the demo use: `ip` (netns, veth, bridges), bpftool (tests
 /// inspect attachments independently of the agent).
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("bpftool", "bpftool")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("bpftool", "bpftool"),
+    ("openssl", "openssl"),
+];
 
 pub fn run() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    crate::apiserver::ensure()?;
     eprintln!("setup: done");
     Ok(())
 }

@@ -72,22 +72,6 @@ pub trait Validate {
     fn validate(&self) -> Result<(), String>;
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn committed_crds_match_the_types() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(super::CRDS_FILE);
-        let committed = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            committed == super::crds_yaml().unwrap(),
-            "{} is out of date with control/src/istio: run `cargo xtask manifests` and commit the result",
-            path.display()
-        );
-    }
-}
-
 /// Where `cargo xtask manifests` writes the CRDs, relative to the workspace root.
 pub const CRDS_FILE: &str = "deploy/crds/istio-subset.yaml";
 
@@ -111,4 +95,20 @@ pub fn crds_yaml() -> Result<String> {
         out.push_str(&serde_saphyr::to_string(&crd)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_crds_match_the_types() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(super::CRDS_FILE);
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == super::crds_yaml().unwrap(),
+            "{} is out of date with control/src/istio: run `cargo xtask manifests` and commit the result",
+            path.display()
+        );
+    }
 }

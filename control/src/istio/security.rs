@@ -130,7 +130,8 @@ pub struct PeerAuthenticationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MutualTls>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub port_level_mtls: BTreeMap<u32, MutualTls>,
+    /// Keyed by port number (a string, as in JSON).
+    pub port_level_mtls: BTreeMap<String, MutualTls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
@@ -148,6 +149,9 @@ impl Validate for PeerAuthenticationSpec {
             check_enum("mtls.mode", &Some(m.mode.clone()), &MTLS_MODES)?;
         }
         for (port, m) in &self.port_level_mtls {
+            if port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(format!("portLevelMtls.{port}: not a port number"));
+            }
             check_enum(
                 &format!("portLevelMtls.{port}.mode"),
                 &Some(m.mode.clone()),

@@ -58,7 +58,7 @@ struct Kind {
 }
 
 enum Msg {
-    Event(usize, watcher::Event<DynamicObject>),
+    Event(usize, Box<watcher::Event<DynamicObject>>),
     Failed(usize),
 }
 
@@ -90,7 +90,7 @@ pub async fn run(
                 .boxed();
             while let Some(ev) = stream.next().await {
                 let msg = match ev {
-                    Ok(ev) => Msg::Event(i, ev),
+                    Ok(ev) => Msg::Event(i, Box::new(ev)),
                     Err(e) => {
                         warn!(kind = name, "watch failed (retrying with backoff): {e}");
                         Msg::Failed(i)
@@ -145,7 +145,7 @@ fn handle(kinds: &mut [Kind], msg: Msg) {
         Msg::Failed(i) => kinds[i].settled |= !kinds[i].required,
         Msg::Event(i, ev) => {
             let kind = &mut kinds[i];
-            match ev {
+            match *ev {
                 watcher::Event::Init => kind.relist = Some(Store::new()),
                 watcher::Event::InitApply(obj) => {
                     let store = kind.relist.get_or_insert_default();
