@@ -14,11 +14,14 @@ pub fn root() -> PathBuf {
         .to_owned()
 }
 
-/// Runs a command in the workspace root, streaming its output; fails if it fails.
+/// Runs a command (in the workspace root unless it names a directory), streaming its output;
+/// fails if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("$ {}", show(cmd));
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
     let status = cmd
-        .current_dir(root())
         .status()
         .with_context(|| format!("running {}", show(cmd)))?;
     if !status.success() {
