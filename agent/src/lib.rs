@@ -3,6 +3,7 @@ pub mod admin;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod identity;
 pub mod netns;
 pub mod pods;
 pub mod proxy;

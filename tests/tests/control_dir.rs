@@ -34,6 +34,11 @@ impl Fixture {
     }
 
     async fn start(&self, port: u16) -> Control {
+        self.start_with_ttl(port, Duration::from_secs(24 * 3600))
+            .await
+    }
+
+    async fn start_with_ttl(&self, port: u16, workload_cert_ttl: Duration) -> Control {
         start(ControlConfig {
             mode: Mode::Dir {
                 path: self.yaml.path().to_owned(),
@@ -43,7 +48,7 @@ impl Fixture {
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             trust_domain: "cluster.local".into(),
             server_names: vec!["trellis-control".into()],
-            workload_cert_ttl: Duration::from_secs(24 * 3600),
+            workload_cert_ttl,
         })
         .await
         .expect("control starts")
@@ -385,4 +390,66 @@ async fn a_restarted_control_keeps_its_root_and_agents_resync() {
         "root changed on restart"
     );
     assert_eq!(control.state.nodes()["n1"].streams, 1);
+}
+
+#[tokio::test]
+async fn identities_are_issued_for_local_accounts_and_renewed_at_half_life() {
+    use std::collections::BTreeSet;
+    use tokio::sync::watch;
+    use trellis_agent::identity::{Svids, manage};
+
+    let f = Fixture::new();
+    let control = f.start_with_ttl(0, Duration::from_secs(4)).await;
+    let client = f.endpoint(control.addr).connect().await.unwrap();
+    let web = "spiffe://cluster.local/ns/shop/sa/web".to_string();
+    let reviews = "spiffe://cluster.local/ns/shop/sa/reviews".to_string(); // runs on n2, not n1
+    let (wanted_tx, wanted) = watch::channel(BTreeSet::from([web.clone(), reviews.clone()]));
+    let (svids_tx, mut svids) = watch::channel(Svids::new());
+    tokio::spawn(manage(client, "n1".into(), wanted, svids_tx));
+    async fn wait(
+        rx: &mut watch::Receiver<Svids>,
+        what: &str,
+        pred: impl Fn(&Svids) -> bool,
+    ) -> Svids {
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| pred(s)))
+            .await
+            .unwrap_or_else(|_| panic!("never: {what}"))
+            .unwrap()
+            .clone()
+    }
+
+    let first = wait(&mut svids, "web's certificate", |s| s.contains_key(&web)).await[&web].clone();
+    let root = std::fs::read_to_string(f.state.path().join("ca/ca.pem")).unwrap();
+    assert_eq!(first.root_pem, root);
+    let (_, leaf) = x509_parser::pem::parse_x509_pem(first.cert_chain_pem.as_bytes()).unwrap();
+    let (_, ca) = x509_parser::pem::parse_x509_pem(root.as_bytes()).unwrap();
+    let (leaf, ca) = (leaf.parse_x509().unwrap(), ca.parse_x509().unwrap());
+    leaf.verify_signature(Some(ca.public_key()))
+        .expect("signed by the mesh root");
+    assert!(
+        first.key_pem.contains("PRIVATE KEY"),
+        "the key stays on the node"
+    );
+
+    // Renewed at half life (4 s certificates: after about 2 s), before the old one expires.
+    let renewed = wait(&mut svids, "a renewal", |s| {
+        s.get(&web)
+            .is_some_and(|c| c.cert_chain_pem != first.cert_chain_pem)
+    })
+    .await[&web]
+        .clone();
+    let now = std::time::SystemTime::now();
+    assert!(
+        now >= first.renew_at() && now < first.not_after,
+        "renewed outside [half life, expiry)"
+    );
+    assert!(renewed.not_after > first.not_after);
+    assert!(
+        !svids.borrow().contains_key(&reviews),
+        "an identity with no pod on n1 got a certificate"
+    );
+
+    // An identity no longer wanted is dropped.
+    wanted_tx.send_replace(BTreeSet::from([reviews.clone()]));
+    wait(&mut svids, "web dropped", |s| !s.contains_key(&web)).await;
 }
