@@ -9,7 +9,7 @@ pub mod node;
 pub mod sys;
 
 pub use agent::Agent;
-pub use node::{CgroupDriver, Node, Pod};
+pub use node::{CgroupDriver, Cluster, Node, Pod};
 
 /// Fails (never skips) when the machine cannot run these tests, saying why.
 pub fn require_privileges() {

@@ -44,10 +44,9 @@ impl Node {
             cgroup_root,
             next_pod: AtomicU8::new(10),
         };
-        run("ip", &["netns", "add", &node.name]);
+        sys::add_netns(&node.name);
         fs::create_dir(&node.cgroup_root).expect("creating the node's cgroup root");
-        ip(&node.name, "link set lo up");
-        ip(&node.name, "link add br0 type bridge");
+        ip(&node.name, "link add br0 type bridge mcast_snooping 0");
         ip(&node.name, &format!("addr add 10.244.{index}.1/24 dev br0"));
         ip(
             &node.name,
@@ -88,9 +87,8 @@ impl Node {
             cgroup,
             children: Mutex::new(Vec::new()),
         };
-        run("ip", &["netns", "add", &pod.netns]);
+        sys::add_netns(&pod.netns);
         let n = &pod.netns;
-        ip(n, "link set lo up");
         ip(
             n,
             &format!(
@@ -119,6 +117,67 @@ impl Node {
         .expect("starting the pod's sandbox process");
         pod.children.lock().unwrap().push(pause);
         pod
+    }
+}
+
+/// Several nodes joined through a "fabric" network namespace: each node has an uplink
+/// `10.0.0.<i>/24` (`fd00::<i>/64`) on the fabric's bridge and routes the other nodes' pod
+/// subnets via their uplinks, so pod addresses cross nodes unchanged, as with a routed CNI.
+pub struct Cluster {
+    // Nodes are dropped (and their uplinks with them) before the fabric.
+    pub nodes: Vec<Node>,
+    fabric: String,
+}
+
+impl Cluster {
+    pub fn new(count: u8) -> Self {
+        crate::require_privileges();
+        let fabric = sys::unique_name();
+        sys::add_netns(&fabric);
+        ip(&fabric, "link add br0 type bridge mcast_snooping 0");
+        ip(&fabric, "link set br0 up");
+        let nodes: Vec<Node> = (1..=count).map(Node::new).collect();
+        for node in &nodes {
+            let i = node.index;
+            ip(
+                &node.name,
+                &format!("link add up0 type veth peer name n{i} netns {fabric}"),
+            );
+            ip(&fabric, &format!("link set n{i} master br0 up"));
+            ip(&node.name, &format!("addr add 10.0.0.{i}/24 dev up0"));
+            ip(
+                &node.name,
+                &format!("-6 addr add fd00::{i}/64 dev up0 nodad"),
+            );
+            ip(&node.name, "link set up0 up");
+            for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+                run(
+                    "ip",
+                    &["netns", "exec", &node.name, "sysctl", "-q", "-w", key],
+                );
+            }
+            for other in nodes.iter().filter(|o| o.index != i) {
+                let j = other.index;
+                ip(
+                    &node.name,
+                    &format!("route add 10.244.{j}.0/24 via 10.0.0.{j}"),
+                );
+                ip(
+                    &node.name,
+                    &format!("-6 route add fd00:244:{j}::/64 via fd00::{j}"),
+                );
+            }
+        }
+        Self { nodes, fabric }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.fabric])
+            .status();
     }
 }
 

@@ -303,3 +303,24 @@ pub fn sk_lookup_links(netns: &str) -> usize {
         })
         .count()
 }
+
+/// Creates network namespace `name` with loopback up and IPv6 duplicate address detection off:
+/// otherwise link-local addresses stay tentative for about 2 s, and a node cannot route IPv6
+/// for its pods until then.
+pub fn add_netns(name: &str) {
+    run("ip", &["netns", "add", name]);
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            name,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+    );
+    ip(name, "link set lo up");
+}

@@ -344,3 +344,52 @@ fn bad_input_gets_clear_errors_and_other_pods_keep_working() {
         "the first agent stopped serving"
     );
 }
+
+#[test]
+fn cross_node_connections_are_captured_on_both_nodes() {
+    let cluster = trellis_e2e::Cluster::new(2);
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let client = n1.add_pod("client");
+    let outsider = n1.add_pod("outsider");
+    let server = n2.add_pod("server");
+    server.serve(8080);
+    let a1 = Agent::start(n1, &[&client]);
+    let a2 = Agent::start(n2, &[&server]);
+    a1.wait_pod_state(&client, "enrolled");
+    a2.wait_pod_state(&server, "enrolled");
+
+    for dst in [addr(server.ip4, 8080), addr(server.ip6, 8080)] {
+        let out = client.connect(dst, "ping");
+        assert_eq!(
+            out["echo"],
+            "ping",
+            "{dst}: {out}\nnode 1 agent:\n{}\nnode 2 agent:\n{}",
+            a1.log_text(),
+            a2.log_text()
+        );
+        let local: SocketAddr = out["local"].as_str().unwrap().parse().unwrap();
+        let (captured, port) = (local.ip().is_loopback(), local.port());
+        assert!(captured, "{dst}: not captured on the client's node");
+        capture_line(&a1, "outbound", dst, port);
+        // The server's node takes it inbound; the client address is the client pod's own.
+        let line = a2.wait_log("the inbound capture", |v| {
+            v["direction"] == "inbound"
+                && v["orig_dst"] == dst.to_string()
+                && v["client"].as_str().is_some_and(|c| {
+                    c.parse::<SocketAddr>()
+                        .is_ok_and(|c| c.ip() == client.ips()[usize::from(dst.is_ipv6())])
+                })
+        });
+        assert_eq!(line["pod"], "default/server");
+    }
+    // A pod that is not enrolled crosses nodes directly, and is still taken inbound at the server.
+    let out = outsider.connect(addr(server.ip4, 8080), "hi");
+    assert_eq!(out["echo"], "hi", "{out}");
+    let local: SocketAddr = out["local"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        local.ip(),
+        IpAddr::V4(outsider.ip4),
+        "the outsider was captured"
+    );
+    capture_line(&a2, "inbound", addr(server.ip4, 8080), local.port());
+}
