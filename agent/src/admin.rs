@@ -8,7 +8,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
-use crate::pods::AgentStatus;
+use crate::{identity::Svids, pods::AgentStatus};
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -16,7 +16,11 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding the admin endpoint on {addr} (set --admin-addr)"))
 }
 
-pub async fn serve(listener: TcpListener, status: watch::Receiver<AgentStatus>) {
+pub async fn serve(
+    listener: TcpListener,
+    status: watch::Receiver<AgentStatus>,
+    svids: watch::Receiver<Svids>,
+) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin endpoint listening");
     }
@@ -28,11 +32,11 @@ pub async fn serve(listener: TcpListener, status: watch::Receiver<AgentStatus>) 
                 continue;
             }
         };
-        let status = status.clone();
+        let (status, svids) = (status.clone(), svids.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let status = status.clone();
-                async move { Ok::<_, Infallible>(route(&req, &status.borrow())) }
+                let (status, svids) = (status.clone(), svids.clone());
+                async move { Ok::<_, Infallible>(route(&req, &status.borrow(), &svids.borrow())) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -41,7 +45,7 @@ pub async fn serve(listener: TcpListener, status: watch::Receiver<AgentStatus>) 
     }
 }
 
-fn route<B>(req: &Request<B>, status: &AgentStatus) -> Response<Full<Bytes>> {
+fn route<B>(req: &Request<B>, status: &AgentStatus, svids: &Svids) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if status.ready => reply(StatusCode::OK, "text/plain", "ready\n".into()),
@@ -55,12 +59,26 @@ fn route<B>(req: &Request<B>, status: &AgentStatus) -> Response<Full<Bytes>> {
             "application/json",
             serde_json::to_string_pretty(&status.pods).unwrap_or_default(),
         ),
+        "/certificates" => reply(StatusCode::OK, "application/json", certificates(svids)),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /healthz, /readyz, /pods\n".into(),
+            "not found; try /healthz, /readyz, /pods, /certificates\n".into(),
         ),
     }
+}
+
+/// The workload certificates held: identity, expiry and planned renewal (Unix seconds).
+fn certificates(svids: &Svids) -> String {
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    };
+    let list: Vec<_> = svids
+        .values()
+        .map(|s| serde_json::json!({"identity": s.identity, "not_after": unix(s.not_after), "renew_at": unix(s.renew_at())}))
+        .collect();
+    serde_json::to_string_pretty(&list).unwrap_or_default()
 }
 
 fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

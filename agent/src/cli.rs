@@ -1,7 +1,7 @@
 //! Command line: `trellis-agent run` and `trellis-agent cleanup`.
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     admin, cgroup,
     netns::Netns,
-    pods::{PodsFile, Reconciler},
+    pods::{PodSource, PodsFile, Reconciler},
     redirect::{self, Redirect, RedirectConfig},
 };
 
@@ -63,39 +63,41 @@ struct WatchArgs {
 
 #[derive(clap::Args)]
 struct ControlArgs {
-    /// Control's gRPC address.
-    #[arg(
-        long,
-        default_value = "https://trellis-control.trellis-system.svc:15012"
-    )]
-    control_url: String,
+    /// Control's gRPC address, e.g. https://trellis-control.trellis-system.svc:15012.
+    #[arg(long)]
+    control_url: Option<String>,
     /// The mesh root CA (PEM) that signed control's certificate (dir mode: <ca-dir>/ca.pem).
     #[arg(long)]
-    control_ca: PathBuf,
+    control_ca: Option<PathBuf>,
     /// Name in control's certificate to check (default: the URL's host).
     #[arg(long)]
     control_server_name: Option<String>,
-    /// File holding the token presented to control.
+    /// File holding the token presented to control (kube mode: the projected service-account
+    /// token; dir mode: the bootstrap token).
     #[arg(long)]
-    control_token_file: PathBuf,
+    control_token_file: Option<PathBuf>,
 }
 
 impl ControlArgs {
     fn endpoint(self) -> Result<crate::config::ControlEndpoint> {
+        let (Some(url), Some(ca_file), Some(token_file)) =
+            (self.control_url, self.control_ca, self.control_token_file)
+        else {
+            bail!("talking to control needs --control-url, --control-ca and --control-token-file");
+        };
         let server_name = match self.control_server_name {
             Some(n) => n,
-            None => self
-                .control_url
+            None => url
                 .parse::<hyper::Uri>()
                 .ok()
                 .and_then(|u| u.host().map(str::to_owned))
-                .with_context(|| format!("--control-url {:?} has no host", self.control_url))?,
+                .with_context(|| format!("--control-url {url:?} has no host"))?,
         };
         Ok(crate::config::ControlEndpoint {
-            url: self.control_url,
-            ca_file: self.control_ca,
+            url,
+            ca_file,
             server_name,
-            token_file: self.control_token_file,
+            token_file,
         })
     }
 }
@@ -119,9 +121,12 @@ struct RunArgs {
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
     /// JSON file listing the pods to capture: {"pods":[{"uid","namespace","name","ips":[..]}]}.
-    /// Re-read when it changes; a bad edit is reported and the previous list kept.
+    /// Re-read when it changes; a bad edit is reported and the previous list kept. Without it,
+    /// the pods come from control (--control-url …), which also issues their certificates.
     #[arg(long)]
-    pods: PathBuf,
+    pods: Option<PathBuf>,
+    #[command(flatten)]
+    control: ControlArgs,
     /// Admin endpoint (/healthz, /readyz, /pods). Keep it on localhost.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -191,9 +196,16 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let home = Arc::new(Netns::current().context("opening the agent's own network namespace")?);
     let mut reconciler = Reconciler::new(redirect, cgroup_root, home, Arc::new(table));
-    tokio::spawn(admin::serve(admin, reconciler.status()));
+    let (svids_tx, svids) = tokio::sync::watch::channel(crate::identity::Svids::new());
+    let mut source = match (args.pods, &args.control.control_url) {
+        (Some(file), None) => PodSource::File(PodsFile::new(&file)),
+        (None, Some(_)) => PodSource::control(args.control.endpoint()?, cfg.node.clone(), svids_tx),
+        _ => bail!(
+            "give exactly one pod source: --pods FILE, or --control-url with --control-ca and --control-token-file"
+        ),
+    };
+    tokio::spawn(admin::serve(admin, reconciler.status(), svids));
 
-    let mut source = PodsFile::new(&args.pods);
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use trellis_api as api;
 
-use crate::config::Client;
+use crate::config::{Client, ControlEndpoint};
 
 #[derive(Debug)]
 pub struct Svid {
@@ -49,11 +49,12 @@ const RETRY: Duration = Duration::from_secs(2);
 /// Keeps `svids` holding a current certificate for every identity in `wanted`, until `wanted`
 /// closes.
 pub async fn manage(
-    mut client: Client,
+    endpoint: ControlEndpoint,
     node: String,
     mut wanted: watch::Receiver<BTreeSet<String>>,
     svids: watch::Sender<Svids>,
 ) {
+    let mut client: Option<Client> = None;
     loop {
         let want = wanted.borrow_and_update().clone();
         svids.send_if_modified(|s| {
@@ -69,7 +70,15 @@ pub async fn manage(
                 next = next.min(due);
                 continue;
             }
-            match fetch(&mut client, &node, id).await {
+            let result = async {
+                let c = match &mut client {
+                    Some(c) => c,
+                    None => client.insert(endpoint.connect().await?),
+                };
+                fetch(c, &node, id).await
+            }
+            .await;
+            match result {
                 Ok(svid) => {
                     info!(identity = id, expires = ?svid.not_after, "certificate issued");
                     next = next.min(svid.renew_at());
@@ -78,6 +87,7 @@ pub async fn manage(
                     });
                 }
                 Err(e) => {
+                    client = None; // reconnect next time, in case the channel is what failed
                     warn!(
                         identity = id,
                         "getting a certificate: {e:#}; retrying in {RETRY:?}"

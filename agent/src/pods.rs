@@ -1,7 +1,7 @@
 //! Which pods this node's agent captures: the desired set (from a pods file for now; from the
 //! control service later), and the reconciler that makes the capture layer match it.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -14,7 +14,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    cgroup,
+    cgroup, config,
+    config::ControlEndpoint,
+    identity,
     netns::{self, Netns},
     proxy::{self, PodCtx, PodListeners, PodProxy},
     redirect::{OrigDstTable, Redirect},
@@ -93,6 +95,64 @@ impl PodsFile {
                 );
                 None
             }
+        }
+    }
+}
+
+/// Where the desired pods come from.
+pub enum PodSource {
+    File(PodsFile),
+    /// Control's stream: the node's workloads, as last received (kept while control is away).
+    Control(watch::Receiver<Option<Vec<PodSpec>>>),
+}
+
+impl PodSource {
+    /// Follows control for `node`: its workloads become the desired pods, and their identities
+    /// the certificates `svids` is kept holding.
+    pub fn control(
+        endpoint: ControlEndpoint,
+        node: String,
+        svids: watch::Sender<identity::Svids>,
+    ) -> Self {
+        let (pods_tx, pods_rx) = watch::channel(None);
+        let (wanted_tx, wanted_rx) = watch::channel(BTreeSet::new());
+        tokio::spawn(identity::manage(
+            endpoint.clone(),
+            node.clone(),
+            wanted_rx,
+            svids,
+        ));
+        tokio::spawn(config::follow(endpoint, node, move |cfg, _| {
+            let pods = cfg
+                .workloads()
+                .map(|w| PodSpec {
+                    uid: w.uid.clone(),
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                    // NodeConfig::apply checked these parse.
+                    ips: w.ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+                })
+                .collect();
+            pods_tx.send_replace(Some(pods));
+            let identities: BTreeSet<String> =
+                cfg.workloads().map(|w| w.identity.clone()).collect();
+            wanted_tx.send_if_modified(|w| {
+                let changed = *w != identities;
+                *w = identities;
+                changed
+            });
+        }));
+        Self::Control(pods_rx)
+    }
+
+    /// The new desired pods, if they changed.
+    pub fn poll(&mut self) -> Option<Vec<PodSpec>> {
+        match self {
+            PodSource::File(f) => f.poll(),
+            PodSource::Control(rx) => match rx.has_changed() {
+                Ok(true) => rx.borrow_and_update().clone(),
+                _ => None,
+            },
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct Agent {
     cgroup_root: PathBuf,
     dir: PathBuf,
     extra: Vec<String>,
+    /// Whether the agent reads its pods from a file (otherwise from control).
+    pods_file: bool,
     child: Option<Child>,
     runs: u32,
 }
@@ -34,22 +36,37 @@ impl Agent {
         Self::start_with(node, pods, &[])
     }
 
+    /// Starts an agent that takes its pods (and certificates) from control.
+    pub fn start_with_control(node: &Node, control: &crate::control::Control) -> Self {
+        let args = control.agent_args();
+        let mut agent = Self::prepare(node, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        agent.pods_file = false;
+        agent.spawn();
+        agent.wait_ready();
+        agent
+    }
+
     pub fn start_with(node: &Node, pods: &[&Pod], extra: &[&str]) -> Self {
+        let mut agent = Self::prepare(node, extra);
+        agent.set_pods(pods);
+        agent.spawn();
+        agent.wait_ready();
+        agent
+    }
+
+    fn prepare(node: &Node, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(&node.name);
         fs::create_dir_all(&dir).expect("creating the agent's temp dir");
-        let mut agent = Self {
+        Self {
             node: node.name.clone(),
             pin_root: PathBuf::from("/sys/fs/bpf/trellis"),
             cgroup_root: node.cgroup_root.clone(),
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            pods_file: true,
             child: None,
             runs: 0,
-        };
-        agent.set_pods(pods);
-        agent.spawn();
-        agent.wait_ready();
-        agent
+        }
     }
 
     fn pods_file(&self) -> PathBuf {
@@ -82,8 +99,6 @@ impl Agent {
             &self.pin_root.to_string_lossy(),
             "--cgroup-root",
             &self.cgroup_root.to_string_lossy(),
-            "--pods",
-            &self.pods_file().to_string_lossy(),
             "--admin-addr",
             ADMIN,
             "--log-format",
@@ -92,6 +107,12 @@ impl Agent {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if self.pods_file {
+            args.extend([
+                "--pods".to_owned(),
+                self.pods_file().to_string_lossy().into_owned(),
+            ]);
+        }
         args.extend(self.extra.iter().cloned());
         args
     }

@@ -5,6 +5,7 @@
 //! killed are swept on the next run.
 pub mod agent;
 pub mod apiserver;
+pub mod control;
 pub mod node;
 pub mod sys;
 

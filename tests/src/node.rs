@@ -130,11 +130,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The fabric's own address, where cluster services (control) listen.
+    pub const SERVICES_IP: &str = "10.0.0.254";
+
+    /// The fabric's network namespace.
+    pub fn fabric(&self) -> &str {
+        &self.fabric
+    }
+
     pub fn new(count: u8) -> Self {
         crate::require_privileges();
         let fabric = sys::unique_name();
         sys::add_netns(&fabric);
         ip(&fabric, "link add br0 type bridge mcast_snooping 0");
+        ip(
+            &fabric,
+            &format!("addr add {}/24 dev br0", Self::SERVICES_IP),
+        );
         ip(&fabric, "link set br0 up");
         let nodes: Vec<Node> = (1..=count).map(Node::new).collect();
         for node in &nodes {
@@ -271,6 +283,16 @@ impl Pod {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// This pod as the API server would report it (for control's directory source).
+    pub fn yaml(&self, namespace: &str, node: &Node, service_account: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {namespace}, uid: {}}}\n\
+             spec: {{nodeName: {}, serviceAccountName: {service_account}, containers: []}}\n\
+             status: {{phase: Running, podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]}}\n",
+            self.name, self.uid, node.name, self.ip4, self.ip6
+        )
     }
 
     /// This pod as the agent's pods file lists it.

@@ -393,3 +393,79 @@ fn cross_node_connections_are_captured_on_both_nodes() {
     );
     capture_line(&a2, "inbound", addr(server.ip4, 8080), local.port());
 }
+
+#[test]
+fn the_agent_takes_pods_and_certificates_from_control_and_survives_its_absence() {
+    let cluster = trellis_e2e::Cluster::new(1);
+    let node = &cluster.nodes[0];
+    let client = node.add_pod("client");
+    let server = node.add_pod("server");
+    server.serve(8080);
+    let shop = |labels: &str| {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{{labels}}}}}\n")
+    };
+    let mut control = trellis_e2e::control::Control::start(
+        &cluster,
+        &[
+            ("ns.yaml", &shop("trellis.dev/mesh: enabled")),
+            ("client.yaml", &client.yaml("shop", node, "client")),
+        ],
+    );
+    let agent = Agent::start_with_control(node, &control);
+    let status = agent.wait_pod_state(&client, "enrolled");
+    assert_eq!(status["namespace"], "shop", "{status}");
+    let dst = addr(server.ip4, 8080);
+    let (captured, port) = connect_captured(&client, dst);
+    assert!(
+        captured,
+        "a pod control lists was not captured:\n{}",
+        control.log_text()
+    );
+    capture_line(&agent, "outbound", dst, port);
+
+    // Its identity's certificate, from control, on the admin endpoint.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let identity = "spiffe://cluster.local/ns/shop/sa/client";
+    loop {
+        let (_, body) = agent.admin("/certificates").unwrap();
+        if body.contains(identity) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no certificate for {identity}: {body}\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The namespace leaves the mesh: capture stops. It comes back: capture resumes.
+    control.write("ns.yaml", &shop(""));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.pods().iter().any(|p| p["uid"] == client.uid.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent kept the pod: {:?}",
+            agent.pods()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !connect_captured(&client, dst).0,
+        "still captured after leaving the mesh"
+    );
+    control.write("ns.yaml", &shop("trellis.dev/mesh: enabled"));
+    agent.wait_pod_state(&client, "enrolled");
+
+    // Control goes away: the agent keeps serving its last config.
+    control.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        connect_captured(&client, dst).0,
+        "capture stopped when control went away"
+    );
+    assert_eq!(
+        agent.wait_pod_state(&client, "enrolled")["state"],
+        "enrolled"
+    );
+}

@@ -400,12 +400,16 @@ async fn identities_are_issued_for_local_accounts_and_renewed_at_half_life() {
 
     let f = Fixture::new();
     let control = f.start_with_ttl(0, Duration::from_secs(4)).await;
-    let client = f.endpoint(control.addr).connect().await.unwrap();
     let web = "spiffe://cluster.local/ns/shop/sa/web".to_string();
     let reviews = "spiffe://cluster.local/ns/shop/sa/reviews".to_string(); // runs on n2, not n1
     let (wanted_tx, wanted) = watch::channel(BTreeSet::from([web.clone(), reviews.clone()]));
     let (svids_tx, mut svids) = watch::channel(Svids::new());
-    tokio::spawn(manage(client, "n1".into(), wanted, svids_tx));
+    tokio::spawn(manage(
+        f.endpoint(control.addr),
+        "n1".into(),
+        wanted,
+        svids_tx,
+    ));
     async fn wait(
         rx: &mut watch::Receiver<Svids>,
         what: &str,

@@ -1,0 +1,109 @@
+//! Runs the real `trellis-control` binary in dir mode inside the cluster's fabric namespace, at
+//! `10.0.0.254:15012`, where every node's agent can reach it.
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    node::{Cluster, binary},
+    sys,
+};
+
+pub struct Control {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Control {
+    /// Starts control on the objects in `files` (name, YAML) and waits until it listens.
+    pub fn start(cluster: &Cluster, files: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-control", sys::unique_name()));
+        fs::create_dir_all(dir.join("yaml")).unwrap();
+        fs::write(
+            dir.join("token"),
+            format!("bootstrap-{}", sys::unique_name()),
+        )
+        .unwrap();
+        let control = Self { dir, child: None };
+        for (name, yaml) in files {
+            control.write(name, yaml);
+        }
+        let log = fs::File::create(control.dir.join("control.log")).unwrap();
+        let mut cmd = Command::new(binary("trellis-control"));
+        cmd.arg("--source")
+            .arg(format!("dir:{}", control.dir.join("yaml").display()))
+            .args([
+                "--listen",
+                &format!("{}:15012", Cluster::SERVICES_IP),
+                "--server-names",
+                "trellis-control",
+            ])
+            .arg("--ca-dir")
+            .arg(control.dir.join("ca"))
+            .arg("--bootstrap-token-file")
+            .arg(control.dir.join("token"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child =
+            sys::spawn_in(cluster.fabric(), None, &mut cmd).expect("starting trellis-control");
+        let mut control = control;
+        control.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sys::connect_in(
+            cluster.fabric(),
+            format!("{}:15012", Cluster::SERVICES_IP).parse().unwrap(),
+        )
+        .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "trellis-control did not listen within 20 s:\n{}",
+                control.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        control
+    }
+
+    /// Adds or replaces a file in control's directory (atomically).
+    pub fn write(&self, name: &str, yaml: &str) {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, yaml).unwrap();
+        fs::rename(tmp, self.dir.join("yaml").join(name)).unwrap();
+    }
+
+    /// Arguments that point an agent at this control.
+    pub fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--control-url".into(),
+            format!("https://{}:15012", Cluster::SERVICES_IP),
+            "--control-server-name".into(),
+            "trellis-control".into(),
+            "--control-ca".into(),
+            self.dir.join("ca/ca.pem").to_string_lossy().into_owned(),
+            "--control-token-file".into(),
+            self.dir.join("token").to_string_lossy().into_owned(),
+        ]
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.dir.join("control.log")).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
