@@ -1,10 +1,12 @@
 //! trellis-control in dir mode, in process on loopback, with the agent's real config client
 //! subscribing over TLS: what a node receives, and how bad input and restarts are handled.
+mod follower;
+
 use std::{net::SocketAddr, time::Duration};
 
+use follower::{subscribe, until, web_ips};
 use tempfile::TempDir;
-use tokio::sync::mpsc;
-use trellis_agent::config::{ControlEndpoint, NodeConfig, follow};
+use trellis_agent::config::ControlEndpoint;
 use trellis_api::{self as api, mesh_control_client::MeshControlClient};
 use trellis_control::run::{Control, ControlConfig, Mode, start};
 
@@ -78,44 +80,6 @@ fn shop(web_ips: &[&str], web_labels: &str) -> String {
          spec: {{clusterIP: 10.96.0.20, selector: {{app: reviews}}, ports: [{{name: http, port: 9080, targetPort: http}}]}}\n",
         ips.join(", ")
     )
-}
-
-/// Follows control as `node`; each applied update arrives with the config after it.
-fn subscribe(
-    endpoint: ControlEndpoint,
-    node: &str,
-) -> mpsc::UnboundedReceiver<(api::ConfigUpdate, NodeConfig)> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(follow(endpoint, node.to_owned(), move |config, update| {
-        let _ = tx.send((update.clone(), config.clone()));
-    }));
-    rx
-}
-
-/// Waits (at most 10 s) for an update after which `pred` holds.
-async fn until(
-    rx: &mut mpsc::UnboundedReceiver<(api::ConfigUpdate, NodeConfig)>,
-    what: &str,
-    pred: impl Fn(&NodeConfig) -> bool,
-) -> (api::ConfigUpdate, NodeConfig) {
-    let wait = async {
-        loop {
-            let (update, config) = rx.recv().await.expect("follower stopped");
-            if pred(&config) {
-                return (update, config);
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .unwrap_or_else(|_| panic!("never received: {what}"))
-}
-
-fn web_ips(c: &NodeConfig) -> Vec<String> {
-    c.workloads()
-        .filter(|w| w.name == "web")
-        .flat_map(|w| w.ips.clone())
-        .collect()
 }
 
 #[tokio::test]

@@ -1,11 +1,13 @@
 //! trellis-control in kube mode against a real kube-apiserver (Debian's 1.20 build, with etcd),
 //! running with exactly the RBAC in deploy/rbac, and the agent's real config client
 //! authenticating with a pod-bound service-account token.
+mod follower;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use follower::{subscribe, until, web_ips};
 use tempfile::TempDir;
-use tokio::sync::mpsc;
-use trellis_agent::config::{ControlEndpoint, NodeConfig, follow};
+use trellis_agent::config::{ControlEndpoint, NodeConfig};
 use trellis_api as api;
 use trellis_control::run::{Control, ControlConfig, Mode, start};
 use trellis_e2e::apiserver::KubeApiServer;
@@ -193,41 +195,6 @@ impl Cluster {
             token_file: token,
         }
     }
-}
-
-type Updates = mpsc::UnboundedReceiver<(api::ConfigUpdate, NodeConfig)>;
-
-fn subscribe(endpoint: ControlEndpoint, node: &str) -> Updates {
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(follow(endpoint, node.to_owned(), move |config, update| {
-        let _ = tx.send((update.clone(), config.clone()));
-    }));
-    rx
-}
-
-async fn until(
-    rx: &mut Updates,
-    what: &str,
-    pred: impl Fn(&NodeConfig) -> bool,
-) -> (api::ConfigUpdate, NodeConfig) {
-    let wait = async {
-        loop {
-            let (update, config) = rx.recv().await.expect("follower stopped");
-            if pred(&config) {
-                return (update, config);
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), wait)
-        .await
-        .unwrap_or_else(|_| panic!("never received: {what}"))
-}
-
-fn web_ips(c: &NodeConfig) -> Vec<String> {
-    c.workloads()
-        .filter(|w| w.name == "web")
-        .flat_map(|w| w.ips.clone())
-        .collect()
 }
 
 fn reviews_endpoints(c: &NodeConfig) -> usize {

@@ -65,14 +65,7 @@ fn install_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("setup: installing Debian packages {missing:?} (to build and run kube-apiserver)");
-    cmd::run(Command::new("apt-get").arg("update").arg("-q"))?;
-    cmd::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    cmd::apt_install(&missing, "to build and run kube-apiserver")
 }
 
 /// `apt-get source` through a private APT configuration (deb-src lines of its own), so the

@@ -62,3 +62,13 @@ pub fn require_root(what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Installs Debian packages (after refreshing the package lists), saying why.
+pub fn apt_install(packages: &[&str], why: &str) -> Result<()> {
+    eprintln!("setup: installing Debian packages {packages:?} ({why})");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}

@@ -145,14 +145,7 @@ fn debian_packages() -> Result<()> {
     if which("apt-get").is_none() {
         bail!("missing {missing:?} and no apt-get to install them: install them by hand");
     }
-    eprintln!("setup: installing Debian packages {missing:?}");
-    cmd::run(Command::new("apt-get").arg("update").arg("-q"))?;
-    cmd::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    cmd::apt_install(&missing, "the tests use them")
 }
 
 fn which(bin: &str) -> Option<PathBuf> {
