@@ -16,7 +16,7 @@ pub const VERSION: &str = "v1.20.2";
 
 /// Where `cargo xtask setup` puts the binary ($TRELLIS_KUBE_APISERVER overrides).
 pub fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("TRELLIS_KUBE_APISERVER") {
+    if let Some(p) = std::env::var_os("TRELLIS_KUBE_APISERVER").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
     let home = std::env::var_os("HOME")

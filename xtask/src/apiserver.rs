@@ -10,7 +10,8 @@ use crate::cmd;
 
 const SOURCE_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
 /// golang-go builds it; etcd-server runs under it; reflect2 replaces the vendored copy, whose
-/// 1.0.1 panics under Go >= 1.18 on any request body with a map; dpkg-dev unpacks the source;
+/// 1.0.1 breaks under Go >= 1.18 whenever json-iterator encodes a map (pretty-printed JSON or
+/// YAML responses, e.g. to curl or `?pretty=true`); dpkg-dev unpacks the source;
 /// make and rsync run Kubernetes' own build (which generates the OpenAPI code first).
 const PACKAGES: [&str; 6] = [
     "golang-go",
