@@ -270,7 +270,8 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// A key and CSR for `identity`, as an agent makes them (used by tests and the agent).
+/// A key and CSR for `identity`, as an agent makes them (for tests of signing; the agent makes
+/// its own, since it does not link control).
 pub fn workload_csr(identity: &str) -> Result<(String, String)> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
