@@ -1,5 +1,6 @@
-//! Admin endpoint (localhost only): health, readiness and the pod list as JSON.
-use std::{convert::Infallible, net::SocketAddr};
+//! Admin endpoint (localhost only): health, readiness, and as JSON the pods, the certificates
+//! held and the proxy's config (what control sent, as the proxy uses it).
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use http_body_util::Full;
@@ -8,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
-use crate::{identity::Svids, pods::AgentStatus};
+use crate::{identity::Svids, pods::AgentStatus, state::MeshState};
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -20,6 +21,7 @@ pub async fn serve(
     listener: TcpListener,
     status: watch::Receiver<AgentStatus>,
     svids: watch::Receiver<Svids>,
+    state: watch::Receiver<Arc<MeshState>>,
 ) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin endpoint listening");
@@ -32,11 +34,11 @@ pub async fn serve(
                 continue;
             }
         };
-        let (status, svids) = (status.clone(), svids.clone());
+        let (status, svids, state) = (status.clone(), svids.clone(), state.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let (status, svids) = (status.clone(), svids.clone());
-                async move { Ok::<_, Infallible>(route(&req, &status.borrow(), &svids.borrow())) }
+                let resp = route(&req, &status.borrow(), &svids.borrow(), &state.borrow());
+                async move { Ok::<_, Infallible>(resp) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -45,7 +47,12 @@ pub async fn serve(
     }
 }
 
-fn route<B>(req: &Request<B>, status: &AgentStatus, svids: &Svids) -> Response<Full<Bytes>> {
+fn route<B>(
+    req: &Request<B>,
+    status: &AgentStatus,
+    svids: &Svids,
+    state: &MeshState,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" if status.ready => reply(StatusCode::OK, "text/plain", "ready\n".into()),
@@ -60,10 +67,15 @@ fn route<B>(req: &Request<B>, status: &AgentStatus, svids: &Svids) -> Response<F
             serde_json::to_string_pretty(&status.pods).unwrap_or_default(),
         ),
         "/certificates" => reply(StatusCode::OK, "application/json", certificates(svids)),
+        "/config_dump" => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(state).unwrap_or_default(),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /healthz, /readyz, /pods, /certificates\n".into(),
+            "not found; try /healthz, /readyz, /pods, /certificates, /config_dump\n".into(),
         ),
     }
 }
@@ -81,7 +93,7 @@ fn certificates(svids: &Svids) -> String {
     serde_json::to_string_pretty(&list).unwrap_or_default()
 }
 
-fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+pub fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = code;
     resp.headers_mut().insert(

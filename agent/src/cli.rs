@@ -10,9 +10,13 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{
     admin, cgroup,
+    metrics::{self, Metrics},
     netns::Netns,
     pods::{PodSource, PodsFile, Reconciler},
+    proxy::{Pool, Shared},
     redirect::{self, Redirect, RedirectConfig},
+    state::MeshState,
+    tls::TlsStore,
 };
 
 #[derive(Parser)]
@@ -130,6 +134,9 @@ struct RunArgs {
     /// Admin endpoint (/healthz, /readyz, /pods). Keep it on localhost.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// Metrics endpoint (/metrics in Prometheus format, /healthz, /readyz).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
     /// Destination ports never captured outbound, comma-separated (e.g. 22,2379).
     #[arg(long, value_delimiter = ',')]
     exclude_ports: Vec<u16>,
@@ -191,20 +198,40 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let (redirect, table, logger) = Redirect::open(&cfg)?;
     let admin = admin::bind(args.admin_addr).await?;
+    let metrics_listener = metrics::bind(args.metrics_addr).await?;
     info!(node = cfg.node, cgroup_root = %cgroup_root.display(), "capture programs attached");
     tokio::spawn(forward_kernel_logs(logger));
 
     let home = Arc::new(Netns::current().context("opening the agent's own network namespace")?);
-    let mut reconciler = Reconciler::new(redirect, cgroup_root, home, Arc::new(table));
     let (svids_tx, svids) = tokio::sync::watch::channel(crate::identity::Svids::new());
+    let (state_tx, state) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
+    let metrics = Metrics::new();
+    let shared = Arc::new(Shared {
+        table: Arc::new(table),
+        state: state.clone(),
+        tls: TlsStore::new(svids.clone()),
+        pool: Pool::default(),
+        metrics: metrics.clone(),
+    });
+    let mut reconciler = Reconciler::new(redirect, cgroup_root, home, shared);
     let mut source = match (args.pods, &args.control.control_url) {
         (Some(file), None) => PodSource::File(PodsFile::new(&file)),
-        (None, Some(_)) => PodSource::control(args.control.endpoint()?, cfg.node.clone(), svids_tx),
+        (None, Some(_)) => PodSource::control(
+            args.control.endpoint()?,
+            cfg.node.clone(),
+            svids_tx,
+            state_tx,
+        ),
         _ => bail!(
             "give exactly one pod source: --pods FILE, or --control-url with --control-ca and --control-token-file"
         ),
     };
-    tokio::spawn(admin::serve(admin, reconciler.status(), svids));
+    tokio::spawn(admin::serve(admin, reconciler.status(), svids, state));
+    tokio::spawn(metrics::serve(
+        metrics_listener,
+        metrics,
+        reconciler.status(),
+    ));
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));

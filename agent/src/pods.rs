@@ -18,8 +18,9 @@ use crate::{
     config::ControlEndpoint,
     identity,
     netns::{self, Netns},
-    proxy::{self, PodCtx, PodListeners, PodProxy},
-    redirect::{OrigDstTable, Redirect},
+    proxy::{self, PodCtx, PodListeners, PodProxy, Shared},
+    redirect::Redirect,
+    state::MeshState,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -30,6 +31,9 @@ pub struct PodSpec {
     pub name: String,
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// The SPIFFE ID control assigned; pods from a pods file have none (capture only, no HBONE).
+    #[serde(skip)]
+    pub identity: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -107,12 +111,13 @@ pub enum PodSource {
 }
 
 impl PodSource {
-    /// Follows control for `node`: its workloads become the desired pods, and their identities
-    /// the certificates `svids` is kept holding.
+    /// Follows control for `node`: its workloads become the desired pods, their identities the
+    /// certificates `svids` is kept holding, and the whole config the proxy's `state`.
     pub fn control(
         endpoint: ControlEndpoint,
         node: String,
         svids: watch::Sender<identity::Svids>,
+        state: watch::Sender<Arc<MeshState>>,
     ) -> Self {
         let (pods_tx, pods_rx) = watch::channel(None);
         let (wanted_tx, wanted_rx) = watch::channel(BTreeSet::new());
@@ -122,7 +127,8 @@ impl PodSource {
             wanted_rx,
             svids,
         ));
-        tokio::spawn(config::follow(endpoint, node, move |cfg, _| {
+        tokio::spawn(config::follow(endpoint, node.clone(), move |cfg, _| {
+            state.send_replace(Arc::new(MeshState::build(cfg, &node)));
             let pods = cfg
                 .workloads()
                 .map(|w| PodSpec {
@@ -131,6 +137,7 @@ impl PodSource {
                     name: w.name.clone(),
                     // NodeConfig::apply checked these parse.
                     ips: w.ips.iter().filter_map(|ip| ip.parse().ok()).collect(),
+                    identity: Some(w.identity.clone()),
                 })
                 .collect();
             pods_tx.send_replace(Some(pods));
@@ -188,7 +195,7 @@ pub struct Reconciler {
     redirect: Redirect,
     cgroup_root: PathBuf,
     home: Arc<Netns>,
-    table: Arc<OrigDstTable>,
+    shared: Arc<Shared>,
     desired: Option<Vec<PodSpec>>,
     enrolled: BTreeMap<String, Enrolled>,
     failed: BTreeMap<String, String>,
@@ -201,14 +208,14 @@ impl Reconciler {
         redirect: Redirect,
         cgroup_root: PathBuf,
         home: Arc<Netns>,
-        table: Arc<OrigDstTable>,
+        shared: Arc<Shared>,
     ) -> Self {
         let (status, _) = watch::channel(AgentStatus::default());
         Self {
             redirect,
             cgroup_root,
             home,
-            table,
+            shared,
             desired: None,
             enrolled: BTreeMap::new(),
             failed: BTreeMap::new(),
@@ -312,7 +319,7 @@ impl Reconciler {
                 cgroup.display()
             )
         })?;
-        let listeners = PodListeners::bind(&netns, &self.home)?;
+        let listeners = PodListeners::bind(&netns, &self.home, spec.identity.is_some())?;
         let netns_cookie = netns::netns_cookie(std::os::fd::AsFd::as_fd(&listeners.inbound))?;
         if let Err(e) =
             self.redirect
@@ -324,12 +331,15 @@ impl Reconciler {
             return Err(e);
         }
         let ctx = Arc::new(PodCtx {
+            uid: spec.uid.clone(),
             name: format!("{}/{}", spec.namespace, spec.name),
+            ips: spec.ips.clone(),
+            identity: spec.identity.clone(),
             netns,
             netns_cookie,
             home: self.home.clone(),
         });
-        let proxy = proxy::spawn(ctx, listeners, self.table.clone())?;
+        let proxy = proxy::spawn(ctx, listeners, self.shared.clone())?;
         Ok(Enrolled {
             spec: spec.clone(),
             cgroup,

@@ -1,0 +1,151 @@
+//! Istio's standard TCP metrics, so existing Grafana and Kiali dashboards read them, served with
+//! `/healthz` and `/readyz` on :15020.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use anyhow::{Context as _, Result};
+use hyper::{Request, StatusCode, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{info, warn};
+
+use crate::{admin::reply, pods::AgentStatus};
+
+/// Istio's label names (a subset: no cluster or canonical-revision labels yet).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Default)]
+pub struct TcpLabels {
+    /// `source` (the client's node proxy) or `destination` (the server's).
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub request_protocol: &'static str,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+    /// Envoy's flags: `-` for none, `UF` upstream connect failure, `UH` no healthy upstream.
+    pub response_flags: &'static str,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut m = Self::default();
+        let mut registry = Registry::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            m.opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            m.closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (downstream) on TCP connections",
+            m.sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (downstream) on TCP connections",
+            m.received.clone(),
+        );
+        m.registry = registry;
+        Arc::new(m)
+    }
+
+    pub fn opened(&self, labels: &TcpLabels) {
+        self.opened.get_or_create(labels).inc();
+    }
+
+    /// A connection ended: `received` bytes came from the client, `sent` went to it.
+    pub fn closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
+        self.closed.get_or_create(labels).inc();
+        self.received.get_or_create(labels).inc_by(received);
+        self.sent.get_or_create(labels).inc_by(sent);
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {addr} (set --metrics-addr)"))
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    status: watch::Receiver<AgentStatus>,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics endpoint listening");
+    }
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("metrics accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (metrics, status) = (metrics.clone(), status.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let resp = match req.uri().path() {
+                    "/metrics" => reply(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        metrics.encode(),
+                    ),
+                    "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+                    "/readyz" if status.borrow().ready => {
+                        reply(StatusCode::OK, "text/plain", "ready\n".into())
+                    }
+                    "/readyz" => reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "not ready: pods not reconciled yet\n".into(),
+                    ),
+                    _ => reply(
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        "not found; try /metrics, /healthz, /readyz\n".into(),
+                    ),
+                };
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

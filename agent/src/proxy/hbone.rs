@@ -1,0 +1,106 @@
+//! HBONE: a TCP connection carried as an HTTP/2 CONNECT stream over mutual TLS 1.3 to the
+//! destination pod's port 15008. Client side here; the server is in `inbound`.
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use http_body_util::Empty;
+use hyper::{Method, Request, StatusCode, Version, body::Bytes, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use super::{CONNECT_TIMEOUT, PodCtx, connect, pool};
+use crate::tls::{self, WorkloadTls};
+
+/// HTTP/2 flow-control windows: big enough that one stream fills a fast link.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 1024 * 1024;
+/// Pings on idle pooled connections, so a peer that vanished is noticed.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Opens a tunnel from `pod` to `target` through `hbone`, whose server must prove `identity`.
+pub async fn open(
+    pool: &pool::Pool,
+    pod: &PodCtx,
+    tls: &WorkloadTls,
+    hbone: SocketAddr,
+    target: SocketAddr,
+    identity: &str,
+) -> Result<TokioIo<Upgraded>> {
+    let key = pool::Key {
+        source: pod.uid.clone(),
+        hbone,
+        identity: identity.to_owned(),
+    };
+    // A pooled connection may have died since its last use (its peer's agent restarted, say):
+    // then it reports closed, and the second try makes a fresh one.
+    let mut last = None;
+    for _ in 0..2 {
+        let mut sender = pool
+            .get(&key, tls.svid.received, || {
+                handshake(pod, tls, hbone, identity)
+            })
+            .await?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .version(Version::HTTP_2)
+            .uri(target.to_string())
+            .body(Empty::<Bytes>::new())?;
+        let sent = async {
+            sender.ready().await?;
+            sender.send_request(request).await
+        };
+        match sent.await {
+            Ok(resp) if resp.status() == StatusCode::OK => {
+                return hyper::upgrade::on(resp)
+                    .await
+                    .map(TokioIo::new)
+                    .context("the HBONE stream did not open");
+            }
+            Ok(resp) => bail!("{hbone} answered CONNECT {target} with {}", resp.status()),
+            Err(e) if sender.is_closed() => last = Some(e),
+            Err(e) => return Err(e).context(format!("CONNECT {target} via {hbone}")),
+        }
+    }
+    Err(last.expect("set on retry")).context(format!("CONNECT {target} via {hbone}"))
+}
+
+/// A new mutual-TLS HTTP/2 connection from `pod`'s netns to `hbone`.
+async fn handshake(
+    pod: &PodCtx,
+    tls: &WorkloadTls,
+    hbone: SocketAddr,
+    identity: &str,
+) -> Result<pool::Sender> {
+    let tcp = connect(pod.socket_for(hbone)?, hbone)
+        .await
+        .with_context(|| format!("connecting to {hbone}"))?;
+    let stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TlsConnector::from(tls.client.clone()).connect(tls::server_name(), tcp),
+    )
+    .await
+    .with_context(|| format!("TLS handshake with {hbone} timed out"))?
+    .with_context(|| format!("TLS handshake with {hbone}"))?;
+    let peer = tls::peer_identity(stream.get_ref().1.peer_certificates())?;
+    if peer != identity {
+        bail!("{hbone} presented {peer}, but control says it runs as {identity}; refusing it");
+    }
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .keep_alive_interval(KEEPALIVE)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await
+        .with_context(|| format!("HTTP/2 handshake with {hbone}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%hbone, "pooled HBONE connection ended: {e}");
+        }
+    });
+    debug!(source = %pod.name, %hbone, peer, "new pooled HBONE connection");
+    Ok(sender)
+}

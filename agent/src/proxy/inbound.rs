@@ -1,0 +1,183 @@
+//! Inbound: HBONE on 15008 (mutual TLS, the client's SPIFFE ID checked, then a CONNECT stream per
+//! connection to the app) and captured plaintext on 15006 (passed to the app unless the pod's
+//! PeerAuthentication is STRICT for that port).
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Empty;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{
+    CONNECT_TIMEOUT, PodCtx, Shared, canonical, connect,
+    hbone::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
+    labels, splice,
+};
+use crate::tls;
+
+/// Plaintext captured by sk_lookup for one of the pod's app ports.
+pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
+    let dst = match client.local_addr() {
+        Ok(a) => canonical(a),
+        Err(e) => return warn!(pod = %pod.name, "inbound connection without a local address: {e}"),
+    };
+    let (refuse, source, destination) = {
+        let state = shared.state.borrow();
+        (
+            state.peer_auth(&pod.uid).refuses_plaintext(dst.port()),
+            state.workloads.get(&peer.ip()).cloned(),
+            pod.workload(&state),
+        )
+    };
+    if refuse {
+        info!(direction = "inbound", pod = %pod.name, client = %peer, orig_dst = %dst, "plaintext refused: PeerAuthentication is STRICT");
+        // Reset rather than close, so the client sees a refusal, not an empty reply.
+        let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+        return;
+    }
+    info!(direction = "inbound", pod = %pod.name, client = %peer, orig_dst = %dst, "connection captured");
+    let labels = labels(
+        "destination",
+        source.as_deref(),
+        None,
+        destination.as_deref(),
+        None,
+        false,
+    );
+    let mut client = client;
+    let _ = client.set_nodelay(true);
+    match to_app(&pod, dst).await {
+        Ok(mut app) => {
+            shared.metrics.opened(&labels);
+            let (received, sent) = splice(&mut client, &mut app).await.unwrap_or_default();
+            shared.metrics.closed(&labels, received, sent);
+        }
+        Err(e) => {
+            warn!(direction = "inbound", pod = %pod.name, orig_dst = %dst, "connection failed: {e}")
+        }
+    }
+}
+
+/// Connects to the app from the pod's own address, which sk_lookup never steers, so the app sees
+/// an ordinary connection whether it listens on 0.0.0.0 or the pod IP.
+async fn to_app(pod: &PodCtx, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = pod.socket_for(dst)?;
+    sock.bind(SocketAddr::new(dst.ip(), 0))?;
+    connect(sock, dst).await
+}
+
+/// An HBONE connection from another node's (or this node's) proxy.
+pub async fn hbone(stream: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
+    let Some(tls) = pod.identity.as_deref().and_then(|id| shared.tls.get(id)) else {
+        return warn!(pod = %pod.name, client = %peer, "HBONE connection refused: this pod has no certificate yet");
+    };
+    let _ = stream.set_nodelay(true);
+    let accepted = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        TlsAcceptor::from(tls.server.clone()).accept(stream),
+    )
+    .await;
+    let stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return warn!(pod = %pod.name, client = %peer, "HBONE handshake refused: {e}");
+        }
+        Err(_) => return warn!(pod = %pod.name, client = %peer, "HBONE handshake timed out"),
+    };
+    let client_id = match tls::peer_identity(stream.get_ref().1.peer_certificates()) {
+        Ok(id) => Arc::new(id),
+        Err(e) => return warn!(pod = %pod.name, client = %peer, "HBONE client refused: {e:#}"),
+    };
+    debug!(pod = %pod.name, client = %peer, client_identity = %client_id, "HBONE connection accepted");
+    let service = service_fn(move |req| {
+        let (pod, shared, client_id) = (pod.clone(), shared.clone(), client_id.clone());
+        async move { Ok::<_, Infallible>(tunnel(req, peer, &client_id, pod, shared).await) }
+    });
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        debug!(client = %peer, "HBONE connection ended: {e}");
+    }
+}
+
+/// One CONNECT stream: open the app connection, answer 200, then splice.
+async fn tunnel(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    client_id: &str,
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+    else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    // Only to this pod: the HBONE port is not a relay to anywhere else.
+    if !pod.ips.contains(&target.ip()) {
+        warn!(pod = %pod.name, client_identity = client_id, %target, "HBONE CONNECT to an address that is not this pod's; refused");
+        return status(StatusCode::FORBIDDEN);
+    }
+    let (source, destination) = {
+        let state = shared.state.borrow();
+        // The tunnel comes from the client pod's own address; trust that only if the identity agrees.
+        let source = state
+            .workloads
+            .get(&peer.ip())
+            .filter(|w| w.identity.as_deref() == Some(client_id))
+            .cloned();
+        (source, pod.workload(&state))
+    };
+    let labels = labels(
+        "destination",
+        source.as_deref(),
+        Some(client_id),
+        destination.as_deref(),
+        None,
+        true,
+    );
+    info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream");
+    let mut app = match to_app(&pod, target).await {
+        Ok(app) => app,
+        Err(e) => {
+            warn!(pod = %pod.name, %target, "connecting to the app: {e}");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(up) => {
+                shared.metrics.opened(&labels);
+                let (received, sent) = splice(&mut TokioIo::new(up), &mut app)
+                    .await
+                    .unwrap_or_default();
+                shared.metrics.closed(&labels, received, sent);
+            }
+            Err(e) => warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
+        }
+    });
+    status(StatusCode::OK)
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut resp = Response::new(Empty::new());
+    *resp.status_mut() = code;
+    resp
+}

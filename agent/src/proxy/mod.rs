@@ -1,0 +1,241 @@
+//! The node proxy. Each enrolled pod gets, inside its own netns, 127.0.0.1:15001 and [::1]:15001
+//! (outbound capture), [::]:15006 (inbound plaintext capture) and, once it has an identity,
+//! [::]:15008 (inbound HBONE). One agent process serves every pod on the node.
+mod hbone;
+mod inbound;
+mod outbound;
+mod pool;
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use socket2::{Domain, Socket, Type};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+};
+use tracing::warn;
+use trellis_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+
+pub use pool::Pool;
+
+use crate::{
+    metrics::{Metrics, TcpLabels},
+    netns::Netns,
+    redirect::OrigDstTable,
+    state::{MeshState, Workload},
+    tls::TlsStore,
+};
+
+/// How long an onward connect (or a TLS handshake) may take before the connection is given up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Splice buffer per direction: large enough that bulk transfers move in few syscalls.
+const SPLICE_BUFFER: usize = 64 * 1024;
+
+/// What every connection handler shares; one per agent.
+pub struct Shared {
+    pub table: Arc<OrigDstTable>,
+    pub state: watch::Receiver<Arc<MeshState>>,
+    pub tls: TlsStore,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What connection handlers need to know about their pod.
+pub struct PodCtx {
+    pub uid: String,
+    /// `namespace/name`, for logs.
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    /// The pod's SPIFFE ID; None for pods that are captured but have no identity (pods file).
+    pub identity: Option<String>,
+    pub netns: Netns,
+    pub netns_cookie: u64,
+    pub home: Arc<Netns>,
+}
+
+impl PodCtx {
+    /// A socket in the pod's netns, so the pod's own address is the source on the wire.
+    fn socket_for(&self, dst: SocketAddr) -> io::Result<TcpSocket> {
+        self.netns.run_in(&self.home, || {
+            if dst.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+        })?
+    }
+
+    /// This pod as metrics name it, from the mesh state.
+    fn workload(&self, state: &MeshState) -> Option<Arc<Workload>> {
+        self.ips
+            .iter()
+            .find_map(|ip| state.workloads.get(ip).cloned())
+    }
+}
+
+pub struct PodListeners {
+    outbound: Vec<std::net::TcpListener>,
+    pub inbound: std::net::TcpListener,
+    hbone: Option<std::net::TcpListener>,
+}
+
+impl PodListeners {
+    /// Binds the capture listeners (and, for a pod with an identity, HBONE's) in the pod's netns.
+    pub fn bind(netns: &Netns, home: &Netns, with_hbone: bool) -> Result<Self> {
+        netns.run_in(home, || -> Result<Self> {
+            let mut outbound = vec![listen(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
+                true,
+            )?];
+            // A pod without IPv6 has no ::1; its IPv6 connects then fail as they would anyway.
+            match listen(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)), true) {
+                Ok(l) => outbound.push(l),
+                Err(e) => warn!("no IPv6 outbound capture listener in this pod: {e:#}"),
+            }
+            let inbound = listen_any(INBOUND_PORT)?;
+            let hbone = with_hbone.then(|| listen_any(HBONE_PORT)).transpose()?;
+            Ok(Self {
+                outbound,
+                inbound,
+                hbone,
+            })
+        })?
+    }
+}
+
+/// Dual-stack where the pod has IPv6, so one socket serves both of its addresses.
+fn listen_any(port: u16) -> Result<std::net::TcpListener> {
+    listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), false)
+        .or_else(|_| listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), true))
+}
+
+fn listen(addr: SocketAddr, v6_only: bool) -> Result<std::net::TcpListener> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(v6_only)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())
+        .with_context(|| format!("binding {addr} in the pod's network namespace"))?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+/// The pod's accept loops; dropping it stops accepting (connections in flight finish).
+pub struct PodProxy {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for PodProxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub fn spawn(pod: Arc<PodCtx>, listeners: PodListeners, shared: Arc<Shared>) -> Result<PodProxy> {
+    let mut tasks = Vec::new();
+    for l in listeners.outbound {
+        let listener = TcpListener::from_std(l)?;
+        let (pod, shared) = (pod.clone(), shared.clone());
+        tasks.push(tokio::spawn(accept_loop(listener, move |s, peer| {
+            tokio::spawn(outbound::handle(s, peer, pod.clone(), shared.clone()));
+        })));
+    }
+    let listener = TcpListener::from_std(listeners.inbound)?;
+    let (p, s) = (pod.clone(), shared.clone());
+    tasks.push(tokio::spawn(accept_loop(listener, move |stream, peer| {
+        tokio::spawn(inbound::plaintext(stream, peer, p.clone(), s.clone()));
+    })));
+    if let Some(l) = listeners.hbone {
+        let listener = TcpListener::from_std(l)?;
+        tasks.push(tokio::spawn(accept_loop(listener, move |stream, peer| {
+            tokio::spawn(inbound::hbone(stream, peer, pod.clone(), shared.clone()));
+        })));
+    }
+    Ok(PodProxy { tasks })
+}
+
+async fn accept_loop(listener: TcpListener, mut handle: impl FnMut(TcpStream, SocketAddr)) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => handle(stream, canonical(peer)),
+            Err(e) => {
+                // Typically EMFILE: back off rather than spin.
+                warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Dual-stack listeners see IPv4 peers as IPv4-mapped IPv6: show them as IPv4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+async fn connect(sock: TcpSocket, dst: SocketAddr) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {dst} timed out"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Copies both ways until both sides close; returns (bytes from `a`, bytes from `b`).
+async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUFFER, SPLICE_BUFFER).await
+}
+
+/// Labels for one side of a connection, filled from what the mesh state knows.
+fn labels(
+    reporter: &'static str,
+    source: Option<&Workload>,
+    source_principal: Option<&str>,
+    destination: Option<&Workload>,
+    service: Option<&str>,
+    mtls: bool,
+) -> TcpLabels {
+    let unknown = || "unknown".to_owned();
+    TcpLabels {
+        reporter,
+        source_workload: source.map_or_else(unknown, |w| w.name.clone()),
+        source_workload_namespace: source.map_or_else(unknown, |w| w.namespace.clone()),
+        source_principal: source_principal.map_or_else(unknown, str::to_owned),
+        source_app: source.map_or_else(unknown, |w| w.app.clone()),
+        source_version: source.map_or_else(unknown, |w| w.version.clone()),
+        destination_workload: destination.map_or_else(unknown, |w| w.name.clone()),
+        destination_workload_namespace: destination.map_or_else(unknown, |w| w.namespace.clone()),
+        destination_principal: destination
+            .and_then(|w| w.identity.clone())
+            .unwrap_or_else(unknown),
+        destination_app: destination.map_or_else(unknown, |w| w.app.clone()),
+        destination_version: destination.map_or_else(unknown, |w| w.version.clone()),
+        destination_service: service.map_or_else(unknown, str::to_owned),
+        request_protocol: "tcp",
+        connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+        response_flags: "-",
+    }
+}

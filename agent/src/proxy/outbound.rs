@@ -1,0 +1,126 @@
+//! Outbound: a pod's captured connection → its original destination → service endpoint →
+//! HBONE (mesh endpoints) or plain TCP (everything else).
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::{PodCtx, Shared, connect, hbone, labels, splice};
+use crate::state::Route;
+
+pub async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+) {
+    let Some(dst) = shared.table.take(pod.netns_cookie, peer) else {
+        warn!(pod = %pod.name, client = %peer, "no original destination recorded for a connection to the capture port; closing it");
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let (route, source) = {
+        let state = shared.state.borrow();
+        (state.route(dst), pod.workload(&state))
+    };
+    let source = source.as_deref();
+    match route {
+        Route::Hbone {
+            hbone,
+            target,
+            identity,
+            workload,
+            service,
+        } => {
+            let mut labels = labels(
+                "source",
+                source,
+                pod.identity.as_deref(),
+                Some(&workload),
+                service.as_deref(),
+                true,
+            );
+            let Some(tls) = pod.identity.as_deref().and_then(|id| shared.tls.get(id)) else {
+                warn!(pod = %pod.name, orig_dst = %dst, "no certificate for this pod yet; cannot reach a mesh endpoint without one");
+                labels.response_flags = "UF";
+                shared.metrics.opened(&labels);
+                return shared.metrics.closed(&labels, 0, 0);
+            };
+            info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %target, peer_identity = identity, "connection captured");
+            match hbone::open(&shared.pool, &pod, &tls, hbone, target, &identity).await {
+                Ok(mut tunnel) => {
+                    shared.metrics.opened(&labels);
+                    let result = splice(&mut client, &mut tunnel).await;
+                    finish(&shared, &labels, &pod, dst, result);
+                }
+                Err(e) => {
+                    warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e:#}");
+                    labels.response_flags = "UF";
+                    shared.metrics.opened(&labels);
+                    shared.metrics.closed(&labels, 0, 0);
+                }
+            }
+        }
+        Route::Passthrough {
+            addr,
+            workload,
+            service,
+        } => {
+            let mut labels = labels(
+                "source",
+                source,
+                pod.identity.as_deref(),
+                workload.as_deref(),
+                service.as_deref(),
+                false,
+            );
+            info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, target = %addr, "connection captured");
+            let upstream = async { connect(pod.socket_for(addr)?, addr).await }.await;
+            match upstream {
+                Ok(mut upstream) => {
+                    shared.metrics.opened(&labels);
+                    let result = splice(&mut client, &mut upstream).await;
+                    finish(&shared, &labels, &pod, dst, result);
+                }
+                Err(e) => {
+                    warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e}");
+                    labels.response_flags = "UF";
+                    shared.metrics.opened(&labels);
+                    shared.metrics.closed(&labels, 0, 0);
+                }
+            }
+        }
+        Route::NoEndpoints { service } => {
+            warn!(pod = %pod.name, orig_dst = %dst, service, "the service has no endpoint for this address family; closing the connection");
+            let mut labels = labels(
+                "source",
+                source,
+                pod.identity.as_deref(),
+                None,
+                Some(&service),
+                false,
+            );
+            labels.response_flags = "UH";
+            shared.metrics.opened(&labels);
+            shared.metrics.closed(&labels, 0, 0);
+        }
+    }
+}
+
+fn finish(
+    shared: &Shared,
+    labels: &crate::metrics::TcpLabels,
+    pod: &PodCtx,
+    dst: SocketAddr,
+    result: std::io::Result<(u64, u64)>,
+) {
+    let (received, sent) = match result {
+        Ok(counts) => counts,
+        Err(e) => {
+            debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, "connection ended with an error: {e}");
+            (0, 0)
+        }
+    };
+    debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, received, sent, "connection closed");
+    shared.metrics.closed(labels, received, sent);
+}

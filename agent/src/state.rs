@@ -1,0 +1,486 @@
+//! What the proxy knows of the mesh, rebuilt from control's config on every update: services by
+//! VIP and port, workloads by IP, and each local pod's PeerAuthentication mode. Connections read
+//! one immutable snapshot; the config follower is its only writer.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use serde::{Deserialize, Serialize};
+use trellis_api as api;
+use trellis_common::HBONE_PORT;
+
+use crate::config::NodeConfig;
+
+/// The namespace whose selector-less PeerAuthentication applies mesh-wide (as Istio's root).
+pub const ROOT_NAMESPACE: &str = "trellis-system";
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    /// The SPIFFE ID, when the pod is in the mesh (reached over HBONE).
+    pub identity: Option<String>,
+    pub node: String,
+    /// The `app` and `version` labels (Istio's canonical service and revision), for metrics.
+    pub app: String,
+    pub version: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServicePort {
+    pub namespace: String,
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+impl ServicePort {
+    /// `<name>.<namespace>.svc.cluster.local`, as Istio's `destination_service`.
+    pub fn host(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+}
+
+/// Inbound plaintext handling for a local pod and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct PeerAuth {
+    /// The pod's mode (PERMISSIVE when nothing says otherwise).
+    pub mode: Option<MtlsMode>,
+    pub ports: BTreeMap<u16, MtlsMode>,
+}
+
+impl PeerAuth {
+    pub fn strict(&self) -> bool {
+        self.mode == Some(MtlsMode::Strict)
+    }
+
+    /// Whether plaintext to `port` must be refused.
+    pub fn refuses_plaintext(&self, port: u16) -> bool {
+        self.ports.get(&port).copied().or(self.mode) == Some(MtlsMode::Strict)
+    }
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug)]
+pub enum Route {
+    /// To a mesh endpoint: HBONE to its `<pod IP>:15008`, asking for `target`.
+    Hbone {
+        hbone: SocketAddr,
+        target: SocketAddr,
+        identity: String,
+        workload: Arc<Workload>,
+        service: Option<String>,
+    },
+    /// Plain TCP to `addr` (a pod outside the mesh, or a destination outside the cluster).
+    Passthrough {
+        addr: SocketAddr,
+        workload: Option<Arc<Workload>>,
+        service: Option<String>,
+    },
+    /// A service with no endpoint for this address family.
+    NoEndpoints { service: String },
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct MeshState {
+    pub version: u64,
+    pub trust_domain: String,
+    /// By VIP and service port.
+    pub services: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// Every pod control told us of (endpoints anywhere, workloads here), by IP.
+    pub workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// Local pods' PeerAuthentication, by pod UID.
+    pub peer_auth: HashMap<String, PeerAuth>,
+}
+
+impl MeshState {
+    pub fn build(cfg: &NodeConfig, node: &str) -> Self {
+        let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
+        let mut local = Vec::new();
+        for w in cfg.workloads() {
+            let info = Arc::new(Workload {
+                name: w.name.clone(),
+                namespace: w.namespace.clone(),
+                identity: Some(w.identity.clone()),
+                node: node.to_owned(),
+                app: label(&w.labels, "app", &w.name),
+                version: label(&w.labels, "version", "unknown"),
+            });
+            for ip in w.ips.iter().filter_map(|ip| ip.parse().ok()) {
+                workloads.insert(ip, info.clone());
+            }
+            local.push(w);
+        }
+        let mut services = HashMap::new();
+        for s in cfg.services() {
+            let eps: Vec<(Arc<Workload>, &api::Endpoint)> = s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let info = Arc::new(Workload {
+                        name: e.pod_name.clone(),
+                        namespace: s.namespace.clone(),
+                        identity: e.in_mesh.then(|| e.identity.clone()),
+                        node: e.node.clone(),
+                        app: label(&e.labels, "app", &e.pod_name),
+                        version: label(&e.labels, "version", "unknown"),
+                    });
+                    for ip in e.ips.iter().filter_map(|ip| ip.parse().ok()) {
+                        workloads.entry(ip).or_insert_with(|| info.clone());
+                    }
+                    (info, e)
+                })
+                .collect();
+            for p in &s.ports {
+                let Ok(port) = u16::try_from(p.port) else {
+                    continue;
+                };
+                let endpoints: Vec<Endpoint> = eps
+                    .iter()
+                    .flat_map(|(info, e)| {
+                        let target = e.ports.get(&p.name).copied().unwrap_or(p.target_port);
+                        e.ips.iter().filter_map(move |ip| {
+                            Some(Endpoint {
+                                workload: info.clone(),
+                                ip: ip.parse().ok()?,
+                                port: u16::try_from(target).ok()?,
+                            })
+                        })
+                    })
+                    .collect();
+                let sp = Arc::new(ServicePort {
+                    namespace: s.namespace.clone(),
+                    name: s.name.clone(),
+                    endpoints,
+                    next: AtomicUsize::new(0),
+                });
+                for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
+                    services.insert(SocketAddr::new(vip, port), sp.clone());
+                }
+            }
+        }
+        let policies: Vec<(String, PeerAuthSpec)> = cfg
+            .policies()
+            .filter(|p| p.kind == "PeerAuthentication")
+            .filter_map(|p| {
+                Some((
+                    p.namespace.clone(),
+                    serde_json::from_str(&p.spec_json).ok()?,
+                ))
+            })
+            .collect();
+        let peer_auth = local
+            .iter()
+            .map(|w| {
+                (
+                    w.uid.clone(),
+                    peer_auth_for(&policies, &w.namespace, &w.labels),
+                )
+            })
+            .collect();
+        Self {
+            version: cfg.version,
+            trust_domain: cfg.trust_domain.clone(),
+            services,
+            workloads,
+            peer_auth,
+        }
+    }
+
+    /// Where a connection to `dst` goes; services are balanced round robin.
+    pub fn route(&self, dst: SocketAddr) -> Route {
+        if let Some(svc) = self.services.get(&dst) {
+            let family: Vec<&Endpoint> = svc
+                .endpoints
+                .iter()
+                .filter(|e| e.ip.is_ipv4() == dst.is_ipv4())
+                .collect();
+            if family.is_empty() {
+                return Route::NoEndpoints {
+                    service: svc.host(),
+                };
+            }
+            let e = family[svc.next.fetch_add(1, Ordering::Relaxed) % family.len()];
+            return to(
+                SocketAddr::new(e.ip, e.port),
+                Some(e.workload.clone()),
+                Some(svc.host()),
+            );
+        }
+        to(dst, self.workloads.get(&dst.ip()).cloned(), None)
+    }
+
+    pub fn peer_auth(&self, uid: &str) -> PeerAuth {
+        self.peer_auth.get(uid).cloned().unwrap_or_default()
+    }
+}
+
+fn to(addr: SocketAddr, workload: Option<Arc<Workload>>, service: Option<String>) -> Route {
+    match workload {
+        Some(w) if w.identity.is_some() => Route::Hbone {
+            hbone: SocketAddr::new(addr.ip(), HBONE_PORT),
+            target: addr,
+            identity: w.identity.clone().unwrap_or_default(),
+            workload: w,
+            service,
+        },
+        workload => Route::Passthrough {
+            addr,
+            workload,
+            service,
+        },
+    }
+}
+
+fn label(labels: &std::collections::HashMap<String, String>, key: &str, default: &str) -> String {
+    labels
+        .get(key)
+        .cloned()
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// The part of a validated PeerAuthentication the proxy acts on.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PeerAuthSpec {
+    #[serde(default)]
+    selector: Option<Selector>,
+    #[serde(default)]
+    mtls: Option<ModeSpec>,
+    #[serde(default)]
+    port_level_mtls: BTreeMap<String, ModeSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Selector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ModeSpec {
+    mode: MtlsMode,
+}
+
+/// Istio's precedence: a selector policy in the pod's namespace, then the namespace's policy,
+/// then the mesh-wide one; UNSET defers to the next level; PERMISSIVE when none decides.
+fn peer_auth_for(
+    policies: &[(String, PeerAuthSpec)],
+    namespace: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> PeerAuth {
+    let selects = |p: &PeerAuthSpec| {
+        p.selector
+            .as_ref()
+            .is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    };
+    let workload = policies
+        .iter()
+        .find(|(ns, p)| ns == namespace && selects(p))
+        .map(|(_, p)| p);
+    let namespace_wide = policies
+        .iter()
+        .find(|(ns, p)| ns == namespace && p.selector.is_none())
+        .map(|(_, p)| p);
+    let mesh = policies
+        .iter()
+        .find(|(ns, p)| ns == ROOT_NAMESPACE && p.selector.is_none())
+        .map(|(_, p)| p);
+    let decided = |p: Option<&PeerAuthSpec>| {
+        p.and_then(|p| p.mtls.as_ref())
+            .map(|m| m.mode)
+            .filter(|m| *m != MtlsMode::Unset)
+    };
+    let mode = decided(workload)
+        .or(decided(namespace_wide))
+        .or(decided(mesh))
+        .or(Some(MtlsMode::Permissive));
+    let ports = workload
+        .map(|p| {
+            p.port_level_mtls
+                .iter()
+                .filter_map(|(port, m)| Some((port.parse().ok()?, m.mode)))
+                .filter(|(_, m)| *m != MtlsMode::Unset)
+                .collect()
+        })
+        .unwrap_or_default();
+    PeerAuth { mode, ports }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::resource::Resource;
+
+    fn policy(ns: &str, name: &str, spec: serde_json::Value) -> api::Resource {
+        api::Resource {
+            resource: Some(Resource::Policy(api::Policy {
+                kind: "PeerAuthentication".into(),
+                namespace: ns.into(),
+                name: name.into(),
+                spec_json: spec.to_string(),
+            })),
+        }
+    }
+
+    fn config() -> NodeConfig {
+        let mut cfg = NodeConfig::default();
+        let web = api::Workload {
+            uid: "u-web".into(),
+            namespace: "shop".into(),
+            name: "web".into(),
+            ips: vec!["10.244.1.10".into()],
+            labels: [("app".to_owned(), "web".to_owned())].into(),
+            identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            ..Default::default()
+        };
+        let endpoint = |name: &str, ip: &str, in_mesh| api::Endpoint {
+            pod_name: name.into(),
+            ips: vec![ip.into()],
+            node: "n2".into(),
+            in_mesh,
+            identity: format!("spiffe://cluster.local/ns/shop/sa/{name}"),
+            ports: [("http".to_owned(), 9080)].into(),
+            ..Default::default()
+        };
+        let svc = api::Service {
+            namespace: "shop".into(),
+            name: "reviews".into(),
+            vips: vec!["10.96.0.20".into()],
+            ports: vec![api::ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: 9080,
+                protocol: 0,
+            }],
+            endpoints: vec![
+                endpoint("reviews-v1", "10.244.2.10", true),
+                endpoint("legacy", "10.244.2.11", false),
+            ],
+        };
+        cfg.apply(&api::ConfigUpdate {
+            version: 1,
+            snapshot: true,
+            upserts: vec![
+                api::Resource {
+                    resource: Some(Resource::Workload(web)),
+                },
+                api::Resource {
+                    resource: Some(Resource::Service(svc)),
+                },
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        cfg
+    }
+
+    #[test]
+    fn services_balance_round_robin_over_mesh_and_plain_endpoints() {
+        let state = MeshState::build(&config(), "n1");
+        let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            match state.route(vip) {
+                Route::Hbone {
+                    hbone,
+                    target,
+                    identity,
+                    service,
+                    ..
+                } => {
+                    assert_eq!(hbone, "10.244.2.10:15008".parse().unwrap());
+                    assert_eq!(target, "10.244.2.10:9080".parse().unwrap());
+                    assert_eq!(identity, "spiffe://cluster.local/ns/shop/sa/reviews-v1");
+                    assert_eq!(service.as_deref(), Some("reviews.shop.svc.cluster.local"));
+                    seen.push("mesh");
+                }
+                Route::Passthrough { addr, .. } => {
+                    assert_eq!(addr, "10.244.2.11:9080".parse().unwrap());
+                    seen.push("plain");
+                }
+                r => panic!("unexpected {r:?}"),
+            }
+        }
+        assert_eq!(seen, ["mesh", "plain", "mesh", "plain"]);
+        // A pod IP directly: HBONE when in the mesh; unknown addresses pass through.
+        assert!(matches!(
+            state.route("10.244.2.10:9080".parse().unwrap()),
+            Route::Hbone { .. }
+        ));
+        assert!(matches!(
+            state.route("192.0.2.1:443".parse().unwrap()),
+            Route::Passthrough { workload: None, .. }
+        ));
+        assert!(matches!(
+            state.route("[fd00:96::20]:80".parse().unwrap()),
+            Route::Passthrough { .. }
+        ));
+    }
+
+    #[test]
+    fn peer_authentication_follows_istio_precedence() {
+        let mode = |policies: Vec<api::Resource>| {
+            let mut cfg = config();
+            cfg.apply(&api::ConfigUpdate {
+                version: 2,
+                upserts: policies,
+                ..Default::default()
+            })
+            .unwrap();
+            MeshState::build(&cfg, "n1").peer_auth("u-web")
+        };
+        assert_eq!(mode(vec![]).mode, Some(MtlsMode::Permissive));
+        let mesh_strict = policy(
+            ROOT_NAMESPACE,
+            "default",
+            serde_json::json!({"mtls": {"mode": "STRICT"}}),
+        );
+        assert!(mode(vec![mesh_strict.clone()]).strict());
+        let ns_permissive = policy(
+            "shop",
+            "default",
+            serde_json::json!({"mtls": {"mode": "PERMISSIVE"}}),
+        );
+        assert!(!mode(vec![mesh_strict.clone(), ns_permissive.clone()]).strict());
+        let web_unset_with_port = policy(
+            "shop",
+            "web",
+            serde_json::json!({"selector": {"matchLabels": {"app": "web"}}, "mtls": {"mode": "UNSET"},
+                               "portLevelMtls": {"9080": {"mode": "STRICT"}}}),
+        );
+        let pa = mode(vec![mesh_strict, ns_permissive, web_unset_with_port]);
+        assert!(!pa.strict(), "UNSET defers to the namespace policy");
+        assert!(pa.refuses_plaintext(9080));
+        assert!(!pa.refuses_plaintext(8080));
+        let other_app = policy(
+            "shop",
+            "other",
+            serde_json::json!({"selector": {"matchLabels": {"app": "other"}}, "mtls": {"mode": "STRICT"}}),
+        );
+        assert!(!mode(vec![other_app]).strict());
+    }
+}
