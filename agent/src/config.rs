@@ -96,6 +96,14 @@ impl NodeConfig {
         })
     }
 
+    /// Enrolled pods on other nodes.
+    pub fn peers(&self) -> impl Iterator<Item = &api::Workload> {
+        self.resources.values().filter_map(|r| match &r.resource {
+            Some(Resource::Peer(w)) => Some(w),
+            _ => None,
+        })
+    }
+
     pub fn services(&self) -> impl Iterator<Item = &api::Service> {
         self.resources.values().filter_map(|r| match &r.resource {
             Some(Resource::Service(s)) => Some(s),
@@ -124,6 +132,10 @@ fn key_of(r: &api::Resource) -> Result<(i32, String)> {
         Some(Resource::Workload(w)) => {
             ips(&w.ips, &format!("workload {}/{}", w.namespace, w.name))?;
             (api::Kind::Workload as i32, w.uid.clone())
+        }
+        Some(Resource::Peer(w)) => {
+            ips(&w.ips, &format!("peer {}/{}", w.namespace, w.name))?;
+            (api::Kind::Peer as i32, w.uid.clone())
         }
         Some(Resource::Service(s)) => {
             ips(&s.vips, &format!("service {}/{}", s.namespace, s.name))?;

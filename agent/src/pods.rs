@@ -187,6 +187,9 @@ struct Enrolled {
     spec: PodSpec,
     cgroup: PathBuf,
     cgroup_id: u64,
+    /// Whether the kernel has the pod marked STRICT (None: not yet synced; an earlier agent
+    /// may have left a mark).
+    strict: Option<bool>,
     _proxy: PodProxy,
 }
 
@@ -286,6 +289,7 @@ impl Reconciler {
             self.adopted = true;
             self.forget_others();
         }
+        self.sync_strict();
         self.publish(&desired);
     }
 
@@ -344,15 +348,35 @@ impl Reconciler {
             spec: spec.clone(),
             cgroup,
             cgroup_id,
+            strict: None,
             _proxy: proxy,
         })
+    }
+
+    /// Tells the kernel which pods are STRICT, so it fails closed while no proxy listens.
+    fn sync_strict(&mut self) {
+        let state = self.shared.state.borrow().clone();
+        for (uid, pod) in &mut self.enrolled {
+            let strict = state.peer_auth(uid).strict();
+            if Some(strict) != pod.strict {
+                match self.redirect.set_strict(&pod.spec.ips, strict) {
+                    Ok(()) => pod.strict = Some(strict),
+                    Err(e) => warn!(uid, "{e:#}"),
+                }
+            }
+        }
     }
 
     /// After the first pass, drop capture state an earlier agent left for pods not wanted now.
     fn forget_others(&mut self) {
         let cgroups = self.enrolled.values().map(|p| p.cgroup_id).collect();
         let uids = self.enrolled.keys().cloned().collect();
-        match self.redirect.forget_others(&cgroups, &uids) {
+        let ips = self
+            .enrolled
+            .values()
+            .flat_map(|p| p.spec.ips.iter().copied())
+            .collect();
+        match self.redirect.forget_others(&cgroups, &uids, &ips) {
             Ok(gone) if !gone.is_empty() => info!(
                 ?gone,
                 "removed capture state of pods no longer on this node"

@@ -118,20 +118,19 @@ pub struct MeshState {
 impl MeshState {
     pub fn build(cfg: &NodeConfig, node: &str) -> Self {
         let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
-        let mut local = Vec::new();
-        for w in cfg.workloads() {
+        let local: Vec<&api::Workload> = cfg.workloads().collect();
+        for w in cfg.workloads().chain(cfg.peers()) {
             let info = Arc::new(Workload {
                 name: w.name.clone(),
                 namespace: w.namespace.clone(),
                 identity: Some(w.identity.clone()),
-                node: node.to_owned(),
+                node: if w.node.is_empty() { node } else { &w.node }.to_owned(),
                 app: label(&w.labels, "app", &w.name),
                 version: label(&w.labels, "version", "unknown"),
             });
             for ip in w.ips.iter().filter_map(|ip| ip.parse().ok()) {
                 workloads.insert(ip, info.clone());
             }
-            local.push(w);
         }
         let mut services = HashMap::new();
         for s in cfg.services() {

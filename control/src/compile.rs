@@ -1,5 +1,6 @@
-//! Compiles the cluster model into what one node's agent needs: its own enrolled workloads, every
-//! service with endpoints derived from running pods, and the mesh policies that apply there.
+//! Compiles the cluster model into what one node's agent needs: its own enrolled workloads, the
+//! enrolled pods on other nodes (peers), every service with endpoints derived from running pods,
+//! and the mesh policies that apply there.
 use std::collections::BTreeMap;
 
 use trellis_api as api;
@@ -23,7 +24,11 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
         .values()
         .filter(|p| p.node == node && p.ready && cluster.in_mesh(p))
         .collect();
-    for p in &local {
+    for p in cluster
+        .pods
+        .values()
+        .filter(|p| p.ready && cluster.in_mesh(p))
+    {
         let w = api::Workload {
             uid: p.uid.clone(),
             namespace: p.namespace.clone(),
@@ -32,13 +37,14 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
             ips: p.ips.iter().map(ToString::to_string).collect(),
             labels: p.labels.clone().into_iter().collect(),
             identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
+            node: p.node.clone(),
         };
-        insert(
-            &mut out,
-            api::Kind::Workload,
-            p.uid.clone(),
-            api::resource::Resource::Workload(w),
-        );
+        let (kind, resource) = if p.node == node {
+            (api::Kind::Workload, api::resource::Resource::Workload(w))
+        } else {
+            (api::Kind::Peer, api::resource::Resource::Peer(w))
+        };
+        insert(&mut out, kind, p.uid.clone(), resource);
     }
     for s in cluster.services.values() {
         let svc = service(cluster, s, trust_domain);

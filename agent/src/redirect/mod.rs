@@ -50,6 +50,7 @@ pub struct Redirect {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodInfo>,
     listeners: SockHash<MapData, [u8; 16]>,
+    strict: HashMap<MapData, [u8; 16], u8>,
 }
 
 /// The proxy's view: original destinations of captured connections, consumed once each.
@@ -132,6 +133,7 @@ impl Redirect {
         sync_exclusions(&mut ebpf, cfg)?;
         let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?)?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS")?)?;
+        let strict = HashMap::try_from(take_map(&mut ebpf, "STRICT_PODS")?)?;
         let orig = OrigDstTable {
             map: Mutex::new(HashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?)?),
         };
@@ -141,6 +143,7 @@ impl Redirect {
                 ebpf,
                 enrolled,
                 listeners,
+                strict,
             },
             orig,
             logger,
@@ -185,6 +188,21 @@ impl Redirect {
         Ok(())
     }
 
+    /// Marks a pod's addresses STRICT (or not) for the kernel, which then drops plaintext to
+    /// them whenever no proxy listener is there to refuse it.
+    pub fn set_strict(&mut self, ips: &[IpAddr], strict: bool) -> Result<()> {
+        for ip in ips {
+            if strict {
+                self.strict
+                    .insert(ip_key(*ip), 1, 0)
+                    .with_context(|| format!("marking {ip} STRICT"))?;
+            } else {
+                let _ = self.strict.remove(&ip_key(*ip)); // absent is fine
+            }
+        }
+        Ok(())
+    }
+
     /// Stops capturing a pod; connections already proxied are left to finish.
     pub fn unenroll(&mut self, uid: &str, cgroup_id: Option<u64>, ips: &[IpAddr]) -> Result<()> {
         if let Some(id) = cgroup_id {
@@ -198,7 +216,7 @@ impl Redirect {
         for ip in ips {
             let _ = self.listeners.remove(&ip_key(*ip)); // closed listeners drop out by themselves
         }
-        Ok(())
+        self.set_strict(ips, false)
     }
 
     /// Drops what an earlier agent enrolled that is not enrolled now (a pod deleted while no
@@ -207,7 +225,18 @@ impl Redirect {
         &mut self,
         keep_cgroups: &HashSet<u64>,
         keep_uids: &HashSet<String>,
+        keep_ips: &HashSet<IpAddr>,
     ) -> Result<Vec<String>> {
+        let keep: HashSet<[u8; 16]> = keep_ips.iter().map(|ip| ip_key(*ip)).collect();
+        let stale: Vec<[u8; 16]> = self
+            .strict
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for k in stale {
+            let _ = self.strict.remove(&k);
+        }
         let stale: Vec<u64> = self
             .enrolled
             .keys()

@@ -3,7 +3,7 @@ use aya_ebpf::programs::SkLookupContext;
 use core::ptr::{addr_of, read_volatile};
 use trellis_common::{AF_INET, AF_INET6, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, v4_mapped};
 
-use crate::maps::INBOUND_LISTENERS;
+use crate::maps::{INBOUND_LISTENERS, STRICT_PODS};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -16,7 +16,8 @@ macro_rules! field {
     };
 }
 
-pub fn sk_lookup(ctx: &SkLookupContext) {
+/// False when the connection must be dropped: a STRICT pod with no proxy to take it.
+pub fn sk_lookup(ctx: &SkLookupContext) -> bool {
     let l = ctx.lookup;
     let protocol = field!(l, protocol);
     let port = field!(l, local_port) as u16;
@@ -40,7 +41,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) {
         || port == INBOUND_PORT
         || port == HBONE_PORT
     {
-        return;
+        return true;
     }
     let (local, remote) = match family {
         AF_INET => (
@@ -48,15 +49,17 @@ pub fn sk_lookup(ctx: &SkLookupContext) {
             v4_mapped(remote4.to_ne_bytes()),
         ),
         AF_INET6 => (bytes(local6), bytes(remote6)),
-        _ => return,
+        _ => return true,
     };
     // A pod talking to itself, including the proxy's own onward connection (which it makes from
     // the pod's address), is never steered: that is what keeps the proxy from looping.
     if local == remote {
-        return;
+        return true;
     }
-    // No listener for this address (pod not enrolled, or agent restarting): normal lookup.
-    let _ = INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0);
+    // No listener for this address (pod not enrolled, or agent restarting): normal lookup,
+    // unless the pod is STRICT: then plaintext must not reach it at all.
+    INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0).is_ok()
+        || unsafe { STRICT_PODS.get(&local) }.is_none()
 }
 
 fn bytes(words: [u32; 4]) -> [u8; 16] {

@@ -37,8 +37,8 @@ pub fn trellis_sock_ops(ctx: SockOpsContext) -> u32 {
 /// `sk_lookup`, attached per pod netns: steer connections to app ports to the agent's 15006.
 #[sk_lookup]
 pub fn trellis_sk_lookup(ctx: SkLookupContext) -> u32 {
-    inbound::sk_lookup(&ctx);
-    1 // SK_PASS: with a socket assigned it goes there, otherwise the normal lookup runs
+    // SK_PASS: with a socket assigned it goes there, otherwise the normal lookup runs.
+    if inbound::sk_lookup(&ctx) { 1 } else { 0 }
 }
 
 #[cfg(not(test))]

@@ -32,3 +32,8 @@ pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65536, 0)
 /// Each enrolled pod's 15006 listener, by pod IP (IPv4-mapped for IPv4).
 #[map]
 pub static INBOUND_LISTENERS: SockHash<[u8; 16]> = SockHash::pinned(8192, 0);
+
+/// Pod IPs (IPv4-mapped for IPv4) whose PeerAuthentication is STRICT. When no proxy listener
+/// serves such a pod (the agent is restarting), plaintext to it is dropped, not let through.
+#[map]
+pub static STRICT_PODS: HashMap<[u8; 16], u8> = HashMap::pinned(8192, 0);
