@@ -1,0 +1,410 @@
+//! End-to-end tests of the mesh data path on the real kernel: two nodes (network namespaces)
+//! with an agent each, control in dir mode, pods talking through HBONE (HTTP/2 CONNECT over
+//! mutual TLS 1.3) between the nodes' proxies.
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use trellis_e2e::{Agent, Cluster, Node, Pod, control::Control, node::binary, sys};
+
+const VIP: &str = "10.96.0.10";
+const TD: &str = "cluster.local";
+
+fn addr(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+fn spiffe(ns: &str, sa: &str) -> String {
+    format!("spiffe://{TD}/ns/{ns}/sa/{sa}")
+}
+
+fn namespace(name: &str, mesh: bool) -> String {
+    let labels = if mesh {
+        "trellis.dev/mesh: enabled"
+    } else {
+        ""
+    };
+    format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{{labels}}}}}\n")
+}
+
+fn pod_yaml(pod: &Pod, ns: &str, node: &Node, sa: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {ns}, uid: {}, labels: {{app: {app}, version: v1}}}}\n\
+         spec: {{nodeName: {}, serviceAccountName: {sa}, containers: []}}\n\
+         status: {{phase: Running, podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]}}\n",
+        pod.name, pod.uid, node.name, pod.ip4, pod.ip6
+    )
+}
+
+fn service_yaml() -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: shop}}\n\
+         spec: {{clusterIP: {VIP}, selector: {{app: server}}, ports: [{{name: tcp-echo, port: 80, targetPort: 8080}}, {{name: tcp-bulk, port: 7000, targetPort: 7000}}]}}\n"
+    )
+}
+
+fn peer_auth(mode: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: shop}}\n\
+         spec: {{mtls: {{mode: {mode}}}}}\n"
+    )
+}
+
+/// client (node 1) and server (node 2) in the mesh namespace `shop`; outsider (node 1) in
+/// `legacy`, outside the mesh. Fields drop in order: agents, control, pods, then the cluster.
+struct Shop {
+    agents: Vec<Agent>,
+    control: Control,
+    client: Pod,
+    server: Pod,
+    outsider: Pod,
+    cluster: Cluster,
+}
+
+impl Shop {
+    fn start() -> Self {
+        let cluster = Cluster::new(2);
+        let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+        let client = n1.add_pod("client");
+        let outsider = n1.add_pod("outsider");
+        let server = n2.add_pod("server");
+        client.serve(8080);
+        server.serve(8080);
+        serve_bulk(&server);
+        let control = Control::start(
+            &cluster,
+            &[
+                ("ns-shop.yaml", &namespace("shop", true)),
+                ("ns-legacy.yaml", &namespace("legacy", false)),
+                (
+                    "client.yaml",
+                    &pod_yaml(&client, "shop", n1, "client", "client"),
+                ),
+                (
+                    "server.yaml",
+                    &pod_yaml(&server, "shop", n2, "server", "server"),
+                ),
+                (
+                    "outsider.yaml",
+                    &pod_yaml(&outsider, "legacy", n1, "outsider", "outsider"),
+                ),
+                ("svc.yaml", &service_yaml()),
+            ],
+        );
+        let agents = vec![
+            Agent::start_with_control(n1, &control),
+            Agent::start_with_control(n2, &control),
+        ];
+        let shop = Self {
+            agents,
+            control,
+            client,
+            server,
+            outsider,
+            cluster,
+        };
+        shop.agents[0].wait_pod_state(&shop.client, "enrolled");
+        shop.agents[1].wait_pod_state(&shop.server, "enrolled");
+        wait_certificate(&shop.agents[0], &spiffe("shop", "client"));
+        wait_certificate(&shop.agents[1], &spiffe("shop", "server"));
+        shop
+    }
+
+    fn logs(&self) -> String {
+        format!(
+            "node 1 agent:\n{}\nnode 2 agent:\n{}\ncontrol:\n{}",
+            self.agents[0].log_text(),
+            self.agents[1].log_text(),
+            self.control.log_text()
+        )
+    }
+
+    fn vip(&self, port: u16) -> SocketAddr {
+        addr(VIP.parse::<IpAddr>().unwrap(), port)
+    }
+}
+
+fn serve_bulk(pod: &Pod) {
+    let mut cmd = Command::new(binary("trellis-loadgen"));
+    cmd.args(["echo-serve", "[::]:7000"]).stdout(Stdio::piped());
+    let mut child = pod.spawn_app(&mut cmd).expect("starting the echo server");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    // The pod's cgroup is torn down with the pod; the child dies with it.
+    std::mem::forget(child);
+}
+
+fn wait_certificate(agent: &Agent, identity: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if agent
+            .admin("/certificates")
+            .is_ok_and(|(_, body)| body.contains(identity))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no certificate for {identity}:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `bytes` through `from` to `to` (an echo server) and checks every byte came back.
+fn blast(from: &Pod, to: SocketAddr, bytes: u64) -> serde_json::Value {
+    let mut cmd = Command::new(binary("trellis-loadgen"));
+    cmd.args(["blast", &to.to_string(), "--bytes", &bytes.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = from.spawn_app(&mut cmd).expect("starting blast");
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(
+        |_| serde_json::json!({"ok": false, "stderr": String::from_utf8_lossy(&out.stderr)}),
+    );
+    v
+}
+
+/// The agent's /metrics on :15020, read from inside its node.
+fn metrics(node: &Node) -> String {
+    let (code, body) = sys::http_get(&node.name, "127.0.0.1:15020".parse().unwrap(), "/metrics")
+        .expect("reading /metrics");
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// The value of the first sample of `name` whose labels contain every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn cross_node_traffic_is_mutual_tls_with_true_identities_both_ways() {
+    let shop = Shop::start();
+    let (n1, n2) = (&shop.cluster.nodes[0], &shop.cluster.nodes[1]);
+
+    // Through the service VIP (round robin over one endpoint), and to pod IPs of both families.
+    for (from, to, server, agent) in [
+        (&shop.client, shop.vip(80), "server", &shop.agents[1]),
+        (
+            &shop.client,
+            addr(shop.server.ip6, 8080),
+            "server",
+            &shop.agents[1],
+        ),
+        (
+            &shop.server,
+            addr(shop.client.ip4, 8080),
+            "client",
+            &shop.agents[0],
+        ),
+    ] {
+        let out = from.connect(to, "ping");
+        assert_eq!(
+            out["echo"],
+            "ping",
+            "{} -> {to}: {out}\n{}",
+            from.name,
+            shop.logs()
+        );
+        assert_eq!(out["banner"]["server"], server, "{out}");
+        // The app sees a connection from its own pod address (the proxy's onward hop).
+        let stream = agent.wait_log("the HBONE stream", |v| {
+            v["message"] == "HBONE stream" && v["client_identity"] == spiffe("shop", &from.name)
+        });
+        assert_eq!(stream["pod"], format!("shop/{server}"), "{stream}");
+    }
+
+    // Many at once, each with its own payload.
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..40)
+            .map(|i| {
+                let (c, to) = (&shop.client, shop.vip(80));
+                let data = format!("payload-{i}-{}", "x".repeat(i * 100));
+                scope.spawn(move || (c.connect(to, &data), data))
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            let (out, data) = t.join().unwrap();
+            assert_eq!(out["echo"], data.as_str(), "connection {i}: {out}");
+        }
+    });
+
+    // Large transfers, byte-exact, both directions at once (the echo sends it all back).
+    for _ in 0..2 {
+        let out = blast(&shop.client, shop.vip(7000), 64 << 20);
+        assert_eq!(out["ok"], true, "{out}\n{}", shop.logs());
+    }
+
+    // Istio's metrics, from both ends.
+    let src = metrics(n1);
+    let labels = [
+        ("source_principal", spiffe("shop", "client")),
+        ("destination_principal", spiffe("shop", "server")),
+        ("connection_security_policy", "mutual_tls".to_owned()),
+    ];
+    let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut with = labels.clone();
+    with.push(("reporter", "source"));
+    with.push(("destination_service", "server.shop.svc.cluster.local"));
+    let opened = sample(&src, "istio_tcp_connections_opened_total", &with)
+        .unwrap_or_else(|| panic!("no source-side sample:\n{src}"));
+    assert!(opened >= 41.0, "opened {opened}\n{src}");
+    let dst = metrics(n2);
+    let mut with = labels.clone();
+    with.push(("reporter", "destination"));
+    with.push(("source_workload", "client"));
+    let received = sample(&dst, "istio_tcp_received_bytes_total", &with)
+        .unwrap_or_else(|| panic!("no destination-side sample:\n{dst}"));
+    assert!(received >= (128 << 20) as f64, "received {received}\n{dst}");
+}
+
+/// Captures the link between node 2 and the fabric while `f` runs; returns the raw capture.
+fn capture_link(shop: &Shop, f: impl FnOnce()) -> Vec<u8> {
+    let file = std::env::temp_dir().join(format!("{}.pcap", sys::unique_name()));
+    let mut tcpdump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            shop.cluster.fabric(),
+            "tcpdump",
+            "-i",
+            "n2",
+            "--immediate-mode",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(&file)
+        .args(["tcp"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tcpdump (cargo xtask setup installs it)");
+    // tcpdump says "listening on" once the capture is live.
+    let mut err = std::io::BufReader::new(tcpdump.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.contains("listening"), "tcpdump: {line}");
+    f();
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
+    let _ = tcpdump.wait();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+    eprintln!("{line}{rest}");
+    let bytes = std::fs::read(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn the_wire_between_nodes_carries_tls_not_plaintext() {
+    let shop = Shop::start();
+    let marker = format!("TRELLIS-SECRET-{}", sys::unique_name());
+    let pcap = capture_link(&shop, || {
+        let out = shop.client.connect(shop.vip(80), &marker);
+        assert_eq!(out["echo"], marker.as_str(), "{out}\n{}", shop.logs());
+    });
+    assert!(
+        !contains(&pcap, marker.as_bytes()),
+        "the payload crossed the link in plaintext"
+    );
+    // A TLS 1.3 handshake (record type 22, legacy version 3.1 or 3.3) to port 15008 did.
+    assert!(
+        contains(&pcap, &[0x16, 0x03, 0x01]) || contains(&pcap, &[0x16, 0x03, 0x03]),
+        "no TLS handshake on the link ({} bytes captured)",
+        pcap.len()
+    );
+    assert!(
+        contains(&pcap, &15008u16.to_be_bytes()),
+        "nothing to port 15008"
+    );
+    // The capture does see plaintext when there is some: the outsider is not in the mesh.
+    let pcap = capture_link(&shop, || {
+        let out = shop.outsider.connect(addr(shop.server.ip4, 8080), &marker);
+        assert_eq!(out["echo"], marker.as_str(), "{out}");
+    });
+    assert!(
+        contains(&pcap, marker.as_bytes()),
+        "the capture missed a plaintext payload; the check above proves nothing"
+    );
+}
+
+#[test]
+fn strict_peer_authentication_refuses_plaintext_even_while_the_agent_is_down() {
+    let mut shop = Shop::start();
+    let server = addr(shop.server.ip4, 8080);
+    // PERMISSIVE (the default): a pod outside the mesh reaches a mesh pod in plaintext.
+    let out = shop.outsider.connect(server, "hello");
+    assert_eq!(out["echo"], "hello", "{out}");
+    assert_eq!(out["banner"]["server"], "server");
+
+    shop.control.write("pa.yaml", &peer_auth("STRICT"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = shop.outsider.connect(server, "hello");
+        if out.get("banner").is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "STRICT not enforced within 10 s: {out}\n{}",
+            shop.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    shop.agents[1].wait_log("the refusal", |v| {
+        v["message"] == "plaintext refused: PeerAuthentication is STRICT"
+    });
+    // Mesh traffic still flows (it arrives over HBONE, not as plaintext).
+    let out = shop.client.connect(shop.vip(80), "mesh");
+    assert_eq!(out["echo"], "mesh", "{out}\n{}", shop.logs());
+
+    // No agent on the server's node: the kernel drops plaintext to the STRICT pod rather than
+    // letting it through to the app.
+    std::thread::sleep(Duration::from_millis(600)); // the agent syncs STRICT marks every 0.5 s
+    shop.agents[1].kill9();
+    let out = shop.outsider.connect(server, "sneak");
+    assert!(
+        out.get("banner").is_none(),
+        "plaintext reached a STRICT pod: {out}"
+    );
+
+    // Back to PERMISSIVE, with the agent back: plaintext is served again.
+    shop.agents[1].restart();
+    shop.control.write("pa.yaml", &peer_auth("PERMISSIVE"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = shop.outsider.connect(server, "again");
+        if out["echo"] == "again" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PERMISSIVE not restored: {out}\n{}",
+            shop.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
