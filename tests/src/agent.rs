@@ -240,6 +240,11 @@ impl Agent {
             .collect()
     }
 
+    /// The running agent process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -11,6 +11,8 @@ pub mod sys;
 
 pub use agent::Agent;
 pub use node::{CgroupDriver, Cluster, Node, Pod};
+/// The harness speaks JSON (agent logs, test app output); users get the same crate.
+pub use serde_json;
 
 /// Fails (never skips) when the machine cannot run these tests, saying why.
 pub fn require_privileges() {

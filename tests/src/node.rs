@@ -277,6 +277,13 @@ impl Pod {
         })
     }
 
+    /// Spawns `cmd` in this pod's network namespace and app cgroup, as the pod's app container
+    /// would run it (so the capture layer treats it as the app). The caller owns the child; it is
+    /// killed with the pod's cgroup on drop at the latest.
+    pub fn spawn_app(&self, cmd: &mut Command) -> std::io::Result<Child> {
+        sys::spawn_in(&self.netns, Some(&self.app_cgroup()), cmd)
+    }
+
     /// Kills the pod's processes (its sandbox too), as when a pod dies.
     pub fn kill_processes(&self) {
         for mut c in self.children.lock().unwrap().drain(..) {
