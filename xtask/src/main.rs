@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's own commands. See README.md.
 mod apiserver;
+mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -42,6 +43,17 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Benchmark on a two-node cluster, the same pods without the mesh (direct) and through
+    /// Trellis: iperf3 throughput, 1 KB echo latency at 1000 req/s, connection rate, agent CPU
+    /// and memory. Prints a table. Needs root.
+    Bench {
+        /// Also write every raw figure to this JSON file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<std::path::PathBuf>,
+        /// Seconds per measured run (throughput, latency, connection rate).
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +63,10 @@ fn main() -> ExitCode {
         Task::Test { args } => test::run(&args),
         Task::Demo { once } => demo::run(once),
         Task::Manifests => manifests::run(),
+        Task::Bench {
+            json,
+            duration_secs,
+        } => bench::run(json, duration_secs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,20 +13,28 @@ use crate::cmd::{self, output};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the demo use: `ip` (netns, veth, bridges), bpftool (tests
-/// inspect attachments independently of the agent).
+/// inspect attachments independently of the agent), tcpdump (tests check the wire between nodes
+/// holds no plaintext); iperf3 for `cargo xtask bench`.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
     ("openssl", "openssl"),
+    ("iperf3", "iperf3"),
+    ("tcpdump", "tcpdump"),
 ];
 
 pub fn run() -> Result<()> {
-    nightly_rust_src()?;
-    bpf_linker()?;
-    debian_packages()?;
+    tools()?;
     crate::apiserver::ensure()?;
     eprintln!("setup: done");
     Ok(())
+}
+
+/// The set-up steps that building and running the agent need (not the Kubernetes API server).
+pub fn tools() -> Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    debian_packages()
 }
 
 fn nightly_rust_src() -> Result<()> {

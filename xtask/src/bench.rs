@@ -1,0 +1,763 @@
+//! `cargo xtask bench`: the same client and server pods on a two-node cluster, measured first
+//! without the mesh (direct) and then through Trellis (control plus an agent per node). Prints a
+//! table and optionally writes every raw figure as JSON. See docs/benchmarks.md.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use trellis_e2e::{
+    Agent, Cluster, Node, Pod,
+    control::Control,
+    node::binary,
+    serde_json::{self, Value, json},
+};
+
+use crate::{cmd, setup};
+
+const NAMESPACE: &str = "bench";
+const ECHO_PORT: u16 = 7000;
+const IPERF_PORT: u16 = 5201;
+/// The service VIP control is given for the server (used if the mesh serves VIPs).
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 70);
+/// The latency run: a 1 KB echo at 1000 requests/s over 4 connections.
+const RATE: u32 = 1000;
+const CONNS: u32 = 4;
+const SIZE: u32 = 1024;
+/// The byte-exact check that opens each phase (and shows whether the connection was captured).
+const BLAST_BYTES: u64 = 64 << 20;
+
+/// Targets from the issue, shown beside the figures.
+const TARGET_THROUGHPUT_RATIO: f64 = 0.70;
+const TARGET_ADDED_P99_MS: f64 = 0.20;
+const TARGET_VCPU_PER_1000: f64 = 0.06;
+const TARGET_RSS_MB_PER_1000: f64 = 12.0;
+
+pub fn run(json_out: Option<PathBuf>, duration_secs: u64) -> Result<()> {
+    if !(1..=600).contains(&duration_secs) {
+        bail!("--duration-secs must be 1..=600");
+    }
+    setup::tools()?;
+    cmd::require_root("cargo xtask bench")?;
+    if which("iperf3").is_none() {
+        bail!("iperf3 is missing (cargo xtask setup installs it)");
+    }
+    // Numbers come from optimized builds of everything that is measured.
+    cmd::run(cmd::cargo().args([
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "trellis-agent",
+        "-p",
+        "trellis-control",
+        "-p",
+        "trellis-e2e",
+    ]))?;
+    let bin_dir = target_dir().join("release");
+    // SAFETY: no other thread runs yet; the harness reads this to find its binaries.
+    unsafe { std::env::set_var("TRELLIS_BIN_DIR", &bin_dir) };
+    eprintln!("bench: binaries from {}", bin_dir.display());
+
+    let duration = Duration::from_secs(duration_secs);
+    let report = bench(duration)?;
+    print_table(&report, duration_secs);
+    if let Some(path) = json_out {
+        fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => cmd::root().join(d),
+        None => cmd::root().join("target"),
+    }
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+/// Brings the cluster up, runs both phases, and returns every figure. Everything made here is
+/// removed when this returns (or unwinds): agents first, then control, pods and nodes.
+fn bench(duration: Duration) -> Result<Value> {
+    eprintln!("bench: creating a two-node cluster; pod client on node 1, pod server on node 2");
+    let cluster = Cluster::new(2);
+    let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let client = n1.add_pod("client");
+    let server = n2.add_pod("server");
+    // A 5 s connect loop closes tens of thousands of connections: let TIME-WAIT ports be reused
+    // (needs TCP timestamps, on by default), in every namespace a connection starts from.
+    for netns in [&client.netns, &server.netns, &n1.name, &n2.name] {
+        sysctl(netns, "net.ipv4.tcp_tw_reuse=1")?;
+    }
+    let _echo = start_echo(&server)?;
+    let _iperf = start_iperf(&server)?;
+    let target = IpAddr::V4(server.ip4);
+
+    eprintln!("bench: phase direct (no mesh): client -> {target}");
+    let direct = phase("direct", &client, target, &[], duration, false)?;
+
+    eprintln!("bench: phase trellis: starting control and an agent per node");
+    let files = control_files(n1, n2, &client, &server);
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
+    let control = Control::start(&cluster, &files);
+    let a1 = Agent::start_with_control(n1, &control);
+    let a2 = Agent::start_with_control(n2, &control);
+    a1.wait_pod_state(&client, "enrolled");
+    a2.wait_pod_state(&server, "enrolled");
+    wait_certificate(&a1, "bench-client")?;
+    wait_certificate(&a2, "bench-server")?;
+    eprintln!("bench: both pods enrolled; client -> {target} through the agents");
+    let mut trellis = phase("trellis", &client, target, &[&a1, &a2], duration, true)?;
+
+    // Through the service VIP as well, if the agents serve VIPs yet.
+    let vip = SocketAddr::new(IpAddr::V4(VIP), ECHO_PORT);
+    let probe = run_in(
+        &client,
+        &loadgen(),
+        &[
+            "blast",
+            &vip.to_string(),
+            "--bytes",
+            "65536",
+            "--timeout-secs",
+            "5",
+        ],
+        Duration::from_secs(15),
+    );
+    trellis["vip"] = match probe {
+        Ok(v) if v["ok"] == true => {
+            eprintln!("bench: phase trellis: latency via the service VIP {vip}");
+            json!({ "addr": vip.to_string(), "latency": latency(&client, vip, duration)? })
+        }
+        Ok(v) => skipped_vip(vip, &v.to_string()),
+        Err(e) => skipped_vip(vip, &format!("{e:#}")),
+    };
+    eprintln!("bench: removing agents, control, pods and nodes");
+    Ok(json!({
+        "duration_secs": duration.as_secs(),
+        "load": { "rate": RATE, "conns": CONNS, "size": SIZE },
+        "direct": direct,
+        "trellis": trellis,
+        "summary": summary(&direct, &trellis),
+    }))
+}
+
+fn skipped_vip(vip: SocketAddr, why: &str) -> Value {
+    eprintln!("bench: the service VIP {vip} is not served (skipped): {why}");
+    json!({ "addr": vip.to_string(), "skipped": why })
+}
+
+/// One phase's runs, all from `client` to `target`. With agents, their CPU and memory too.
+fn phase(
+    name: &str,
+    client: &Pod,
+    target: IpAddr,
+    agents: &[&Agent],
+    duration: Duration,
+    expect_captured: bool,
+) -> Result<Value> {
+    let echo = SocketAddr::new(target, ECHO_PORT);
+    let pids: Vec<u32> = agents
+        .iter()
+        .map(|a| a.pid().context("agent not running"))
+        .collect::<Result<_>>()?;
+    let cpu0 = cpu_secs(&pids)?;
+
+    eprintln!("bench: phase {name}: blast {BLAST_BYTES} bytes through the echo (byte-exact)");
+    let blast = run_in(
+        client,
+        &loadgen(),
+        &[
+            "blast",
+            &echo.to_string(),
+            "--bytes",
+            &BLAST_BYTES.to_string(),
+        ],
+        Duration::from_secs(150),
+    )?;
+    if blast["ok"] != true {
+        bail!("phase {name}: the echo was not byte-exact: {blast}");
+    }
+    // The capture layer rewrites a captured connect() to the local proxy, so the client's
+    // socket is bound to loopback: check the phase measures what it says.
+    let local: SocketAddr = blast["local"]
+        .as_str()
+        .and_then(|l| l.parse().ok())
+        .with_context(|| format!("blast printed no local address: {blast}"))?;
+    if local.ip().is_loopback() != expect_captured {
+        bail!(
+            "phase {name}: the client's connection was {}captured (local address {local})",
+            if expect_captured { "not " } else { "" }
+        );
+    }
+
+    eprintln!(
+        "bench: phase {name}: iperf3 single stream, {} s",
+        duration.as_secs()
+    );
+    let secs = duration.as_secs().to_string();
+    let iperf = run_in(
+        client,
+        Path::new("iperf3"),
+        &[
+            "-c",
+            &target.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &secs,
+            "--connect-timeout",
+            "3000",
+            "-J",
+        ],
+        duration + Duration::from_secs(30),
+    )?;
+    let sum = &iperf["end"]["sum_received"];
+    let Some(bps) = sum["bits_per_second"].as_f64() else {
+        bail!("iperf3 reported no throughput: {}", iperf["error"]);
+    };
+    let throughput = json!({
+        "bits_per_second": bps,
+        "bytes": sum["bytes"],
+        "retransmits": iperf["end"]["sum_sent"]["retransmits"],
+    });
+
+    // Peak memory so far, then reset so the latency run's own peak can be read.
+    let mut peaks = peak_rss_mb(&pids)?;
+    reset_peak_rss(&pids);
+    eprintln!(
+        "bench: phase {name}: latency, {SIZE} B echo at {RATE}/s over {CONNS} connections, {} s (+1 s warm-up)",
+        duration.as_secs()
+    );
+    let (cpu_l0, t_l0) = (cpu_secs(&pids)?, Instant::now());
+    let lat = latency(client, echo, duration)?;
+    let (cpu_l1, wall_l) = (cpu_secs(&pids)?, t_l0.elapsed().as_secs_f64());
+    let peaks_latency = peak_rss_mb(&pids)?;
+    let rss_latency = rss_mb(&pids, "VmRSS")?;
+
+    eprintln!(
+        "bench: phase {name}: connection rate, 4 threads, {} s",
+        duration.as_secs()
+    );
+    let connect = run_in(
+        client,
+        &loadgen(),
+        &[
+            "connect-rate",
+            &echo.to_string(),
+            "--threads",
+            "4",
+            "--duration-secs",
+            &secs,
+        ],
+        duration + Duration::from_secs(30),
+    )?;
+    let cpu1 = cpu_secs(&pids)?;
+    for (p, l) in peaks.iter_mut().zip(&peaks_latency) {
+        *p = p.max(*l);
+    }
+    for (p, now) in peaks.iter_mut().zip(peak_rss_mb(&pids)?) {
+        *p = p.max(now);
+    }
+
+    let mut out = json!({
+        "target": echo.to_string(),
+        "blast": blast,
+        "throughput": throughput,
+        "latency": lat,
+        "connect_rate": connect,
+    });
+    if !agents.is_empty() {
+        let per_agent: Vec<Value> = agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let cpu_latency = cpu_l1[i] - cpu_l0[i];
+                json!({
+                    "node": a.node,
+                    "pid": pids[i],
+                    "cpu_secs_phase": cpu1[i] - cpu0[i],
+                    "cpu_secs_latency_run": cpu_latency,
+                    "vcpu_latency_run": cpu_latency / wall_l,
+                    "peak_rss_mb_phase": peaks[i],
+                    "peak_rss_mb_latency_run": peaks_latency[i],
+                    "rss_mb_after_latency_run": rss_latency[i],
+                })
+            })
+            .collect();
+        let sum = |v: &[f64]| v.iter().sum::<f64>();
+        let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        let vcpu: Vec<f64> = (0..pids.len())
+            .map(|i| (cpu_l1[i] - cpu_l0[i]) / wall_l)
+            .collect();
+        out["agents"] = json!({
+            "per_agent": per_agent,
+            "cpu_secs_phase_total": sum(&cpu1) - sum(&cpu0),
+            "latency_run_wall_secs": wall_l,
+            "vcpu_latency_run_total": sum(&vcpu),
+            // Per agent (the busier of the two), scaled to 1000 req/s.
+            "vcpu_per_1000_rps": max(&vcpu) * 1000.0 / f64::from(RATE),
+            "peak_rss_mb_phase": max(&peaks),
+            "peak_rss_mb_per_1000_rps": max(&peaks_latency) * 1000.0 / f64::from(RATE),
+        });
+    }
+    Ok(out)
+}
+
+fn latency(client: &Pod, addr: SocketAddr, duration: Duration) -> Result<Value> {
+    let v = run_in(
+        client,
+        &loadgen(),
+        &[
+            "latency",
+            &addr.to_string(),
+            "--rate",
+            &RATE.to_string(),
+            "--conns",
+            &CONNS.to_string(),
+            "--size",
+            &SIZE.to_string(),
+            "--duration-secs",
+            &duration.as_secs().to_string(),
+        ],
+        duration + Duration::from_secs(30),
+    )?;
+    Ok(v)
+}
+
+fn loadgen() -> PathBuf {
+    binary("trellis-loadgen")
+}
+
+fn sysctl(netns: &str, setting: &str) -> Result<()> {
+    let status = Command::new("ip")
+        .args(["netns", "exec", netns, "sysctl", "-q", "-w", setting])
+        .status()?;
+    if !status.success() {
+        bail!("sysctl {setting} in {netns} failed");
+    }
+    Ok(())
+}
+
+/// Runs `program args` as the pod's app, bounded by `limit`, and parses the last line it printed
+/// as JSON (all of it for iperf3 -J).
+fn run_in(pod: &Pod, program: &Path, args: &[&str], limit: Duration) -> Result<Value> {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let what = format!("{} {}", program.display(), args.join(" "));
+    let mut child = pod
+        .spawn_app(&mut cmd)
+        .with_context(|| format!("starting {what} in pod {}", pod.name))?;
+    // Readers drain the pipes while the child runs (iperf3's JSON can outgrow a pipe).
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let out = drain(child.stdout.take().map(|s| Box::new(s) as _));
+    let err = drain(child.stderr.take().map(|s| Box::new(s) as _));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    let text = if program == Path::new("iperf3") {
+        out.trim()
+    } else {
+        out.lines().last().unwrap_or_default()
+    };
+    let v: Value = serde_json::from_str(text)
+        .with_context(|| format!("{what} ({status}) printed no JSON: {out:?}, stderr {err:?}"))?;
+    if !status.success() && program != Path::new("iperf3") && v["ok"] != false {
+        bail!("{what} failed ({status}): {out} {err}");
+    }
+    Ok(v)
+}
+
+/// The echo server, as the server pod's app; killed on drop (or with the pod).
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_echo(server: &Pod) -> Result<Server> {
+    let mut cmd = Command::new(loadgen());
+    cmd.args(["echo-serve", &format!("[::]:{ECHO_PORT}")])
+        .stdout(Stdio::piped());
+    let mut child = server.spawn_app(&mut cmd)?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    let server = Server(child);
+    if line.trim() != "ready" {
+        bail!("the echo server did not start (printed {line:?})");
+    }
+    Ok(server)
+}
+
+fn start_iperf(server: &Pod) -> Result<Server> {
+    let mut cmd = Command::new("iperf3");
+    cmd.args(["-s", "-p", &IPERF_PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = Server(server.spawn_app(&mut cmd)?);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listening(child.0.id(), IPERF_PORT) {
+        if let Some(status) = child.0.try_wait()? {
+            bail!("iperf3 -s exited ({status})");
+        }
+        if Instant::now() > deadline {
+            bail!("iperf3 -s did not listen on port {IPERF_PORT} within 10 s");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// Whether process `pid`'s network namespace has a TCP listener on `port` (from its own
+/// /proc/<pid>/net view, so no connection is made to find out).
+fn listening(pid: u32, port: u16) -> bool {
+    ["tcp", "tcp6"].iter().any(|f| {
+        fs::read_to_string(format!("/proc/{pid}/net/{f}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3
+                    && f[3] == "0A"
+                    && f[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+            })
+    })
+}
+
+/// Control's view: namespace `bench` in the mesh, the two pods, and a service for the server.
+fn control_files(n1: &Node, n2: &Node, client: &Pod, server: &Pod) -> Vec<(&'static str, String)> {
+    let pod = |pod: &Pod, node: &Node, app: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {NAMESPACE}, uid: {}, labels: {{app: {app}}}}}\n\
+             spec: {{nodeName: {}, serviceAccountName: {app}, containers: []}}\n\
+             status: {{phase: Running, podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]}}\n",
+            pod.name, pod.uid, node.name, pod.ip4, pod.ip6
+        )
+    };
+    vec![
+        (
+            "ns.yaml",
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NAMESPACE}, labels: {{trellis.dev/mesh: enabled}}}}\n"
+            ),
+        ),
+        ("client.yaml", pod(client, n1, "bench-client")),
+        ("server.yaml", pod(server, n2, "bench-server")),
+        (
+            "service.yaml",
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: bench-server, namespace: {NAMESPACE}}}\n\
+                 spec: {{clusterIP: {VIP}, selector: {{app: bench-server}}, ports: [\
+                 {{name: echo, port: {ECHO_PORT}, targetPort: {ECHO_PORT}}}, \
+                 {{name: iperf, port: {IPERF_PORT}, targetPort: {IPERF_PORT}}}]}}\n"
+            ),
+        ),
+    ]
+}
+
+/// Waits until the agent holds the certificate for service account `sa` (if it lists them).
+fn wait_certificate(agent: &Agent, sa: &str) -> Result<()> {
+    let identity = format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{sa}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match agent.admin("/certificates") {
+            Ok((404, _)) => return Ok(()),
+            Ok((200, body)) if body.contains(&identity) => return Ok(()),
+            _ if Instant::now() > deadline => bail!(
+                "agent on {} holds no certificate for {identity} after 20 s",
+                agent.node
+            ),
+            _ => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Seconds of CPU (user + system) each process has used.
+fn cpu_secs(pids: &[u32]) -> Result<Vec<f64>> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    pids.iter()
+        .map(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+                .with_context(|| format!("agent {pid} is gone"))?;
+            // Fields after the command name (which may hold spaces) start at field 3 (state);
+            // utime and stime are fields 14 and 15.
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+            match (field(14), field(15)) {
+                (Some(u), Some(s)) => Ok((u + s) as f64 / ticks),
+                _ => bail!("unexpected /proc/{pid}/stat: {stat}"),
+            }
+        })
+        .collect()
+}
+
+/// A /proc/<pid>/status memory field (kB) in MB, per process.
+fn rss_mb(pids: &[u32], field: &str) -> Result<Vec<f64>> {
+    pids.iter()
+        .map(|pid| {
+            let status = fs::read_to_string(format!("/proc/{pid}/status"))
+                .with_context(|| format!("agent {pid} is gone"))?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .map(|kb| kb / 1024.0)
+                .with_context(|| format!("no {field} in /proc/{pid}/status"))
+        })
+        .collect()
+}
+
+fn peak_rss_mb(pids: &[u32]) -> Result<Vec<f64>> {
+    rss_mb(pids, "VmHWM")
+}
+
+/// Resets the peak RSS (VmHWM) to the current RSS (`clear_refs` value 5).
+fn reset_peak_rss(pids: &[u32]) {
+    for pid in pids {
+        let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    }
+}
+
+// ---------------------------------------------------------------- report
+
+fn f(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn summary(direct: &Value, trellis: &Value) -> Value {
+    let gbps = |p: &Value| f(&p["throughput"]["bits_per_second"]).map(|b| b / 1e9);
+    let ratio = match (gbps(direct), gbps(trellis)) {
+        (Some(d), Some(t)) if d > 0.0 => Some(t / d),
+        _ => None,
+    };
+    let p99 = |p: &Value| f(&p["latency"]["p99_ms"]);
+    let added_p99 = p99(trellis).zip(p99(direct)).map(|(t, d)| t - d);
+    let vcpu = f(&trellis["agents"]["vcpu_per_1000_rps"]);
+    let rss = f(&trellis["agents"]["peak_rss_mb_per_1000_rps"]);
+    let met = |v: Option<f64>, ok: fn(f64) -> bool| v.map(ok);
+    json!({
+        "throughput_ratio": ratio,
+        "added_p99_ms": added_p99,
+        "agent_vcpu_per_1000_rps": vcpu,
+        "agent_rss_mb_per_1000_rps": rss,
+        "targets": {
+            "throughput_ratio_min": TARGET_THROUGHPUT_RATIO,
+            "added_p99_ms_max": TARGET_ADDED_P99_MS,
+            "agent_vcpu_per_1000_rps_max": TARGET_VCPU_PER_1000,
+            "agent_rss_mb_per_1000_rps_max": TARGET_RSS_MB_PER_1000,
+        },
+        "met": {
+            "throughput": met(ratio, |r| r >= TARGET_THROUGHPUT_RATIO),
+            "added_p99": met(added_p99, |d| d <= TARGET_ADDED_P99_MS),
+            "agent_vcpu": met(vcpu, |v| v <= TARGET_VCPU_PER_1000),
+            "agent_rss": met(rss, |m| m <= TARGET_RSS_MB_PER_1000),
+        },
+    })
+}
+
+fn print_table(r: &Value, secs: u64) {
+    let (d, t, s) = (&r["direct"], &r["trellis"], &r["summary"]);
+    let num = |v: &Value, digits: usize| f(v).map_or("-".into(), |x| format!("{x:.digits$}"));
+    let int = |v: &Value| v.as_u64().map_or("-".into(), |x| x.to_string());
+    let pct = |a: &Value, b: &Value| match (f(a), f(b)) {
+        (Some(a), Some(b)) if a > 0.0 => format!("{:.0}%", b / a * 100.0),
+        _ => "-".into(),
+    };
+    let delta = |a: &Value, b: &Value| match (f(a), f(b)) {
+        (Some(a), Some(b)) => format!("{:+.3} ms", b - a),
+        _ => "-".into(),
+    };
+    let verdict = |met: &Value, target: String| match met.as_bool() {
+        Some(true) => format!("{target} (met)"),
+        Some(false) => format!("{target} (MISSED)"),
+        None => target,
+    };
+    let gbit = |p: &Value| json!(f(&p["throughput"]["bits_per_second"]).map(|b| b / 1e9));
+    let mbit = |p: &Value| p["blast"]["mbit_per_sec"].clone();
+    let mut rows: Vec<[String; 5]> = vec![[
+        "metric".into(),
+        "direct".into(),
+        "trellis".into(),
+        "ratio/delta".into(),
+        "target".into(),
+    ]];
+    rows.push([
+        "TCP throughput, 1 stream, iperf3 (Gbit/s)".into(),
+        num(&gbit(d), 2),
+        num(&gbit(t), 2),
+        pct(&gbit(d), &gbit(t)),
+        verdict(
+            &s["met"]["throughput"],
+            format!("≥ {:.0}%", TARGET_THROUGHPUT_RATIO * 100.0),
+        ),
+    ]);
+    rows.push([
+        "echo round trip, byte-exact (Mbit/s each way)".into(),
+        num(&mbit(d), 0),
+        num(&mbit(t), 0),
+        pct(&mbit(d), &mbit(t)),
+        String::new(),
+    ]);
+    for (key, label) in [
+        ("p50_ms", "p50"),
+        ("p90_ms", "p90"),
+        ("p99_ms", "p99"),
+        ("max_ms", "max"),
+    ] {
+        let (a, b) = (&d["latency"][key], &t["latency"][key]);
+        rows.push([
+            format!("latency {label}, 1 KB echo at {RATE}/s, {CONNS} conns (ms)"),
+            num(a, 3),
+            num(b, 3),
+            delta(a, b),
+            if key == "p99_ms" {
+                verdict(
+                    &s["met"]["added_p99"],
+                    format!("≤ +{TARGET_ADDED_P99_MS:.2} ms"),
+                )
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    rows.push([
+        "  requests completed / errors".into(),
+        format!(
+            "{} / {}",
+            int(&d["latency"]["requests"]),
+            int(&d["latency"]["errors"])
+        ),
+        format!(
+            "{} / {}",
+            int(&t["latency"]["requests"]),
+            int(&t["latency"]["errors"])
+        ),
+        String::new(),
+        String::new(),
+    ]);
+    rows.push([
+        "connections per second (4 threads)".into(),
+        num(&d["connect_rate"]["per_sec"], 0),
+        num(&t["connect_rate"]["per_sec"], 0),
+        pct(&d["connect_rate"]["per_sec"], &t["connect_rate"]["per_sec"]),
+        String::new(),
+    ]);
+    rows.push([
+        "  connection errors".into(),
+        int(&d["connect_rate"]["errors"]),
+        int(&t["connect_rate"]["errors"]),
+        String::new(),
+        String::new(),
+    ]);
+    let agents = &t["agents"];
+    rows.push([
+        "agents' CPU over the phase (s, both nodes)".into(),
+        "-".into(),
+        num(&agents["cpu_secs_phase_total"], 2),
+        String::new(),
+        String::new(),
+    ]);
+    rows.push([
+        "agent vCPU per 1000 req/s (busier agent)".into(),
+        "-".into(),
+        num(&s["agent_vcpu_per_1000_rps"], 3),
+        String::new(),
+        verdict(
+            &s["met"]["agent_vcpu"],
+            format!("≤ {TARGET_VCPU_PER_1000:.2}"),
+        ),
+    ]);
+    rows.push([
+        "agent peak RSS per 1000 req/s (MB, larger agent)".into(),
+        "-".into(),
+        num(&s["agent_rss_mb_per_1000_rps"], 1),
+        String::new(),
+        verdict(
+            &s["met"]["agent_rss"],
+            format!("≤ {TARGET_RSS_MB_PER_1000:.0} MB"),
+        ),
+    ]);
+    rows.push([
+        "agent peak RSS over the phase (MB, larger agent)".into(),
+        "-".into(),
+        num(&agents["peak_rss_mb_phase"], 1),
+        String::new(),
+        String::new(),
+    ]);
+    if let Some(p99) = f(&t["vip"]["latency"]["p99_ms"]) {
+        rows.push([
+            "latency p99 via the service VIP (ms)".into(),
+            "-".into(),
+            format!("{p99:.3}"),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    println!(
+        "\nTrellis benchmark: 2 nodes, client pod on node 1 -> server pod on node 2, {secs} s per run\n"
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect();
+        println!("| {} |", cells.join(" | "));
+        if i == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            println!("|-{}-|", rule.join("-|-"));
+        }
+    }
+    if let Some(why) = t["vip"]["skipped"].as_str() {
+        println!("\n(service VIP not measured: {why})");
+    }
+    println!();
+}
