@@ -89,6 +89,11 @@ impl Control {
         ]
     }
 
+    /// Control's CA directory (ca.pem, ca-key.pem): tests sign certificates of their own with it.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(self.dir.join("control.log")).unwrap_or_default()
     }

@@ -4,6 +4,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -65,7 +66,12 @@ struct Shop {
 
 impl Shop {
     fn start() -> Self {
-        let cluster = Cluster::new(2);
+        Self::start_on(2)
+    }
+
+    /// As `start`, on `nodes` nodes; nodes past the second have no agent.
+    fn start_on(nodes: u8) -> Self {
+        let cluster = Cluster::new(nodes);
         let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
         let client = n1.add_pod("client");
         let outsider = n1.add_pod("outsider");
@@ -407,4 +413,204 @@ fn strict_peer_authentication_refuses_plaintext_even_while_the_agent_is_down() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A certificate for `identity` signed by `issuer`, valid from `from` to `until` (relative to
+/// now), as an SVID the agent's TLS code can use; `root_pem` is what it trusts.
+fn svid(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    identity: &str,
+    from: time::Duration,
+    until: time::Duration,
+    root_pem: &str,
+) -> Arc<trellis_agent::identity::Svid> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(identity.try_into().unwrap())];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + from;
+    params.not_after = now + until;
+    let cert = params.signed_by(&key, issuer).unwrap();
+    Arc::new(trellis_agent::identity::Svid {
+        identity: identity.to_owned(),
+        cert_chain_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        root_pem: root_pem.to_owned(),
+        received: std::time::SystemTime::now(),
+        not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
+    })
+}
+
+/// Speaks HBONE to `hbone` from inside `netns` as the holder of `svid`: CONNECT to `target`, then
+/// read the app's banner line.
+async fn hbone_call(
+    netns: &str,
+    hbone: SocketAddr,
+    target: SocketAddr,
+    svid: Arc<trellis_agent::identity::Svid>,
+) -> Result<String, String> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::AsyncBufReadExt;
+    let tls = trellis_agent::tls::WorkloadTls::new(svid).map_err(|e| e.to_string())?;
+    let tcp = sys::connect_in(netns, hbone).map_err(|e| e.to_string())?;
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls.client.clone())
+        .connect(trellis_agent::tls::server_name(), tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri(target.to_string())
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .unwrap();
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("CONNECT: {e}"))?;
+    if resp.status() != 200 {
+        return Err(format!("CONNECT answered {}", resp.status()));
+    }
+    let up = hyper::upgrade::on(resp).await.map_err(|e| e.to_string())?;
+    let mut banner = String::new();
+    tokio::io::BufReader::new(TokioIo::new(up))
+        .read_line(&mut banner)
+        .await
+        .map_err(|e| format!("reading: {e}"))?;
+    Ok(banner)
+}
+
+#[test]
+fn impostors_are_refused_at_both_ends() {
+    let shop = Shop::start_on(3);
+    let ca = shop.control.ca_dir();
+    let root = std::fs::read_to_string(ca.join("ca.pem")).unwrap();
+    let key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("ca-key.pem")).unwrap()).unwrap();
+    let mesh = rcgen::Issuer::from_ca_cert_pem(&root, key).unwrap();
+    let foreign = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        rcgen::Issuer::new(params, key)
+    };
+    let hour = time::Duration::hours(1);
+    let client_id = spiffe("shop", "client");
+    let hbone = addr(shop.server.ip4, 15008);
+    let target = addr(shop.server.ip4, 8080);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let call = |svid| rt.block_on(hbone_call(&shop.outsider.netns, hbone, target, svid));
+
+    // A properly signed, current certificate gets through: the harness itself works.
+    let banner =
+        call(svid(&mesh, &client_id, -hour, hour, &root)).expect("a valid client was refused");
+    assert!(banner.contains("\"server\":\"server\""), "{banner}");
+    // Another CA's certificate, an expired one, one not yet valid: refused.
+    for (what, bad) in [
+        ("another CA", svid(&foreign, &client_id, -hour, hour, &root)),
+        ("expired", svid(&mesh, &client_id, -hour * 2, -hour, &root)),
+        (
+            "not yet valid",
+            svid(&mesh, &client_id, hour, hour * 2, &root),
+        ),
+    ] {
+        let got = call(bad);
+        assert!(
+            got.is_err(),
+            "a client with a certificate from {what} got through: {got:?}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let refusals = shop.agents[1]
+            .logs()
+            .iter()
+            .filter(|v| v["message"] == "HBONE handshake refused")
+            .count();
+        if refusals >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server agent logged {refusals} refusals:\n{}",
+            shop.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A server with the wrong identity: control says the rogue pod (on node 3, which has no
+    // agent) runs as shop/rogue, but what answers on its HBONE port proves shop/server.
+    let n3 = &shop.cluster.nodes[2];
+    let rogue = n3.add_pod("rogue");
+    let mut holder = rogue.spawn_app(Command::new("sleep").arg("120")).unwrap();
+    let rogue_ns = trellis_agent::netns::Netns::of_pid(holder.id()).unwrap();
+    let home = trellis_agent::netns::Netns::current().unwrap();
+    let listener = rogue_ns
+        .run_in(&home, || std::net::TcpListener::bind("[::]:15008"))
+        .unwrap()
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let impostor = trellis_agent::tls::WorkloadTls::new(svid(
+        &mesh,
+        &spiffe("shop", "server"),
+        -hour,
+        hour,
+        &root,
+    ))
+    .unwrap();
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = handshakes.clone();
+    rt.spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(impostor.server.clone());
+        while let Ok((tcp, _)) = listener.accept().await {
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                drop(tls);
+            }
+        }
+    });
+    shop.control.write(
+        "rogue.yaml",
+        &pod_yaml(&rogue, "shop", n3, "rogue", "rogue"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let out = shop.client.connect(addr(rogue.ip4, 8080), "secret");
+        assert!(out.get("banner").is_none(), "reached the impostor: {out}");
+        if let Some(line) = shop.agents[0].logs().into_iter().find(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("presented") && m.contains("refusing it"))
+        }) {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no identity refusal logged:\n{}",
+            shop.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let message = line["message"].as_str().unwrap();
+    assert!(
+        message.contains(&spiffe("shop", "server")) && message.contains(&spiffe("shop", "rogue")),
+        "{message}"
+    );
+    assert!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the proxy never reached the impostor"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
 }

@@ -86,13 +86,15 @@ pub async fn hbone(stream: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared
     let stream = match accepted {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            return warn!(pod = %pod.name, client = %peer, "HBONE handshake refused: {e}");
+            return warn!(pod = %pod.name, client = %peer, error = %e, "HBONE handshake refused");
         }
         Err(_) => return warn!(pod = %pod.name, client = %peer, "HBONE handshake timed out"),
     };
     let client_id = match tls::peer_identity(stream.get_ref().1.peer_certificates()) {
         Ok(id) => Arc::new(id),
-        Err(e) => return warn!(pod = %pod.name, client = %peer, "HBONE client refused: {e:#}"),
+        Err(e) => {
+            return warn!(pod = %pod.name, client = %peer, error = format!("{e:#}"), "HBONE handshake refused");
+        }
     };
     debug!(pod = %pod.name, client = %peer, client_identity = %client_id, "HBONE connection accepted");
     let service = service_fn(move |req| {
