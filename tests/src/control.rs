@@ -31,10 +31,26 @@ impl Control {
         for (name, yaml) in files {
             control.write(name, yaml);
         }
-        let log = fs::File::create(control.dir.join("control.log")).unwrap();
+        let mut control = control;
+        control.spawn(cluster);
+        control
+    }
+
+    /// Starts control again after `kill`, on the same directory and CA.
+    pub fn restart(&mut self, cluster: &Cluster) {
+        self.kill();
+        self.spawn(cluster);
+    }
+
+    fn spawn(&mut self, cluster: &Cluster) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("control.log"))
+            .unwrap();
         let mut cmd = Command::new(binary("trellis-control"));
         cmd.arg("--source")
-            .arg(format!("dir:{}", control.dir.join("yaml").display()))
+            .arg(format!("dir:{}", self.dir.join("yaml").display()))
             .args([
                 "--listen",
                 &format!("{}:15012", Cluster::SERVICES_IP),
@@ -42,15 +58,13 @@ impl Control {
                 "trellis-control",
             ])
             .arg("--ca-dir")
-            .arg(control.dir.join("ca"))
+            .arg(self.dir.join("ca"))
             .arg("--bootstrap-token-file")
-            .arg(control.dir.join("token"))
+            .arg(self.dir.join("token"))
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        let child =
-            sys::spawn_in(cluster.fabric(), None, &mut cmd).expect("starting trellis-control");
-        let mut control = control;
-        control.child = Some(child);
+        self.child =
+            Some(sys::spawn_in(cluster.fabric(), None, &mut cmd).expect("starting trellis-control"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while sys::connect_in(
             cluster.fabric(),
@@ -61,11 +75,10 @@ impl Control {
             assert!(
                 Instant::now() < deadline,
                 "trellis-control did not listen within 20 s:\n{}",
-                control.log_text()
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        control
     }
 
     /// Adds or replaces a file in control's directory (atomically).
