@@ -614,3 +614,119 @@ fn impostors_are_refused_at_both_ends() {
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+/// `trellis-loadgen churn` from `pod` to `to`: `conns` held connections and a stream of new
+/// ones for `secs` seconds. Returns its report.
+fn churn(pod: &Pod, to: SocketAddr, conns: u32, secs: u32) -> std::process::Child {
+    let mut cmd = Command::new(binary("trellis-loadgen"));
+    cmd.args([
+        "churn",
+        &to.to_string(),
+        "--conns",
+        &conns.to_string(),
+        "--duration-secs",
+        &secs.to_string(),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    pod.spawn_app(&mut cmd).expect("starting churn")
+}
+
+fn report(child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "churn printed {:?} ({e}); stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn the_mesh_rides_out_a_control_outage_and_an_agent_restart() {
+    let mut shop = Shop::start();
+    let bulk = shop.vip(7000);
+
+    // Control stops: connections held across the moment and new ones keep working.
+    let run = churn(&shop.client, bulk, 4, 3);
+    std::thread::sleep(Duration::from_millis(500));
+    shop.control.kill();
+    let out = report(run);
+    assert_eq!(
+        out["lost"], 0,
+        "connections lost while control was away: {out}"
+    );
+    let probes = out["probes"].as_array().unwrap();
+    assert!(probes.len() > 20, "{out}");
+    assert!(
+        probes.iter().all(|p| p[1] == true),
+        "a new connection failed while control was away: {out}\n{}",
+        shop.logs()
+    );
+
+    // A change made while control was away reaches the agents once it is back (resync).
+    shop.control.write("pa.yaml", &peer_auth("STRICT"));
+    shop.control.restart(&shop.cluster);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shop
+        .outsider
+        .connect(addr(shop.server.ip4, 8080), "x")
+        .get("banner")
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agents did not resync with control:\n{}",
+            shop.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The client node's agent is killed and restarted under load.
+    let held = 8;
+    let run = churn(&shop.client, bulk, held, 6);
+    std::thread::sleep(Duration::from_millis(1500));
+    shop.agents[0].kill9();
+    let restarted = unix_ms();
+    shop.agents[0].restart();
+    let ready_ms = unix_ms() - restarted;
+    let out = report(run);
+    let probes = out["probes"].as_array().unwrap();
+    let back = probes
+        .iter()
+        .find(|p| p[0].as_u64().unwrap() >= restarted && p[1] == true)
+        .unwrap_or_else(|| {
+            panic!(
+                "no new connection worked after the restart: {out}\n{}",
+                shop.logs()
+            )
+        });
+    let recovered_ms = back[0].as_u64().unwrap() - restarted;
+    let failed = probes.iter().filter(|p| p[1] == false).count();
+    println!(
+        "agent restart under load: {} of {held} in-flight connections lost; {failed} new connections \
+         failed; new connections worked again {recovered_ms} ms after the new agent started \
+         (ready after {ready_ms} ms)",
+        out["lost"]
+    );
+    assert!(
+        recovered_ms <= 2000,
+        "new connections took {recovered_ms} ms to work again: {out}"
+    );
+    // Once back, every later probe works.
+    assert!(
+        probes
+            .iter()
+            .filter(|p| p[0].as_u64().unwrap() > back[0].as_u64().unwrap())
+            .all(|p| p[1] == true),
+        "connections failed after recovery: {out}"
+    );
+}

@@ -9,6 +9,11 @@
 //!   for byte. Exits non-zero on any difference, short read or timeout. Also prints the local
 //!   address (loopback when the capture layer took the connection).
 //!
+//! - `churn ADDR [--conns C] [--duration-secs S]`: holds C connections open, each echoing a byte
+//!   every 50 ms (a connection that breaks is counted lost, not reopened), while one thread opens
+//!   a fresh connection every 20 ms; reports the lost ones and each probe's outcome with its Unix
+//!   time in ms, so a test can tell when new connections worked again.
+//!
 //! Each prints one JSON line. Every loop is bounded in time and in count.
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -24,7 +29,8 @@ use serde_json::json;
 const USAGE: &str = "usage: trellis-loadgen echo-serve ADDR
        trellis-loadgen latency ADDR [--rate 1000] [--conns 4] [--size 1024] [--duration-secs 10]
        trellis-loadgen connect-rate ADDR [--threads 4] [--duration-secs 5]
-       trellis-loadgen blast ADDR --bytes N [--seed 1] [--skip-banner] [--timeout-secs 120]";
+       trellis-loadgen blast ADDR --bytes N [--seed 1] [--skip-banner] [--timeout-secs 120]
+       trellis-loadgen churn ADDR [--conns 4] [--duration-secs 10]";
 
 /// How long to wait for a connection or for a peer that has gone quiet.
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -52,6 +58,7 @@ fn main() -> ExitCode {
         "latency" => resolve(addr).and_then(|a| latency(a, &opts)),
         "connect-rate" => resolve(addr).and_then(|a| connect_rate(a, &opts)),
         "blast" => resolve(addr).and_then(|a| blast(a, &opts)),
+        "churn" => resolve(addr).and_then(|a| churn(a, &opts)),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -536,4 +543,55 @@ mod tests {
             150_001
         );
     }
+}
+
+// ---------------------------------------------------------------- churn
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn ping(s: &mut TcpStream) -> io::Result<()> {
+    let mut b = [0u8; 1];
+    s.write_all(b"p")?;
+    s.read_exact(&mut b)
+}
+
+fn churn(addr: SocketAddr, o: &Opts) -> io::Result<bool> {
+    let end = Instant::now() + o.duration;
+    let held: Vec<TcpStream> = (0..o.conns)
+        .map(|_| connect(addr))
+        .collect::<Result<_, _>>()?;
+    let holders: Vec<_> = held
+        .into_iter()
+        .map(|mut s| {
+            thread::spawn(move || {
+                while Instant::now() < end {
+                    if ping(&mut s).is_err() {
+                        return Some(unix_ms());
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                None
+            })
+        })
+        .collect();
+    let mut probes = Vec::new();
+    while Instant::now() < end && probes.len() < 100_000 {
+        let at = unix_ms();
+        let ok = connect(addr).and_then(|mut s| ping(&mut s)).is_ok();
+        probes.push(json!([at, ok]));
+        thread::sleep(Duration::from_millis(20));
+    }
+    let lost: Vec<u64> = holders
+        .into_iter()
+        .filter_map(|h| h.join().ok().flatten())
+        .collect();
+    println!(
+        "{}",
+        json!({"held": o.conns, "lost": lost.len(), "lost_at_ms": lost, "probes": probes})
+    );
+    Ok(true)
 }
