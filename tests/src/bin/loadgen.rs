@@ -497,54 +497,6 @@ fn check_echo(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), 50);
-        assert_eq!(percentile(&v, 99.0), 99);
-        assert_eq!(percentile(&v, 100.0), 100);
-        assert_eq!(percentile(&[7], 99.0), 7);
-        assert_eq!(percentile(&[], 50.0), 0);
-    }
-
-    #[test]
-    fn the_pattern_is_deterministic_and_independent_of_chunking() {
-        let mut a = vec![0u8; 1000];
-        Pattern(9).fill(&mut a);
-        let mut b = vec![0u8; 1000];
-        let mut p = Pattern(9);
-        // Chunks that are multiples of 8 continue the same stream.
-        p.fill(&mut b[..512]);
-        p.fill(&mut b[512..]);
-        assert_eq!(a, b);
-        let mut c = vec![0u8; 1000];
-        Pattern(10).fill(&mut c);
-        assert_ne!(a, c);
-    }
-
-    #[test]
-    fn check_echo_catches_differences_and_short_reads() {
-        let far = Instant::now() + Duration::from_secs(10);
-        let mut data = vec![0u8; 200_000];
-        Pattern(3).fill(&mut data);
-        assert_eq!(check_echo(&mut &data[..], 200_000, 3, far), Ok(200_000));
-        assert!(check_echo(&mut &data[..199_999], 200_000, 3, far).is_err());
-        assert!(
-            check_echo(&mut &data[..], 199_992, 3, far).is_err(),
-            "extra bytes"
-        );
-        data[150_001] ^= 1;
-        assert_eq!(
-            check_echo(&mut &data[..], 200_000, 3, far).unwrap_err().0,
-            150_001
-        );
-    }
-}
-
 // ---------------------------------------------------------------- churn
 
 fn unix_ms() -> u64 {
@@ -594,4 +546,52 @@ fn churn(addr: SocketAddr, o: &Opts) -> io::Result<bool> {
         json!({"held": o.conns, "lost": lost.len(), "lost_at_ms": lost, "probes": probes})
     );
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&v, 100.0), 100);
+        assert_eq!(percentile(&[7], 99.0), 7);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+
+    #[test]
+    fn the_pattern_is_deterministic_and_independent_of_chunking() {
+        let mut a = vec![0u8; 1000];
+        Pattern(9).fill(&mut a);
+        let mut b = vec![0u8; 1000];
+        let mut p = Pattern(9);
+        // Chunks that are multiples of 8 continue the same stream.
+        p.fill(&mut b[..512]);
+        p.fill(&mut b[512..]);
+        assert_eq!(a, b);
+        let mut c = vec![0u8; 1000];
+        Pattern(10).fill(&mut c);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn check_echo_catches_differences_and_short_reads() {
+        let far = Instant::now() + Duration::from_secs(10);
+        let mut data = vec![0u8; 200_000];
+        Pattern(3).fill(&mut data);
+        assert_eq!(check_echo(&mut &data[..], 200_000, 3, far), Ok(200_000));
+        assert!(check_echo(&mut &data[..199_999], 200_000, 3, far).is_err());
+        assert!(
+            check_echo(&mut &data[..], 199_992, 3, far).is_err(),
+            "extra bytes"
+        );
+        data[150_001] ^= 1;
+        assert_eq!(
+            check_echo(&mut &data[..], 200_000, 3, far).unwrap_err().0,
+            150_001
+        );
+    }
 }
