@@ -1,116 +1,431 @@
-//! `cargo xtask demo`: one node, three pods, the real agent. `web` and `catalog` are enrolled,
-//! `legacy` is not; web and legacy call catalog over IPv4 and IPv6, and the summary shows what
-//! the capture layer did with each call.
-use std::net::{IpAddr, SocketAddr};
+//! `cargo xtask demo`: a two-node mesh on this machine running a small shop. `user` calls `web`,
+//! which calls `catalog` and `reviews` (v1 on node 1, v2 on node 2) through their service
+//! addresses; every hop is captured by eBPF and carried over HBONE (mutual TLS) by the node
+//! proxies. The summary shows who called whom, with which identities, and the bytes, read from
+//! the agents' own Istio metrics.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
-use anyhow::{Result, bail};
-use trellis_e2e::{Agent, Node, Pod};
+use anyhow::{Context as _, Result, bail};
+use trellis_e2e::serde_json::{self, Value};
+use trellis_e2e::{Agent, Cluster, Node, Pod, control::Control, node::binary, sys};
 
 use crate::{cmd, setup};
+
+const NS: &str = "shop";
+const REQUESTS: usize = 8;
+
+struct App {
+    pod: &'static str,
+    node: usize,
+    service: &'static str,
+    version: &'static str,
+    calls: &'static [&'static str],
+}
+
+/// Service name, VIP.
+const SERVICES: [(&str, &str); 3] = [
+    ("web", "10.96.0.10"),
+    ("catalog", "10.96.0.11"),
+    ("reviews", "10.96.0.12"),
+];
+
+const APPS: [App; 4] = [
+    App {
+        pod: "web",
+        node: 0,
+        service: "web",
+        version: "v1",
+        calls: &["catalog", "reviews"],
+    },
+    App {
+        pod: "catalog",
+        node: 1,
+        service: "catalog",
+        version: "v1",
+        calls: &[],
+    },
+    App {
+        pod: "reviews-v1",
+        node: 0,
+        service: "reviews",
+        version: "v1",
+        calls: &[],
+    },
+    App {
+        pod: "reviews-v2",
+        node: 1,
+        service: "reviews",
+        version: "v2",
+        calls: &[],
+    },
+];
+
+fn vip(service: &str) -> &'static str {
+    SERVICES
+        .iter()
+        .find(|(s, _)| *s == service)
+        .map(|(_, v)| *v)
+        .expect("a demo service")
+}
 
 pub fn run(once: bool) -> Result<()> {
     setup::run()?;
     cmd::require_root("cargo xtask demo")?;
     cmd::run(cmd::cargo().args(["build", "--bins"]))?;
 
-    eprintln!("demo: creating a node (network namespace + bridge) with pods web, catalog, legacy");
-    let node = Node::new(1);
-    let web = node.add_pod("web");
-    let catalog = node.add_pod("catalog");
-    let legacy = node.add_pod("legacy");
-    catalog.serve(8080);
     eprintln!(
-        "demo: starting trellis-agent for node {} (web and catalog enrolled)",
-        node.name
+        "demo: creating two nodes (network namespaces joined by a fabric) and the shop's pods"
     );
-    let agent = Agent::start(&node, &[&web, &catalog]);
-    agent.wait_pod_state(&web, "enrolled");
-    agent.wait_pod_state(&catalog, "enrolled");
-
-    println!("\nTrellis demo: eBPF capture on node {}", node.name);
-    println!(
-        "  pins: /sys/fs/bpf/trellis/{}   cgroup root: {}",
-        node.name,
-        node.cgroup_root.display()
-    );
-    for (pod, enrolled) in [(&web, true), (&catalog, true), (&legacy, false)] {
-        let state = if enrolled { "enrolled" } else { "not enrolled" };
-        println!(
-            "  pod {:<8} {:<13} {} / {}",
-            pod.name, state, pod.ip4, pod.ip6
-        );
+    let cluster = Cluster::new(2);
+    let pods: Vec<(Pod, &App)> = APPS
+        .iter()
+        .map(|a| (cluster.nodes[a.node].add_pod(a.pod), a))
+        .collect();
+    let user = cluster.nodes[0].add_pod("user");
+    let mut apps: Vec<Child> = Vec::new();
+    for (pod, app) in &pods {
+        apps.push(start_app(pod, app)?);
     }
-    println!();
-    let mut failures = 0;
-    for (from, ip) in [
-        (&web, IpAddr::V4(catalog.ip4)),
-        (&web, IpAddr::V6(catalog.ip6)),
-        (&legacy, IpAddr::V4(catalog.ip4)),
-    ] {
-        let dst = SocketAddr::new(ip, 8080);
-        match call(&agent, from, dst) {
-            Ok(line) => println!("  {:<7} -> {dst:<24} {line}", from.name),
+    let _apps = Reaper(apps);
+
+    let mut files = vec![(
+        "ns.yaml".to_owned(),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}, labels: {{trellis.dev/mesh: enabled}}}}\n"
+        ),
+    )];
+    for (pod, app) in &pods {
+        let node = &cluster.nodes[app.node];
+        files.push((
+            format!("{}.yaml", app.pod),
+            pod_yaml(pod, node, app.service, app.service, app.version),
+        ));
+    }
+    files.push((
+        "user.yaml".into(),
+        pod_yaml(&user, &cluster.nodes[0], "user", "user", "v1"),
+    ));
+    for (name, vip) in SERVICES {
+        files.push((
+            format!("svc-{name}.yaml"),
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+                 spec: {{clusterIP: {vip}, selector: {{app: {name}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+            ),
+        ));
+    }
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, y)| (n.as_str(), y.as_str()))
+        .collect();
+    eprintln!("demo: starting trellis-control (dir mode) and one trellis-agent per node");
+    let control = Control::start(&cluster, &refs);
+    let agents: Vec<Agent> = cluster
+        .nodes
+        .iter()
+        .map(|n| Agent::start_with_control(n, &control))
+        .collect();
+    for (pod, app) in &pods {
+        agents[app.node].wait_pod_state(pod, "enrolled");
+    }
+    agents[0].wait_pod_state(&user, "enrolled");
+    for (i, agent) in agents.iter().enumerate() {
+        let want = APPS.iter().filter(|a| a.node == i).count() + usize::from(i == 0);
+        wait_certificates(agent, want)?;
+    }
+
+    println!("\nTrellis demo: the shop on a two-node mesh");
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let here: Vec<String> = pods
+            .iter()
+            .filter(|(_, a)| a.node == i)
+            .map(|(p, a)| format!("{} ({} {})", p.name, p.ip4, a.version))
+            .chain((i == 0).then(|| format!("user ({})", user.ip4)))
+            .collect();
+        println!("  node {} [{}]: {}", i + 1, node.name, here.join(", "));
+    }
+    println!(
+        "  services: {}",
+        SERVICES
+            .iter()
+            .map(|(s, v)| format!("{s} {v}:80"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("\n  user -> http://{}/ ({REQUESTS} requests)", vip("web"));
+
+    let mut failures = Vec::new();
+    let mut versions: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 1..=REQUESTS {
+        match get(&user, &format!("http://{}:80/", vip("web"))) {
+            Ok(body) => {
+                let calls: Vec<String> = body["calls"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| {
+                        if let Some(e) = c["error"].as_str() {
+                            failures.push(format!("request {i}: web's call failed: {e}"));
+                            return format!("FAILED ({e})");
+                        }
+                        let pod = c["pod"].as_str().unwrap_or("?");
+                        if c["service"] == "reviews" {
+                            *versions.entry(pod.to_owned()).or_default() += 1;
+                        }
+                        format!("{pod} {}", c["version"].as_str().unwrap_or("?"))
+                    })
+                    .collect();
+                println!(
+                    "  {i:>2}. user -> web {} -> {}",
+                    body["version"].as_str().unwrap_or("?"),
+                    calls.join(", ")
+                );
+            }
             Err(e) => {
-                failures += 1;
-                println!("  {:<7} -> {dst:<24} FAILED: {e:#}", from.name);
+                println!("  {i:>2}. FAILED: {e:#}");
+                failures.push(format!("request {i}: {e:#}"));
             }
         }
     }
-    if failures > 0 {
-        bail!("{failures} demo call(s) failed");
+    println!(
+        "  reviews answered by: {}",
+        versions
+            .iter()
+            .map(|(p, n)| format!("{p} x{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if versions.len() < 2 {
+        failures.push("reviews was not balanced over both versions".into());
     }
-    if !once {
-        println!("\n  agent log: {}", agent.log_file().display());
+
+    println!("\n  Who called whom (from the destination proxies' istio_tcp_* metrics):");
+    println!(
+        "  {:<38} {:<40} {:>5} {:>9} {:>9}  security",
+        "source identity", "destination identity", "conns", "bytes in", "bytes out"
+    );
+    let edges = edges(&cluster)?;
+    for e in &edges {
         println!(
-            "  admin: ip netns exec {} curl -s http://127.0.0.1:15000/pods",
-            node.name
+            "  {:<38} {:<40} {:>5} {:>9} {:>9}  {}",
+            short(&e.source),
+            short(&e.destination),
+            e.connections,
+            e.received,
+            e.sent,
+            e.security
         );
+    }
+    for (from, to) in [("user", "web"), ("web", "catalog"), ("web", "reviews")] {
+        let found = edges.iter().any(|e| {
+            e.source.ends_with(&format!("/sa/{from}"))
+                && e.destination.ends_with(&format!("/sa/{to}"))
+                && e.security == "mutual_tls"
+                && e.connections > 0
+        });
+        if !found {
+            failures.push(format!(
+                "no mutual-TLS traffic {from} -> {to} in the metrics"
+            ));
+        }
+    }
+    println!(
+        "\n  metrics: ip netns exec {} curl -s http://127.0.0.1:15020/metrics   (node 2: {})",
+        cluster.nodes[0].name, cluster.nodes[1].name
+    );
+    println!(
+        "  admin:   ip netns exec {} curl -s http://127.0.0.1:15000/config_dump   (also /pods, /certificates)",
+        cluster.nodes[0].name
+    );
+    println!(
+        "  logs:    {} and {}",
+        agents[0].log_file().display(),
+        agents[1].log_file().display()
+    );
+
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("demo: FAILED: {f}");
+        }
+        bail!("{} demo check(s) failed", failures.len());
+    }
+    println!("\n  every hop went over mutual TLS with the callers' own identities.");
+    if !once {
         println!("\nUp. Press Ctrl-C to remove everything.");
         wait_for_signal();
     }
-    eprintln!("demo: removing the agent's pins, pods and node");
+    eprintln!("demo: stopping agents and control, removing pods and nodes");
+    drop(agents);
+    drop(control);
     Ok(())
 }
 
-/// One call through the test app, described by what the agent reported for it.
-fn call(agent: &Agent, from: &Pod, dst: SocketAddr) -> Result<String> {
-    let inbound_lines = |agent: &Agent| {
-        agent
-            .captures()
-            .iter()
-            .filter(|(d, p, _, o)| {
-                d == "inbound" && p.ends_with("/catalog") && o == &dst.to_string()
-            })
-            .count()
-    };
-    let inbound_before = inbound_lines(agent);
-    let out = from.connect(dst, "hello");
-    if out["echo"] != "hello" {
-        bail!("no echo: {out}");
+fn pod_yaml(pod: &Pod, node: &Node, sa: &str, app: &str, version: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {NS}, uid: {}, labels: {{app: {app}, version: {version}}}}}\n\
+         spec: {{nodeName: {}, serviceAccountName: {sa}, containers: []}}\n\
+         status: {{phase: Running, podIPs: [{{ip: \"{}\"}}, {{ip: \"{}\"}}]}}\n",
+        pod.name, pod.uid, node.name, pod.ip4, pod.ip6
+    )
+}
+
+fn start_app(pod: &Pod, app: &App) -> Result<Child> {
+    let mut cmd = Command::new(binary("trellis-demo-app"));
+    cmd.args([
+        "serve",
+        "--service",
+        app.service,
+        "--version",
+        app.version,
+        "--pod",
+        app.pod,
+        "--listen",
+        "[::]:8080",
+    ]);
+    for c in app.calls {
+        cmd.args(["--call", &format!("http://{}:80/", vip(c))]);
     }
-    let local: SocketAddr = out["local"].as_str().unwrap_or_default().parse()?;
-    let captures = agent.captures();
-    let outbound = captures.iter().any(|(d, _, c, o)| {
-        d == "outbound" && o == &dst.to_string() && c.ends_with(&format!(":{}", local.port()))
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while inbound_lines(agent) == inbound_before && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    cmd.stdout(Stdio::piped());
+    let mut child = pod.spawn_app(&mut cmd)?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().context("piped")?),
+        &mut line,
+    )?;
+    if line.trim() != "ready" {
+        bail!("the {} app did not start", app.pod);
     }
-    let inbound = inbound_lines(agent) > inbound_before;
-    let how = match (local.ip().is_loopback(), outbound) {
-        (true, true) => "captured at web's 15001 (agent saw orig dst)",
-        (true, false) => "redirected but the agent did not report it",
-        (false, _) => "direct (not captured)",
-    };
-    Ok(format!(
-        "{how}; {}; echo ok",
-        if inbound {
-            "catalog's 15006 took it inbound"
-        } else {
-            "no inbound capture yet"
+    Ok(child)
+}
+
+/// Kills the apps when the demo ends, however it ends.
+struct Reaper(Vec<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
         }
-    ))
+    }
+}
+
+fn get(from: &Pod, url: &str) -> Result<Value> {
+    let mut cmd = Command::new(binary("trellis-demo-app"));
+    cmd.args(["get", url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = from.spawn_app(&mut cmd)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{url}: no answer within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    serde_json::from_slice(&out.stdout).context("the app's answer is not JSON")
+}
+
+fn wait_certificates(agent: &Agent, want: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((200, body)) = agent.admin("/certificates")
+            && serde_json::from_str::<Vec<Value>>(&body).is_ok_and(|c| c.len() >= want)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "node {}: certificates not issued within 20 s; agent log: {}",
+                agent.node,
+                agent.log_file().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Edge {
+    source: String,
+    destination: String,
+    security: String,
+    connections: u64,
+    received: u64,
+    sent: u64,
+}
+
+/// Connections and bytes per (source, destination) as the destination proxies report them.
+fn edges(cluster: &Cluster) -> Result<Vec<Edge>> {
+    let mut out: BTreeMap<(String, String, String), Edge> = BTreeMap::new();
+    for node in &cluster.nodes {
+        let (code, text) = sys::http_get(
+            &node.name,
+            "127.0.0.1:15020".parse::<SocketAddr>()?,
+            "/metrics",
+        )
+        .with_context(|| format!("reading node {}'s metrics", node.name))?;
+        if code != 200 {
+            bail!("node {}: /metrics answered {code}", node.name);
+        }
+        for line in text
+            .lines()
+            .filter(|l| l.contains("reporter=\"destination\""))
+        {
+            let (Some((name, rest)), Some(value)) = (
+                line.split_once('{'),
+                line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()),
+            ) else {
+                continue;
+            };
+            let label = |k: &str| {
+                rest.split(&format!("{k}=\""))
+                    .nth(1)
+                    .and_then(|v| v.split('"').next())
+                    .unwrap_or("unknown")
+                    .to_owned()
+            };
+            let key = (
+                label("source_principal"),
+                label("destination_principal"),
+                label("connection_security_policy"),
+            );
+            let e = out.entry(key.clone()).or_insert(Edge {
+                source: key.0,
+                destination: key.1,
+                security: key.2,
+                connections: 0,
+                received: 0,
+                sent: 0,
+            });
+            let v = value as u64;
+            match name {
+                "istio_tcp_connections_opened_total" => e.connections += v,
+                "istio_tcp_received_bytes_total" => e.received += v,
+                "istio_tcp_sent_bytes_total" => e.sent += v,
+                _ => {}
+            }
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
+/// `spiffe://cluster.local/ns/shop/sa/web` → `shop/web`.
+fn short(id: &str) -> String {
+    id.strip_prefix("spiffe://")
+        .and_then(|r| r.split_once("/ns/"))
+        .map(|(_, r)| r.replace("/sa/", "/"))
+        .unwrap_or_else(|| id.to_owned())
 }
 
 fn wait_for_signal() {
