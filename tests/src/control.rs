@@ -63,8 +63,9 @@ impl Control {
             .arg(self.dir.join("token"))
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        self.child =
-            Some(sys::spawn_in(cluster.fabric(), None, &mut cmd).expect("starting trellis-control"));
+        self.child = Some(
+            sys::spawn_in(cluster.fabric(), None, &mut cmd).expect("starting trellis-control"),
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while sys::connect_in(
             cluster.fabric(),
