@@ -2,7 +2,7 @@
 //! VIP and port, workloads by IP, and each local pod's PeerAuthentication mode. Connections read
 //! one immutable snapshot; the config follower is its only writer.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -113,6 +113,8 @@ pub struct MeshState {
     pub workloads: HashMap<IpAddr, Arc<Workload>>,
     /// Local pods' PeerAuthentication, by pod UID.
     pub peer_auth: HashMap<String, PeerAuth>,
+    /// Local pods' addresses and ports that a service declares HTTP/1 (served at L7 inbound).
+    pub http_ports: HashSet<SocketAddr>,
 }
 
 impl MeshState {
@@ -132,6 +134,11 @@ impl MeshState {
                 workloads.insert(ip, info.clone());
             }
         }
+        let local_ips: HashSet<IpAddr> = local
+            .iter()
+            .flat_map(|w| w.ips.iter().filter_map(|ip| ip.parse().ok()))
+            .collect();
+        let mut http_ports = HashSet::new();
         let mut services = HashMap::new();
         for s in cfg.services() {
             let eps: Vec<(Arc<Workload>, &api::Endpoint)> = s
@@ -169,6 +176,14 @@ impl MeshState {
                         })
                     })
                     .collect();
+                if p.protocol == api::Protocol::Http as i32 {
+                    http_ports.extend(
+                        endpoints
+                            .iter()
+                            .filter(|e| local_ips.contains(&e.ip))
+                            .map(|e| SocketAddr::new(e.ip, e.port)),
+                    );
+                }
                 let sp = Arc::new(ServicePort {
                     namespace: s.namespace.clone(),
                     name: s.name.clone(),
@@ -205,6 +220,7 @@ impl MeshState {
             services,
             workloads,
             peer_auth,
+            http_ports,
         }
     }
 

@@ -42,7 +42,7 @@ fn pod_yaml(pod: &Pod, ns: &str, node: &Node, sa: &str, app: &str) -> String {
 fn service_yaml() -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: shop}}\n\
-         spec: {{clusterIP: {VIP}, selector: {{app: server}}, ports: [{{name: tcp-echo, port: 80, targetPort: 8080}}, {{name: tcp-bulk, port: 7000, targetPort: 7000}}]}}\n"
+         spec: {{clusterIP: {VIP}, selector: {{app: server}}, ports: [{{name: tcp-echo, port: 80, targetPort: 8080}}, {{name: tcp-bulk, port: 7000, targetPort: 7000}}, {{name: http, port: 8081, targetPort: 9080}}]}}\n"
     )
 }
 
@@ -79,6 +79,7 @@ impl Shop {
         client.serve(8080);
         server.serve(8080);
         serve_bulk(&server);
+        serve_http(&server);
         let control = Control::start(
             &cluster,
             &[
@@ -145,6 +146,48 @@ fn serve_bulk(pod: &Pod) {
     assert_eq!(line.trim(), "ready");
     // The pod's cgroup is torn down with the pod; the child dies with it.
     std::mem::forget(child);
+}
+
+/// The demo app on 9080: it answers JSON with the client identity the mesh vouched for.
+fn serve_http(pod: &Pod) {
+    let mut cmd = Command::new(binary("trellis-demo-app"));
+    cmd.args([
+        "serve",
+        "--service",
+        "server",
+        "--pod",
+        &pod.name,
+        "--listen",
+        "[::]:9080",
+    ])
+    .stdout(Stdio::piped());
+    let mut child = pod.spawn_app(&mut cmd).expect("starting the demo app");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    std::mem::forget(child);
+}
+
+/// One GET from `pod` (as its app), with `headers`; the JSON body.
+fn http_get(pod: &Pod, url: &str, headers: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new(binary("trellis-demo-app"));
+    cmd.args(["get", url]);
+    for h in headers {
+        cmd.args(["--header", h]);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "GET {url} from {}: {}",
+        pod.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn wait_certificate(agent: &Agent, identity: &str) {
@@ -729,4 +772,36 @@ fn the_mesh_rides_out_a_control_outage_and_an_agent_restart() {
             .all(|p| p[1] == true),
         "connections failed after recovery: {out}"
     );
+}
+
+#[test]
+fn http_ports_tell_the_app_the_verified_caller_and_strip_forgeries() {
+    let shop = Shop::start();
+    let forged = format!(
+        "x-forwarded-client-cert: By=x;URI={}",
+        spiffe("shop", "admin")
+    );
+    // Over the mesh: the app sees the caller's verified identity, whatever the caller claimed.
+    for url in [
+        format!("http://{VIP}:8081/"),
+        format!("http://{}:9080/", shop.server.ip4),
+    ] {
+        let body = http_get(&shop.client, &url, &[&forged]);
+        assert_eq!(
+            body["client_identity"],
+            spiffe("shop", "client"),
+            "{url}: {body}\n{}",
+            shop.logs()
+        );
+    }
+    // In plaintext (PERMISSIVE) from outside the mesh: no identity, and the forgery is removed.
+    let body = http_get(
+        &shop.outsider,
+        &format!("http://{}:9080/", shop.server.ip4),
+        &[&forged],
+    );
+    assert!(body["client_identity"].is_null(), "{body}");
+    // Not an HTTP port: bytes pass untouched (the echo app's banner and echo).
+    let out = shop.client.connect(shop.vip(80), "GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(out["echo"], "GET / HTTP/1.1\r\n\r\n", "{out}");
 }

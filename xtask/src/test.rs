@@ -15,7 +15,18 @@ pub fn run(args: &[String]) -> Result<()> {
     // Binaries first: the end-to-end tests run the real agent and test-pod programs.
     cmd::run(cmd::cargo().args(["build", "--bins"]))?;
     cmd::run(cmd::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    let (passed, failed) = cargo_test(args)?;
+    let (mut passed, mut failed) = cargo_test(args)?;
+    // The README's main command, end to end (not when a test filter was given).
+    if args.is_empty() {
+        eprintln!("$ cargo xtask demo --once");
+        match crate::demo::run(true) {
+            Ok(()) => passed += 1,
+            Err(e) => {
+                eprintln!("demo --once FAILED: {e:#}");
+                failed += 1;
+            }
+        }
+    }
     // One total for the whole run (cargo prints one line per test binary).
     println!("summary: {passed} passed, {failed} failed");
     if failed > 0 || passed == 0 {

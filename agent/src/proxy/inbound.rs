@@ -1,7 +1,11 @@
 //! Inbound: HBONE on 15008 (mutual TLS, the client's SPIFFE ID checked, then a CONNECT stream per
 //! connection to the app) and captured plaintext on 15006 (passed to the app unless the pod's
 //! PeerAuthentication is STRICT for that port).
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
 
 use http_body_util::Empty;
 use hyper::{
@@ -15,9 +19,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    CONNECT_TIMEOUT, PodCtx, Shared, canonical, connect,
+    CONNECT_TIMEOUT, Counted, PodCtx, Shared, canonical, connect,
     hbone::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
-    labels, splice,
+    http_inbound, labels, splice,
 };
 use crate::tls;
 
@@ -27,12 +31,13 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         Ok(a) => canonical(a),
         Err(e) => return warn!(pod = %pod.name, "inbound connection without a local address: {e}"),
     };
-    let (refuse, source, destination) = {
+    let (refuse, source, destination, http) = {
         let state = shared.state.borrow();
         (
             state.peer_auth(&pod.uid).refuses_plaintext(dst.port()),
             state.workloads.get(&peer.ip()).cloned(),
             pod.workload(&state),
+            state.http_ports.contains(&dst),
         )
     };
     if refuse {
@@ -55,7 +60,18 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
     match to_app(&pod, dst).await {
         Ok(mut app) => {
             shared.metrics.opened(&labels);
-            let (received, sent) = splice(&mut client, &mut app).await.unwrap_or_default();
+            let (received, sent) = if http {
+                // Served at L7 only to strip any forged client identity header.
+                let client = Counted::new(client);
+                let (read, written) = client.counters();
+                http_inbound::serve(client, app, None).await;
+                (
+                    read.load(Ordering::Relaxed),
+                    written.load(Ordering::Relaxed),
+                )
+            } else {
+                splice(&mut client, &mut app).await.unwrap_or_default()
+            };
             shared.metrics.closed(&labels, received, sent);
         }
         Err(e) => {
@@ -136,7 +152,7 @@ async fn tunnel(
         warn!(pod = %pod.name, client_identity = client_id, %target, "HBONE CONNECT to an address that is not this pod's; refused");
         return status(StatusCode::FORBIDDEN);
     }
-    let (source, destination) = {
+    let (source, destination, http) = {
         let state = shared.state.borrow();
         // The tunnel comes from the client pod's own address; trust that only if the identity agrees.
         let source = state
@@ -144,7 +160,11 @@ async fn tunnel(
             .get(&peer.ip())
             .filter(|w| w.identity.as_deref() == Some(client_id))
             .cloned();
-        (source, pod.workload(&state))
+        (
+            source,
+            pod.workload(&state),
+            state.http_ports.contains(&target),
+        )
     };
     let labels = labels(
         "destination",
@@ -163,13 +183,25 @@ async fn tunnel(
         }
     };
     let upgrade = hyper::upgrade::on(&mut req);
+    let client_id = client_id.to_owned();
     tokio::spawn(async move {
         match upgrade.await {
             Ok(up) => {
                 shared.metrics.opened(&labels);
-                let (received, sent) = splice(&mut TokioIo::new(up), &mut app)
-                    .await
-                    .unwrap_or_default();
+                let (received, sent) = match (http, pod.identity.as_deref()) {
+                    (true, Some(server_id)) => {
+                        let client = Counted::new(TokioIo::new(up));
+                        let (read, written) = client.counters();
+                        http_inbound::serve(client, app, Some((server_id, &client_id))).await;
+                        (
+                            read.load(Ordering::Relaxed),
+                            written.load(Ordering::Relaxed),
+                        )
+                    }
+                    _ => splice(&mut TokioIo::new(up), &mut app)
+                        .await
+                        .unwrap_or_default(),
+                };
                 shared.metrics.closed(&labels, received, sent);
             }
             Err(e) => warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),

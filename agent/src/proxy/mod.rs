@@ -2,6 +2,7 @@
 //! (outbound capture), [::]:15006 (inbound plaintext capture) and, once it has an identity,
 //! [::]:15008 (inbound HBONE). One agent process serves every pod on the node.
 mod hbone;
+mod http_inbound;
 mod inbound;
 mod outbound;
 mod pool;
@@ -9,14 +10,19 @@ mod pool;
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
 use socket2::{Domain, Socket, Type};
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -237,5 +243,64 @@ fn labels(
         request_protocol: "tcp",
         connection_security_policy: if mtls { "mutual_tls" } else { "none" },
         response_flags: "-",
+    }
+}
+
+/// Counts the bytes read from and written to an I/O object, for metrics where the proxy does
+/// not simply splice.
+pub struct Counted<T> {
+    inner: T,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    pub fn new(inner: T) -> Self {
+        Self {
+            inner,
+            read: Arc::default(),
+            written: Arc::default(),
+        }
+    }
+
+    /// (bytes read, bytes written), readable after `self` is gone.
+    pub fn counters(&self) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
+        (self.read.clone(), self.written.clone())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

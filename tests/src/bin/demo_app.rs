@@ -3,7 +3,7 @@
 //! `x-forwarded-client-cert` header, when a proxy adds one), after calling its own upstreams.
 //!
 //! - `serve --service S --version V --pod P --listen ADDR [--call URL]...`
-//! - `get URL`: one GET, prints the body (exit non-zero on failure).
+//! - `get URL [--header 'NAME: VALUE']...`: one GET, prints the body (exit non-zero on failure).
 //!
 //! Std only: the demo needs nothing more, and a plain app shows the mesh needs no app changes.
 use std::{
@@ -30,8 +30,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("serve") => parse_serve(&args[1..]).and_then(serve),
-        Some("get") if args.len() == 2 => get(&args[1]).map(|body| println!("{body}")),
-        _ => Err("usage: trellis-demo-app serve --service S --version V --pod P --listen ADDR [--call URL]... | get URL".into()),
+        Some("get") if args.len() >= 2 => headers(&args[2..])
+            .and_then(|h| get(&args[1], &h))
+            .map(|body| println!("{body}")),
+        _ => Err("usage: trellis-demo-app serve --service S --version V --pod P --listen ADDR [--call URL]... | get URL [--header 'NAME: VALUE']...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -108,7 +110,7 @@ fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
     let calls: Vec<Value> = cfg
         .calls
         .iter()
-        .map(|url| match get(url) {
+        .map(|url| match get(url, &[]) {
             Ok(body) => serde_json::from_str(&body).unwrap_or(json!({ "url": url, "body": body })),
             Err(e) => json!({ "url": url, "error": e }),
         })
@@ -129,8 +131,20 @@ fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
     )
 }
 
+fn headers(args: &[String]) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        match (flag.as_str(), it.next()) {
+            ("--header", Some(h)) if h.contains(':') => out.push(h.clone()),
+            _ => return Err(format!("expected --header 'NAME: VALUE', got {flag}")),
+        }
+    }
+    Ok(out)
+}
+
 /// GET `http://HOST:PORT/PATH` (IP literals only: the demo has no DNS), returning the body.
-fn get(url: &str) -> Result<String, String> {
+fn get(url: &str, headers: &[String]) -> Result<String, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or(format!("{url}: only http:// URLs"))?;
@@ -142,9 +156,10 @@ fn get(url: &str) -> Result<String, String> {
     let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("{url}: {e}"))?;
     s.set_read_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(
         s,
-        "GET /{path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+        "GET /{path} HTTP/1.1\r\nhost: {host}\r\n{extra}connection: close\r\n\r\n"
     )
     .map_err(|e| format!("{url}: {e}"))?;
     let mut resp = String::new();
