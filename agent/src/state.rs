@@ -42,6 +42,8 @@ pub struct Endpoint {
 pub struct ServicePort {
     pub namespace: String,
     pub name: String,
+    /// Declared HTTP/1 (appProtocol or port name): proxied per request on the client's node.
+    pub http: bool,
     pub endpoints: Vec<Endpoint>,
     #[serde(skip)]
     next: AtomicUsize,
@@ -176,7 +178,8 @@ impl MeshState {
                         })
                     })
                     .collect();
-                if p.protocol == api::Protocol::Http as i32 {
+                let http = p.protocol == api::Protocol::Http as i32;
+                if http {
                     http_ports.extend(
                         endpoints
                             .iter()
@@ -187,6 +190,7 @@ impl MeshState {
                 let sp = Arc::new(ServicePort {
                     namespace: s.namespace.clone(),
                     name: s.name.clone(),
+                    http,
                     endpoints,
                     next: AtomicUsize::new(0),
                 });

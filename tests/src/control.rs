@@ -14,12 +14,19 @@ use crate::{
 
 pub struct Control {
     dir: PathBuf,
+    /// Extra command-line arguments for trellis-control.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Control {
     /// Starts control on the objects in `files` (name, YAML) and waits until it listens.
     pub fn start(cluster: &Cluster, files: &[(&str, &str)]) -> Self {
+        Self::start_with(cluster, files, &[])
+    }
+
+    /// As `start`, with extra arguments for trellis-control (e.g. `--workload-cert-ttl 10s`).
+    pub fn start_with(cluster: &Cluster, files: &[(&str, &str)], args: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-control", sys::unique_name()));
         fs::create_dir_all(dir.join("yaml")).unwrap();
         fs::write(
@@ -27,7 +34,11 @@ impl Control {
             format!("bootstrap-{}", sys::unique_name()),
         )
         .unwrap();
-        let control = Self { dir, child: None };
+        let control = Self {
+            dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
         for (name, yaml) in files {
             control.write(name, yaml);
         }
@@ -61,6 +72,7 @@ impl Control {
             .arg(self.dir.join("ca"))
             .arg("--bootstrap-token-file")
             .arg(self.dir.join("token"))
+            .args(&self.args)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         self.child = Some(

@@ -66,11 +66,11 @@ struct Shop {
 
 impl Shop {
     fn start() -> Self {
-        Self::start_on(2)
+        Self::start_on(2, &[])
     }
 
-    /// As `start`, on `nodes` nodes; nodes past the second have no agent.
-    fn start_on(nodes: u8) -> Self {
+    /// As `start`, on `nodes` nodes (past the second have no agent), control run with `args`.
+    fn start_on(nodes: u8, args: &[&str]) -> Self {
         let cluster = Cluster::new(nodes);
         let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
         let client = n1.add_pod("client");
@@ -80,7 +80,7 @@ impl Shop {
         server.serve(8080);
         serve_bulk(&server);
         serve_http(&server);
-        let control = Control::start(
+        let control = Control::start_with(
             &cluster,
             &[
                 ("ns-shop.yaml", &namespace("shop", true)),
@@ -99,6 +99,7 @@ impl Shop {
                 ),
                 ("svc.yaml", &service_yaml()),
             ],
+            args,
         );
         let agents = vec![
             Agent::start_with_control(n1, &control),
@@ -534,7 +535,7 @@ async fn hbone_call(
 
 #[test]
 fn impostors_are_refused_at_both_ends() {
-    let shop = Shop::start_on(3);
+    let shop = Shop::start_on(3, &[]);
     let ca = shop.control.ca_dir();
     let root = std::fs::read_to_string(ca.join("ca.pem")).unwrap();
     let key =
@@ -804,4 +805,31 @@ fn http_ports_tell_the_app_the_verified_caller_and_strip_forgeries() {
     // Not an HTTP port: bytes pass untouched (the echo app's banner and echo).
     let out = shop.client.connect(shop.vip(80), "GET / HTTP/1.1\r\n\r\n");
     assert_eq!(out["echo"], "GET / HTTP/1.1\r\n\r\n", "{out}");
+}
+
+#[test]
+fn certificate_renewal_under_load_drops_no_connection() {
+    // 10 s certificates: each agent renews at half life, every 5 s, during the run.
+    let shop = Shop::start_on(2, &["--workload-cert-ttl", "10s"]);
+    let run = churn(&shop.client, shop.vip(7000), 4, 12);
+    let out = report(run);
+    assert_eq!(out["lost"], 0, "connections lost across renewals: {out}");
+    let probes = out["probes"].as_array().unwrap();
+    assert!(
+        probes.iter().all(|p| p[1] == true),
+        "a new connection failed across renewals: {out}\n{}",
+        shop.logs()
+    );
+    for (agent, sa) in [(&shop.agents[0], "client"), (&shop.agents[1], "server")] {
+        let issued = agent
+            .logs()
+            .iter()
+            .filter(|v| v["message"] == "certificate issued" && v["identity"] == spiffe("shop", sa))
+            .count();
+        assert!(
+            issued >= 3,
+            "{sa}: {issued} certificates issued, wanted renewals:\n{}",
+            shop.logs()
+        );
+    }
 }

@@ -5,12 +5,9 @@
 //! Upgrades (WebSocket) are passed through once the app agrees.
 use std::{convert::Infallible, sync::Arc};
 
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::BodyExt;
 use hyper::{
-    Request, Response, StatusCode,
-    body::{Bytes, Incoming},
-    header::HeaderValue,
-    service::service_fn,
+    Request, Response, StatusCode, body::Incoming, header::HeaderValue, service::service_fn,
 };
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -20,11 +17,9 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::splice;
+use super::http::{self, Body};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
-
-type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Serves HTTP/1.1 from `client`, forwarding to `app` over one connection. `identities` is
 /// (server, client) for mutual-TLS callers, None for plaintext ones.
@@ -40,15 +35,10 @@ where
         },
         None => None,
     };
-    let (sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(app)).await {
-        Ok(pair) => pair,
-        Err(e) => return debug!("HTTP/1 handshake with the app: {e}"),
+    let sender = match http::client(TokioIo::new(app)).await {
+        Ok(s) => s,
+        Err(e) => return debug!("HTTP/1 handshake with the app: {e:#}"),
     };
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            debug!("app connection ended: {e}");
-        }
-    });
     let sender = Arc::new(Mutex::new(sender));
     let service = service_fn(move |req| forward(req, sender.clone(), xfcc.clone()));
     if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -81,22 +71,12 @@ async fn forward(
         Ok(resp) => resp,
         Err(e) => {
             debug!("forwarding to the app: {e}");
-            let mut resp = Response::new(
-                Full::new(Bytes::from_static(b"upstream connect error\n"))
-                    .map_err(|never| match never {})
-                    .boxed(),
-            );
-            *resp.status_mut() = StatusCode::BAD_GATEWAY;
-            return Ok(resp);
+            return Ok(http::error(
+                StatusCode::BAD_GATEWAY,
+                "upstream connect error\n",
+            ));
         }
     };
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let app_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            if let (Ok(c), Ok(a)) = (client_upgrade.await, app_upgrade.await) {
-                let _ = splice(&mut TokioIo::new(c), &mut TokioIo::new(a)).await;
-            }
-        });
-    }
+    http::pass_upgrade(client_upgrade, &mut resp);
     Ok(resp.map(BodyExt::boxed))
 }

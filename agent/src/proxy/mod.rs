@@ -2,7 +2,9 @@
 //! (outbound capture), [::]:15006 (inbound plaintext capture) and, once it has an identity,
 //! [::]:15008 (inbound HBONE). One agent process serves every pod on the node.
 mod hbone;
+mod http;
 mod http_inbound;
+mod http_outbound;
 mod inbound;
 mod outbound;
 mod pool;

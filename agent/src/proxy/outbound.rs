@@ -1,11 +1,14 @@
 //! Outbound: a pod's captured connection → its original destination → service endpoint →
 //! HBONE (mesh endpoints) or plain TCP (everything else).
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
 
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{PodCtx, Shared, connect, hbone, labels, splice};
+use super::{Counted, PodCtx, Shared, connect, hbone, http_outbound, labels, splice};
 use crate::state::Route;
 
 pub async fn handle(
@@ -19,10 +22,36 @@ pub async fn handle(
         return;
     };
     let _ = client.set_nodelay(true);
-    let (route, source) = {
+    let (http, source) = {
         let state = shared.state.borrow();
-        (state.route(dst), pod.workload(&state))
+        let http = state.services.get(&dst).filter(|s| s.http).map(|s| {
+            let mtls = s.endpoints.iter().all(|e| e.workload.identity.is_some());
+            (s.host(), mtls)
+        });
+        (http, pod.workload(&state))
     };
+    if let Some((service, mtls)) = http {
+        // Balanced per request, so the endpoint is chosen later, request by request.
+        let labels = labels(
+            "source",
+            source.as_deref(),
+            pod.identity.as_deref(),
+            None,
+            Some(&service),
+            mtls,
+        );
+        info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, protocol = "http", "connection captured");
+        shared.metrics.opened(&labels);
+        let client = Counted::new(client);
+        let (read, written) = client.counters();
+        http_outbound::serve(client, dst, pod.clone(), shared.clone()).await;
+        return shared.metrics.closed(
+            &labels,
+            read.load(Ordering::Relaxed),
+            written.load(Ordering::Relaxed),
+        );
+    }
+    let route = shared.state.borrow().route(dst);
     let source = source.as_deref();
     match route {
         Route::Hbone {
