@@ -139,6 +139,13 @@ fn key_of(r: &api::Resource) -> Result<(i32, String)> {
         }
         Some(Resource::Service(s)) => {
             ips(&s.vips, &format!("service {}/{}", s.namespace, s.name))?;
+            for p in &s.ports {
+                for r in &p.http_routes {
+                    crate::http_route::HttpRoute::compile(r).with_context(|| {
+                        format!("service {}/{} port {}", s.namespace, s.name, p.port)
+                    })?;
+                }
+            }
             for e in &s.endpoints {
                 ips(
                     &e.ips,

@@ -3,6 +3,7 @@ pub mod admin;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod http_route;
 pub mod identity;
 pub mod metrics;
 pub mod netns;

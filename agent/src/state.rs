@@ -10,11 +10,12 @@ use std::{
     },
 };
 
+use hyper::{HeaderMap, Method};
 use serde::{Deserialize, Serialize};
 use trellis_api as api;
 use trellis_common::HBONE_PORT;
 
-use crate::config::NodeConfig;
+use crate::{config::NodeConfig, http_route::HttpRoute};
 
 /// The namespace whose selector-less PeerAuthentication applies mesh-wide (as Istio's root).
 pub const ROOT_NAMESPACE: &str = "trellis-system";
@@ -29,6 +30,9 @@ pub struct Workload {
     /// The `app` and `version` labels (Istio's canonical service and revision), for metrics.
     pub app: String,
     pub version: String,
+    /// The pod's labels, for DestinationRule subsets.
+    #[serde(skip)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -42,8 +46,11 @@ pub struct Endpoint {
 pub struct ServicePort {
     pub namespace: String,
     pub name: String,
+    pub port: u16,
     /// Declared HTTP/1 (appProtocol or port name): proxied per request on the client's node.
     pub http: bool,
+    /// VirtualService routes (HTTP ports); none: every request balanced over all endpoints.
+    pub routes: Vec<HttpRoute>,
     pub endpoints: Vec<Endpoint>,
     #[serde(skip)]
     next: AtomicUsize,
@@ -84,6 +91,15 @@ impl PeerAuth {
     }
 }
 
+/// Why an HTTP request has nowhere to go.
+#[derive(Debug)]
+pub enum HttpRefusal {
+    /// The service has routes and none matches (Istio answers 404).
+    NoRoute,
+    /// The chosen destination has no endpoint (503, Envoy's "no healthy upstream").
+    NoUpstream(String),
+}
+
 /// Where an outbound connection goes.
 #[derive(Debug)]
 pub enum Route {
@@ -111,6 +127,9 @@ pub struct MeshState {
     pub trust_domain: String,
     /// By VIP and service port.
     pub services: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// The same, by `namespace/name` and service port (route destinations name services).
+    #[serde(skip)]
+    by_name: HashMap<(String, u16), Arc<ServicePort>>,
     /// Every pod control told us of (endpoints anywhere, workloads here), by IP.
     pub workloads: HashMap<IpAddr, Arc<Workload>>,
     /// Local pods' PeerAuthentication, by pod UID.
@@ -131,6 +150,7 @@ impl MeshState {
                 node: if w.node.is_empty() { node } else { &w.node }.to_owned(),
                 app: label(&w.labels, "app", &w.name),
                 version: label(&w.labels, "version", "unknown"),
+                labels: w.labels.clone().into_iter().collect(),
             });
             for ip in w.ips.iter().filter_map(|ip| ip.parse().ok()) {
                 workloads.insert(ip, info.clone());
@@ -142,6 +162,7 @@ impl MeshState {
             .collect();
         let mut http_ports = HashSet::new();
         let mut services = HashMap::new();
+        let mut by_name = HashMap::new();
         for s in cfg.services() {
             let eps: Vec<(Arc<Workload>, &api::Endpoint)> = s
                 .endpoints
@@ -154,6 +175,7 @@ impl MeshState {
                         node: e.node.clone(),
                         app: label(&e.labels, "app", &e.pod_name),
                         version: label(&e.labels, "version", "unknown"),
+                        labels: e.labels.clone().into_iter().collect(),
                     });
                     for ip in e.ips.iter().filter_map(|ip| ip.parse().ok()) {
                         workloads.entry(ip).or_insert_with(|| info.clone());
@@ -190,13 +212,21 @@ impl MeshState {
                 let sp = Arc::new(ServicePort {
                     namespace: s.namespace.clone(),
                     name: s.name.clone(),
+                    port,
                     http,
+                    // NodeConfig::apply checked that these compile.
+                    routes: p
+                        .http_routes
+                        .iter()
+                        .filter_map(|r| HttpRoute::compile(r).ok())
+                        .collect(),
                     endpoints,
                     next: AtomicUsize::new(0),
                 });
                 for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                     services.insert(SocketAddr::new(vip, port), sp.clone());
                 }
+                by_name.insert((format!("{}/{}", s.namespace, s.name), port), sp);
             }
         }
         let policies: Vec<(String, PeerAuthSpec)> = cfg
@@ -222,6 +252,7 @@ impl MeshState {
             version: cfg.version,
             trust_domain: cfg.trust_domain.clone(),
             services,
+            by_name,
             workloads,
             peer_auth,
             http_ports,
@@ -249,6 +280,60 @@ impl MeshState {
             );
         }
         to(dst, self.workloads.get(&dst.ip()).cloned(), None)
+    }
+
+    /// Where one HTTP request to the service port `vip` goes: the first matching route, a
+    /// destination by weight, an endpoint of its subset round robin.
+    pub fn route_http(
+        &self,
+        vip: SocketAddr,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Route, HttpRefusal> {
+        let Some(svc) = self.services.get(&vip) else {
+            return Ok(self.route(vip));
+        };
+        if svc.routes.is_empty() {
+            return Ok(self.route(vip));
+        }
+        let route = svc
+            .routes
+            .iter()
+            .find(|r| r.matches(method, path, headers))
+            .ok_or(HttpRefusal::NoRoute)?;
+        let dst = route.pick().ok_or_else(|| {
+            HttpRefusal::NoUpstream(format!("route {}: every weight is 0", route.name))
+        })?;
+        let port = if dst.port == 0 { vip.port() } else { dst.port };
+        let target = self
+            .by_name
+            .get(&(dst.service.clone(), port))
+            .ok_or_else(|| {
+                HttpRefusal::NoUpstream(format!("{} has no port {port}", dst.service))
+            })?;
+        let eligible: Vec<&Endpoint> = target
+            .endpoints
+            .iter()
+            .filter(|e| e.ip.is_ipv4() == vip.is_ipv4())
+            .filter(|e| {
+                dst.subset_labels
+                    .iter()
+                    .all(|(k, v)| e.workload.labels.get(k) == Some(v))
+            })
+            .collect();
+        if eligible.is_empty() {
+            return Err(HttpRefusal::NoUpstream(format!(
+                "{} subset {:?} has no endpoint",
+                dst.service, dst.subset
+            )));
+        }
+        let e = eligible[target.next.fetch_add(1, Ordering::Relaxed) % eligible.len()];
+        Ok(to(
+            SocketAddr::new(e.ip, e.port),
+            Some(e.workload.clone()),
+            Some(target.host()),
+        ))
     }
 
     pub fn peer_auth(&self, uid: &str) -> PeerAuth {
@@ -393,7 +478,7 @@ mod tests {
                 name: "http".into(),
                 port: 80,
                 target_port: 9080,
-                protocol: 0,
+                ..Default::default()
             }],
             endpoints: vec![
                 endpoint("reviews-v1", "10.244.2.10", true),

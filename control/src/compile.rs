@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use trellis_api as api;
 
-use crate::model::{Cluster, PodInfo, ServiceInfo, TargetPort};
+use crate::{
+    model::{Cluster, PodInfo, ServiceInfo, TargetPort},
+    routes,
+};
 
 /// Namespace whose security policies apply mesh-wide (Istio's root namespace).
 pub const ROOT_NAMESPACE: &str = "trellis-system";
@@ -132,6 +135,12 @@ fn service(cluster: &Cluster, s: &ServiceInfo, trust_domain: &str) -> api::Servi
                     TargetPort::Name(_) => 0,
                 },
                 protocol: protocol(p.app_protocol.as_deref(), &p.name) as i32,
+                http_routes: if protocol(p.app_protocol.as_deref(), &p.name) == api::Protocol::Http
+                {
+                    routes::http_routes(cluster, s, p)
+                } else {
+                    Vec::new()
+                },
             })
             .collect(),
         endpoints,
@@ -259,6 +268,62 @@ mod tests {
             svc.endpoints[0].identity,
             "spiffe://cluster.local/ns/shop/sa/sa"
         );
+    }
+
+    #[test]
+    fn virtual_services_compile_into_the_http_routes_of_the_service_they_name() {
+        let mut c = cluster();
+        let policy = |kind: &'static str, name: &str, spec: serde_json::Value| {
+            Object::Policy(crate::istio::PolicyObject {
+                kind,
+                namespace: "shop".into(),
+                name: name.into(),
+                spec,
+            })
+        };
+        c.insert(policy(
+            "DestinationRule",
+            "reviews",
+            serde_json::json!({"host": "reviews.shop.svc.cluster.local",
+                "subsets": [{"name": "v2", "labels": {"version": "v2"}}]}),
+        ));
+        c.insert(policy(
+            "VirtualService",
+            "reviews",
+            serde_json::json!({"hosts": ["reviews"], "http": [
+                {"match": [{"headers": {"End-User": {"exact": "jason"}}}],
+                 "route": [{"destination": {"host": "reviews", "subset": "v2"}}]},
+                {"match": [{"port": 9999}], "route": [{"destination": {"host": "reviews"}}]},
+                {"route": [{"destination": {"host": "10.96.0.10", "subset": "v3"}, "weight": 100}]}]}),
+        ));
+        c.insert(policy(
+            "VirtualService",
+            "other",
+            serde_json::json!({"hosts": ["ratings"], "http": [{"route": [{"destination": {"host": "ratings"}}]}]}),
+        ));
+        let cfg = node_config(&c, "n1", "cluster.local");
+        let svc = match &cfg[&(api::Kind::Service as i32, "shop/reviews".into())].resource {
+            Some(api::resource::Resource::Service(s)) => s.clone(),
+            other => panic!("{other:?}"),
+        };
+        let routes = &svc.ports[0].http_routes;
+        assert_eq!(
+            routes.len(),
+            2,
+            "the port-9999 route does not apply to port 80: {routes:?}"
+        );
+        assert_eq!(routes[0].name, "shop/reviews/0");
+        assert!(routes[0].matches[0].headers.contains_key("end-user"));
+        let d = &routes[0].destinations[0];
+        assert_eq!((d.service.as_str(), d.weight), ("shop/reviews", 100));
+        assert_eq!(
+            d.subset_labels,
+            [("version".to_owned(), "v2".to_owned())].into()
+        );
+        // A subset no DestinationRule defines selects no pod (Istio: 503), never all of them.
+        let d = &routes[1].destinations[0];
+        assert_eq!(d.subset, "v3");
+        assert!(d.subset_labels.contains_key("trellis.dev/undefined-subset"));
     }
 
     #[test]

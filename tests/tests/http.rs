@@ -56,7 +56,7 @@ fn app(pod: &Pod, args: &[&str]) -> (bool, String, String) {
 /// client on node 1; web v1 on node 1 and v2 on node 2 behind one HTTP service.
 struct Web {
     agents: Vec<Agent>,
-    _control: Control,
+    control: Control,
     client: Pod,
     _pods: Vec<Pod>,
     _cluster: Cluster,
@@ -107,7 +107,7 @@ impl Web {
         }
         Self {
             agents,
-            _control: control,
+            control,
             client,
             _pods: vec![v1, v2],
             _cluster: cluster,
@@ -171,4 +171,148 @@ fn malformed_requests_get_400_and_the_connection_closes() {
     let (ok, out, err) = app(&web.client, &["get", &format!("http://{VIP}:80/")]);
     assert!(ok, "{err}");
     assert!(out.contains("\"service\":\"web\""), "{out}");
+}
+
+const DR: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\n\
+    spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}\n";
+
+fn vs(http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: shop}}\n\
+         spec: {{hosts: [web], http: [{http}]}}\n"
+    )
+}
+
+fn weights(v1: u32, v2: u32) -> String {
+    vs(&format!(
+        "{{route: [{{destination: {{host: web, subset: v1}}, weight: {v1}}}, {{destination: {{host: web, subset: v2}}, weight: {v2}}}]}}"
+    ))
+}
+
+/// `count` requests on one connection from the client; the bodies.
+fn requests(web: &Web, count: usize, headers: &[&str]) -> Vec<serde_json::Value> {
+    let url = format!("http://{VIP}:80/");
+    let count = count.to_string();
+    let mut args = vec!["get", url.as_str(), "--count", count.as_str()];
+    for h in headers {
+        args.extend(["--header", h]);
+    }
+    let (ok, out, err) = app(&web.client, &args);
+    assert!(ok, "{err}\n{}", web.agents[0].log_text());
+    match serde_json::from_str(&out).unwrap() {
+        serde_json::Value::Array(a) => a,
+        one => vec![one],
+    }
+}
+
+fn versions(bodies: &[serde_json::Value]) -> (usize, usize) {
+    let n = |v: &str| bodies.iter().filter(|b| b["version"] == v).count();
+    (n("v1"), n("v2"))
+}
+
+/// Polls until `ok` holds for a fresh batch of requests (config reached the client's node).
+fn until(web: &Web, what: &str, headers: &[&str], ok: impl Fn(&[serde_json::Value]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if ok(&requests(web, 20, headers)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never: {what}\n{}",
+            web.agents[0].log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn canary_weights_split_traffic_and_change_without_failing_a_request() {
+    let web = Web::start();
+    web.control.write("dr.yaml", DR);
+    web.control.write("vs.yaml", &weights(0, 100));
+    until(&web, "all to v2", &[], |b| versions(b) == (0, 20));
+    web.control.write("vs.yaml", &weights(80, 20));
+    until(&web, "some to v1", &[], |b| versions(b).0 > 0);
+
+    // 80/20 over 2000 requests: 20% ± 3% to v2.
+    let bodies = requests(&web, 2000, &[]);
+    let (v1, v2) = versions(&bodies);
+    assert_eq!(v1 + v2, 2000);
+    let share = v2 as f64 / 2000.0;
+    println!(
+        "80/20 canary: {v1} to v1, {v2} to v2 ({:.1}%)",
+        share * 100.0
+    );
+    assert!((0.17..=0.23).contains(&share), "v2 got {v2} of 2000");
+
+    // Weights to 0/100 while requests flow: none fails, and within 1 s all go to v2.
+    let url = format!("http://{VIP}:80/");
+    let mut cmd = Command::new(binary("trellis-demo-app"));
+    cmd.args(["get", &url, "--count", "4000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let run = web.client.spawn_app(&mut cmd).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let changed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    web.control.write("vs.yaml", &weights(0, 100));
+    let out = run.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "a request failed across the change: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bodies: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let at = |b: &serde_json::Value| b["at_ms"].as_u64().unwrap();
+    let before = bodies.iter().filter(|b| at(b) < changed).count();
+    let after: Vec<&serde_json::Value> = bodies.iter().filter(|b| at(b) > changed + 1000).collect();
+    assert!(
+        before > 50 && after.len() > 50,
+        "the run did not span the change: {before} before, {} after",
+        after.len()
+    );
+    let late_v1 = after.iter().filter(|b| b["version"] == "v1").count();
+    assert_eq!(
+        late_v1, 0,
+        "{late_v1} requests went to v1 more than 1 s after the change"
+    );
+}
+
+#[test]
+fn header_routes_send_jason_to_v2_and_everyone_else_to_v1() {
+    let web = Web::start();
+    web.control.write("dr.yaml", DR);
+    web.control.write(
+        "vs.yaml",
+        &vs("{match: [{headers: {end-user: {exact: jason}}}], route: [{destination: {host: web, subset: v2}}]}, \
+             {route: [{destination: {host: web, subset: v1}}]}"),
+    );
+    until(&web, "jason to v2", &["end-user: jason"], |b| {
+        versions(b) == (0, 20)
+    });
+    assert_eq!(versions(&requests(&web, 50, &[])), (50, 0));
+    assert_eq!(versions(&requests(&web, 50, &["end-user: jason"])), (0, 50));
+    assert_eq!(versions(&requests(&web, 50, &["end-user: mary"])), (50, 0));
+
+    // Only the header route: everyone else has no route (Istio answers 404).
+    web.control.write(
+        "vs.yaml",
+        &vs("{match: [{headers: {end-user: {exact: jason}}}], route: [{destination: {host: web, subset: v2}}]}"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (ok, _, err) = app(&web.client, &["get", &format!("http://{VIP}:80/")]);
+        if !ok {
+            assert!(err.contains("404"), "{err}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 404 without a matching route"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -19,7 +19,7 @@ use super::{
     PodCtx, Shared, connect, hbone,
     http::{self, Body},
 };
-use crate::state::Route;
+use crate::state::{HttpRefusal, Route};
 
 /// Upstream HTTP/1 connections of one downstream connection, by endpoint.
 type Upstreams = Arc<Mutex<HashMap<SocketAddr, SendRequest<Incoming>>>>;
@@ -50,7 +50,21 @@ async fn forward(
     shared: &Shared,
     upstreams: &Upstreams,
 ) -> Response<Body> {
-    let route = shared.state.borrow().route(vip);
+    let route =
+        shared
+            .state
+            .borrow()
+            .route_http(vip, req.method(), req.uri().path(), req.headers());
+    let route = match route {
+        Ok(r) => r,
+        Err(HttpRefusal::NoRoute) => {
+            return http::error(StatusCode::NOT_FOUND, "no route matched\n");
+        }
+        Err(HttpRefusal::NoUpstream(why)) => {
+            warn!(pod = %pod.name, %vip, "no upstream: {why}");
+            return http::error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n");
+        }
+    };
     let client_upgrade = hyper::upgrade::on(&mut req);
     let sent = async {
         let (target, mut sender) = upstream(route, pod, shared, upstreams).await?;

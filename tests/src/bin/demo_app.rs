@@ -96,6 +96,7 @@ fn serve(cfg: Serve) -> Result<(), String> {
 /// Serves requests on one connection until the client closes it or asks to.
 fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_nodelay(true)?;
     let peer = stream.peer_addr()?;
     let mut reader = BufReader::new(stream.try_clone()?);
     loop {
@@ -136,15 +137,19 @@ fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
             "client": SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string(),
             "client_identity": identity,
             "calls": calls,
+            "at_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         })
         .to_string();
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        write!(
-            stream,
+        // One write per response: with Nagle off, pieces would each be a packet.
+        let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
             body.len(),
             if close { "connection: close\r\n" } else { "" }
-        )?;
+        );
+        stream.write_all(response.as_bytes())?;
         if close {
             return Ok(());
         }
@@ -224,6 +229,7 @@ fn get(url: &str, headers: &[String], count: usize) -> Result<Vec<String>, Strin
     let err = |e: std::io::Error| format!("{url}: {e}");
     let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(err)?;
     s.set_read_timeout(Some(TIMEOUT)).map_err(err)?;
+    s.set_nodelay(true).map_err(err)?;
     let mut reader = BufReader::new(s.try_clone().map_err(err)?);
     let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let mut bodies = Vec::new();
@@ -233,11 +239,8 @@ fn get(url: &str, headers: &[String], count: usize) -> Result<Vec<String>, Strin
         } else {
             ""
         };
-        write!(
-            s,
-            "GET /{path} HTTP/1.1\r\nhost: {host}\r\n{extra}{close}\r\n"
-        )
-        .map_err(err)?;
+        let request = format!("GET /{path} HTTP/1.1\r\nhost: {host}\r\n{extra}{close}\r\n");
+        s.write_all(request.as_bytes()).map_err(err)?;
         let (status, headers) = read_head(&mut reader)
             .map_err(err)?
             .ok_or(format!("{url}: connection closed after {i} responses"))?;

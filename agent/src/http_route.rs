@@ -1,0 +1,208 @@
+//! HTTP routes as control compiled them from VirtualServices and DestinationRules: matching a
+//! request (first route wins), and picking a destination by weight.
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use hyper::{HeaderMap, Method};
+use serde::Serialize;
+use trellis_api as api;
+
+#[derive(Debug, Serialize)]
+pub struct HttpRoute {
+    pub name: String,
+    #[serde(skip)]
+    matches: Vec<HttpMatch>,
+    pub destinations: Vec<Destination>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Destination {
+    /// `<namespace>/<name>` of the Service.
+    pub service: String,
+    /// The Service port; 0: the port the request came to.
+    pub port: u16,
+    pub subset: String,
+    pub subset_labels: BTreeMap<String, String>,
+    pub weight: u32,
+}
+
+#[derive(Debug)]
+struct HttpMatch {
+    uri: Option<Matcher>,
+    headers: Vec<(String, Matcher)>,
+    method: Option<Matcher>,
+}
+
+#[derive(Debug)]
+enum Matcher {
+    Exact(String),
+    Prefix(String),
+    Regex(regex::Regex),
+}
+
+impl Matcher {
+    fn new(m: &api::StringMatch) -> Result<Self> {
+        use api::string_match::Kind;
+        Ok(
+            match m.kind.as_ref().context("a string match with no kind")? {
+                Kind::Exact(s) => Matcher::Exact(s.clone()),
+                Kind::Prefix(s) => Matcher::Prefix(s.clone()),
+                // Istio (RE2) matches the whole value.
+                Kind::Regex(re) => Matcher::Regex(
+                    regex::Regex::new(&format!("^(?:{re})$"))
+                        .with_context(|| format!("bad regex {re:?}"))?,
+                ),
+            },
+        )
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        match self {
+            Matcher::Exact(s) => value == s,
+            Matcher::Prefix(s) => value.starts_with(s.as_str()),
+            Matcher::Regex(re) => re.is_match(value),
+        }
+    }
+}
+
+impl HttpRoute {
+    pub fn compile(r: &api::HttpRoute) -> Result<Self> {
+        let matches = r
+            .matches
+            .iter()
+            .map(|m| {
+                Ok(HttpMatch {
+                    uri: m.uri.as_ref().map(Matcher::new).transpose()?,
+                    headers: m
+                        .headers
+                        .iter()
+                        .map(|(k, v)| Ok((k.to_ascii_lowercase(), Matcher::new(v)?)))
+                        .collect::<Result<_>>()?,
+                    method: m.method.as_ref().map(Matcher::new).transpose()?,
+                })
+            })
+            .collect::<Result<_>>()
+            .with_context(|| format!("route {}", r.name))?;
+        let destinations = r
+            .destinations
+            .iter()
+            .map(|d| Destination {
+                service: d.service.clone(),
+                port: u16::try_from(d.port).unwrap_or(0),
+                subset: d.subset.clone(),
+                subset_labels: d.subset_labels.clone().into_iter().collect(),
+                weight: d.weight,
+            })
+            .collect();
+        Ok(Self {
+            name: r.name.clone(),
+            matches,
+            destinations,
+        })
+    }
+
+    /// Whether the request matches: any one match (each of whose conditions must hold), or
+    /// always when the route has none.
+    pub fn matches(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+        self.matches.is_empty()
+            || self.matches.iter().any(|m| {
+                m.uri.as_ref().is_none_or(|u| u.matches(path))
+                    && m.method.as_ref().is_none_or(|x| x.matches(method.as_str()))
+                    && m.headers.iter().all(|(name, x)| {
+                        headers
+                            .get(name.as_str())
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| x.matches(v))
+                    })
+            })
+    }
+
+    /// A destination chosen at random in proportion to the weights; None if all are zero.
+    pub fn pick(&self) -> Option<&Destination> {
+        let total: u32 = self.destinations.iter().map(|d| d.weight).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut r = fastrand::u32(0..total);
+        self.destinations.iter().find(|d| {
+            if r < d.weight {
+                return true;
+            }
+            r -= d.weight;
+            false
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sm(kind: api::string_match::Kind) -> Option<api::StringMatch> {
+        Some(api::StringMatch { kind: Some(kind) })
+    }
+
+    #[test]
+    fn matches_uri_headers_and_method_and_picks_by_weight() {
+        use api::string_match::Kind;
+        let route = HttpRoute::compile(&api::HttpRoute {
+            name: "shop/reviews/0".into(),
+            matches: vec![
+                api::HttpMatch {
+                    headers: [(
+                        "End-User".to_owned(),
+                        api::StringMatch {
+                            kind: Some(Kind::Exact("jason".into())),
+                        },
+                    )]
+                    .into(),
+                    ..Default::default()
+                },
+                api::HttpMatch {
+                    uri: sm(Kind::Regex("/api/v[0-9]+/.*".into())),
+                    method: sm(Kind::Exact("POST".into())),
+                    ..Default::default()
+                },
+            ],
+            destinations: vec![
+                api::WeightedDestination {
+                    service: "shop/reviews".into(),
+                    subset: "v1".into(),
+                    weight: 80,
+                    ..Default::default()
+                },
+                api::WeightedDestination {
+                    service: "shop/reviews".into(),
+                    subset: "v2".into(),
+                    weight: 20,
+                    ..Default::default()
+                },
+            ],
+        })
+        .unwrap();
+        let mut h = HeaderMap::new();
+        assert!(!route.matches(&Method::GET, "/", &h));
+        h.insert("end-user", "jason".parse().unwrap());
+        assert!(route.matches(&Method::GET, "/", &h));
+        let h = HeaderMap::new();
+        assert!(route.matches(&Method::POST, "/api/v2/x", &h));
+        assert!(!route.matches(&Method::GET, "/api/v2/x", &h));
+        assert!(
+            !route.matches(&Method::POST, "/x/api/v2/x", &h),
+            "regex is anchored"
+        );
+        let v2 = (0..10_000)
+            .filter(|_| route.pick().unwrap().subset == "v2")
+            .count();
+        assert!((1_700..2_300).contains(&v2), "{v2} of 10000 to v2");
+
+        let bad = api::HttpRoute {
+            matches: vec![api::HttpMatch {
+                uri: sm(Kind::Regex("(".into())),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(HttpRoute::compile(&bad).is_err());
+    }
+}
