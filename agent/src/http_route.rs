@@ -1,9 +1,9 @@
 //! HTTP routes as control compiled them from VirtualServices and DestinationRules: matching a
 //! request (first route wins), and picking a destination by weight.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, Result};
-use hyper::{HeaderMap, Method};
+use hyper::{HeaderMap, Method, StatusCode};
 use serde::Serialize;
 use trellis_api as api;
 
@@ -13,6 +13,84 @@ pub struct HttpRoute {
     #[serde(skip)]
     matches: Vec<HttpMatch>,
     pub destinations: Vec<Destination>,
+    pub policy: Policy,
+}
+
+/// What a route does to each request besides choosing where it goes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Policy {
+    /// Whole-request deadline, retries included.
+    pub timeout: Option<Duration>,
+    pub retry: Option<Retry>,
+    pub fault: Fault,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Retry {
+    /// Tries after the first.
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on: RetryOn,
+}
+
+/// Istio's retryOn conditions.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RetryOn {
+    pub server_error: bool,
+    pub gateway_error: bool,
+    pub connect_failure: bool,
+    pub reset: bool,
+    pub retriable_4xx: bool,
+}
+
+impl RetryOn {
+    fn parse(conditions: &[String]) -> Result<Self> {
+        let mut on = Self::default();
+        for c in conditions {
+            match c.as_str() {
+                "5xx" => on.server_error = true,
+                "gateway-error" => on.gateway_error = true,
+                "connect-failure" => on.connect_failure = true,
+                "reset" => on.reset = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                other => anyhow::bail!("unsupported retryOn condition {other:?}"),
+            }
+        }
+        Ok(on)
+    }
+
+    /// Whether an answer with `status` is tried again.
+    pub fn status(&self, status: StatusCode) -> bool {
+        (self.server_error && status.is_server_error())
+            || (self.gateway_error && matches!(status.as_u16(), 502..=504))
+            || (self.retriable_4xx && status == StatusCode::CONFLICT)
+    }
+}
+
+/// Fault injection: a share of requests delayed, a share answered without reaching upstream.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Fault {
+    pub delay: Option<(Duration, f64)>,
+    #[serde(serialize_with = "abort_status")]
+    pub abort: Option<(StatusCode, f64)>,
+}
+
+fn abort_status<S: serde::Serializer>(
+    abort: &Option<(StatusCode, f64)>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    abort.map(|(code, p)| (code.as_u16(), p)).serialize(s)
+}
+
+impl Fault {
+    /// Rolls the dice for one request: (delay to add, status to answer instead).
+    pub fn roll(&self) -> (Option<Duration>, Option<StatusCode>) {
+        let hit = |percent: f64| fastrand::f64() * 100.0 < percent;
+        (
+            self.delay.filter(|(_, p)| hit(*p)).map(|(d, _)| d),
+            self.abort.filter(|(_, p)| hit(*p)).map(|(s, _)| s),
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -94,10 +172,44 @@ impl HttpRoute {
                 weight: d.weight,
             })
             .collect();
+        let ms = |ms: u32| (ms > 0).then(|| Duration::from_millis(u64::from(ms)));
+        let policy = Policy {
+            timeout: ms(r.timeout_ms),
+            retry: r
+                .retries
+                .as_ref()
+                .filter(|x| x.attempts > 0)
+                .map(|x| {
+                    Ok::<_, anyhow::Error>(Retry {
+                        attempts: x.attempts.min(10),
+                        per_try_timeout: ms(x.per_try_timeout_ms),
+                        on: RetryOn::parse(&x.retry_on)?,
+                    })
+                })
+                .transpose()
+                .with_context(|| format!("route {}", r.name))?,
+            fault: match &r.fault {
+                Some(f) => Fault {
+                    delay: ms(f.delay_ms).map(|d| (d, f.delay_percent)),
+                    abort: match f.abort_status {
+                        0 => None,
+                        s => Some((
+                            u16::try_from(s)
+                                .ok()
+                                .and_then(|s| StatusCode::from_u16(s).ok())
+                                .with_context(|| format!("route {}: abort status {s}", r.name))?,
+                            f.abort_percent,
+                        )),
+                    },
+                },
+                None => Fault::default(),
+            },
+        };
         Ok(Self {
             name: r.name.clone(),
             matches,
             destinations,
+            policy,
         })
     }
 
@@ -178,6 +290,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         })
         .unwrap();
         let mut h = HeaderMap::new();

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use trellis_api as api;
 use trellis_common::HBONE_PORT;
 
-use crate::{config::NodeConfig, http_route::HttpRoute};
+use crate::{
+    config::NodeConfig,
+    http_route::{HttpRoute, Policy},
+};
 
 /// The namespace whose selector-less PeerAuthentication applies mesh-wide (as Istio's root).
 pub const ROOT_NAMESPACE: &str = "trellis-system";
@@ -290,12 +293,12 @@ impl MeshState {
         method: &Method,
         path: &str,
         headers: &HeaderMap,
-    ) -> Result<Route, HttpRefusal> {
+    ) -> Result<(Route, Policy), HttpRefusal> {
         let Some(svc) = self.services.get(&vip) else {
-            return Ok(self.route(vip));
+            return Ok((self.route(vip), Policy::default()));
         };
         if svc.routes.is_empty() {
-            return Ok(self.route(vip));
+            return Ok((self.route(vip), Policy::default()));
         }
         let route = svc
             .routes
@@ -329,11 +332,12 @@ impl MeshState {
             )));
         }
         let e = eligible[target.next.fetch_add(1, Ordering::Relaxed) % eligible.len()];
-        Ok(to(
+        let to = to(
             SocketAddr::new(e.ip, e.port),
             Some(e.workload.clone()),
             Some(target.host()),
-        ))
+        );
+        Ok((to, route.policy.clone()))
     }
 
     pub fn peer_auth(&self, uid: &str) -> PeerAuth {

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use trellis_api as api;
 
 use crate::{
-    istio::{DestinationRuleSpec, StringMatch, VirtualServiceSpec},
+    istio::{DestinationRuleSpec, StringMatch, VirtualServiceSpec, parse_duration},
     model::{Cluster, PortInfo, ServiceInfo},
 };
 
@@ -86,10 +86,43 @@ pub fn http_routes(cluster: &Cluster, svc: &ServiceInfo, port: &PortInfo) -> Vec
                     })
                 })
                 .collect();
+            let ms = |d: &Option<String>| {
+                d.as_deref()
+                    .and_then(parse_duration)
+                    .map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32)
+            };
             out.push(api::HttpRoute {
                 name: format!("{}/{}/{i}", p.namespace, p.name),
                 matches,
                 destinations,
+                timeout_ms: ms(&route.timeout),
+                retries: route.retries.as_ref().map(|r| api::HttpRetry {
+                    attempts: r.attempts.max(0) as u32,
+                    per_try_timeout_ms: ms(&r.per_try_timeout),
+                    retry_on: r
+                        .retry_on
+                        .as_deref()
+                        .unwrap_or("connect-failure,reset")
+                        .split(',')
+                        .map(|c| c.trim().to_owned())
+                        .filter(|c| !c.is_empty())
+                        .collect(),
+                }),
+                fault: route.fault.as_ref().map(|f| api::HttpFault {
+                    delay_ms: f
+                        .delay
+                        .as_ref()
+                        .map_or(0, |d| ms(&Some(d.fixed_delay.clone()))),
+                    delay_percent: f
+                        .delay
+                        .as_ref()
+                        .map_or(0.0, |d| d.percentage.as_ref().map_or(100.0, |p| p.value)),
+                    abort_status: f.abort.as_ref().map_or(0, |a| a.http_status.max(0) as u32),
+                    abort_percent: f
+                        .abort
+                        .as_ref()
+                        .map_or(0.0, |a| a.percentage.as_ref().map_or(100.0, |p| p.value)),
+                }),
             });
         }
     }

@@ -16,11 +16,15 @@ fn pod_yaml(pod: &Pod, node: &Node, app: &str, version: &str) -> String {
 }
 
 fn serve(pod: &Pod, version: &str) {
+    serve_with(pod, "web", version, &[]);
+}
+
+fn serve_with(pod: &Pod, service: &str, version: &str, extra: &[&str]) {
     let mut cmd = Command::new(binary("trellis-demo-app"));
     cmd.args([
         "serve",
         "--service",
-        "web",
+        service,
         "--version",
         version,
         "--pod",
@@ -28,6 +32,7 @@ fn serve(pod: &Pod, version: &str) {
         "--listen",
         "[::]:8080",
     ])
+    .args(extra)
     .stdout(Stdio::piped());
     let mut child = pod.spawn_app(&mut cmd).expect("starting the demo app");
     let mut line = String::new();
@@ -53,12 +58,24 @@ fn app(pod: &Pod, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// client on node 1; web v1 on node 1 and v2 on node 2 behind one HTTP service.
+fn service(name: &str, vip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\n\
+         spec: {{clusterIP: {vip}, selector: {{app: {name}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n"
+    )
+}
+
+const FLAKY: &str = "10.96.0.21";
+const SLOW: &str = "10.96.0.22";
+
+/// client on node 1; web v1 on node 1 and v2 on node 2 behind one HTTP service; on node 2 also
+/// `flaky` (every other answer a 503) and `slow` (answers after 2 s), each its own service.
 struct Web {
     agents: Vec<Agent>,
     control: Control,
     client: Pod,
-    _pods: Vec<Pod>,
+    /// web-v1, web-v2, flaky, slow.
+    pods: Vec<Pod>,
     _cluster: Cluster,
 }
 
@@ -69,8 +86,17 @@ impl Web {
         let client = n1.add_pod("client");
         let v1 = n1.add_pod("web-v1");
         let v2 = n2.add_pod("web-v2");
+        let flaky = n2.add_pod("flaky");
+        let slow = n2.add_pod("slow");
         serve(&v1, "v1");
         serve(&v2, "v2");
+        serve_with(
+            &flaky,
+            "flaky",
+            "v1",
+            &["--fail-percent", "50", "--fail-status", "503"],
+        );
+        serve_with(&slow, "slow", "v1", &["--delay-ms", "2000"]);
         let control = Control::start(
             &cluster,
             &[
@@ -81,6 +107,10 @@ impl Web {
                 ("client.yaml", &pod_yaml(&client, n1, "client", "v1")),
                 ("v1.yaml", &pod_yaml(&v1, n1, "web", "v1")),
                 ("v2.yaml", &pod_yaml(&v2, n2, "web", "v2")),
+                ("flaky.yaml", &pod_yaml(&flaky, n2, "flaky", "v1")),
+                ("slow.yaml", &pod_yaml(&slow, n2, "slow", "v1")),
+                ("svc-flaky.yaml", &service("flaky", FLAKY)),
+                ("svc-slow.yaml", &service("slow", SLOW)),
                 (
                     "svc.yaml",
                     &format!(
@@ -96,7 +126,7 @@ impl Web {
         ];
         agents[0].wait_pod_state(&client, "enrolled");
         agents[1].wait_pod_state(&v2, "enrolled");
-        for (agent, want) in [(&agents[0], 2), (&agents[1], 1)] {
+        for (agent, want) in [(&agents[0], 2), (&agents[1], 3)] {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
             while !agent.admin("/certificates").is_ok_and(|(_, b)| {
                 serde_json::from_str::<Vec<serde_json::Value>>(&b).is_ok_and(|c| c.len() >= want)
@@ -109,7 +139,7 @@ impl Web {
             agents,
             control,
             client,
-            _pods: vec![v1, v2],
+            pods: vec![v1, v2, flaky, slow],
             _cluster: cluster,
         }
     }
@@ -315,4 +345,140 @@ fn header_routes_send_jason_to_v2_and_everyone_else_to_v1() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// `count` requests to `url` from the client, whatever they answer: (statuses, latencies in ms).
+fn tally(
+    web: &Web,
+    url: &str,
+    count: usize,
+) -> (std::collections::BTreeMap<String, u64>, Vec<u64>) {
+    let (ok, out, err) = app(&web.client, &["tally", url, "--count", &count.to_string()]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (
+        serde_json::from_value(v["statuses"].clone()).unwrap(),
+        serde_json::from_value(v["ms"].clone()).unwrap(),
+    )
+}
+
+fn route_vs(name: &str, route: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: shop}}\n\
+         spec: {{hosts: [{name}], http: [{{{route}, route: [{{destination: {{host: {name}}}}}]}}]}}\n"
+    )
+}
+
+/// Polls `url` until its answer satisfies `ok` (the route reached the client's node).
+fn until_answer(
+    web: &Web,
+    url: &str,
+    what: &str,
+    ok: impl Fn(&std::collections::BTreeMap<String, u64>) -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ok(&tally(web, url, 4).0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never: {what}\n{}",
+            web.agents[0].log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn retries_hide_a_flaky_endpoint_and_timeouts_cut_a_slow_one() {
+    let web = Web::start();
+    let flaky = format!("http://{FLAKY}:80/");
+    // Without retries, half the answers are 503s.
+    let (statuses, _) = tally(&web, &flaky, 200);
+    let good = statuses.get("200").copied().unwrap_or(0);
+    println!("flaky without retries: {statuses:?}");
+    assert!((80..=120).contains(&good), "{statuses:?}");
+    // attempts 3 on 5xx: the client sees (nearly) only successes.
+    web.control.write(
+        "vs-flaky.yaml",
+        &route_vs("flaky", "retries: {attempts: 3, retryOn: 5xx}"),
+    );
+    until_answer(&web, &flaky, "retries in force", |s| {
+        s.get("200") == Some(&4)
+    });
+    let (statuses, _) = tally(&web, &flaky, 200);
+    println!("flaky with 3 retries on 5xx: {statuses:?}");
+    assert!(
+        statuses.get("200").copied().unwrap_or(0) >= 198,
+        "{statuses:?}"
+    );
+
+    // timeout 0.5 s against a 2 s upstream: 504 after 0.5 s (± 0.1 s).
+    let slow = format!("http://{SLOW}:80/");
+    web.control
+        .write("vs-slow.yaml", &route_vs("slow", "timeout: 0.5s"));
+    until_answer(&web, &slow, "the timeout in force", |s| {
+        s.get("504").is_some()
+    });
+    let (statuses, ms) = tally(&web, &slow, 3);
+    assert_eq!(statuses.get("504"), Some(&3), "{statuses:?}");
+    assert!(
+        ms.iter().all(|m| (400..=600).contains(m)),
+        "504 after {ms:?} ms"
+    );
+}
+
+/// How many requests the web pods have served, asked of each pod directly.
+fn served(web: &Web) -> u64 {
+    web.pods[..2]
+        .iter()
+        .map(|p| {
+            let (ok, out, err) = app(
+                &web.client,
+                &["get", &format!("http://{}:8080/count", p.ip4)],
+            );
+            assert!(ok, "{err}");
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["served"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum()
+}
+
+#[test]
+fn injected_faults_delay_and_abort_requests() {
+    let web = Web::start();
+    let url = format!("http://{VIP}:80/");
+    let (_, plain) = tally(&web, &url, 5);
+    web.control.write(
+        "vs.yaml",
+        &route_vs(
+            "web",
+            "fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}",
+        ),
+    );
+    until_answer(&web, &url, "the delay in force", |_| true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let delayed = loop {
+        let (statuses, ms) = tally(&web, &url, 5);
+        if ms.iter().all(|m| *m >= 300) {
+            assert_eq!(statuses.get("200"), Some(&5), "{statuses:?}");
+            break ms;
+        }
+        assert!(std::time::Instant::now() < deadline, "no delay: {ms:?}");
+    };
+    println!("latency without fault {plain:?} ms, with a 300 ms delay {delayed:?} ms");
+
+    web.control.write(
+        "vs.yaml",
+        &route_vs(
+            "web",
+            "fault: {abort: {httpStatus: 418, percentage: {value: 100}}}",
+        ),
+    );
+    until_answer(&web, &url, "the abort in force", |s| {
+        s.get("418") == Some(&4)
+    });
+    let before = served(&web);
+    let (statuses, _) = tally(&web, &url, 20);
+    assert_eq!(statuses.get("418"), Some(&20), "{statuses:?}");
+    assert_eq!(served(&web), before, "an aborted request reached the app");
 }

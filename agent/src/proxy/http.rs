@@ -25,9 +25,12 @@ pub fn error(code: StatusCode, text: &'static str) -> Response<Body> {
 }
 
 /// An HTTP/1.1 client connection over `io`, driven by its own task (upgrades allowed).
-pub async fn client<T>(io: T) -> Result<SendRequest<Incoming>>
+pub async fn client<T, B>(io: T) -> Result<SendRequest<B>>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(async move {

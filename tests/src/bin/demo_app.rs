@@ -2,11 +2,16 @@
 //! pod, the peer it saw, and the client identity the mesh vouched for (the
 //! `x-forwarded-client-cert` header, when a proxy adds one), after calling its own upstreams.
 //!
-//! - `serve --service S --version V --pod P --listen ADDR [--call URL]...`
+//! - `serve --service S --version V --pod P --listen ADDR [--call URL]... [--fail-percent N]
+//!   [--fail-status CODE] [--delay-ms MS]`: a share of answers can be failures, and every answer
+//!   can be slow; `GET /count` answers how many requests it served.
 //! - `get URL [--header 'NAME: VALUE']... [--count N]`: N GETs on one keep-alive connection;
 //!   prints the body (a JSON array of them when N > 1); exits non-zero on any failure.
 //! - `raw ADDR DATA`: sends DATA as is (`\r\n` for CR LF), prints what came back until the
 //!   server closed (JSON string), for testing how malformed requests are answered.
+//!
+//! - `tally URL [--header ..]... [--count N]`: N GETs, one at a time, whatever they answer
+//!   (reconnecting when the server closes); prints `{"statuses": {"200": n, ..}, "ms": [..]}`.
 //!
 //! Std only: the demo needs nothing more, and a plain app shows the mesh needs no app changes.
 use std::{
@@ -22,6 +27,13 @@ use serde_json::{Value, json};
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Serve {
+    /// Share of requests answered with `fail_status` instead (0-100).
+    fail_percent: u32,
+    fail_status: u16,
+    /// Added before every answer.
+    delay: Duration,
+    /// Requests served so far (answered at `/count` without counting).
+    served: std::sync::atomic::AtomicU64,
     service: String,
     version: String,
     pod: String,
@@ -42,7 +54,8 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Some("raw") if args.len() == 3 => raw(&args[1], &args[2]),
-        _ => Err("usage: trellis-demo-app serve --service S --version V --pod P --listen ADDR [--call URL]... | get URL [--header 'NAME: VALUE']... [--count N] | raw ADDR DATA".into()),
+        Some("tally") if args.len() >= 2 => get_args(&args[2..]).and_then(|(h, count)| tally(&args[1], &h, count)),
+        _ => Err("usage: trellis-demo-app serve --service S --version V --pod P --listen ADDR [--call URL]... | get URL [--header 'NAME: VALUE']... [--count N] | raw ADDR DATA | tally URL [--header 'NAME: VALUE']... [--count N]".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,6 +68,10 @@ fn main() -> ExitCode {
 
 fn parse_serve(args: &[String]) -> Result<Serve, String> {
     let mut s = Serve {
+        fail_percent: 0,
+        fail_status: 503,
+        delay: Duration::ZERO,
+        served: Default::default(),
         service: String::new(),
         version: "v1".into(),
         pod: String::new(),
@@ -70,6 +87,23 @@ fn parse_serve(args: &[String]) -> Result<Serve, String> {
             "--pod" => s.pod = value,
             "--listen" => s.listen = value,
             "--call" => s.calls.push(value),
+            "--fail-percent" => {
+                s.fail_percent = value
+                    .parse()
+                    .ok()
+                    .filter(|p| *p <= 100)
+                    .ok_or("--fail-percent: 0-100")?
+            }
+            "--fail-status" => {
+                s.fail_status = value
+                    .parse()
+                    .ok()
+                    .filter(|c| (200..600).contains(c))
+                    .ok_or("--fail-status: an HTTP status")?
+            }
+            "--delay-ms" => {
+                s.delay = Duration::from_millis(value.parse().map_err(|_| "--delay-ms: a number")?)
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -100,7 +134,7 @@ fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
     let peer = stream.peer_addr()?;
     let mut reader = BufReader::new(stream.try_clone()?);
     loop {
-        let Some((_, headers)) = read_head(&mut reader)? else {
+        let Some((request_line, headers)) = read_head(&mut reader)? else {
             return Ok(());
         };
         let header = |name: &str| {
@@ -143,9 +177,29 @@ fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
         })
         .to_string();
         let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        use std::sync::atomic::Ordering::Relaxed;
+        let (status, body) = if request_line.split(' ').nth(1) == Some("/count") {
+            (
+                200,
+                json!({ "served": cfg.served.load(Relaxed) }).to_string(),
+            )
+        } else {
+            let n = cfg.served.fetch_add(1, Relaxed);
+            thread::sleep(cfg.delay);
+            // Deterministic: exactly fail_percent of every 100 requests fail, spread out.
+            let p = u64::from(cfg.fail_percent);
+            if (n + 1) * p / 100 > n * p / 100 {
+                (
+                    cfg.fail_status,
+                    json!({ "error": "injected by --fail-percent" }).to_string(),
+                )
+            } else {
+                (200, body)
+            }
+        };
         // One write per response: with Nagle off, pieces would each be a packet.
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{body}",
             body.len(),
             if close { "connection: close\r\n" } else { "" }
         );
@@ -188,6 +242,56 @@ fn raw(addr: &str, data: &str) -> Result<(), String> {
     let mut back = Vec::new();
     s.read_to_end(&mut back).map_err(err)?;
     println!("{}", json!(String::from_utf8_lossy(&back)));
+    Ok(())
+}
+
+fn tally(url: &str, headers: &[String], count: usize) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or(format!("{url}: only http:// URLs"))?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr: SocketAddr = host
+        .parse()
+        .map_err(|_| format!("{url}: host must be IP:PORT"))?;
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let mut statuses: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut ms = Vec::new();
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    for _ in 0..count {
+        let start = std::time::Instant::now();
+        let answer = (|| -> std::io::Result<String> {
+            if conn.is_none() {
+                let s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                s.set_nodelay(true)?;
+                conn = Some((s.try_clone()?, BufReader::new(s)));
+            }
+            let (s, reader) = conn.as_mut().expect("just set");
+            s.write_all(format!("GET /{path} HTTP/1.1\r\nhost: {host}\r\n{extra}\r\n").as_bytes())?;
+            let (status, headers) = read_head(reader)?.ok_or(std::io::ErrorKind::UnexpectedEof)?;
+            let find = |name: &str| {
+                headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.clone())
+            };
+            let length: u64 = find("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            std::io::copy(&mut reader.take(length), &mut std::io::sink())?;
+            if find("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
+                conn = None;
+            }
+            Ok(status.split(' ').nth(1).unwrap_or("?").to_owned())
+        })();
+        let key = answer.unwrap_or_else(|e| {
+            conn = None;
+            format!("error: {e}")
+        });
+        *statuses.entry(key).or_default() += 1;
+        ms.push(start.elapsed().as_millis() as u64);
+    }
+    println!("{}", json!({ "statuses": statuses, "ms": ms }));
     Ok(())
 }
 
