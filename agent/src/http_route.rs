@@ -23,6 +23,75 @@ pub struct Policy {
     pub timeout: Option<Duration>,
     pub retry: Option<Retry>,
     pub fault: Fault,
+    pub rewrite: Option<Rewrite>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeaderOps {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    fn new(h: Option<&api::HeaderOperations>) -> Result<Self> {
+        let Some(h) = h else {
+            return Ok(Self::default());
+        };
+        let pairs =
+            |m: &std::collections::HashMap<String, String>| -> Result<Vec<(String, String)>> {
+                let mut v: Vec<(String, String)> = m
+                    .iter()
+                    .map(|(k, v)| {
+                        hyper::header::HeaderName::from_bytes(k.as_bytes())
+                            .with_context(|| format!("bad header name {k:?}"))?;
+                        hyper::header::HeaderValue::from_str(v)
+                            .with_context(|| format!("bad value for header {k}"))?;
+                        Ok((k.to_ascii_lowercase(), v.clone()))
+                    })
+                    .collect::<Result<_>>()?;
+                v.sort();
+                Ok(v)
+            };
+        Ok(Self {
+            set: pairs(&h.set)?,
+            add: pairs(&h.add)?,
+            remove: h.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
+        })
+    }
+
+    /// Applies the operations: remove, then set (replacing), then add (appending).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        use hyper::header::{HeaderName, HeaderValue};
+        for k in &self.remove {
+            headers.remove(k.as_str());
+        }
+        // Names and values were checked when the route was compiled.
+        let parse = |k: &str, v: &str| {
+            Some((
+                HeaderName::from_bytes(k.as_bytes()).ok()?,
+                HeaderValue::from_str(v).ok()?,
+            ))
+        };
+        for (k, v) in &self.set {
+            if let Some((k, v)) = parse(k, v) {
+                headers.insert(k, v);
+            }
+        }
+        for (k, v) in &self.add {
+            if let Some((k, v)) = parse(k, v) {
+                headers.append(k, v);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -204,6 +273,14 @@ impl HttpRoute {
                 },
                 None => Fault::default(),
             },
+            rewrite: r.rewrite.as_ref().map(|w| Rewrite {
+                uri: (!w.uri.is_empty()).then(|| w.uri.clone()),
+                authority: (!w.authority.is_empty()).then(|| w.authority.clone()),
+            }),
+            request_headers: HeaderOps::new(r.request_headers.as_ref())
+                .with_context(|| format!("route {}: request headers", r.name))?,
+            response_headers: HeaderOps::new(r.response_headers.as_ref())
+                .with_context(|| format!("route {}: response headers", r.name))?,
         };
         Ok(Self {
             name: r.name.clone(),
@@ -216,8 +293,23 @@ impl HttpRoute {
     /// Whether the request matches: any one match (each of whose conditions must hold), or
     /// always when the route has none.
     pub fn matches(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
-        self.matches.is_empty()
-            || self.matches.iter().any(|m| {
+        self.matched(method, path, headers).is_some()
+    }
+
+    /// The match that selected the request: Some(uri prefix it matched on, if it was a prefix
+    /// match), for the URI rewrite; None when the route does not match.
+    pub fn matched(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<Option<&str>> {
+        if self.matches.is_empty() {
+            return Some(None);
+        }
+        self.matches
+            .iter()
+            .find(|m| {
                 m.uri.as_ref().is_none_or(|u| u.matches(path))
                     && m.method.as_ref().is_none_or(|x| x.matches(method.as_str()))
                     && m.headers.iter().all(|(name, x)| {
@@ -226,6 +318,10 @@ impl HttpRoute {
                             .and_then(|v| v.to_str().ok())
                             .is_some_and(|v| x.matches(v))
                     })
+            })
+            .map(|m| match &m.uri {
+                Some(Matcher::Prefix(p)) => Some(p.as_str()),
+                _ => None,
             })
     }
 

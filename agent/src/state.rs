@@ -94,6 +94,15 @@ impl PeerAuth {
     }
 }
 
+/// Where one HTTP request goes and what its route does to it.
+#[derive(Debug)]
+pub struct HttpDecision {
+    pub route: Route,
+    pub policy: Policy,
+    /// The uri prefix the route matched on, if it was a prefix match (for `rewrite.uri`).
+    pub matched_prefix: Option<String>,
+}
+
 /// Why an HTTP request has nowhere to go.
 #[derive(Debug)]
 pub enum HttpRefusal {
@@ -293,17 +302,22 @@ impl MeshState {
         method: &Method,
         path: &str,
         headers: &HeaderMap,
-    ) -> Result<(Route, Policy), HttpRefusal> {
+    ) -> Result<HttpDecision, HttpRefusal> {
+        let plain = |route| HttpDecision {
+            route,
+            policy: Policy::default(),
+            matched_prefix: None,
+        };
         let Some(svc) = self.services.get(&vip) else {
-            return Ok((self.route(vip), Policy::default()));
+            return Ok(plain(self.route(vip)));
         };
         if svc.routes.is_empty() {
-            return Ok((self.route(vip), Policy::default()));
+            return Ok(plain(self.route(vip)));
         }
-        let route = svc
+        let (route, matched_prefix) = svc
             .routes
             .iter()
-            .find(|r| r.matches(method, path, headers))
+            .find_map(|r| Some((r, r.matched(method, path, headers)?)))
             .ok_or(HttpRefusal::NoRoute)?;
         let dst = route.pick().ok_or_else(|| {
             HttpRefusal::NoUpstream(format!("route {}: every weight is 0", route.name))
@@ -337,7 +351,11 @@ impl MeshState {
             Some(e.workload.clone()),
             Some(target.host()),
         );
-        Ok((to, route.policy.clone()))
+        Ok(HttpDecision {
+            route: to,
+            policy: route.policy.clone(),
+            matched_prefix: matched_prefix.map(str::to_owned),
+        })
     }
 
     pub fn peer_auth(&self, uid: &str) -> PeerAuth {

@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use trellis_api as api;
 
 use crate::{
-    istio::{DestinationRuleSpec, StringMatch, VirtualServiceSpec, parse_duration},
+    istio::{
+        DestinationRuleSpec, HeaderOperations, StringMatch, VirtualServiceSpec, parse_duration,
+    },
     model::{Cluster, PortInfo, ServiceInfo},
 };
 
@@ -108,6 +110,20 @@ pub fn http_routes(cluster: &Cluster, svc: &ServiceInfo, port: &PortInfo) -> Vec
                         .filter(|c| !c.is_empty())
                         .collect(),
                 }),
+                rewrite: route.rewrite.as_ref().map(|r| api::HttpRewrite {
+                    uri: r.uri.clone().unwrap_or_default(),
+                    authority: r.authority.clone().unwrap_or_default(),
+                }),
+                request_headers: route
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.request.as_ref())
+                    .map(header_ops),
+                response_headers: route
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.response.as_ref())
+                    .map(header_ops),
                 fault: route.fault.as_ref().map(|f| api::HttpFault {
                     delay_ms: f
                         .delay
@@ -158,6 +174,14 @@ fn subset_labels(
         .map(|s| s.labels.clone().into_iter().collect())
         // Istio answers 503 for an undefined subset: a label no pod has selects nothing.
         .unwrap_or_else(|| [("trellis.dev/undefined-subset".to_owned(), subset.to_owned())].into())
+}
+
+fn header_ops(h: &HeaderOperations) -> api::HeaderOperations {
+    api::HeaderOperations {
+        set: h.set.clone().into_iter().collect(),
+        add: h.add.clone().into_iter().collect(),
+        remove: h.remove.clone(),
+    }
 }
 
 fn string_match(m: &StringMatch) -> api::StringMatch {

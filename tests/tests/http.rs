@@ -203,20 +203,19 @@ fn malformed_requests_get_400_and_the_connection_closes() {
     assert!(out.contains("\"service\":\"web\""), "{out}");
 }
 
-const DR: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\n\
-    spec: {host: web, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}\n";
+/// The traffic-management guide's examples (docs/traffic-management.md), applied as they are.
+macro_rules! example {
+    ($file:literal) => {
+        include_str!(concat!("../../docs/examples/traffic/", $file))
+    };
+}
+const DR: &str = example!("web-subsets.yaml");
 
 fn vs(http: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: web, namespace: shop}}\n\
          spec: {{hosts: [web], http: [{http}]}}\n"
     )
-}
-
-fn weights(v1: u32, v2: u32) -> String {
-    vs(&format!(
-        "{{route: [{{destination: {{host: web, subset: v1}}, weight: {v1}}}, {{destination: {{host: web, subset: v2}}, weight: {v2}}}]}}"
-    ))
 }
 
 /// `count` requests on one connection from the client; the bodies.
@@ -260,9 +259,11 @@ fn until(web: &Web, what: &str, headers: &[&str], ok: impl Fn(&[serde_json::Valu
 fn canary_weights_split_traffic_and_change_without_failing_a_request() {
     let web = Web::start();
     web.control.write("dr.yaml", DR);
-    web.control.write("vs.yaml", &weights(0, 100));
+    web.control
+        .write("vs.yaml", example!("web-canary-0-100.yaml"));
     until(&web, "all to v2", &[], |b| versions(b) == (0, 20));
-    web.control.write("vs.yaml", &weights(80, 20));
+    web.control
+        .write("vs.yaml", example!("web-canary-80-20.yaml"));
     until(&web, "some to v1", &[], |b| versions(b).0 > 0);
 
     // 80/20 over 2000 requests: 20% ± 3% to v2.
@@ -288,7 +289,8 @@ fn canary_weights_split_traffic_and_change_without_failing_a_request() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    web.control.write("vs.yaml", &weights(0, 100));
+    web.control
+        .write("vs.yaml", example!("web-canary-0-100.yaml"));
     let out = run.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -315,11 +317,8 @@ fn canary_weights_split_traffic_and_change_without_failing_a_request() {
 fn header_routes_send_jason_to_v2_and_everyone_else_to_v1() {
     let web = Web::start();
     web.control.write("dr.yaml", DR);
-    web.control.write(
-        "vs.yaml",
-        &vs("{match: [{headers: {end-user: {exact: jason}}}], route: [{destination: {host: web, subset: v2}}]}, \
-             {route: [{destination: {host: web, subset: v1}}]}"),
-    );
+    web.control
+        .write("vs.yaml", example!("web-header-route.yaml"));
     until(&web, "jason to v2", &["end-user: jason"], |b| {
         versions(b) == (0, 20)
     });
@@ -362,13 +361,6 @@ fn tally(
     )
 }
 
-fn route_vs(name: &str, route: &str) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: shop}}\n\
-         spec: {{hosts: [{name}], http: [{{{route}, route: [{{destination: {{host: {name}}}}}]}}]}}\n"
-    )
-}
-
 /// Polls `url` until its answer satisfies `ok` (the route reached the client's node).
 fn until_answer(
     web: &Web,
@@ -397,10 +389,8 @@ fn retries_hide_a_flaky_endpoint_and_timeouts_cut_a_slow_one() {
     println!("flaky without retries: {statuses:?}");
     assert!((80..=120).contains(&good), "{statuses:?}");
     // attempts 3 on 5xx: the client sees (nearly) only successes.
-    web.control.write(
-        "vs-flaky.yaml",
-        &route_vs("flaky", "retries: {attempts: 3, retryOn: 5xx}"),
-    );
+    web.control
+        .write("vs-flaky.yaml", example!("flaky-retries.yaml"));
     until_answer(&web, &flaky, "retries in force", |s| {
         s.get("200") == Some(&4)
     });
@@ -414,7 +404,7 @@ fn retries_hide_a_flaky_endpoint_and_timeouts_cut_a_slow_one() {
     // timeout 0.5 s against a 2 s upstream: 504 after 0.5 s (± 0.1 s).
     let slow = format!("http://{SLOW}:80/");
     web.control
-        .write("vs-slow.yaml", &route_vs("slow", "timeout: 0.5s"));
+        .write("vs-slow.yaml", example!("slow-timeout.yaml"));
     until_answer(&web, &slow, "the timeout in force", |s| {
         s.get("504").is_some()
     });
@@ -448,13 +438,8 @@ fn injected_faults_delay_and_abort_requests() {
     let web = Web::start();
     let url = format!("http://{VIP}:80/");
     let (_, plain) = tally(&web, &url, 5);
-    web.control.write(
-        "vs.yaml",
-        &route_vs(
-            "web",
-            "fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}",
-        ),
-    );
+    web.control
+        .write("vs.yaml", example!("web-fault-delay.yaml"));
     until_answer(&web, &url, "the delay in force", |_| true);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let delayed = loop {
@@ -467,13 +452,8 @@ fn injected_faults_delay_and_abort_requests() {
     };
     println!("latency without fault {plain:?} ms, with a 300 ms delay {delayed:?} ms");
 
-    web.control.write(
-        "vs.yaml",
-        &route_vs(
-            "web",
-            "fault: {abort: {httpStatus: 418, percentage: {value: 100}}}",
-        ),
-    );
+    web.control
+        .write("vs.yaml", example!("web-fault-abort.yaml"));
     until_answer(&web, &url, "the abort in force", |s| {
         s.get("418") == Some(&4)
     });
@@ -481,4 +461,40 @@ fn injected_faults_delay_and_abort_requests() {
     let (statuses, _) = tally(&web, &url, 20);
     assert_eq!(statuses.get("418"), Some(&20), "{statuses:?}");
     assert_eq!(served(&web), before, "an aborted request reached the app");
+}
+
+#[test]
+fn routes_rewrite_the_path_and_host_and_edit_headers_both_ways() {
+    let web = Web::start();
+    web.control
+        .write("vs.yaml", example!("web-rewrite-headers.yaml"));
+    let request = "GET /api/items?page=2 HTTP/1.1\\r\\nhost: web\\r\\nx-debug: 1\\r\\nconnection: close\\r\\n\\r\\n";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let back = loop {
+        let (ok, out, err) = app(&web.client, &["raw", &format!("{VIP}:80"), request]);
+        assert!(ok, "{err}");
+        let back: String = serde_json::from_str(&out).unwrap();
+        if back.contains("x-served-by: trellis") {
+            break back;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "route never applied: {back}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let (head, body) = back.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("content-type"),
+        "not removed: {head}"
+    );
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(body["path"], "/v1/items?page=2", "{body}");
+    assert_eq!(body["headers"]["host"], "web.internal", "{body}");
+    assert_eq!(body["headers"]["x-trellis-route"], "api", "{body}");
+    assert!(body["headers"].get("x-debug").is_none(), "{body}");
+    // Outside the matched prefix there is no route: 404.
+    let (ok, _, err) = app(&web.client, &["get", &format!("http://{VIP}:80/other")]);
+    assert!(!ok && err.contains("404"), "{err}");
 }

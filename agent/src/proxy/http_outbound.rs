@@ -21,8 +21,8 @@ use super::{
     http::{self, Body},
 };
 use crate::{
-    http_route::Retry,
-    state::{HttpRefusal, Route},
+    http_route::{Policy, Retry},
+    state::{HttpDecision, HttpRefusal, Route},
 };
 
 /// Upstream HTTP/1 connections of one downstream connection, by endpoint.
@@ -59,8 +59,12 @@ async fn forward(
             .state
             .borrow()
             .route_http(vip, req.method(), req.uri().path(), req.headers());
-    let (route, policy) = match chosen {
-        Ok(r) => r,
+    let HttpDecision {
+        route,
+        policy,
+        matched_prefix,
+    } = match chosen {
+        Ok(d) => d,
         Err(e) => return refusal(pod, vip, e),
     };
     // Fault injection first: an aborted request never reaches upstream.
@@ -71,6 +75,8 @@ async fn forward(
     if let Some(status) = abort {
         return http::error(status, "fault filter abort\n");
     }
+    rewrite(&mut req, &policy, matched_prefix.as_deref());
+    policy.request_headers.apply(req.headers_mut());
     let attempt = async {
         match &policy.retry {
             // Upgrades cannot be replayed; neither can a body larger than we keep.
@@ -94,7 +100,10 @@ async fn forward(
         None => attempt.await,
     };
     match answered {
-        Ok(resp) => resp,
+        Ok(mut resp) => {
+            policy.response_headers.apply(resp.headers_mut());
+            resp
+        }
         Err(e) if e == "timeout" => {
             http::error(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n")
         }
@@ -112,6 +121,34 @@ fn refusal(pod: &PodCtx, vip: SocketAddr, e: HttpRefusal) -> Response<Body> {
             warn!(pod = %pod.name, %vip, "no upstream: {why}");
             http::error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
         }
+    }
+}
+
+/// `rewrite.uri` replaces the prefix the route matched on (or the whole path), keeping the query;
+/// `rewrite.authority` replaces the Host header.
+fn rewrite<B>(req: &mut Request<B>, policy: &Policy, matched_prefix: Option<&str>) {
+    let Some(rw) = &policy.rewrite else {
+        return;
+    };
+    if let Some(to) = &rw.uri {
+        let path = req.uri().path();
+        let new_path = match matched_prefix {
+            Some(prefix) => format!("{to}{}", &path[prefix.len().min(path.len())..]),
+            None => to.clone(),
+        };
+        let pq = match req.uri().query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        match pq.parse() {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(e) => debug!("rewritten path {pq:?} is not a URI: {e}"),
+        }
+    }
+    if let Some(host) = &rw.authority
+        && let Ok(v) = hyper::header::HeaderValue::from_str(host)
+    {
+        req.headers_mut().insert(hyper::header::HOST, v);
     }
 }
 
@@ -155,7 +192,7 @@ async fn with_retries(
                     &parts.headers,
                 );
                 match chosen {
-                    Ok((r, _)) => r,
+                    Ok(d) => d.route,
                     Err(e) => return Ok(refusal(pod, vip, e)),
                 }
             }

@@ -170,6 +170,11 @@ fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
             "pod": cfg.pod,
             "client": SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string(),
             "client_identity": identity,
+            "path": request_line.split(' ').nth(1).unwrap_or_default(),
+            "headers": headers
+                .iter()
+                .map(|(n, v)| (n.to_ascii_lowercase(), json!(v)))
+                .collect::<serde_json::Map<_, _>>(),
             "calls": calls,
             "at_ms": std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
