@@ -1,5 +1,5 @@
-//! Istio's standard TCP metrics, so existing Grafana and Kiali dashboards read them, served with
-//! `/healthz` and `/readyz` on :15020.
+//! Istio's standard TCP and HTTP metrics, so existing Grafana and Kiali dashboards read them,
+//! served with `/healthz` and `/readyz` on :15020.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use anyhow::{Context as _, Result};
@@ -7,7 +7,11 @@ use hyper::{Request, StatusCode, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 use tokio::{net::TcpListener, sync::watch};
@@ -34,12 +38,32 @@ pub struct TcpLabels {
     pub request_protocol: &'static str,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
-    /// Envoy's flags: `-` for none, `UF` upstream connect failure, `UH` no healthy upstream.
+    /// Envoy's flags: `-` for none, `UF` upstream connect failure, `UH` no healthy upstream,
+    /// and for HTTP `NR`, `FI`, `DI`, `UT`, `URX` (see proxy/http_outbound.rs).
     pub response_flags: &'static str,
 }
 
-#[derive(Default)]
+/// Istio's HTTP labels: the TCP ones plus the answer's status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    #[prometheus(flatten)]
+    pub tcp: TcpLabels,
+    pub response_code: u16,
+}
+
+/// Istio's buckets for request durations (ms).
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+type Histograms = Family<HttpLabels, Histogram, fn() -> Histogram>;
+
 pub struct Metrics {
+    requests: Family<HttpLabels, Counter>,
+    duration: Histograms,
+    request_bytes: Histograms,
+    response_bytes: Histograms,
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
@@ -49,8 +73,40 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        let mut m = Self::default();
+        let mut m = Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(DURATION_BUCKETS.iter().copied())
+            }),
+            request_bytes: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1.0, 10.0, 10))
+            }),
+            response_bytes: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1.0, 10.0, 10))
+            }),
+            opened: Family::default(),
+            closed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            registry: Registry::default(),
+        };
         let mut registry = Registry::default();
+        registry.register("istio_requests", "HTTP requests", m.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "HTTP request durations",
+            m.duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "HTTP request body sizes",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "HTTP response body sizes",
+            m.response_bytes.clone(),
+        );
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -73,6 +129,31 @@ impl Metrics {
         );
         m.registry = registry;
         Arc::new(m)
+    }
+
+    /// One HTTP request answered with `code` after `took`.
+    pub fn request(
+        &self,
+        tcp: TcpLabels,
+        code: u16,
+        took: std::time::Duration,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        let labels = HttpLabels {
+            tcp,
+            response_code: code,
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64() * 1000.0);
+        self.request_bytes
+            .get_or_create(&labels)
+            .observe(request_bytes as f64);
+        self.response_bytes
+            .get_or_create(&labels)
+            .observe(response_bytes as f64);
     }
 
     pub fn opened(&self, labels: &TcpLabels) {

@@ -76,7 +76,7 @@ struct Web {
     client: Pod,
     /// web-v1, web-v2, flaky, slow.
     pods: Vec<Pod>,
-    _cluster: Cluster,
+    cluster: Cluster,
 }
 
 impl Web {
@@ -140,7 +140,7 @@ impl Web {
             control,
             client,
             pods: vec![v1, v2, flaky, slow],
-            _cluster: cluster,
+            cluster,
         }
     }
 }
@@ -461,6 +461,8 @@ fn injected_faults_delay_and_abort_requests() {
     let (statuses, _) = tally(&web, &url, 20);
     assert_eq!(statuses.get("418"), Some(&20), "{statuses:?}");
     assert_eq!(served(&web), before, "an aborted request reached the app");
+    let aborted = requests_metric(&web, &[("response_code", "418"), ("response_flags", "FI")]);
+    assert!(aborted >= 20.0, "{aborted} aborts in istio_requests_total");
 }
 
 #[test]
@@ -497,4 +499,25 @@ fn routes_rewrite_the_path_and_host_and_edit_headers_both_ways() {
     // Outside the matched prefix there is no route: 404.
     let (ok, _, err) = app(&web.client, &["get", &format!("http://{VIP}:80/other")]);
     assert!(!ok && err.contains("404"), "{err}");
+}
+
+/// The sum of `istio_requests_total` samples on node 1 (the client's, reporter `source`) whose
+/// labels include all of `labels`.
+fn requests_metric(web: &Web, labels: &[(&str, &str)]) -> f64 {
+    let (code, text) = trellis_e2e::sys::http_get(
+        &web.cluster.nodes[0].name,
+        "127.0.0.1:15020".parse().unwrap(),
+        "/metrics",
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    text.lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -8,6 +8,7 @@ use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc}
 
 use anyhow::{Result, bail};
 use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper::{
     Request, Response, StatusCode, body::Incoming, client::conn::http1::SendRequest,
     service::service_fn,
@@ -19,10 +20,11 @@ use tracing::{debug, warn};
 use super::{
     PodCtx, Shared, connect, hbone,
     http::{self, Body},
+    labels,
 };
 use crate::{
     http_route::{Policy, Retry},
-    state::{HttpDecision, HttpRefusal, Route},
+    state::{HttpDecision, HttpRefusal, Route, Workload},
 };
 
 /// Upstream HTTP/1 connections of one downstream connection, by endpoint.
@@ -47,13 +49,76 @@ where
     }
 }
 
+/// What metrics say about one request besides its status.
+struct Outcome {
+    /// Envoy's response flags: `-`, NR no route, UH no healthy upstream, FI fault abort, DI
+    /// delay injected, UT timeout, URX retries exhausted, UF connect failure.
+    flags: &'static str,
+    destination: Option<Arc<Workload>>,
+    service: Option<String>,
+}
+
+impl Outcome {
+    fn of(route: &Route) -> Self {
+        let (destination, service) = match route {
+            Route::Hbone {
+                workload, service, ..
+            } => (Some(workload.clone()), service.clone()),
+            Route::Passthrough {
+                workload, service, ..
+            } => (workload.clone(), service.clone()),
+            Route::NoEndpoints { service } => (None, Some(service.clone())),
+        };
+        Self {
+            flags: "-",
+            destination,
+            service,
+        }
+    }
+}
+
+/// Proxies one request and records Istio's request metrics for it (reporter `source`).
 async fn forward(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     vip: SocketAddr,
     pod: &PodCtx,
     shared: &Shared,
     upstreams: &Upstreams,
 ) -> Response<Body> {
+    let start = std::time::Instant::now();
+    let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+    let (resp, outcome) = proxy_request(req, vip, pod, shared, upstreams).await;
+    let source = pod.workload(&shared.state.borrow());
+    let mut labels = labels(
+        "source",
+        source.as_deref(),
+        pod.identity.as_deref(),
+        outcome.destination.as_deref(),
+        outcome.service.as_deref(),
+        outcome
+            .destination
+            .as_ref()
+            .is_some_and(|w| w.identity.is_some()),
+    );
+    labels.request_protocol = "http";
+    labels.response_flags = outcome.flags;
+    shared.metrics.request(
+        labels,
+        resp.status().as_u16(),
+        start.elapsed(),
+        request_bytes,
+        resp.body().size_hint().exact().unwrap_or(0),
+    );
+    resp
+}
+
+async fn proxy_request(
+    mut req: Request<Incoming>,
+    vip: SocketAddr,
+    pod: &PodCtx,
+    shared: &Shared,
+    upstreams: &Upstreams,
+) -> (Response<Body>, Outcome) {
     let chosen =
         shared
             .state
@@ -67,13 +132,16 @@ async fn forward(
         Ok(d) => d,
         Err(e) => return refusal(pod, vip, e),
     };
+    let mut outcome = Outcome::of(&route);
     // Fault injection first: an aborted request never reaches upstream.
     let (delay, abort) = policy.fault.roll();
     if let Some(d) = delay {
+        outcome.flags = "DI";
         tokio::time::sleep(d).await;
     }
     if let Some(status) = abort {
-        return http::error(status, "fault filter abort\n");
+        outcome.flags = "FI";
+        return (http::error(status, "fault filter abort\n"), outcome);
     }
     rewrite(&mut req, &policy, matched_prefix.as_deref());
     policy.request_headers.apply(req.headers_mut());
@@ -87,39 +155,64 @@ async fn forward(
                 let upgrade = hyper::upgrade::on(&mut req);
                 let mut resp = send(req.map(BodyExt::boxed), route, None, pod, shared, upstreams)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| Failed::Upstream(e.to_string(), false))?;
                 http::pass_upgrade(upgrade, &mut resp);
-                Ok(resp.map(BodyExt::boxed))
+                Ok((resp.map(BodyExt::boxed), false))
             }
         }
     };
     let answered = match policy.timeout {
         Some(t) => tokio::time::timeout(t, attempt)
             .await
-            .unwrap_or_else(|_| Err("timeout".to_owned())),
+            .unwrap_or_else(|_| Err(Failed::Timeout)),
         None => attempt.await,
     };
-    match answered {
-        Ok(mut resp) => {
+    let resp = match answered {
+        Ok((mut resp, retried_out)) => {
+            if retried_out {
+                outcome.flags = "URX";
+            }
             policy.response_headers.apply(resp.headers_mut());
             resp
         }
-        Err(e) if e == "timeout" => {
+        Err(Failed::Timeout) => {
+            outcome.flags = "UT";
             http::error(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n")
         }
-        Err(e) => {
+        Err(Failed::Upstream(e, retried_out)) => {
             warn!(pod = %pod.name, %vip, "HTTP request failed: {e}");
+            outcome.flags = if retried_out { "URX" } else { "UF" };
             http::error(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n")
         }
-    }
+    };
+    (resp, outcome)
 }
 
-fn refusal(pod: &PodCtx, vip: SocketAddr, e: HttpRefusal) -> Response<Body> {
+/// Why no upstream answer came back.
+enum Failed {
+    /// The route's timeout ran out.
+    Timeout,
+    /// The last try failed (and whether retries ran out on it).
+    Upstream(String, bool),
+}
+
+fn refusal(pod: &PodCtx, vip: SocketAddr, e: HttpRefusal) -> (Response<Body>, Outcome) {
+    let outcome = |flags| Outcome {
+        flags,
+        destination: None,
+        service: None,
+    };
     match e {
-        HttpRefusal::NoRoute => http::error(StatusCode::NOT_FOUND, "no route matched\n"),
+        HttpRefusal::NoRoute => (
+            http::error(StatusCode::NOT_FOUND, "no route matched\n"),
+            outcome("NR"),
+        ),
         HttpRefusal::NoUpstream(why) => {
             warn!(pod = %pod.name, %vip, "no upstream: {why}");
-            http::error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n")
+            (
+                http::error(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"),
+                outcome("UH"),
+            )
         }
     }
 }
@@ -160,7 +253,7 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 const RETRY_BODY_LIMIT: usize = 1 << 20;
 
 /// Sends `req`, trying again (on a freshly chosen endpoint) when the route's retry policy says
-/// so; the last answer or error stands when the tries run out.
+/// so; the last answer or error stands when the tries run out (then flagged as such).
 async fn with_retries(
     req: Request<Incoming>,
     first: Route,
@@ -169,15 +262,15 @@ async fn with_retries(
     pod: &PodCtx,
     shared: &Shared,
     upstreams: &Upstreams,
-) -> Result<Response<Body>, String> {
+) -> Result<(Response<Body>, bool), Failed> {
     let (parts, body) = req.into_parts();
     let body = http_body_util::Limited::new(body, RETRY_BODY_LIMIT)
         .collect()
         .await
-        .map_err(|e| format!("reading the request body: {e}"))?
+        .map_err(|e| Failed::Upstream(format!("reading the request body: {e}"), false))?
         .to_bytes();
     let mut route = Some(first);
-    let mut last = Err(String::new());
+    let mut last = Err(Failed::Upstream(String::new(), false));
     for attempt in 0..=retry.attempts {
         if attempt > 0 {
             tokio::time::sleep(RETRY_BACKOFF * attempt).await;
@@ -193,7 +286,7 @@ async fn with_retries(
                 );
                 match chosen {
                     Ok(d) => d.route,
-                    Err(e) => return Ok(refusal(pod, vip, e)),
+                    Err(e) => return Ok((refusal(pod, vip, e).0, true)),
                 }
             }
         };
@@ -208,9 +301,10 @@ async fn with_retries(
             // As Envoy: a try that timed out counts as a 504.
             Err(Failure::PerTryTimeout) => retry.on.status(StatusCode::GATEWAY_TIMEOUT),
         };
+        let exhausted = again && attempt == retry.attempts;
         last = sent
-            .map(|r| r.map(BodyExt::boxed))
-            .map_err(|e| e.to_string());
+            .map(|r| (r.map(BodyExt::boxed), exhausted))
+            .map_err(|e| Failed::Upstream(e.to_string(), exhausted));
         if !again {
             break;
         }
