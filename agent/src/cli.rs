@@ -211,6 +211,7 @@ async fn run(args: RunArgs) -> Result<()> {
         state: state.clone(),
         tls: TlsStore::new(svids.clone()),
         pool: Pool::default(),
+        balancer: Default::default(),
         metrics: metrics.clone(),
     });
     let mut reconciler = Reconciler::new(redirect, cgroup_root, home, shared);

@@ -171,6 +171,85 @@ pub struct Destination {
     pub subset: String,
     pub subset_labels: BTreeMap<String, String>,
     pub weight: u32,
+    /// The subset's trafficPolicy, replacing the service's.
+    pub traffic: Option<TrafficPolicy>,
+}
+
+/// A DestinationRule's trafficPolicy, as the proxy applies it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrafficPolicy {
+    pub lb: Lb,
+    /// Requests with the same value of this header go to the same endpoint.
+    pub hash_header: Option<String>,
+    pub pool: Option<PoolLimits>,
+    pub outlier: Option<Outlier>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub enum Lb {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Hash)]
+pub struct PoolLimits {
+    /// Requests in flight at once (HTTP/1: one per connection); 0: unlimited.
+    pub max_active: u32,
+    /// Requests waiting for one of those; beyond, 503 with `x-trellis-overflow: 1`.
+    pub max_pending: u32,
+    /// 0: unlimited.
+    pub max_requests_per_connection: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Outlier {
+    pub consecutive_5xx: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl TrafficPolicy {
+    pub fn compile(tp: Option<&api::TrafficPolicy>) -> Self {
+        use api::load_balancer::Simple;
+        let Some(tp) = tp else {
+            return Self::default();
+        };
+        let lb = tp.load_balancer.as_ref();
+        Self {
+            lb: match lb.map(|l| l.simple()) {
+                Some(Simple::LeastRequest) => Lb::LeastRequest,
+                Some(Simple::Random) => Lb::Random,
+                _ => Lb::RoundRobin,
+            },
+            hash_header: lb.map(|l| l.hash_header.clone()).filter(|h| !h.is_empty()),
+            pool: tp.connection_pool.as_ref().and_then(|cp| {
+                // HTTP/1 upstreams carry one request per connection, so maxConnections and
+                // http2MaxRequests both bound the requests in flight: the smaller wins.
+                let active = [cp.max_connections, cp.http2_max_requests]
+                    .into_iter()
+                    .filter(|n| *n > 0)
+                    .min()
+                    .unwrap_or(0);
+                let limits = PoolLimits {
+                    max_active: active,
+                    max_pending: cp.http1_max_pending_requests,
+                    max_requests_per_connection: cp.max_requests_per_connection,
+                };
+                (limits.max_active > 0 || limits.max_requests_per_connection > 0).then_some(limits)
+            }),
+            outlier: tp
+                .outlier_detection
+                .as_ref()
+                .filter(|o| o.consecutive_5xx_errors > 0)
+                .map(|o| Outlier {
+                    consecutive_5xx: o.consecutive_5xx_errors,
+                    base_ejection: Duration::from_millis(u64::from(o.base_ejection_time_ms)),
+                    max_ejection_percent: o.max_ejection_percent.min(100),
+                }),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -239,6 +318,10 @@ impl HttpRoute {
                 subset: d.subset.clone(),
                 subset_labels: d.subset_labels.clone().into_iter().collect(),
                 weight: d.weight,
+                traffic: d
+                    .subset_traffic_policy
+                    .as_ref()
+                    .map(|tp| TrafficPolicy::compile(Some(tp))),
             })
             .collect();
         let ms = |ms: u32| (ms > 0).then(|| Duration::from_millis(u64::from(ms)));

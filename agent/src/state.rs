@@ -17,7 +17,7 @@ use trellis_common::HBONE_PORT;
 
 use crate::{
     config::NodeConfig,
-    http_route::{HttpRoute, Policy},
+    http_route::{HttpRoute, Policy, TrafficPolicy},
 };
 
 /// The namespace whose selector-less PeerAuthentication applies mesh-wide (as Istio's root).
@@ -54,6 +54,8 @@ pub struct ServicePort {
     pub http: bool,
     /// VirtualService routes (HTTP ports); none: every request balanced over all endpoints.
     pub routes: Vec<HttpRoute>,
+    /// From the service's DestinationRule.
+    pub traffic: TrafficPolicy,
     pub endpoints: Vec<Endpoint>,
     #[serde(skip)]
     next: AtomicUsize,
@@ -94,13 +96,35 @@ impl PeerAuth {
     }
 }
 
-/// Where one HTTP request goes and what its route does to it.
+/// Where one HTTP request may go and what its route does to it.
 #[derive(Debug)]
 pub struct HttpDecision {
-    pub route: Route,
+    /// `namespace/name:port/subset`: what balancing state and connection limits are kept by.
+    pub cluster: String,
+    /// The destination service's host name.
+    pub service: String,
+    pub candidates: Vec<Candidate>,
+    pub traffic: TrafficPolicy,
     pub policy: Policy,
     /// The uri prefix the route matched on, if it was a prefix match (for `rewrite.uri`).
     pub matched_prefix: Option<String>,
+}
+
+/// An endpoint a request may go to.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub addr: SocketAddr,
+    pub workload: Arc<Workload>,
+}
+
+impl Candidate {
+    pub fn route(&self, service: &str) -> Route {
+        to(
+            self.addr,
+            Some(self.workload.clone()),
+            Some(service.to_owned()),
+        )
+    }
 }
 
 /// Why an HTTP request has nowhere to go.
@@ -232,6 +256,7 @@ impl MeshState {
                         .iter()
                         .filter_map(|r| HttpRoute::compile(r).ok())
                         .collect(),
+                    traffic: TrafficPolicy::compile(p.traffic_policy.as_ref()),
                     endpoints,
                     next: AtomicUsize::new(0),
                 });
@@ -294,8 +319,9 @@ impl MeshState {
         to(dst, self.workloads.get(&dst.ip()).cloned(), None)
     }
 
-    /// Where one HTTP request to the service port `vip` goes: the first matching route, a
-    /// destination by weight, an endpoint of its subset round robin.
+    /// Where one HTTP request to the service port `vip` may go: the first matching route, a
+    /// destination by weight, and that destination's endpoints (its subset, `vip`'s family);
+    /// the proxy picks one with the traffic policy and what it knows of their health.
     pub fn route_http(
         &self,
         vip: SocketAddr,
@@ -303,58 +329,68 @@ impl MeshState {
         path: &str,
         headers: &HeaderMap,
     ) -> Result<HttpDecision, HttpRefusal> {
-        let plain = |route| HttpDecision {
-            route,
-            policy: Policy::default(),
-            matched_prefix: None,
-        };
-        let Some(svc) = self.services.get(&vip) else {
-            return Ok(plain(self.route(vip)));
-        };
-        if svc.routes.is_empty() {
-            return Ok(plain(self.route(vip)));
-        }
-        let (route, matched_prefix) = svc
-            .routes
-            .iter()
-            .find_map(|r| Some((r, r.matched(method, path, headers)?)))
-            .ok_or(HttpRefusal::NoRoute)?;
-        let dst = route.pick().ok_or_else(|| {
-            HttpRefusal::NoUpstream(format!("route {}: every weight is 0", route.name))
-        })?;
-        let port = if dst.port == 0 { vip.port() } else { dst.port };
-        let target = self
-            .by_name
-            .get(&(dst.service.clone(), port))
-            .ok_or_else(|| {
-                HttpRefusal::NoUpstream(format!("{} has no port {port}", dst.service))
-            })?;
-        let eligible: Vec<&Endpoint> = target
+        let svc = self
+            .services
+            .get(&vip)
+            .ok_or_else(|| HttpRefusal::NoUpstream(format!("{vip} is not a service")))?;
+        let (target, subset, subset_labels, subset_policy, policy, matched_prefix) =
+            if svc.routes.is_empty() {
+                (svc, "", &BTreeMap::new(), None, Policy::default(), None)
+            } else {
+                let (route, matched_prefix) = svc
+                    .routes
+                    .iter()
+                    .find_map(|r| Some((r, r.matched(method, path, headers)?)))
+                    .ok_or(HttpRefusal::NoRoute)?;
+                let dst = route.pick().ok_or_else(|| {
+                    HttpRefusal::NoUpstream(format!("route {}: every weight is 0", route.name))
+                })?;
+                let port = if dst.port == 0 { vip.port() } else { dst.port };
+                let target = self
+                    .by_name
+                    .get(&(dst.service.clone(), port))
+                    .ok_or_else(|| {
+                        HttpRefusal::NoUpstream(format!("{} has no port {port}", dst.service))
+                    })?;
+                (
+                    target,
+                    dst.subset.as_str(),
+                    &dst.subset_labels,
+                    dst.traffic.as_ref(),
+                    route.policy.clone(),
+                    matched_prefix.map(str::to_owned),
+                )
+            };
+        let candidates: Vec<Candidate> = target
             .endpoints
             .iter()
             .filter(|e| e.ip.is_ipv4() == vip.is_ipv4())
             .filter(|e| {
-                dst.subset_labels
+                subset_labels
                     .iter()
                     .all(|(k, v)| e.workload.labels.get(k) == Some(v))
             })
+            .map(|e| Candidate {
+                addr: SocketAddr::new(e.ip, e.port),
+                workload: e.workload.clone(),
+            })
             .collect();
-        if eligible.is_empty() {
+        if candidates.is_empty() {
             return Err(HttpRefusal::NoUpstream(format!(
-                "{} subset {:?} has no endpoint",
-                dst.service, dst.subset
+                "{}/{} subset {subset:?} has no endpoint",
+                target.namespace, target.name
             )));
         }
-        let e = eligible[target.next.fetch_add(1, Ordering::Relaxed) % eligible.len()];
-        let to = to(
-            SocketAddr::new(e.ip, e.port),
-            Some(e.workload.clone()),
-            Some(target.host()),
-        );
         Ok(HttpDecision {
-            route: to,
-            policy: route.policy.clone(),
-            matched_prefix: matched_prefix.map(str::to_owned),
+            cluster: format!(
+                "{}/{}:{}/{subset}",
+                target.namespace, target.name, target.port
+            ),
+            service: target.host(),
+            candidates,
+            traffic: subset_policy.unwrap_or(&target.traffic).clone(),
+            policy,
+            matched_prefix,
         })
     }
 

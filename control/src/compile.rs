@@ -141,6 +141,7 @@ fn service(cluster: &Cluster, s: &ServiceInfo, trust_domain: &str) -> api::Servi
                 } else {
                     Vec::new()
                 },
+                traffic_policy: routes::traffic_policy(cluster, s),
             })
             .collect(),
         endpoints,

@@ -1,13 +1,14 @@
 //! Compiles VirtualServices and DestinationRules into the HTTP routes of each service port: hosts
 //! (short name, `name.namespace`, FQDN or VIP) resolved to Services, subsets to pod labels. The
 //! agent then needs no Istio knowledge: it matches, picks by weight and balances.
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use trellis_api as api;
 
 use crate::{
     istio::{
-        DestinationRuleSpec, HeaderOperations, StringMatch, VirtualServiceSpec, parse_duration,
+        DestinationRuleSpec, HeaderOperations, StringMatch, TrafficPolicy, VirtualServiceSpec,
+        parse_duration,
     },
     model::{Cluster, PortInfo, ServiceInfo},
 };
@@ -75,10 +76,13 @@ pub fn http_routes(cluster: &Cluster, svc: &ServiceInfo, port: &PortInfo) -> Vec
                 .filter_map(|d| {
                     let dst = resolve(cluster, &d.destination.host, &p.namespace)?;
                     let subset = d.destination.subset.clone().unwrap_or_default();
+                    let (subset_labels, subset_traffic_policy) =
+                        subset_of(cluster, dst, &subset, &p.namespace);
                     Some(api::WeightedDestination {
                         service: format!("{}/{}", dst.namespace, dst.name),
                         port: d.destination.port.as_ref().map_or(0, |p| p.number),
-                        subset_labels: subset_labels(cluster, dst, &subset, &p.namespace),
+                        subset_labels,
+                        subset_traffic_policy,
                         subset,
                         weight: match d.weight {
                             Some(w) => w.max(0) as u32,
@@ -145,17 +149,8 @@ pub fn http_routes(cluster: &Cluster, svc: &ServiceInfo, port: &PortInfo) -> Vec
     out
 }
 
-/// The labels of `subset` of `dst`, from the first DestinationRule for it (the client's
-/// namespace first, then the service's, then any). A subset no rule defines selects nothing.
-fn subset_labels(
-    cluster: &Cluster,
-    dst: &ServiceInfo,
-    subset: &str,
-    client_ns: &str,
-) -> std::collections::HashMap<String, String> {
-    if subset.is_empty() {
-        return Default::default();
-    }
+/// The DestinationRules for `dst`: the client's namespace first, then the service's, then any.
+fn rules_for(cluster: &Cluster, dst: &ServiceInfo, client_ns: &str) -> Vec<DestinationRuleSpec> {
     let mut rules: Vec<(&str, DestinationRuleSpec)> = cluster
         .policies
         .values()
@@ -168,12 +163,95 @@ fn subset_labels(
         })
         .collect();
     rules.sort_by_key(|(ns, _)| (*ns != client_ns, *ns != dst.namespace));
-    rules
+    rules.into_iter().map(|(_, dr)| dr).collect()
+}
+
+/// The service-level trafficPolicy of the first DestinationRule for `svc`.
+pub fn traffic_policy(cluster: &Cluster, svc: &ServiceInfo) -> Option<api::TrafficPolicy> {
+    rules_for(cluster, svc, &svc.namespace)
+        .into_iter()
+        .find_map(|dr| dr.traffic_policy)
+        .map(|tp| compile_policy(&tp))
+}
+
+/// The labels and trafficPolicy of `subset` of `dst`. A subset no rule defines selects nothing.
+fn subset_of(
+    cluster: &Cluster,
+    dst: &ServiceInfo,
+    subset: &str,
+    client_ns: &str,
+) -> (HashMap<String, String>, Option<api::TrafficPolicy>) {
+    if subset.is_empty() {
+        return Default::default();
+    }
+    let rules = rules_for(cluster, dst, client_ns);
+    match rules
         .iter()
-        .find_map(|(_, dr)| dr.subsets.iter().find(|s| s.name == subset))
-        .map(|s| s.labels.clone().into_iter().collect())
+        .find_map(|dr| dr.subsets.iter().find(|s| s.name == subset))
+    {
+        Some(s) => (
+            s.labels.clone().into_iter().collect(),
+            s.traffic_policy.as_ref().map(compile_policy),
+        ),
         // Istio answers 503 for an undefined subset: a label no pod has selects nothing.
-        .unwrap_or_else(|| [("trellis.dev/undefined-subset".to_owned(), subset.to_owned())].into())
+        None => (
+            [("trellis.dev/undefined-subset".to_owned(), subset.to_owned())].into(),
+            None,
+        ),
+    }
+}
+
+fn compile_policy(tp: &TrafficPolicy) -> api::TrafficPolicy {
+    use api::load_balancer::Simple;
+    let ms = |d: &Option<String>| {
+        d.as_deref()
+            .and_then(parse_duration)
+            .map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32)
+    };
+    let n = |v: Option<i32>| v.map_or(0, |v| v.max(0) as u32);
+    api::TrafficPolicy {
+        load_balancer: tp.load_balancer.as_ref().map(|lb| api::LoadBalancer {
+            simple: match lb.simple.as_deref() {
+                Some("LEAST_REQUEST") => Simple::LeastRequest,
+                Some("RANDOM") => Simple::Random,
+                _ => Simple::RoundRobin,
+            } as i32,
+            hash_header: lb
+                .consistent_hash
+                .as_ref()
+                .map(|h| h.http_header_name.to_ascii_lowercase())
+                .unwrap_or_default(),
+        }),
+        connection_pool: tp.connection_pool.as_ref().map(|cp| api::ConnectionPool {
+            max_connections: n(cp.tcp.as_ref().and_then(|t| t.max_connections)),
+            http1_max_pending_requests: n(cp
+                .http
+                .as_ref()
+                .and_then(|h| h.http1_max_pending_requests)),
+            http2_max_requests: n(cp.http.as_ref().and_then(|h| h.http2_max_requests)),
+            max_requests_per_connection: n(cp
+                .http
+                .as_ref()
+                .and_then(|h| h.max_requests_per_connection)),
+        }),
+        outlier_detection: tp
+            .outlier_detection
+            .as_ref()
+            .map(|od| api::OutlierDetection {
+                consecutive_5xx_errors: od.consecutive5xx_errors.unwrap_or(5),
+                interval_ms: match ms(&od.interval) {
+                    0 => 10_000,
+                    v => v,
+                },
+                base_ejection_time_ms: match ms(&od.base_ejection_time) {
+                    0 => 30_000,
+                    v => v,
+                },
+                max_ejection_percent: od
+                    .max_ejection_percent
+                    .map_or(10, |v| v.clamp(0, 100) as u32),
+            }),
+    }
 }
 
 fn header_ops(h: &HeaderOperations) -> api::HeaderOperations {

@@ -67,14 +67,16 @@ fn service(name: &str, vip: &str) -> String {
 
 const FLAKY: &str = "10.96.0.21";
 const SLOW: &str = "10.96.0.22";
+const PAIR: &str = "10.96.0.23";
 
 /// client on node 1; web v1 on node 1 and v2 on node 2 behind one HTTP service; on node 2 also
-/// `flaky` (every other answer a 503) and `slow` (answers after 2 s), each its own service.
+/// `flaky` (every other answer a 503) and `slow` (answers after 2 s), each its own service; and
+/// `pair`: a good pod on node 1, one answering only 500s on node 2.
 struct Web {
     agents: Vec<Agent>,
     control: Control,
     client: Pod,
-    /// web-v1, web-v2, flaky, slow.
+    /// web-v1, web-v2, flaky, slow, pair-good, pair-bad.
     pods: Vec<Pod>,
     cluster: Cluster,
 }
@@ -88,6 +90,8 @@ impl Web {
         let v2 = n2.add_pod("web-v2");
         let flaky = n2.add_pod("flaky");
         let slow = n2.add_pod("slow");
+        let good = n1.add_pod("pair-good");
+        let bad = n2.add_pod("pair-bad");
         serve(&v1, "v1");
         serve(&v2, "v2");
         serve_with(
@@ -97,6 +101,13 @@ impl Web {
             &["--fail-percent", "50", "--fail-status", "503"],
         );
         serve_with(&slow, "slow", "v1", &["--delay-ms", "2000"]);
+        serve_with(&good, "pair", "good", &[]);
+        serve_with(
+            &bad,
+            "pair",
+            "bad",
+            &["--fail-percent", "100", "--fail-status", "500"],
+        );
         let control = Control::start(
             &cluster,
             &[
@@ -111,6 +122,9 @@ impl Web {
                 ("slow.yaml", &pod_yaml(&slow, n2, "slow", "v1")),
                 ("svc-flaky.yaml", &service("flaky", FLAKY)),
                 ("svc-slow.yaml", &service("slow", SLOW)),
+                ("good.yaml", &pod_yaml(&good, n1, "pair", "good")),
+                ("bad.yaml", &pod_yaml(&bad, n2, "pair", "bad")),
+                ("svc-pair.yaml", &service("pair", PAIR)),
                 (
                     "svc.yaml",
                     &format!(
@@ -126,7 +140,7 @@ impl Web {
         ];
         agents[0].wait_pod_state(&client, "enrolled");
         agents[1].wait_pod_state(&v2, "enrolled");
-        for (agent, want) in [(&agents[0], 2), (&agents[1], 3)] {
+        for (agent, want) in [(&agents[0], 3), (&agents[1], 4)] {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
             while !agent.admin("/certificates").is_ok_and(|(_, b)| {
                 serde_json::from_str::<Vec<serde_json::Value>>(&b).is_ok_and(|c| c.len() >= want)
@@ -139,7 +153,7 @@ impl Web {
             agents,
             control,
             client,
-            pods: vec![v1, v2, flaky, slow],
+            pods: vec![v1, v2, flaky, slow, good, bad],
             cluster,
         }
     }
@@ -520,4 +534,135 @@ fn requests_metric(web: &Web, labels: &[(&str, &str)]) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+#[test]
+fn a_full_connection_pool_answers_503_overflow_and_metrics_count_it() {
+    let web = Web::start();
+    web.control
+        .write("dr-slow.yaml", example!("slow-connection-pool.yaml"));
+    let slow = format!("{SLOW}:80");
+    let burst = |n: usize| -> Vec<String> {
+        let children: Vec<_> = (0..n)
+            .map(|_| {
+                let mut cmd = Command::new(binary("trellis-demo-app"));
+                cmd.args([
+                    "raw",
+                    &slow,
+                    "GET / HTTP/1.1\\r\\nhost: slow\\r\\nconnection: close\\r\\n\\r\\n",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+                web.client.spawn_app(&mut cmd).unwrap()
+            })
+            .collect();
+        children
+            .into_iter()
+            .map(|c| {
+                let out = c.wait_with_output().unwrap();
+                serde_json::from_slice::<String>(&out.stdout).unwrap_or_default()
+            })
+            .collect()
+    };
+    // Wait until the client's node holds the limit (its admin endpoint shows it): a burst
+    // straddling the change would mix limited and unlimited requests.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !web.agents[0]
+        .admin("/config_dump")
+        .is_ok_and(|(_, b)| b.contains("\"max_active\": 1"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool limit never arrived"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let answers = burst(20);
+    let overflows = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 503") && a.contains("x-trellis-overflow: 1"))
+        .count();
+    let served = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 200"))
+        .count();
+    println!(
+        "20 concurrent requests, maxConnections 1, http1MaxPendingRequests 1: {served} served, {overflows} overflowed"
+    );
+    // One in flight and one queued get through; the rest overflow.
+    assert!((1..=2).contains(&served), "{served} served: {answers:?}");
+    assert!(overflows >= 17, "{overflows} overflows: {answers:?}");
+    let counted = requests_metric(&web, &[("response_code", "503"), ("response_flags", "UO")]);
+    assert!(
+        counted >= overflows as f64,
+        "{counted} overflows in istio_requests_total"
+    );
+}
+
+#[test]
+fn outlier_detection_ejects_a_failing_pod_and_lets_it_back_after_the_ejection_time() {
+    let web = Web::start();
+    let pair = format!("http://{PAIR}:80/");
+    web.control
+        .write("dr-pair.yaml", example!("pair-outlier-detection.yaml"));
+    // Until the rule is in force, round robin keeps sending every other request to the bad pod.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (statuses, _) = tally(&web, &pair, 20);
+        // Three 500s in a row eject it for 3 s: the rest of the batch all succeeds.
+        if statuses.get("500").copied().unwrap_or(0) <= 3
+            && statuses.get("200").copied().unwrap_or(0) >= 17
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ejected: {statuses:?}\n{}",
+            web.agents[0].log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(3500));
+    }
+    let (statuses, _) = tally(&web, &pair, 20);
+    assert_eq!(
+        statuses.get("200"),
+        Some(&20),
+        "while ejected: {statuses:?}"
+    );
+    web.agents[0].wait_log("the ejection", |v| v["message"] == "outlier ejected");
+    // After baseEjectionTime (3 s, then 6 s for a second ejection) the pod gets traffic again.
+    std::thread::sleep(std::time::Duration::from_millis(6500));
+    let (statuses, _) = tally(&web, &pair, 4);
+    assert!(
+        statuses.get("500").copied().unwrap_or(0) >= 1,
+        "never back: {statuses:?}"
+    );
+}
+
+#[test]
+fn consistent_hash_keeps_each_user_on_one_endpoint() {
+    let web = Web::start();
+    web.control
+        .write("dr.yaml", example!("web-consistent-hash.yaml"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Round robin alternates; once hashing is in force one user sees one version only.
+    while !versions(&requests(&web, 10, &["x-user: alice"]))
+        .0
+        .is_multiple_of(10)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hashing never in force"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let (v1, v2) = versions(&requests(&web, 10, &[&format!("x-user: {user}")]));
+        assert!(
+            v1 == 10 || v2 == 10,
+            "{user} moved between endpoints: {v1} v1, {v2} v2"
+        );
+        seen.insert(v1 == 10);
+    }
+    assert_eq!(seen.len(), 2, "six users all hashed to one endpoint");
 }

@@ -18,7 +18,9 @@ use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
 use super::{
-    PodCtx, Shared, connect, hbone,
+    PodCtx, Shared,
+    balance::Overflow,
+    connect, hbone,
     http::{self, Body},
     labels,
 };
@@ -27,8 +29,27 @@ use crate::{
     state::{HttpDecision, HttpRefusal, Route, Workload},
 };
 
+/// An upstream HTTP/1 connection and how many requests it has carried.
+struct Pooled {
+    sender: SendRequest<Body>,
+    used: u32,
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = SendRequest<Body>;
+    fn deref(&self) -> &Self::Target {
+        &self.sender
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.sender
+    }
+}
+
 /// Upstream HTTP/1 connections of one downstream connection, by endpoint.
-type Upstreams = Arc<Mutex<HashMap<SocketAddr, SendRequest<Body>>>>;
+type Upstreams = Arc<Mutex<HashMap<SocketAddr, Pooled>>>;
 
 /// Serves one captured connection to the HTTP service port `vip`.
 pub async fn serve<C>(client: C, vip: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>)
@@ -56,25 +77,6 @@ struct Outcome {
     flags: &'static str,
     destination: Option<Arc<Workload>>,
     service: Option<String>,
-}
-
-impl Outcome {
-    fn of(route: &Route) -> Self {
-        let (destination, service) = match route {
-            Route::Hbone {
-                workload, service, ..
-            } => (Some(workload.clone()), service.clone()),
-            Route::Passthrough {
-                workload, service, ..
-            } => (workload.clone(), service.clone()),
-            Route::NoEndpoints { service } => (None, Some(service.clone())),
-        };
-        Self {
-            flags: "-",
-            destination,
-            service,
-        }
-    }
 }
 
 /// Proxies one request and records Istio's request metrics for it (reporter `source`).
@@ -124,15 +126,16 @@ async fn proxy_request(
             .state
             .borrow()
             .route_http(vip, req.method(), req.uri().path(), req.headers());
-    let HttpDecision {
-        route,
-        policy,
-        matched_prefix,
-    } = match chosen {
+    let decision = match chosen {
         Ok(d) => d,
         Err(e) => return refusal(pod, vip, e),
     };
-    let mut outcome = Outcome::of(&route);
+    let policy = &decision.policy;
+    let mut outcome = Outcome {
+        flags: "-",
+        destination: None,
+        service: Some(decision.service.clone()),
+    };
     // Fault injection first: an aborted request never reaches upstream.
     let (delay, abort) = policy.fault.roll();
     if let Some(d) = delay {
@@ -143,21 +146,43 @@ async fn proxy_request(
         outcome.flags = "FI";
         return (http::error(status, "fault filter abort\n"), outcome);
     }
-    rewrite(&mut req, &policy, matched_prefix.as_deref());
+    rewrite(&mut req, policy, decision.matched_prefix.as_deref());
     policy.request_headers.apply(req.headers_mut());
+    // The connection pool's admission holds for the whole request, retries included.
+    let _admitted = match shared
+        .balancer
+        .admit(&decision.cluster, decision.traffic.pool)
+        .await
+    {
+        Ok(permit) => permit,
+        Err(Overflow) => {
+            outcome.flags = "UO";
+            let mut resp = http::error(StatusCode::SERVICE_UNAVAILABLE, "overflow\n");
+            resp.headers_mut().insert(
+                "x-trellis-overflow",
+                hyper::header::HeaderValue::from_static("1"),
+            );
+            return (resp, outcome);
+        }
+    };
+    let call = Call {
+        decision: &decision,
+        pod,
+        shared,
+        upstreams,
+    };
     let attempt = async {
         match &policy.retry {
             // Upgrades cannot be replayed; neither can a body larger than we keep.
-            Some(retry) if !is_upgrade(&req) => {
-                with_retries(req, route, retry, vip, pod, shared, upstreams).await
-            }
+            Some(retry) if !is_upgrade(&req) => call.with_retries(req, retry).await,
             _ => {
                 let upgrade = hyper::upgrade::on(&mut req);
-                let mut resp = send(req.map(BodyExt::boxed), route, None, pod, shared, upstreams)
+                let (mut resp, to) = call
+                    .once(req.map(BodyExt::boxed), None)
                     .await
                     .map_err(|e| Failed::Upstream(e.to_string(), false))?;
                 http::pass_upgrade(upgrade, &mut resp);
-                Ok((resp.map(BodyExt::boxed), false))
+                Ok((resp.map(BodyExt::boxed), to, false))
             }
         }
     };
@@ -168,7 +193,8 @@ async fn proxy_request(
         None => attempt.await,
     };
     let resp = match answered {
-        Ok((mut resp, retried_out)) => {
+        Ok((mut resp, to, retried_out)) => {
+            outcome.destination = Some(to);
             if retried_out {
                 outcome.flags = "URX";
             }
@@ -251,68 +277,6 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 
 /// Request bodies up to this size are kept so that a retry can send them again.
 const RETRY_BODY_LIMIT: usize = 1 << 20;
-
-/// Sends `req`, trying again (on a freshly chosen endpoint) when the route's retry policy says
-/// so; the last answer or error stands when the tries run out (then flagged as such).
-async fn with_retries(
-    req: Request<Incoming>,
-    first: Route,
-    retry: &Retry,
-    vip: SocketAddr,
-    pod: &PodCtx,
-    shared: &Shared,
-    upstreams: &Upstreams,
-) -> Result<(Response<Body>, bool), Failed> {
-    let (parts, body) = req.into_parts();
-    let body = http_body_util::Limited::new(body, RETRY_BODY_LIMIT)
-        .collect()
-        .await
-        .map_err(|e| Failed::Upstream(format!("reading the request body: {e}"), false))?
-        .to_bytes();
-    let mut route = Some(first);
-    let mut last = Err(Failed::Upstream(String::new(), false));
-    for attempt in 0..=retry.attempts {
-        if attempt > 0 {
-            tokio::time::sleep(RETRY_BACKOFF * attempt).await;
-        }
-        let route = match route.take() {
-            Some(r) => r,
-            None => {
-                let chosen = shared.state.borrow().route_http(
-                    vip,
-                    &parts.method,
-                    parts.uri.path(),
-                    &parts.headers,
-                );
-                match chosen {
-                    Ok(d) => d.route,
-                    Err(e) => return Ok((refusal(pod, vip, e).0, true)),
-                }
-            }
-        };
-        let mut req = Request::from_parts(parts.clone(), full(body.clone()));
-        // The downstream connection's own extensions (hyper's upgrade handle) stay behind.
-        *req.extensions_mut() = hyper::http::Extensions::new();
-        let sent = send(req, route, retry.per_try_timeout, pod, shared, upstreams).await;
-        let again = match &sent {
-            Ok(resp) => retry.on.status(resp.status()),
-            Err(Failure::Connect(_)) => retry.on.connect_failure,
-            Err(Failure::Reset(_)) => retry.on.reset,
-            // As Envoy: a try that timed out counts as a 504.
-            Err(Failure::PerTryTimeout) => retry.on.status(StatusCode::GATEWAY_TIMEOUT),
-        };
-        let exhausted = again && attempt == retry.attempts;
-        last = sent
-            .map(|r| (r.map(BodyExt::boxed), exhausted))
-            .map_err(|e| Failed::Upstream(e.to_string(), exhausted));
-        if !again {
-            break;
-        }
-        debug!(pod = %pod.name, %vip, attempt, "retrying");
-    }
-    last
-}
-
 const RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(25);
 
 fn full(bytes: hyper::body::Bytes) -> Body {
@@ -341,35 +305,99 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// One try: an upstream connection to the endpoint `route` chose, then the request.
-async fn send(
-    req: Request<Body>,
-    route: Route,
-    per_try: Option<std::time::Duration>,
-    pod: &PodCtx,
-    shared: &Shared,
-    upstreams: &Upstreams,
-) -> Result<Response<Incoming>, Failure> {
-    let attempt = async {
-        let (target, mut sender) = upstream(route, pod, shared, upstreams)
+/// One request's tries, all within the cluster its route chose.
+struct Call<'a> {
+    decision: &'a HttpDecision,
+    pod: &'a PodCtx,
+    shared: &'a Shared,
+    upstreams: &'a Upstreams,
+}
+
+impl Call<'_> {
+    /// Sends `req`, trying again (on a freshly balanced endpoint) when the route's retry policy
+    /// says so; the last answer or error stands when the tries run out (then flagged as such).
+    async fn with_retries(
+        &self,
+        req: Request<Incoming>,
+        retry: &Retry,
+    ) -> Result<(Response<Body>, Arc<Workload>, bool), Failed> {
+        let (parts, body) = req.into_parts();
+        let body = http_body_util::Limited::new(body, RETRY_BODY_LIMIT)
+            .collect()
             .await
-            .map_err(|e| Failure::Connect(format!("{e:#}")))?;
-        sender
-            .ready()
-            .await
-            .map_err(|e| Failure::Connect(e.to_string()))?;
-        let resp = sender.send_request(req).await;
-        // Keep the connection for the next request unless it is done.
-        if !sender.is_closed() {
-            upstreams.lock().await.insert(target, sender);
+            .map_err(|e| Failed::Upstream(format!("reading the request body: {e}"), false))?
+            .to_bytes();
+        let mut last = Err(Failed::Upstream(String::new(), false));
+        for attempt in 0..=retry.attempts {
+            if attempt > 0 {
+                tokio::time::sleep(RETRY_BACKOFF * attempt).await;
+                debug!(pod = %self.pod.name, cluster = self.decision.cluster, attempt, "retrying");
+            }
+            let mut req = Request::from_parts(parts.clone(), full(body.clone()));
+            // The downstream connection's own extensions (hyper's upgrade handle) stay behind.
+            *req.extensions_mut() = hyper::http::Extensions::new();
+            let sent = self.once(req, retry.per_try_timeout).await;
+            let again = match &sent {
+                Ok((resp, _)) => retry.on.status(resp.status()),
+                Err(Failure::Connect(_)) => retry.on.connect_failure,
+                Err(Failure::Reset(_)) => retry.on.reset,
+                // As Envoy: a try that timed out counts as a 504.
+                Err(Failure::PerTryTimeout) => retry.on.status(StatusCode::GATEWAY_TIMEOUT),
+            };
+            let exhausted = again && attempt == retry.attempts;
+            last = sent
+                .map(|(r, to)| (r.map(BodyExt::boxed), to, exhausted))
+                .map_err(|e| Failed::Upstream(e.to_string(), exhausted));
+            if !again {
+                break;
+            }
         }
-        resp.map_err(|e| Failure::Reset(e.to_string()))
-    };
-    match per_try {
-        Some(t) => tokio::time::timeout(t, attempt)
-            .await
-            .unwrap_or(Err(Failure::PerTryTimeout)),
-        None => attempt.await,
+        last
+    }
+
+    /// One try: an endpoint chosen by the balancer, its connection, the request; the outcome
+    /// feeds outlier detection.
+    async fn once(
+        &self,
+        req: Request<Body>,
+        per_try: Option<std::time::Duration>,
+    ) -> Result<(Response<Incoming>, Arc<Workload>), Failure> {
+        let balancer = &self.shared.balancer;
+        let candidate = balancer.choose(self.decision, req.headers()).clone();
+        let _in_flight = balancer.start(candidate.addr);
+        let route = candidate.route(&self.decision.service);
+        let limits = self.decision.traffic.pool;
+        let attempt = async {
+            let (target, mut sender) = upstream(route, self.pod, self.shared, self.upstreams)
+                .await
+                .map_err(|e| Failure::Connect(format!("{e:#}")))?;
+            sender
+                .ready()
+                .await
+                .map_err(|e| Failure::Connect(e.to_string()))?;
+            let resp = sender.send_request(req).await;
+            let used = sender.used + 1;
+            // Keep the connection for the next request unless it is done or used up.
+            let spent = limits.is_some_and(|l| {
+                l.max_requests_per_connection > 0 && used >= l.max_requests_per_connection
+            });
+            if !sender.sender.is_closed() && !spent {
+                sender.used = used;
+                self.upstreams.lock().await.insert(target, sender);
+            }
+            resp.map_err(|e| Failure::Reset(e.to_string()))
+        };
+        let result = match per_try {
+            Some(t) => tokio::time::timeout(t, attempt)
+                .await
+                .unwrap_or(Err(Failure::PerTryTimeout)),
+            None => attempt.await,
+        };
+        let failed = result
+            .as_ref()
+            .map_or(true, |r| r.status().is_server_error());
+        balancer.record(candidate.addr, self.decision.traffic.outlier, failed);
+        result.map(|r| (r, candidate.workload))
     }
 }
 
@@ -379,7 +407,7 @@ async fn upstream(
     pod: &PodCtx,
     shared: &Shared,
     upstreams: &Upstreams,
-) -> Result<(SocketAddr, SendRequest<Body>)> {
+) -> Result<(SocketAddr, Pooled)> {
     let target = match &route {
         Route::Hbone { target, .. } => *target,
         Route::Passthrough { addr, .. } => *addr,
@@ -410,5 +438,5 @@ async fn upstream(
             .await?
         }
     };
-    Ok((target, sender))
+    Ok((target, Pooled { sender, used: 0 }))
 }

@@ -1,6 +1,7 @@
 //! The node proxy. Each enrolled pod gets, inside its own netns, 127.0.0.1:15001 and [::1]:15001
 //! (outbound capture), [::]:15006 (inbound plaintext capture) and, once it has an identity,
 //! [::]:15008 (inbound HBONE). One agent process serves every pod on the node.
+mod balance;
 mod hbone;
 mod http;
 mod http_inbound;
@@ -53,6 +54,7 @@ pub struct Shared {
     pub state: watch::Receiver<Arc<MeshState>>,
     pub tls: TlsStore,
     pub pool: Pool,
+    pub balancer: balance::Balancer,
     pub metrics: Arc<Metrics>,
 }
 
