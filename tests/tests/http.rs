@@ -666,3 +666,14 @@ fn consistent_hash_keeps_each_user_on_one_endpoint() {
     }
     assert_eq!(seen.len(), 2, "six users all hashed to one endpoint");
 }
+
+#[test]
+fn many_short_connections_do_not_exhaust_the_tunnels() {
+    let web = Web::start();
+    // More connections than one HTTP/2 connection's concurrent streams (200): each must release
+    // its HBONE stream when it ends.
+    for i in 0..300 {
+        let (ok, _, err) = app(&web.client, &["get", &format!("http://{VIP}:80/")]);
+        assert!(ok, "request {i}: {err}");
+    }
+}

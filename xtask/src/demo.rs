@@ -263,6 +263,8 @@ pub fn run(once: bool) -> Result<()> {
         agents[1].log_file().display()
     );
 
+    canary_and_header_route(&control, &user, &mut failures);
+
     if !failures.is_empty() {
         for f in &failures {
             eprintln!("demo: FAILED: {f}");
@@ -281,6 +283,97 @@ pub fn run(once: bool) -> Result<()> {
     drop(agents);
     drop(control);
     Ok(())
+}
+
+/// The reviews versions web's calls reached over `count` requests from `user`, one connection
+/// each.
+fn reviews_versions(user: &Pod, count: usize, headers: &[&str]) -> Result<BTreeMap<String, usize>> {
+    let url = format!("http://{}:80/", vip("web"));
+    let mut args = Vec::new();
+    for h in headers {
+        args.extend(["--header", h]);
+    }
+    let mut seen = BTreeMap::new();
+    for _ in 0..count {
+        let b = get_with(user, &url, &args)?;
+        for c in b["calls"].as_array().into_iter().flatten() {
+            if c["service"] == "reviews" {
+                let v = c["version"].as_str().unwrap_or("failed").to_owned();
+                *seen.entry(v).or_default() += 1;
+            }
+        }
+    }
+    Ok(seen)
+}
+
+/// Act two: Istio's canary and header routing on reviews, done by the node proxy on web's node
+/// (no waypoint), with the counts.
+fn canary_and_header_route(control: &Control, user: &Pod, failures: &mut Vec<String>) {
+    const SUBSETS: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: shop}\n\
+        spec: {host: reviews, subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]}\n";
+    const CANARY: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
+        spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews, subset: v1}, weight: 80}, {destination: {host: reviews, subset: v2}, weight: 20}]}]}\n";
+    const JASON: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
+        spec: {hosts: [reviews], http: [{match: [{headers: {end-user: {exact: jason}}}], route: [{destination: {host: reviews, subset: v2}}]}, \
+        {route: [{destination: {host: reviews, subset: v1}}]}]}\n";
+    let wait = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            if Instant::now() > deadline {
+                return Err(format!("{what} never took effect"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    };
+    let versions = |n, h: &[&str]| reviews_versions(user, n, h).unwrap_or_default();
+
+    println!(
+        "\n  Canary: VirtualService reviews, 80% to v1 and 20% to v2 (DestinationRule subsets by version)"
+    );
+    control.write("reviews-subsets.yaml", SUBSETS);
+    control.write("reviews-vs.yaml", JASON);
+    // The header route first, to know the routes have arrived before switching to weights.
+    if let Err(e) = wait("the header route", &|| {
+        versions(10, &["end-user: jason"]).get("v2") == Some(&10)
+    }) {
+        return failures.push(e);
+    }
+    control.write("reviews-vs.yaml", CANARY);
+    if let Err(e) = wait("the canary", &|| {
+        versions(10, &["end-user: jason"]).get("v1").is_some()
+    }) {
+        return failures.push(e);
+    }
+    let canary = match reviews_versions(user, 100, &[]) {
+        Ok(c) => c,
+        Err(e) => return failures.push(format!("canary requests: {e:#}")),
+    };
+    let v2 = canary.get("v2").copied().unwrap_or(0);
+    println!(
+        "  100 requests: reviews v1 x{}, v2 x{v2}",
+        canary.get("v1").copied().unwrap_or(0)
+    );
+    // 20 expected; 8..=35 is about three standard deviations either side.
+    if !(8..=35).contains(&v2) || canary.len() != 2 {
+        failures.push(format!("the 80/20 canary gave {canary:?}"));
+    }
+
+    println!("\n  Header route: end-user: jason goes to v2, everyone else to v1");
+    control.write("reviews-vs.yaml", JASON);
+    if let Err(e) = wait("the header route", &|| {
+        versions(10, &[]).get("v1") == Some(&10)
+    }) {
+        return failures.push(e);
+    }
+    let jason = versions(20, &["end-user: jason"]);
+    let others = versions(20, &["end-user: mary"]);
+    println!("  jason x20: {jason:?}   mary x20: {others:?}");
+    if jason.get("v2") != Some(&20) || others.get("v1") != Some(&20) {
+        failures.push(format!(
+            "header route gave jason {jason:?}, mary {others:?}"
+        ));
+    }
 }
 
 fn pod_yaml(pod: &Pod, node: &Node, sa: &str, app: &str, version: &str) -> String {
@@ -334,17 +427,23 @@ impl Drop for Reaper {
 }
 
 fn get(from: &Pod, url: &str) -> Result<Value> {
+    get_with(from, url, &[])
+}
+
+/// GET from `from` as its app would, with extra `trellis-demo-app get` arguments.
+fn get_with(from: &Pod, url: &str, extra: &[&str]) -> Result<Value> {
     let mut cmd = Command::new(binary("trellis-demo-app"));
     cmd.args(["get", url])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = from.spawn_app(&mut cmd)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait()?.is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{url}: no answer within 20 s");
+            bail!("{url}: no answer within 60 s");
         }
         std::thread::sleep(Duration::from_millis(10));
     }

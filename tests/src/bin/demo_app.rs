@@ -26,6 +26,18 @@ use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Request headers passed on to the app's own calls.
+const FORWARDED: [&str; 8] = [
+    "end-user",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+    "b3",
+];
+
 struct Serve {
     /// Share of requests answered with `fail_status` instead (0-100).
     fail_percent: u32,
@@ -153,10 +165,16 @@ fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
                 .find_map(|kv| kv.strip_prefix("URI="))
                 .map(str::to_owned)
         });
+        // Like Istio's bookinfo: the user and trace headers travel on to the upstream calls.
+        let forward: Vec<String> = headers
+            .iter()
+            .filter(|(n, _)| FORWARDED.iter().any(|f| n.eq_ignore_ascii_case(f)))
+            .map(|(n, v)| format!("{n}: {v}"))
+            .collect();
         let calls: Vec<Value> = cfg
             .calls
             .iter()
-            .map(|url| match get(url, &[], 1) {
+            .map(|url| match get(url, &forward, 1) {
                 Ok(mut bodies) => {
                     let body = bodies.remove(0);
                     serde_json::from_str(&body).unwrap_or(json!({ "url": url, "body": body }))
