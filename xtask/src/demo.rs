@@ -341,7 +341,7 @@ fn canary_and_header_route(control: &Control, user: &Pod, failures: &mut Vec<Str
     }
     control.write("reviews-vs.yaml", CANARY);
     if let Err(e) = wait("the canary", &|| {
-        versions(10, &["end-user: jason"]).get("v1").is_some()
+        versions(10, &["end-user: jason"]).contains_key("v1")
     }) {
         return failures.push(e);
     }
