@@ -677,3 +677,46 @@ fn many_short_connections_do_not_exhaust_the_tunnels() {
         assert!(ok, "request {i}: {err}");
     }
 }
+
+#[test]
+fn trace_context_is_continued_or_started_and_each_request_is_a_span() {
+    let web = Web::start();
+    // No trace context: the proxy starts a trace, and the app sees it.
+    let body = requests(&web, 1, &[]).remove(0);
+    let started = body["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let parts: Vec<&str> = started.split('-').collect();
+    assert!(
+        parts.len() == 4 && parts[0] == "00" && parts[1].len() == 32 && parts[2].len() == 16,
+        "{body}"
+    );
+    // A caller's trace is continued: same trace id, a new span id for the proxy's hop;
+    // tracestate and B3 pass through as they were.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let sent = [
+        "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "tracestate: congo=t61rcWkgMzE",
+        "x-b3-traceid: 463ac35c9f6413ad48485a3953bb6124",
+        "x-b3-spanid: a2fb4a1d1a96d312",
+        "x-b3-sampled: 1",
+    ];
+    let body = requests(&web, 1, &sent).remove(0);
+    let h = &body["headers"];
+    let tp = h["traceparent"].as_str().unwrap_or_default();
+    assert!(tp.starts_with(&format!("00-{trace_id}-")), "{body}");
+    assert!(
+        !tp.contains("00f067aa0ba902b7"),
+        "the proxy's hop needs its own span id: {tp}"
+    );
+    assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
+    assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad48485a3953bb6124");
+    assert_eq!(h["x-b3-spanid"], "a2fb4a1d1a96d312");
+    // The client's node logged the request as a span of that trace, its parent the caller's.
+    let line = web.agents[0].wait_log("the request's span", |v| {
+        v["message"] == "http request" && v.to_string().contains(trace_id)
+    });
+    assert!(line.to_string().contains("00f067aa0ba902b7"), "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+}

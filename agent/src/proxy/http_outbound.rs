@@ -15,14 +15,14 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use tokio::sync::Mutex;
-use tracing::{debug, warn};
+use tracing::{Instrument as _, debug, warn};
 
 use super::{
     PodCtx, Shared,
     balance::Overflow,
     connect, hbone,
     http::{self, Body},
-    labels,
+    labels, trace,
 };
 use crate::{
     http_route::{Policy, Retry},
@@ -81,7 +81,7 @@ struct Outcome {
 
 /// Proxies one request and records Istio's request metrics for it (reporter `source`).
 async fn forward(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     vip: SocketAddr,
     pod: &PodCtx,
     shared: &Shared,
@@ -89,7 +89,31 @@ async fn forward(
 ) -> Response<Body> {
     let start = std::time::Instant::now();
     let request_bytes = req.body().size_hint().exact().unwrap_or(0);
-    let (resp, outcome) = proxy_request(req, vip, pod, shared, upstreams).await;
+    let trace = trace::continue_trace(req.headers_mut());
+    let span = tracing::info_span!(
+        "http_request",
+        trace_id = %trace.trace_id,
+        span_id = %trace.span_id,
+        parent_id = trace.parent_id.as_deref().unwrap_or(""),
+        pod = %pod.name,
+        method = %req.method(),
+        path = req.uri().path(),
+    );
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let (resp, outcome) = proxy_request(req, vip, pod, shared, upstreams)
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| {
+        tracing::info!(
+            %method,
+            path,
+            status = resp.status().as_u16(),
+            response_flags = outcome.flags,
+            service = outcome.service.as_deref().unwrap_or("unknown"),
+            duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+            "http request"
+        )
+    });
     let source = pod.workload(&shared.state.borrow());
     let mut labels = labels(
         "source",

@@ -9,6 +9,7 @@ mod http_outbound;
 mod inbound;
 mod outbound;
 mod pool;
+mod trace;
 
 use std::{
     io,
