@@ -26,6 +26,8 @@ pub struct Policy {
     pub rewrite: Option<Rewrite>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// Where copies of requests go, and for which share of them (0-100).
+    pub mirror: Option<(Destination, f64)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -162,7 +164,7 @@ impl Fault {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Destination {
     /// `<namespace>/<name>` of the Service.
     pub service: String,
@@ -291,6 +293,20 @@ impl Matcher {
     }
 }
 
+fn destination(d: &api::WeightedDestination) -> Destination {
+    Destination {
+        service: d.service.clone(),
+        port: u16::try_from(d.port).unwrap_or(0),
+        subset: d.subset.clone(),
+        subset_labels: d.subset_labels.clone().into_iter().collect(),
+        weight: d.weight,
+        traffic: d
+            .subset_traffic_policy
+            .as_ref()
+            .map(|tp| TrafficPolicy::compile(Some(tp))),
+    }
+}
+
 impl HttpRoute {
     pub fn compile(r: &api::HttpRoute) -> Result<Self> {
         let matches = r
@@ -309,21 +325,7 @@ impl HttpRoute {
             })
             .collect::<Result<_>>()
             .with_context(|| format!("route {}", r.name))?;
-        let destinations = r
-            .destinations
-            .iter()
-            .map(|d| Destination {
-                service: d.service.clone(),
-                port: u16::try_from(d.port).unwrap_or(0),
-                subset: d.subset.clone(),
-                subset_labels: d.subset_labels.clone().into_iter().collect(),
-                weight: d.weight,
-                traffic: d
-                    .subset_traffic_policy
-                    .as_ref()
-                    .map(|tp| TrafficPolicy::compile(Some(tp))),
-            })
-            .collect();
+        let destinations = r.destinations.iter().map(destination).collect();
         let ms = |ms: u32| (ms > 0).then(|| Duration::from_millis(u64::from(ms)));
         let policy = Policy {
             timeout: ms(r.timeout_ms),
@@ -360,6 +362,10 @@ impl HttpRoute {
                 uri: (!w.uri.is_empty()).then(|| w.uri.clone()),
                 authority: (!w.authority.is_empty()).then(|| w.authority.clone()),
             }),
+            mirror: r
+                .mirror
+                .as_ref()
+                .map(|m| (destination(m), r.mirror_percent)),
             request_headers: HeaderOps::new(r.request_headers.as_ref())
                 .with_context(|| format!("route {}: request headers", r.name))?,
             response_headers: HeaderOps::new(r.response_headers.as_ref())

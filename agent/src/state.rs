@@ -17,7 +17,7 @@ use trellis_common::HBONE_PORT;
 
 use crate::{
     config::NodeConfig,
-    http_route::{HttpRoute, Policy, TrafficPolicy},
+    http_route::{Destination, HttpRoute, Policy, TrafficPolicy},
 };
 
 /// The namespace whose selector-less PeerAuthentication applies mesh-wide (as Istio's root).
@@ -99,15 +99,60 @@ impl PeerAuth {
 /// Where one HTTP request may go and what its route does to it.
 #[derive(Debug)]
 pub struct HttpDecision {
+    pub target: Target,
+    pub policy: Policy,
+    /// The uri prefix the route matched on, if it was a prefix match (for `rewrite.uri`).
+    pub matched_prefix: Option<String>,
+    /// Where this request's copy goes, when the route mirrors it.
+    pub mirror: Option<Target>,
+}
+
+/// A destination's endpoints and how to balance over them.
+#[derive(Debug)]
+pub struct Target {
     /// `namespace/name:port/subset`: what balancing state and connection limits are kept by.
     pub cluster: String,
     /// The destination service's host name.
     pub service: String,
     pub candidates: Vec<Candidate>,
     pub traffic: TrafficPolicy,
-    pub policy: Policy,
-    /// The uri prefix the route matched on, if it was a prefix match (for `rewrite.uri`).
-    pub matched_prefix: Option<String>,
+}
+
+impl Target {
+    fn of(
+        svc: &ServicePort,
+        subset: &str,
+        labels: &BTreeMap<String, String>,
+        subset_traffic: Option<&TrafficPolicy>,
+        vip: SocketAddr,
+    ) -> Result<Self, HttpRefusal> {
+        let candidates: Vec<Candidate> = svc
+            .endpoints
+            .iter()
+            .filter(|e| e.ip.is_ipv4() == vip.is_ipv4())
+            .filter(|e| {
+                labels
+                    .iter()
+                    .all(|(k, v)| e.workload.labels.get(k) == Some(v))
+            })
+            .map(|e| Candidate {
+                addr: SocketAddr::new(e.ip, e.port),
+                workload: e.workload.clone(),
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Err(HttpRefusal::NoUpstream(format!(
+                "{}/{} subset {subset:?} has no endpoint",
+                svc.namespace, svc.name
+            )));
+        }
+        Ok(Self {
+            cluster: format!("{}/{}:{}/{subset}", svc.namespace, svc.name, svc.port),
+            service: svc.host(),
+            candidates,
+            traffic: subset_traffic.unwrap_or(&svc.traffic).clone(),
+        })
+    }
 }
 
 /// An endpoint a request may go to.
@@ -333,65 +378,52 @@ impl MeshState {
             .services
             .get(&vip)
             .ok_or_else(|| HttpRefusal::NoUpstream(format!("{vip} is not a service")))?;
-        let (target, subset, subset_labels, subset_policy, policy, matched_prefix) =
-            if svc.routes.is_empty() {
-                (svc, "", &BTreeMap::new(), None, Policy::default(), None)
-            } else {
-                let (route, matched_prefix) = svc
-                    .routes
-                    .iter()
-                    .find_map(|r| Some((r, r.matched(method, path, headers)?)))
-                    .ok_or(HttpRefusal::NoRoute)?;
-                let dst = route.pick().ok_or_else(|| {
-                    HttpRefusal::NoUpstream(format!("route {}: every weight is 0", route.name))
-                })?;
-                let port = if dst.port == 0 { vip.port() } else { dst.port };
-                let target = self
-                    .by_name
-                    .get(&(dst.service.clone(), port))
-                    .ok_or_else(|| {
-                        HttpRefusal::NoUpstream(format!("{} has no port {port}", dst.service))
-                    })?;
-                (
-                    target,
-                    dst.subset.as_str(),
-                    &dst.subset_labels,
-                    dst.traffic.as_ref(),
-                    route.policy.clone(),
-                    matched_prefix.map(str::to_owned),
-                )
-            };
-        let candidates: Vec<Candidate> = target
-            .endpoints
-            .iter()
-            .filter(|e| e.ip.is_ipv4() == vip.is_ipv4())
-            .filter(|e| {
-                subset_labels
-                    .iter()
-                    .all(|(k, v)| e.workload.labels.get(k) == Some(v))
-            })
-            .map(|e| Candidate {
-                addr: SocketAddr::new(e.ip, e.port),
-                workload: e.workload.clone(),
-            })
-            .collect();
-        if candidates.is_empty() {
-            return Err(HttpRefusal::NoUpstream(format!(
-                "{}/{} subset {subset:?} has no endpoint",
-                target.namespace, target.name
-            )));
+        if svc.routes.is_empty() {
+            return Ok(HttpDecision {
+                target: Target::of(svc, "", &BTreeMap::new(), None, vip)?,
+                policy: Policy::default(),
+                matched_prefix: None,
+                mirror: None,
+            });
         }
+        let (route, matched_prefix) = svc
+            .routes
+            .iter()
+            .find_map(|r| Some((r, r.matched(method, path, headers)?)))
+            .ok_or(HttpRefusal::NoRoute)?;
+        let dst = route.pick().ok_or_else(|| {
+            HttpRefusal::NoUpstream(format!("route {}: every weight is 0", route.name))
+        })?;
+        let mirror = route
+            .policy
+            .mirror
+            .as_ref()
+            .filter(|(_, percent)| fastrand::f64() * 100.0 < *percent)
+            .and_then(|(m, _)| self.target(m, vip).ok());
         Ok(HttpDecision {
-            cluster: format!(
-                "{}/{}:{}/{subset}",
-                target.namespace, target.name, target.port
-            ),
-            service: target.host(),
-            candidates,
-            traffic: subset_policy.unwrap_or(&target.traffic).clone(),
-            policy,
-            matched_prefix,
+            target: self.target(dst, vip)?,
+            policy: route.policy.clone(),
+            matched_prefix: matched_prefix.map(str::to_owned),
+            mirror,
         })
+    }
+
+    /// A route destination's endpoints, for requests that came to `vip`.
+    fn target(&self, dst: &Destination, vip: SocketAddr) -> Result<Target, HttpRefusal> {
+        let port = if dst.port == 0 { vip.port() } else { dst.port };
+        let svc = self
+            .by_name
+            .get(&(dst.service.clone(), port))
+            .ok_or_else(|| {
+                HttpRefusal::NoUpstream(format!("{} has no port {port}", dst.service))
+            })?;
+        Target::of(
+            svc,
+            &dst.subset,
+            &dst.subset_labels,
+            dst.traffic.as_ref(),
+            vip,
+        )
     }
 
     pub fn peer_auth(&self, uid: &str) -> PeerAuth {

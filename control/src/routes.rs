@@ -114,6 +114,22 @@ pub fn http_routes(cluster: &Cluster, svc: &ServiceInfo, port: &PortInfo) -> Vec
                         .filter(|c| !c.is_empty())
                         .collect(),
                 }),
+                mirror: route.mirror.as_ref().and_then(|m| {
+                    let dst = resolve(cluster, &m.host, &p.namespace)?;
+                    let subset = m.subset.clone().unwrap_or_default();
+                    let (subset_labels, subset_traffic_policy) =
+                        subset_of(cluster, dst, &subset, &p.namespace);
+                    Some(api::WeightedDestination {
+                        service: format!("{}/{}", dst.namespace, dst.name),
+                        port: m.port.as_ref().map_or(0, |p| p.number),
+                        subset_labels,
+                        subset_traffic_policy,
+                        subset,
+                        weight: 100,
+                    })
+                }),
+                // Istio mirrors every request when no percentage is given.
+                mirror_percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
                 rewrite: route.rewrite.as_ref().map(|r| api::HttpRewrite {
                     uri: r.uri.clone().unwrap_or_default(),
                     authority: r.authority.clone().unwrap_or_default(),

@@ -432,8 +432,11 @@ fn retries_hide_a_flaky_endpoint_and_timeouts_cut_a_slow_one() {
 
 /// How many requests the web pods have served, asked of each pod directly.
 fn served(web: &Web) -> u64 {
-    web.pods[..2]
-        .iter()
+    served_by(web, &web.pods[..2])
+}
+
+fn served_by(web: &Web, pods: &[Pod]) -> u64 {
+    pods.iter()
         .map(|p| {
             let (ok, out, err) = app(
                 &web.client,
@@ -719,4 +722,32 @@ fn trace_context_is_continued_or_started_and_each_request_is_a_span() {
     });
     assert!(line.to_string().contains("00f067aa0ba902b7"), "{line}");
     assert_eq!(line["status"], 200, "{line}");
+}
+
+#[test]
+fn mirrored_requests_reach_the_shadow_and_its_answers_are_ignored() {
+    let web = Web::start();
+    let pair = &web.pods[4..6];
+    web.control.write("vs.yaml", example!("web-mirror.yaml"));
+    let url = format!("http://{VIP}:80/");
+    // Until the route arrives, pair serves nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while served_by(&web, pair) == 0 {
+        assert_eq!(tally(&web, &url, 1).0.get("200"), Some(&1));
+        assert!(std::time::Instant::now() < deadline, "nothing mirrored");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let before = served_by(&web, pair);
+    // pair's bad pod answers 500 to half the copies: the callers never see it.
+    let (statuses, _) = tally(&web, &url, 20);
+    assert_eq!(statuses.get("200"), Some(&20), "{statuses:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while served_by(&web, pair) < before + 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 20 copies arrived",
+            served_by(&web, pair) - before
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

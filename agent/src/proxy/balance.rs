@@ -18,7 +18,7 @@ use tracing::info;
 
 use crate::{
     http_route::{Lb, Outlier, PoolLimits},
-    state::{Candidate, HttpDecision},
+    state::{Candidate, Target},
 };
 
 #[derive(Default)]
@@ -53,7 +53,7 @@ impl Balancer {
     /// One endpoint for a request: ejected outliers left out (at most `maxEjectionPercent` of
     /// them, at least one), then consistent hash on the header if set and present, else the
     /// load-balancing policy.
-    pub fn choose<'a>(&self, d: &'a HttpDecision, headers: &HeaderMap) -> &'a Candidate {
+    pub fn choose<'a>(&self, d: &'a Target, headers: &HeaderMap) -> &'a Candidate {
         let now = Instant::now();
         let mut pool: Vec<&Candidate> = d.candidates.iter().collect();
         if let Some(o) = d.traffic.outlier {
@@ -187,12 +187,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{
-        http_route::{Policy, TrafficPolicy},
-        state::Workload,
-    };
+    use crate::{http_route::TrafficPolicy, state::Workload};
 
-    fn decision(lb: Lb, outlier: Option<Outlier>) -> HttpDecision {
+    fn decision(lb: Lb, outlier: Option<Outlier>) -> Target {
         let candidate = |ip: &str| Candidate {
             addr: format!("{ip}:80").parse().unwrap(),
             workload: Arc::new(Workload {
@@ -205,7 +202,7 @@ mod tests {
                 labels: Default::default(),
             }),
         };
-        HttpDecision {
+        Target {
             cluster: "shop/web:80/".into(),
             service: "web.shop.svc.cluster.local".into(),
             candidates: vec![candidate("10.0.0.1"), candidate("10.0.0.2")],
@@ -214,8 +211,6 @@ mod tests {
                 outlier,
                 ..Default::default()
             },
-            policy: Policy::default(),
-            matched_prefix: None,
         }
     }
 

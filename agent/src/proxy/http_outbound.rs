@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     http_route::{Policy, Retry},
-    state::{HttpDecision, HttpRefusal, Route, Workload},
+    state::{HttpRefusal, Route, Target, Workload},
 };
 
 /// An upstream HTTP/1 connection and how many requests it has carried.
@@ -83,8 +83,8 @@ struct Outcome {
 async fn forward(
     mut req: Request<Incoming>,
     vip: SocketAddr,
-    pod: &PodCtx,
-    shared: &Shared,
+    pod: &Arc<PodCtx>,
+    shared: &Arc<Shared>,
     upstreams: &Upstreams,
 ) -> Response<Body> {
     let start = std::time::Instant::now();
@@ -139,10 +139,10 @@ async fn forward(
 }
 
 async fn proxy_request(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     vip: SocketAddr,
-    pod: &PodCtx,
-    shared: &Shared,
+    pod: &Arc<PodCtx>,
+    shared: &Arc<Shared>,
     upstreams: &Upstreams,
 ) -> (Response<Body>, Outcome) {
     let chosen =
@@ -158,7 +158,7 @@ async fn proxy_request(
     let mut outcome = Outcome {
         flags: "-",
         destination: None,
-        service: Some(decision.service.clone()),
+        service: Some(decision.target.service.clone()),
     };
     // Fault injection first: an aborted request never reaches upstream.
     let (delay, abort) = policy.fault.roll();
@@ -170,12 +170,13 @@ async fn proxy_request(
         outcome.flags = "FI";
         return (http::error(status, "fault filter abort\n"), outcome);
     }
+    let mut req = req.map(BodyExt::boxed);
     rewrite(&mut req, policy, decision.matched_prefix.as_deref());
     policy.request_headers.apply(req.headers_mut());
     // The connection pool's admission holds for the whole request, retries included.
     let _admitted = match shared
         .balancer
-        .admit(&decision.cluster, decision.traffic.pool)
+        .admit(&decision.target.cluster, decision.target.traffic.pool)
         .await
     {
         Ok(permit) => permit,
@@ -189,8 +190,11 @@ async fn proxy_request(
             return (resp, outcome);
         }
     };
+    if let Some(mirror) = decision.mirror {
+        req = mirror_copy(req, mirror, pod, shared).await;
+    }
     let call = Call {
-        decision: &decision,
+        target: &decision.target,
         pod,
         shared,
         upstreams,
@@ -202,7 +206,7 @@ async fn proxy_request(
             _ => {
                 let upgrade = hyper::upgrade::on(&mut req);
                 let (mut resp, to) = call
-                    .once(req.map(BodyExt::boxed), None)
+                    .once(req, None)
                     .await
                     .map_err(|e| Failed::Upstream(e.to_string(), false))?;
                 http::pass_upgrade(upgrade, &mut resp);
@@ -295,6 +299,59 @@ fn rewrite<B>(req: &mut Request<B>, policy: &Policy, matched_prefix: Option<&str
     }
 }
 
+/// Sends a copy of `req` to `mirror` in the background (Host gets Envoy's `-shadow` suffix; the
+/// answer is dropped) and gives back the request, its body now buffered (up to 1 MiB; a larger
+/// body is not mirrored).
+async fn mirror_copy(
+    req: Request<Body>,
+    mirror: Target,
+    pod: &Arc<PodCtx>,
+    shared: &Arc<Shared>,
+) -> Request<Body> {
+    if is_upgrade(&req) || req.body().size_hint().lower() > RETRY_BODY_LIMIT as u64 {
+        return req;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match http_body_util::Limited::new(body, RETRY_BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            debug!("not mirroring: reading the body: {e}");
+            hyper::body::Bytes::new()
+        }
+    };
+    let mut copy = Request::from_parts(parts.clone(), full(bytes.clone()));
+    *copy.extensions_mut() = hyper::http::Extensions::new();
+    if let Some(host) = copy
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| format!("{}-shadow", h.split(':').next().unwrap_or(h)))
+        && let Ok(v) = hyper::header::HeaderValue::from_str(&host)
+    {
+        copy.headers_mut().insert(hyper::header::HOST, v);
+    }
+    let (pod, shared) = (pod.clone(), shared.clone());
+    tokio::spawn(async move {
+        let upstreams = Upstreams::default();
+        let call = Call {
+            target: &mirror,
+            pod: &pod,
+            shared: &shared,
+            upstreams: &upstreams,
+        };
+        if let Err(e) = call.once(copy, Some(MIRROR_TIMEOUT)).await {
+            debug!(cluster = mirror.cluster, "mirrored request failed: {e}");
+        }
+    });
+    Request::from_parts(parts, full(bytes))
+}
+
+/// How long a mirrored copy may take before it is abandoned.
+const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.headers().contains_key(hyper::header::UPGRADE)
 }
@@ -331,7 +388,7 @@ impl std::fmt::Display for Failure {
 
 /// One request's tries, all within the cluster its route chose.
 struct Call<'a> {
-    decision: &'a HttpDecision,
+    target: &'a Target,
     pod: &'a PodCtx,
     shared: &'a Shared,
     upstreams: &'a Upstreams,
@@ -342,7 +399,7 @@ impl Call<'_> {
     /// says so; the last answer or error stands when the tries run out (then flagged as such).
     async fn with_retries(
         &self,
-        req: Request<Incoming>,
+        req: Request<Body>,
         retry: &Retry,
     ) -> Result<(Response<Body>, Arc<Workload>, bool), Failed> {
         let (parts, body) = req.into_parts();
@@ -355,7 +412,7 @@ impl Call<'_> {
         for attempt in 0..=retry.attempts {
             if attempt > 0 {
                 tokio::time::sleep(RETRY_BACKOFF * attempt).await;
-                debug!(pod = %self.pod.name, cluster = self.decision.cluster, attempt, "retrying");
+                debug!(pod = %self.pod.name, cluster = self.target.cluster, attempt, "retrying");
             }
             let mut req = Request::from_parts(parts.clone(), full(body.clone()));
             // The downstream connection's own extensions (hyper's upgrade handle) stay behind.
@@ -387,10 +444,10 @@ impl Call<'_> {
         per_try: Option<std::time::Duration>,
     ) -> Result<(Response<Incoming>, Arc<Workload>), Failure> {
         let balancer = &self.shared.balancer;
-        let candidate = balancer.choose(self.decision, req.headers()).clone();
+        let candidate = balancer.choose(self.target, req.headers()).clone();
         let _in_flight = balancer.start(candidate.addr);
-        let route = candidate.route(&self.decision.service);
-        let limits = self.decision.traffic.pool;
+        let route = candidate.route(&self.target.service);
+        let limits = self.target.traffic.pool;
         let attempt = async {
             let (target, mut sender) = upstream(route, self.pod, self.shared, self.upstreams)
                 .await
@@ -420,7 +477,7 @@ impl Call<'_> {
         let failed = result
             .as_ref()
             .map_or(true, |r| r.status().is_server_error());
-        balancer.record(candidate.addr, self.decision.traffic.outlier, failed);
+        balancer.record(candidate.addr, self.target.traffic.outlier, failed);
         result.map(|r| (r, candidate.workload))
     }
 }
