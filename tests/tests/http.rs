@@ -751,3 +751,14 @@ fn mirrored_requests_reach_the_shadow_and_its_answers_are_ignored() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn upgrades_pass_through_both_proxies() {
+    let web = Web::start();
+    let request = "GET /chat HTTP/1.1\\r\\nhost: web\\r\\nconnection: upgrade\\r\\nupgrade: echo\\r\\n\\r\\nhello over the upgraded stream";
+    let (ok, out, err) = app(&web.client, &["raw", &format!("{VIP}:80"), request]);
+    assert!(ok, "{err}");
+    let back: String = serde_json::from_str(&out).unwrap();
+    assert!(back.starts_with("HTTP/1.1 101"), "{back:?}");
+    assert!(back.ends_with("hello over the upgraded stream"), "{back:?}");
+}

@@ -4,7 +4,8 @@
 //!
 //! - `serve --service S --version V --pod P --listen ADDR [--call URL]... [--fail-percent N]
 //!   [--fail-status CODE] [--delay-ms MS]`: a share of answers can be failures, and every answer
-//!   can be slow; `GET /count` answers how many requests it served.
+//!   can be slow; `GET /count` answers how many requests it served; `Upgrade: echo` switches
+//!   protocols and echoes one message (a stand-in for WebSocket).
 //! - `get URL [--header 'NAME: VALUE']... [--count N]`: N GETs on one keep-alive connection;
 //!   prints the body (a JSON array of them when N > 1); exits non-zero on any failure.
 //! - `raw ADDR DATA`: sends DATA as is (`\r\n` for CR LF), prints what came back until the
@@ -155,6 +156,16 @@ fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
                 .find(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| v.clone())
         };
+        // `Upgrade: echo` (a stand-in for WebSocket): switch protocols, echo one message, close.
+        if header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("echo")) {
+            stream.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+            )?;
+            let mut buf = [0u8; 4096];
+            let n = reader.read(&mut buf)?;
+            stream.write_all(&buf[..n])?;
+            return Ok(());
+        }
         // Request bodies are not used; read them so the next request starts where it should.
         let length: usize = header("content-length")
             .and_then(|v| v.parse().ok())
