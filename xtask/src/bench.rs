@@ -143,8 +143,8 @@ fn bench(duration: Duration) -> Result<Value> {
             eprintln!("bench: phase trellis: latency via the service VIP {vip}");
             json!({ "addr": vip.to_string(), "latency": latency(&client, vip, duration)? })
         }
-        Ok(v) => skipped_vip(vip, &v.to_string()),
-        Err(e) => skipped_vip(vip, &format!("{e:#}")),
+        Ok(v) => bail!("the agents do not serve the service VIP {vip}: {v}"),
+        Err(e) => bail!("the agents do not serve the service VIP {vip}: {e:#}"),
     };
     eprintln!("bench: removing agents, control, pods and nodes");
     Ok(json!({
@@ -154,11 +154,6 @@ fn bench(duration: Duration) -> Result<Value> {
         "trellis": trellis,
         "summary": summary(&direct, &trellis),
     }))
-}
-
-fn skipped_vip(vip: SocketAddr, why: &str) -> Value {
-    eprintln!("bench: the service VIP {vip} is not served (skipped): {why}");
-    json!({ "addr": vip.to_string(), "skipped": why })
 }
 
 /// One phase's runs, all from `client` to `target`. With agents, their CPU and memory too.
