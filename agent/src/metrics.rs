@@ -160,6 +160,13 @@ impl Metrics {
         self.opened.get_or_create(labels).inc();
     }
 
+    /// A connection that failed before any byte moved, with its Envoy flag.
+    pub fn failed(&self, labels: &mut TcpLabels, flag: &'static str) {
+        labels.response_flags = flag;
+        self.opened(labels);
+        self.closed(labels, 0, 0);
+    }
+
     /// A connection ended: `received` bytes came from the client, `sent` went to it.
     pub fn closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
         self.closed.get_or_create(labels).inc();

@@ -240,11 +240,18 @@ impl Pod {
 
     /// Starts the test app serving on `port` (all addresses, IPv4 and IPv6); waits until it listens.
     pub fn serve(&self, port: u16) {
-        let mut cmd = Command::new(binary("trellis-testpod"));
-        cmd.args(["serve", &self.name, &format!("[::]:{port}")])
-            .stdout(Stdio::piped());
-        let mut child = sys::spawn_in(&self.netns, Some(&self.app_cgroup()), &mut cmd)
-            .expect("starting the test app");
+        self.start_app(Command::new(binary("trellis-testpod")).args([
+            "serve",
+            &self.name,
+            &format!("[::]:{port}"),
+        ]));
+    }
+
+    /// Starts a server in this pod as its app and waits for the `ready` line it prints once it
+    /// listens; it is killed with the pod.
+    pub fn start_app(&self, cmd: &mut Command) {
+        cmd.stdout(Stdio::piped());
+        let mut child = self.spawn_app(cmd).expect("starting the app");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped"))
             .read_line(&mut line)
@@ -252,7 +259,7 @@ impl Pod {
         assert_eq!(
             line.trim(),
             "ready",
-            "test app in {} did not start",
+            "the app in {} did not start",
             self.name
         );
         self.children.lock().unwrap().push(child);

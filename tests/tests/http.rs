@@ -20,30 +20,21 @@ fn serve(pod: &Pod, version: &str) {
 }
 
 fn serve_with(pod: &Pod, service: &str, version: &str, extra: &[&str]) {
-    let mut cmd = Command::new(binary("trellis-demo-app"));
-    cmd.args([
-        "serve",
-        "--service",
-        service,
-        "--version",
-        version,
-        "--pod",
-        &pod.name,
-        "--listen",
-        "[::]:8080",
-    ])
-    .args(extra)
-    .stdout(Stdio::piped());
-    let mut child = pod.spawn_app(&mut cmd).expect("starting the demo app");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
-    // Killed with the pod's cgroup.
-    std::mem::forget(child);
+    pod.start_app(
+        Command::new(binary("trellis-demo-app"))
+            .args([
+                "serve",
+                "--service",
+                service,
+                "--version",
+                version,
+                "--pod",
+                &pod.name,
+                "--listen",
+                "[::]:8080",
+            ])
+            .args(extra),
+    );
 }
 
 /// Runs the demo app's client in `pod` with `args`; (success, stdout, stderr).

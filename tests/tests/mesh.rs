@@ -135,24 +135,12 @@ impl Shop {
 }
 
 fn serve_bulk(pod: &Pod) {
-    let mut cmd = Command::new(binary("trellis-loadgen"));
-    cmd.args(["echo-serve", "[::]:7000"]).stdout(Stdio::piped());
-    let mut child = pod.spawn_app(&mut cmd).expect("starting the echo server");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
-    // The pod's cgroup is torn down with the pod; the child dies with it.
-    std::mem::forget(child);
+    pod.start_app(Command::new(binary("trellis-loadgen")).args(["echo-serve", "[::]:7000"]));
 }
 
 /// The demo app on 9080: it answers JSON with the client identity the mesh vouched for.
 fn serve_http(pod: &Pod) {
-    let mut cmd = Command::new(binary("trellis-demo-app"));
-    cmd.args([
+    pod.start_app(Command::new(binary("trellis-demo-app")).args([
         "serve",
         "--service",
         "server",
@@ -160,17 +148,7 @@ fn serve_http(pod: &Pod) {
         &pod.name,
         "--listen",
         "[::]:9080",
-    ])
-    .stdout(Stdio::piped());
-    let mut child = pod.spawn_app(&mut cmd).expect("starting the demo app");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
-    std::mem::forget(child);
+    ]));
 }
 
 /// One GET from `pod` (as its app), with `headers`; the JSON body.

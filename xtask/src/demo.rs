@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -87,11 +87,9 @@ pub fn run(once: bool) -> Result<()> {
         .map(|a| (cluster.nodes[a.node].add_pod(a.pod), a))
         .collect();
     let user = cluster.nodes[0].add_pod("user");
-    let mut apps: Vec<Child> = Vec::new();
     for (pod, app) in &pods {
-        apps.push(start_app(pod, app)?);
+        start_app(pod, app);
     }
-    let _apps = Reaper(apps);
 
     let mut files = vec![(
         "ns.yaml".to_owned(),
@@ -385,7 +383,8 @@ fn pod_yaml(pod: &Pod, node: &Node, sa: &str, app: &str, version: &str) -> Strin
     )
 }
 
-fn start_app(pod: &Pod, app: &App) -> Result<Child> {
+/// Starts `app`'s server in `pod` (it stops with the pod).
+fn start_app(pod: &Pod, app: &App) {
     let mut cmd = Command::new(binary("trellis-demo-app"));
     cmd.args([
         "serve",
@@ -401,29 +400,7 @@ fn start_app(pod: &Pod, app: &App) -> Result<Child> {
     for c in app.calls {
         cmd.args(["--call", &format!("http://{}:80/", vip(c))]);
     }
-    cmd.stdout(Stdio::piped());
-    let mut child = pod.spawn_app(&mut cmd)?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().context("piped")?),
-        &mut line,
-    )?;
-    if line.trim() != "ready" {
-        bail!("the {} app did not start", app.pod);
-    }
-    Ok(child)
-}
-
-/// Kills the apps when the demo ends, however it ends.
-struct Reaper(Vec<Child>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    pod.start_app(&mut cmd);
 }
 
 fn get(from: &Pod, url: &str) -> Result<Value> {

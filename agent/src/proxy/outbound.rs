@@ -71,9 +71,7 @@ pub async fn handle(
             );
             let Some(tls) = pod.identity.as_deref().and_then(|id| shared.tls.get(id)) else {
                 warn!(pod = %pod.name, orig_dst = %dst, "no certificate for this pod yet; cannot reach a mesh endpoint without one");
-                labels.response_flags = "UF";
-                shared.metrics.opened(&labels);
-                return shared.metrics.closed(&labels, 0, 0);
+                return shared.metrics.failed(&mut labels, "UF");
             };
             info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %target, peer_identity = identity, "connection captured");
             match hbone::open(&shared.pool, &pod, &tls, hbone, target, &identity).await {
@@ -84,9 +82,7 @@ pub async fn handle(
                 }
                 Err(e) => {
                     warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e:#}");
-                    labels.response_flags = "UF";
-                    shared.metrics.opened(&labels);
-                    shared.metrics.closed(&labels, 0, 0);
+                    shared.metrics.failed(&mut labels, "UF");
                 }
             }
         }
@@ -113,9 +109,7 @@ pub async fn handle(
                 }
                 Err(e) => {
                     warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e}");
-                    labels.response_flags = "UF";
-                    shared.metrics.opened(&labels);
-                    shared.metrics.closed(&labels, 0, 0);
+                    shared.metrics.failed(&mut labels, "UF");
                 }
             }
         }
@@ -129,9 +123,7 @@ pub async fn handle(
                 Some(&service),
                 false,
             );
-            labels.response_flags = "UH";
-            shared.metrics.opened(&labels);
-            shared.metrics.closed(&labels, 0, 0);
+            shared.metrics.failed(&mut labels, "UH");
         }
     }
 }

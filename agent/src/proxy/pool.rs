@@ -58,22 +58,4 @@ impl Pool {
         });
         Ok(sender)
     }
-
-    /// How many destinations have an open pooled connection (for the admin endpoint).
-    pub fn open_connections(&self) -> usize {
-        let slots: Vec<_> = self
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        slots
-            .iter()
-            .filter(|s| {
-                s.try_lock()
-                    .is_ok_and(|s| s.as_ref().is_some_and(|s| !s.sender.is_closed()))
-            })
-            .count()
-    }
 }

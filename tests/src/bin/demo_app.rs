@@ -279,14 +279,21 @@ fn raw(addr: &str, data: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn tally(url: &str, headers: &[String], count: usize) -> Result<(), String> {
+/// `http://IP[:PORT]/PATH` (IP literals only: the demo has no DNS) → (address, host, path).
+fn parse_url(url: &str) -> Result<(SocketAddr, &str, &str), String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or(format!("{url}: only http:// URLs"))?;
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let addr: SocketAddr = host
+    let addr = host
         .parse()
-        .map_err(|_| format!("{url}: host must be IP:PORT"))?;
+        .or_else(|_| format!("{host}:80").parse())
+        .map_err(|_| format!("{url}: host must be IP[:PORT]"))?;
+    Ok((addr, host, path))
+}
+
+fn tally(url: &str, headers: &[String], count: usize) -> Result<(), String> {
+    let (addr, host, path) = parse_url(url)?;
     let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let mut statuses: std::collections::BTreeMap<String, u64> = Default::default();
     let mut ms = Vec::new();
@@ -356,14 +363,7 @@ fn get_args(args: &[String]) -> Result<(Vec<String>, usize), String> {
 /// `count` GETs of `http://HOST:PORT/PATH` (IP literals only: the demo has no DNS) on one
 /// keep-alive connection; returns the bodies.
 fn get(url: &str, headers: &[String], count: usize) -> Result<Vec<String>, String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or(format!("{url}: only http:// URLs"))?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let addr: SocketAddr = host
-        .parse()
-        .or_else(|_| format!("{host}:80").parse())
-        .map_err(|_| format!("{url}: host must be IP:PORT"))?;
+    let (addr, host, path) = parse_url(url)?;
     let err = |e: std::io::Error| format!("{url}: {e}");
     let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(err)?;
     s.set_read_timeout(Some(TIMEOUT)).map_err(err)?;
