@@ -1,11 +1,17 @@
 //! HBONE: a TCP connection carried as an HTTP/2 CONNECT stream over mutual TLS 1.3 to the
 //! destination pod's port 15008. Client side here; the server is in `inbound`.
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use http_body_util::Empty;
 use hyper::{Method, Request, StatusCode, Version, body::Bytes, upgrade::Upgraded};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
@@ -27,7 +33,7 @@ pub async fn open(
     hbone: SocketAddr,
     target: SocketAddr,
     identity: &str,
-) -> Result<TokioIo<Upgraded>> {
+) -> Result<Stream> {
     let key = pool::Key {
         source: pod.uid.clone(),
         hbone,
@@ -55,7 +61,7 @@ pub async fn open(
             Ok(resp) if resp.status() == StatusCode::OK => {
                 return hyper::upgrade::on(resp)
                     .await
-                    .map(TokioIo::new)
+                    .map(Stream::new)
                     .context("the HBONE stream did not open");
             }
             Ok(resp) => bail!("{hbone} answered CONNECT {target} with {}", resp.status()),
@@ -103,4 +109,89 @@ async fn handshake(
     });
     debug!(source = %pod.name, %hbone, peer, "new pooled HBONE connection");
     Ok(sender)
+}
+
+/// How long, and for how many bytes, a stream dropped half-open waits for the peer to end its side.
+const LINGER: Duration = Duration::from_secs(5);
+const LINGER_BYTES: u64 = 1 << 20;
+
+/// One HBONE stream as a byte stream, closing like TCP does. Dropped before the peer has ended
+/// its side, it ends ours and reads out the peer's rest (bounded) in the background, instead of
+/// leaving the HTTP/2 stream half-open, which resets it: a reset is an abort, and a peer that
+/// receives one can lose an answer it has already been sent (hyper fails an HTTP/1 request whose
+/// connection reports a write error before the response head was parsed).
+pub struct Stream {
+    io: Option<TokioIo<Upgraded>>,
+    /// The peer ended its side (read returned end of stream).
+    peer_done: bool,
+}
+
+impl Stream {
+    pub fn new(upgraded: Upgraded) -> Self {
+        Self {
+            io: Some(TokioIo::new(upgraded)),
+            peer_done: false,
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut TokioIo<Upgraded>> {
+        Pin::new(self.io.as_mut().expect("taken only on drop"))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = self.io().poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(())))
+            && buf.filled().len() == before
+            && buf.remaining() > 0
+        {
+            self.peer_done = true;
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.io().poll_shutdown(cx)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let Some(mut io) = self.io.take() else { return };
+        if self.peer_done {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let linger = async {
+                io.shutdown().await?;
+                tokio::io::copy(&mut (&mut io).take(LINGER_BYTES), &mut tokio::io::sink()).await
+            };
+            if let Ok(Err(e)) = tokio::time::timeout(LINGER, linger).await {
+                debug!("HBONE stream ended with an error: {e}");
+            }
+        });
+    }
 }

@@ -455,7 +455,7 @@ impl Call<'_> {
             sender
                 .ready()
                 .await
-                .map_err(|e| Failure::Connect(e.to_string()))?;
+                .map_err(|e| Failure::Connect(causes(e)))?;
             let resp = sender.send_request(req).await;
             let used = sender.used + 1;
             // Keep the connection for the next request unless it is done or used up.
@@ -466,7 +466,7 @@ impl Call<'_> {
                 sender.used = used;
                 self.upstreams.lock().await.insert(target, sender);
             }
-            resp.map_err(|e| Failure::Reset(e.to_string()))
+            resp.map_err(|e| Failure::Reset(causes(e)))
         };
         let result = match per_try {
             Some(t) => tokio::time::timeout(t, attempt)
@@ -480,6 +480,11 @@ impl Call<'_> {
         balancer.record(candidate.addr, self.target.traffic.outlier, failed);
         result.map(|r| (r, candidate.workload))
     }
+}
+
+/// hyper's error with its causes: its own text alone says only which step failed.
+fn causes(e: hyper::Error) -> String {
+    format!("{:#}", anyhow::Error::new(e))
 }
 
 /// A sender to the endpoint `route` chose: this connection's idle one, or a new one.
@@ -510,7 +515,7 @@ async fn upstream(
                 bail!("no certificate for this pod yet");
             };
             let tunnel = hbone::open(&shared.pool, pod, &tls, hbone, target, &identity).await?;
-            http::client(tunnel.into_inner()).await?
+            http::client(TokioIo::new(tunnel)).await?
         }
         _ => {
             http::client(TokioIo::new(

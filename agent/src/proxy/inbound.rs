@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     CONNECT_TIMEOUT, Counted, PodCtx, Shared, canonical, connect,
-    hbone::{CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
+    hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
     http_inbound, labels, splice,
 };
 use crate::tls;
@@ -190,7 +190,7 @@ async fn tunnel(
                 shared.metrics.opened(&labels);
                 let (received, sent) = match (http, pod.identity.as_deref()) {
                     (true, Some(server_id)) => {
-                        let client = Counted::new(TokioIo::new(up));
+                        let client = Counted::new(hbone::Stream::new(up));
                         let (read, written) = client.counters();
                         http_inbound::serve(client, app, Some((server_id, &client_id))).await;
                         (
@@ -198,7 +198,7 @@ async fn tunnel(
                             written.load(Ordering::Relaxed),
                         )
                     }
-                    _ => splice(&mut TokioIo::new(up), &mut app)
+                    _ => splice(&mut hbone::Stream::new(up), &mut app)
                         .await
                         .unwrap_or_default(),
                 };
