@@ -281,7 +281,7 @@ impl MeshState {
                         })
                     })
                     .collect();
-                let http = p.protocol == api::Protocol::Http as i32;
+                let http = api::Protocol::try_from(p.protocol).is_ok_and(api::Protocol::is_http);
                 if http {
                     http_ports.extend(
                         endpoints

@@ -135,8 +135,7 @@ fn service(cluster: &Cluster, s: &ServiceInfo, trust_domain: &str) -> api::Servi
                     TargetPort::Name(_) => 0,
                 },
                 protocol: protocol(p.app_protocol.as_deref(), &p.name) as i32,
-                http_routes: if protocol(p.app_protocol.as_deref(), &p.name) == api::Protocol::Http
-                {
+                http_routes: if protocol(p.app_protocol.as_deref(), &p.name).is_http() {
                     routes::http_routes(cluster, s, p)
                 } else {
                     Vec::new()

@@ -661,6 +661,107 @@ fn consistent_hash_keeps_each_user_on_one_endpoint() {
     assert_eq!(seen.len(), 2, "six users all hashed to one endpoint");
 }
 
+const GREETER: &str = "10.96.0.24";
+
+/// Runs the gRPC app's client in the client pod; the replies, or the error.
+fn grpc(web: &Web, call: &[&str], headers: &[&str]) -> Result<Vec<serde_json::Value>, String> {
+    let mut cmd = Command::new(binary("trellis-grpc-app"));
+    cmd.args(["call", &format!("http://{GREETER}:9090")])
+        .args(call)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for h in headers {
+        cmd.args(["--header", h]);
+    }
+    let out = web
+        .client
+        .spawn_app(&mut cmd)
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[test]
+fn grpc_unary_and_streaming_calls_are_routed_by_header() {
+    let web = Web::start();
+    // A gRPC server (h2c) beside the web app in web-v1 (node 1) and web-v2 (node 2).
+    for (pod, version) in [(&web.pods[0], "v1"), (&web.pods[1], "v2")] {
+        pod.start_app(Command::new(binary("trellis-grpc-app")).args([
+            "serve",
+            "--version",
+            version,
+            "--pod",
+            &pod.name,
+            "--listen",
+            "[::]:9090",
+        ]));
+    }
+    web.control.write(
+        "svc-greeter.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: greeter, namespace: shop}}\n\
+             spec: {{clusterIP: {GREETER}, selector: {{app: web}}, ports: [{{name: grpc, port: 9090}}]}}\n"
+        ),
+    );
+    web.control
+        .write("greeter.yaml", example!("greeter-header-route.yaml"));
+    let versions = |replies: &[serde_json::Value]| -> Vec<String> {
+        replies
+            .iter()
+            .map(|r| r["version"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    // Until the route is in force, calls are balanced over both versions.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(0..6).all(|_| grpc(&web, &["hello"], &[]).is_ok_and(|r| versions(&r) == ["v1"])) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "route never in force: {:?}\n{}",
+            grpc(&web, &["hello"], &[]),
+            web.agents[0].log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let jason = ["end-user: jason"];
+    for (headers, want) in [(&[][..], "v1"), (&jason[..], "v2")] {
+        // Unary, server streaming and bidirectional streaming, each several times.
+        for _ in 0..3 {
+            let hello = grpc(&web, &["hello"], headers).unwrap();
+            assert_eq!(versions(&hello), [want], "{headers:?}: {hello:?}");
+            assert_eq!(
+                hello[0]["client_identity"], "spiffe://cluster.local/ns/shop/sa/client",
+                "{hello:?}"
+            );
+            let count = grpc(&web, &["count", "50"], headers).unwrap();
+            assert_eq!(count.len(), 50, "{count:?}");
+            assert!(versions(&count).iter().all(|v| v == want), "{count:?}");
+            assert!(
+                count.iter().enumerate().all(|(i, r)| r["seq"] == i),
+                "out of order: {count:?}"
+            );
+            let chat = grpc(&web, &["chat", "20"], headers).unwrap();
+            assert_eq!(chat.len(), 20, "{chat:?}");
+            assert!(versions(&chat).iter().all(|v| v == want), "{chat:?}");
+            assert!(
+                chat.iter()
+                    .enumerate()
+                    .all(|(i, r)| r["message"] == format!("hello {i}")),
+                "{chat:?}"
+            );
+        }
+    }
+    // Metrics call them gRPC: 3 rounds of 3 calls to v2 (a stream counts once).
+    let grpc_calls = requests_metric(
+        &web,
+        &[("request_protocol", "grpc"), ("destination_version", "v2")],
+    );
+    assert!(grpc_calls >= 9.0, "{grpc_calls} gRPC calls to v2 counted");
+}
+
 #[test]
 fn many_short_connections_do_not_exhaust_the_tunnels() {
     let web = Web::start();

@@ -1,13 +1,18 @@
-//! What the HTTP/1.1 paths share: error answers, upstream connections, upgrade pass-through.
+//! What the HTTP paths share: error answers, the server that speaks HTTP/1.1 and HTTP/2 (h2c,
+//! told apart by the HTTP/2 preface), upstream connections in the request's own version, and
+//! upgrade pass-through.
 use anyhow::Result;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{
-    Response, StatusCode,
+    Request, Response, StatusCode, Version,
     body::{Bytes, Incoming},
-    client::conn::http1::SendRequest,
+    client::conn::{http1, http2},
     upgrade::OnUpgrade,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
 use tracing::debug;
 
 use super::splice;
@@ -24,21 +29,90 @@ pub fn error(code: StatusCode, text: &'static str) -> Response<Body> {
     resp
 }
 
-/// An HTTP/1.1 client connection over `io`, driven by its own task (upgrades allowed).
-pub async fn client<T, B>(io: T) -> Result<SendRequest<B>>
+/// A server for one downstream connection: HTTP/1.1 (keep-alive, upgrades) or HTTP/2 with prior
+/// knowledge, whichever the client speaks.
+pub fn server() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// An upstream connection in one HTTP version, driven by its own task.
+pub enum Sender<B> {
+    /// One request at a time; upgrades allowed.
+    Http1(http1::SendRequest<B>),
+    /// Many concurrent streams (h2c, or HTTP/2 inside an HBONE stream).
+    Http2(http2::SendRequest<B>),
+}
+
+impl<B> Sender<B>
 where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + Send + 'static,
+    B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            debug!("upstream HTTP/1 connection ended: {e}");
+    /// Handshakes over `io` in `version` (HTTP/2 for HTTP/2, else HTTP/1.1).
+    pub async fn handshake<T>(io: T, version: Version) -> Result<Self>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        if version == Version::HTTP_2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!("upstream HTTP/2 connection ended: {e}");
+                }
+            });
+            return Ok(Self::Http2(sender));
         }
-    });
-    Ok(sender)
+        let (sender, conn) = http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!("upstream HTTP/1 connection ended: {e}");
+            }
+        });
+        Ok(Self::Http1(sender))
+    }
+
+    /// Whether it can take a request now without waiting.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Self::Http1(s) => s.is_ready(),
+            Self::Http2(s) => s.is_ready(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Self::Http1(s) => s.is_closed(),
+            Self::Http2(s) => s.is_closed(),
+        }
+    }
+
+    pub async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Self::Http1(s) => s.ready().await,
+            Self::Http2(s) => s.ready().await,
+        }
+    }
+
+    pub async fn send(&mut self, req: Request<B>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Self::Http1(s) => s.send_request(req).await,
+            Self::Http2(s) => s.send_request(req).await,
+        }
+    }
+
+    /// Another handle on the same connection, where the version multiplexes.
+    pub fn share(&self) -> Option<Self> {
+        match self {
+            Self::Http1(_) => None,
+            Self::Http2(s) => Some(Self::Http2(s.clone())),
+        }
+    }
 }
 
 /// When the server switched protocols, splices the two upgraded connections.

@@ -1,7 +1,8 @@
-//! HTTP/1.1 inbound to a port its service declares HTTP: each request goes to the app with the
-//! caller's verified identity in `x-forwarded-client-cert` (Envoy's and Istio's header,
+//! HTTP inbound to a port its service declares HTTP, HTTP/2 or gRPC: each request goes to the app
+//! with the caller's verified identity in `x-forwarded-client-cert` (Envoy's and Istio's header,
 //! `By=<server>;URI=<client>`) when it came over HBONE, and without that header when it came in
 //! plaintext. Whatever the client sent in it is always removed first, so the app can trust it.
+//! The app is spoken to in the client's HTTP version (h2c for HTTP/2) over one connection.
 //! Upgrades (WebSocket) are passed through once the app agrees.
 use std::{convert::Infallible, sync::Arc};
 
@@ -17,12 +18,19 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::http::{self, Body};
+use super::http::{self, Body, Sender};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
-/// Serves HTTP/1.1 from `client`, forwarding to `app` over one connection. `identities` is
-/// (server, client) for mutual-TLS callers, None for plaintext ones.
+/// The connection to the app: opened at the first request, in that request's version.
+enum App {
+    Connected(TcpStream),
+    Speaking(Sender<Incoming>),
+    Failed,
+}
+
+/// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `app` over one connection.
+/// `identities` is (server, client) for mutual-TLS callers, None for plaintext ones.
 pub async fn serve<C>(client: C, app: TcpStream, identities: Option<(&str, &str)>)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -35,24 +43,19 @@ where
         },
         None => None,
     };
-    let sender = match http::client(TokioIo::new(app)).await {
-        Ok(s) => s,
-        Err(e) => return debug!("HTTP/1 handshake with the app: {e:#}"),
-    };
-    let sender = Arc::new(Mutex::new(sender));
-    let service = service_fn(move |req| forward(req, sender.clone(), xfcc.clone()));
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades()
+    let app = Arc::new(Mutex::new(App::Connected(app)));
+    let service = service_fn(move |req| forward(req, app.clone(), xfcc.clone()));
+    if let Err(e) = http::server()
+        .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await
     {
-        debug!("inbound HTTP/1 connection ended: {e}");
+        debug!("inbound HTTP connection ended: {e}");
     }
 }
 
 async fn forward(
     mut req: Request<Incoming>,
-    app: Arc<Mutex<hyper::client::conn::http1::SendRequest<Incoming>>>,
+    app: Arc<Mutex<App>>,
     xfcc: Option<HeaderValue>,
 ) -> Result<Response<Body>, Infallible> {
     req.headers_mut().remove(XFCC);
@@ -62,15 +65,32 @@ async fn forward(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let sent = {
         let mut app = app.lock().await;
-        match app.ready().await {
-            Ok(()) => app.send_request(req).await,
-            Err(e) => Err(e),
+        if let App::Connected(_) = &*app
+            && let App::Connected(tcp) = std::mem::replace(&mut *app, App::Failed)
+        {
+            match Sender::handshake(TokioIo::new(tcp), req.version()).await {
+                Ok(sender) => *app = App::Speaking(sender),
+                Err(e) => debug!("handshake with the app: {e:#}"),
+            }
+        }
+        match &mut *app {
+            // HTTP/2 multiplexes: send outside the lock, so requests run concurrently.
+            App::Speaking(sender) => match sender.share() {
+                Some(mut shared) => {
+                    drop(app);
+                    send(&mut shared, req).await
+                }
+                None => send(sender, req).await,
+            },
+            _ => Err(None),
         }
     };
     let mut resp = match sent {
         Ok(resp) => resp,
         Err(e) => {
-            debug!("forwarding to the app: {e}");
+            if let Some(e) = e {
+                debug!("forwarding to the app: {e}");
+            }
             return Ok(http::error(
                 StatusCode::BAD_GATEWAY,
                 "upstream connect error\n",
@@ -79,4 +99,12 @@ async fn forward(
     };
     http::pass_upgrade(client_upgrade, &mut resp);
     Ok(resp.map(BodyExt::boxed))
+}
+
+async fn send(
+    app: &mut Sender<Incoming>,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, Option<hyper::Error>> {
+    app.ready().await?;
+    Ok(app.send(req).await?)
 }

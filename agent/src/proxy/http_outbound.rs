@@ -1,18 +1,17 @@
-//! HTTP/1.1 from a pod to a service port declared HTTP, proxied at L7 on the client's node: every
-//! request is balanced on its own over the service's endpoints (through HBONE for mesh ones), so
-//! routing can decide per request. Keep-alive and chunked bodies pass through hyper; upgrades
-//! (WebSocket) are spliced once the server agrees; a malformed request gets 400 and the
-//! connection is closed. The matched route's policy applies in order: fault injection (delay,
-//! abort), then the timeout around all tries, then retries, each try with its own timeout.
+//! HTTP from a pod to a service port declared HTTP, HTTP/2 or gRPC, proxied at L7 on the client's
+//! node. The client may speak HTTP/1.1 or HTTP/2 with prior knowledge (h2c, as gRPC does); each
+//! request goes upstream in the version it came in, balanced on its own over the service's
+//! endpoints (through HBONE for mesh ones), so routing can decide per request. Keep-alive,
+//! chunked bodies and trailers pass through hyper; upgrades (WebSocket) are spliced once the
+//! server agrees; a malformed request gets 400 and the connection is closed. The matched route's
+//! policy applies in order: fault injection (delay, abort), then the timeout around all tries,
+//! then retries, each try with its own timeout.
 use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc};
 
 use anyhow::{Result, bail};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
-use hyper::{
-    Request, Response, StatusCode, body::Incoming, client::conn::http1::SendRequest,
-    service::service_fn,
-};
+use hyper::{Request, Response, StatusCode, Version, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::sync::Mutex;
 use tracing::{Instrument as _, debug, warn};
@@ -21,7 +20,7 @@ use super::{
     PodCtx, Shared,
     balance::Overflow,
     connect, hbone,
-    http::{self, Body},
+    http::{self, Body, Sender},
     labels, trace,
 };
 use crate::{
@@ -29,27 +28,15 @@ use crate::{
     state::{HttpRefusal, Route, Target, Workload},
 };
 
-/// An upstream HTTP/1 connection and how many requests it has carried.
+/// An upstream connection and how many requests it has carried.
 struct Pooled {
-    sender: SendRequest<Body>,
+    sender: Sender<Body>,
     used: u32,
 }
 
-impl std::ops::Deref for Pooled {
-    type Target = SendRequest<Body>;
-    fn deref(&self) -> &Self::Target {
-        &self.sender
-    }
-}
-
-impl std::ops::DerefMut for Pooled {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.sender
-    }
-}
-
-/// Upstream HTTP/1 connections of one downstream connection, by endpoint.
-type Upstreams = Arc<Mutex<HashMap<SocketAddr, Pooled>>>;
+/// Upstream connections of one downstream connection, by endpoint and HTTP version. An HTTP/1.1
+/// one is taken out while it carries a request; an HTTP/2 one stays and is shared.
+type Upstreams = Arc<Mutex<HashMap<(SocketAddr, Version), Pooled>>>;
 
 /// Serves one captured connection to the HTTP service port `vip`.
 pub async fn serve<C>(client: C, vip: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>)
@@ -61,12 +48,11 @@ where
         let (pod, shared, upstreams) = (pod.clone(), shared.clone(), upstreams.clone());
         async move { Ok::<_, Infallible>(forward(req, vip, &pod, &shared, &upstreams).await) }
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades()
+    if let Err(e) = http::server()
+        .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await
     {
-        debug!(%vip, "outbound HTTP/1 connection ended: {e}");
+        debug!(%vip, "outbound HTTP connection ended: {e}");
     }
 }
 
@@ -100,6 +86,10 @@ async fn forward(
         path = req.uri().path(),
     );
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let grpc = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
     let (resp, outcome) = proxy_request(req, vip, pod, shared, upstreams)
         .instrument(span.clone())
         .await;
@@ -126,7 +116,7 @@ async fn forward(
             .as_ref()
             .is_some_and(|w| w.identity.is_some()),
     );
-    labels.request_protocol = "http";
+    labels.request_protocol = if grpc { "grpc" } else { "http" };
     labels.response_flags = outcome.flags;
     shared.metrics.request(
         labels,
@@ -295,6 +285,17 @@ fn rewrite<B>(req: &mut Request<B>, policy: &Policy, matched_prefix: Option<&str
     if let Some(host) = &rw.authority
         && let Ok(v) = hyper::header::HeaderValue::from_str(host)
     {
+        // HTTP/2 carries the authority in the URI (`:authority`), HTTP/1.1 in Host.
+        if req.version() == Version::HTTP_2 {
+            let mut parts = req.uri().clone().into_parts();
+            match host.parse() {
+                Ok(authority) => parts.authority = Some(authority),
+                Err(e) => debug!("rewritten authority {host:?} is not one: {e}"),
+            }
+            if let Ok(uri) = hyper::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
         req.headers_mut().insert(hyper::header::HOST, v);
     }
 }
@@ -449,22 +450,27 @@ impl Call<'_> {
         let route = candidate.route(&self.target.service);
         let limits = self.target.traffic.pool;
         let attempt = async {
-            let (target, mut sender) = upstream(route, self.pod, self.shared, self.upstreams)
-                .await
-                .map_err(|e| Failure::Connect(format!("{e:#}")))?;
-            sender
+            let max_requests = limits.map_or(0, |l| l.max_requests_per_connection);
+            let (key, mut pooled) = upstream(
+                route,
+                req.version(),
+                max_requests,
+                self.pod,
+                self.shared,
+                self.upstreams,
+            )
+            .await
+            .map_err(|e| Failure::Connect(format!("{e:#}")))?;
+            pooled
+                .sender
                 .ready()
                 .await
                 .map_err(|e| Failure::Connect(causes(e)))?;
-            let resp = sender.send_request(req).await;
-            let used = sender.used + 1;
-            // Keep the connection for the next request unless it is done or used up.
-            let spent = limits.is_some_and(|l| {
-                l.max_requests_per_connection > 0 && used >= l.max_requests_per_connection
-            });
-            if !sender.sender.is_closed() && !spent {
-                sender.used = used;
-                self.upstreams.lock().await.insert(target, sender);
+            let resp = pooled.sender.send(req).await;
+            // An HTTP/1.1 connection goes back for the next request unless it is done or used up.
+            let spent = max_requests > 0 && pooled.used >= max_requests;
+            if matches!(pooled.sender, Sender::Http1(_)) && !pooled.sender.is_closed() && !spent {
+                self.upstreams.lock().await.insert(key, pooled);
             }
             resp.map_err(|e| Failure::Reset(causes(e)))
         };
@@ -487,22 +493,42 @@ fn causes(e: hyper::Error) -> String {
     format!("{:#}", anyhow::Error::new(e))
 }
 
-/// A sender to the endpoint `route` chose: this connection's idle one, or a new one.
+/// A connection to the endpoint `route` chose, in `version`: this downstream connection's idle
+/// (HTTP/1.1) or shared (HTTP/2) one, or a new one. Counts the request against it; a shared one
+/// used up by `maxRequestsPerConnection` (`max_requests`, 0 for no limit) leaves the map.
 async fn upstream(
     route: Route,
+    version: Version,
+    max_requests: u32,
     pod: &PodCtx,
     shared: &Shared,
     upstreams: &Upstreams,
-) -> Result<(SocketAddr, Pooled)> {
+) -> Result<((SocketAddr, Version), Pooled)> {
     let target = match &route {
         Route::Hbone { target, .. } => *target,
         Route::Passthrough { addr, .. } => *addr,
         Route::NoEndpoints { service } => bail!("{service} has no endpoint"),
     };
-    if let Some(s) = upstreams.lock().await.remove(&target)
-        && s.is_ready()
+    let key = (target, version);
     {
-        return Ok((target, s));
+        let mut map = upstreams.lock().await;
+        if let Some(p) = map.get_mut(&key)
+            && !p.sender.is_closed()
+            && let Some(sender) = p.sender.share()
+        {
+            p.used += 1;
+            let used = p.used;
+            if max_requests > 0 && used >= max_requests {
+                map.remove(&key);
+            }
+            return Ok((key, Pooled { sender, used }));
+        }
+        if let Some(mut p) = map.remove(&key)
+            && p.sender.is_ready()
+        {
+            p.used += 1;
+            return Ok((key, p));
+        }
     }
     let sender = match route {
         Route::Hbone {
@@ -515,14 +541,19 @@ async fn upstream(
                 bail!("no certificate for this pod yet");
             };
             let tunnel = hbone::open(&shared.pool, pod, &tls, hbone, target, &identity).await?;
-            http::client(TokioIo::new(tunnel)).await?
+            Sender::handshake(TokioIo::new(tunnel), version).await?
         }
         _ => {
-            http::client(TokioIo::new(
-                connect(pod.socket_for(target)?, target).await?,
-            ))
-            .await?
+            let tcp = connect(pod.socket_for(target)?, target).await?;
+            Sender::handshake(TokioIo::new(tcp), version).await?
         }
     };
-    Ok((target, Pooled { sender, used: 0 }))
+    let pooled = Pooled { sender, used: 1 };
+    if let Some(sender) = pooled.sender.share() {
+        upstreams
+            .lock()
+            .await
+            .insert(key, Pooled { sender, used: 1 });
+    }
+    Ok((key, pooled))
 }
