@@ -202,6 +202,20 @@ fn malformed_requests_get_400_and_the_connection_closes() {
         let back: String = serde_json::from_str(&out).unwrap();
         assert!(back.starts_with("HTTP/1.1 400"), "{garbage}: {back:?}");
     }
+    // HTTP/2: the preface, then bytes that are no frame. The proxy answers its SETTINGS, then a
+    // GOAWAY (frame type 7, stream 0) and closes.
+    let preface_then_garbage =
+        "PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\nnot a frame at all, not at all";
+    let (ok, out, err) = app(
+        &web.client,
+        &["raw", &format!("{VIP}:80"), preface_then_garbage],
+    );
+    assert!(ok, "{err}");
+    let back: String = serde_json::from_str(&out).unwrap();
+    assert!(
+        back.contains("\0\0\u{8}\u{7}\0\0\0\0\0"),
+        "no GOAWAY: {back:?}"
+    );
     // The proxy is unharmed: a good request right after works.
     let (ok, out, err) = app(&web.client, &["get", &format!("http://{VIP}:80/")]);
     assert!(ok, "{err}");
