@@ -99,12 +99,12 @@ impl PeerAuth {
 /// Where one HTTP request may go and what its route does to it.
 #[derive(Debug)]
 pub struct HttpDecision {
-    pub target: Target,
+    pub target: Arc<Target>,
     pub policy: Policy,
     /// The uri prefix the route matched on, if it was a prefix match (for `rewrite.uri`).
     pub matched_prefix: Option<String>,
     /// Where this request's copy goes, when the route mirrors it.
-    pub mirror: Option<Target>,
+    pub mirror: Option<Arc<Target>>,
 }
 
 /// A destination's endpoints and how to balance over them.
@@ -380,7 +380,7 @@ impl MeshState {
             .ok_or_else(|| HttpRefusal::NoUpstream(format!("{vip} is not a service")))?;
         if svc.routes.is_empty() {
             return Ok(HttpDecision {
-                target: Target::of(svc, "", &BTreeMap::new(), None, vip)?,
+                target: Arc::new(Target::of(svc, "", &BTreeMap::new(), None, vip)?),
                 policy: Policy::default(),
                 matched_prefix: None,
                 mirror: None,
@@ -399,9 +399,10 @@ impl MeshState {
             .mirror
             .as_ref()
             .filter(|(_, percent)| fastrand::f64() * 100.0 < *percent)
-            .and_then(|(m, _)| self.target(m, vip).ok());
+            .and_then(|(m, _)| self.target(m, vip).ok())
+            .map(Arc::new);
         Ok(HttpDecision {
-            target: self.target(dst, vip)?,
+            target: Arc::new(self.target(dst, vip)?),
             policy: route.policy.clone(),
             matched_prefix: matched_prefix.map(str::to_owned),
             mirror,

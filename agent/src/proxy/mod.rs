@@ -7,6 +7,7 @@ mod http;
 mod http_inbound;
 mod http_outbound;
 mod inbound;
+mod layers;
 mod outbound;
 mod pool;
 mod trace;

@@ -1,0 +1,127 @@
+//! The outbound HTTP request path as tower layers, one per behaviour, outermost first:
+//!
+//! `observe` (trace span, log line, Istio request metrics) → `route` (VirtualService match; the
+//! decision rides in the request's extensions) → `fault` (delay, abort) → `rewrite` (uri,
+//! authority) → `headers` (request and response edits) → `admission` (connection-pool limits) →
+//! `mirror` (a copy to the shadow destination) → `timeout` (the route's deadline over all tries)
+//! → `retry` (tries again on what `retryOn` names) → `upstream` (one try: balance, connect, send).
+//!
+//! Every layer is a `Service<Req, Response = Resp, Error = Infallible>`: failures are answers
+//! (503, 504, …) that carry an [`Outcome`] in their extensions, which outer layers read (retry
+//! decides on it, observe reports its flags).
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+
+use hyper::{Request, Response};
+use tower::{Layer, ServiceBuilder, ServiceExt as _, util::BoxCloneSyncService};
+
+use super::{PodCtx, Shared, http::Body};
+use crate::state::{HttpDecision, Workload};
+
+mod admission;
+mod fault;
+mod headers;
+mod mirror;
+mod observe;
+mod retry;
+mod rewrite;
+mod route;
+mod timeout;
+mod upstream;
+
+pub type Req = Request<Body>;
+pub type Resp = Response<Body>;
+/// The rest of the stack below a layer.
+pub type Next = BoxCloneSyncService<Req, Resp, Infallible>;
+
+/// The whole stack for one downstream connection to the service port `vip`.
+pub fn stack(vip: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) -> Next {
+    let upstream = upstream::Upstream::new(pod.clone(), shared.clone());
+    Next::new(
+        ServiceBuilder::new()
+            .layer(observe::layer(pod.clone(), shared.clone()))
+            .layer(route::layer(vip, pod.clone(), shared.clone()))
+            .layer(fault::layer())
+            .layer(rewrite::layer())
+            .layer(headers::layer())
+            .layer(admission::layer(shared.clone()))
+            .layer(mirror::layer(pod, shared))
+            .layer(timeout::layer())
+            .layer(retry::layer())
+            .service(Next::new(upstream)),
+    )
+}
+
+/// A layer that runs `f` around the rest of the stack.
+fn around<F, Fut>(f: F) -> impl Layer<Next, Service = Next> + Clone
+where
+    F: Fn(Req, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Resp> + Send + 'static,
+{
+    tower::layer::layer_fn(move |next: Next| {
+        let f = f.clone();
+        Next::new(tower::service_fn(move |req| {
+            let answer = f(req, next.clone());
+            async move { Ok::<_, Infallible>(answer.await) }
+        }))
+    })
+}
+
+/// Passes `req` to the rest of the stack.
+async fn call(next: Next, req: Req) -> Resp {
+    match next.oneshot(req).await {
+        Ok(resp) => resp,
+        Err(never) => match never {},
+    }
+}
+
+/// What the route layer decided for this request; None only if it has not run.
+fn decision(req: &Req) -> Option<Arc<HttpDecision>> {
+    req.extensions().get::<Arc<HttpDecision>>().cloned()
+}
+
+/// How one try failed, for `retryOn`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection to the endpoint.
+    Connect,
+    /// The connection broke before a complete answer.
+    Reset,
+    /// The try's own timeout ran out.
+    PerTryTimeout,
+}
+
+/// What metrics and retries learn about an answer besides its status.
+#[derive(Clone)]
+pub struct Outcome {
+    /// Envoy's response flags: `-`, NR no route, UH no healthy upstream, FI fault abort, DI
+    /// delay injected, UT timeout, URX retries exhausted, UF connect failure, UO overflow.
+    pub flags: &'static str,
+    /// The endpoint that answered, if one did.
+    pub destination: Option<Arc<Workload>>,
+    pub service: Option<String>,
+    /// Set on an answer the proxy made because the try failed.
+    pub failure: Option<Failure>,
+}
+
+impl Default for Outcome {
+    fn default() -> Self {
+        Self {
+            flags: "-",
+            destination: None,
+            service: None,
+            failure: None,
+        }
+    }
+}
+
+/// The answer's outcome, to read or amend.
+fn outcome(resp: &mut Resp) -> &mut Outcome {
+    resp.extensions_mut().get_or_insert_default()
+}
+
+/// An answer made by the proxy, with its flags.
+fn local(code: hyper::StatusCode, text: &'static str, flags: &'static str) -> Resp {
+    let mut resp = super::http::error(code, text);
+    outcome(&mut resp).flags = flags;
+    resp
+}
