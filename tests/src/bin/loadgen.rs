@@ -1,4 +1,5 @@
-//! Load generator for the benchmark and the end-to-end tests. Blocking threads, std only.
+//! Load generator for the benchmark and the end-to-end tests. The TCP modes use blocking threads
+//! and std only; the HTTP modes (loadgen/http.rs) use hyper on tokio.
 //!
 //! - `echo-serve ADDR`: plain TCP echo (no banner), a thread per connection; prints `ready`.
 //! - `latency ADDR [--rate R] [--conns C] [--size B] [--duration-secs S]`: open-loop
@@ -14,6 +15,14 @@
 //!   a fresh connection every 20 ms; reports the lost ones and each probe's outcome with its Unix
 //!   time in ms, so a test can tell when new connections worked again.
 //!
+//! - `http-serve ADDR [--size B]`: answers every request with 200 and B bytes, over HTTP/1.1 or
+//!   h2c prior knowledge on the same listener; prints `ready`.
+//! - `http-probe ADDR [--h2] [--header NAME:VALUE]...`: one request; its status and headers.
+//! - `http-latency ADDR [--h2] [--rate R] [--conns C] [--size B] [--duration-secs S]
+//!   [--header NAME:VALUE]...`: open loop at a fixed rate, latency from the scheduled send time.
+//! - `http-rate ADDR [--h2] [--concurrency N] [--conns C] [--size B] [--duration-secs S]
+//!   [--header NAME:VALUE]...`: closed loop, N requests always in flight; requests per second.
+//!
 //! Each prints one JSON line. Every loop is bounded in time and in count.
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -26,11 +35,20 @@ use std::{
 
 use serde_json::json;
 
+#[path = "loadgen/http.rs"]
+mod http;
+#[path = "loadgen/timer.rs"]
+mod timer;
+
 const USAGE: &str = "usage: trellis-loadgen echo-serve ADDR
        trellis-loadgen latency ADDR [--rate 1000] [--conns 4] [--size 1024] [--duration-secs 10]
        trellis-loadgen connect-rate ADDR [--threads 4] [--duration-secs 5]
        trellis-loadgen blast ADDR --bytes N [--seed 1] [--skip-banner] [--timeout-secs 120]
-       trellis-loadgen churn ADDR [--conns 4] [--duration-secs 10]";
+       trellis-loadgen churn ADDR [--conns 4] [--duration-secs 10]
+       trellis-loadgen http-serve ADDR [--size 1024]
+       trellis-loadgen http-probe ADDR [--h2] [--header NAME:VALUE]...
+       trellis-loadgen http-latency ADDR [--h2] [--rate 1000] [--conns 4] [--size 1024] [--duration-secs 10] [--header NAME:VALUE]...
+       trellis-loadgen http-rate ADDR [--h2] [--concurrency 32] [--conns 4] [--size 1024] [--duration-secs 10] [--header NAME:VALUE]...";
 
 /// How long to wait for a connection or for a peer that has gone quiet.
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -59,6 +77,10 @@ fn main() -> ExitCode {
         "connect-rate" => resolve(addr).and_then(|a| connect_rate(a, &opts)),
         "blast" => resolve(addr).and_then(|a| blast(a, &opts)),
         "churn" => resolve(addr).and_then(|a| churn(a, &opts)),
+        "http-serve" => resolve(addr).and_then(|a| http::serve(a, &opts)),
+        "http-probe" => resolve(addr).and_then(|a| http::probe(a, &opts)),
+        "http-latency" => resolve(addr).and_then(|a| http::latency(a, &opts)),
+        "http-rate" => resolve(addr).and_then(|a| http::rate(a, &opts)),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -89,6 +111,12 @@ struct Opts {
     seed: u64,
     skip_banner: bool,
     timeout: Duration,
+    /// HTTP modes: h2c prior knowledge instead of HTTP/1.1.
+    h2: bool,
+    /// HTTP modes: extra request headers.
+    headers: Vec<(String, String)>,
+    /// http-rate: requests in flight.
+    concurrency: usize,
 }
 
 impl Opts {
@@ -103,12 +131,22 @@ impl Opts {
             seed: 1,
             skip_banner: false,
             timeout: Duration::from_secs(120),
+            h2: false,
+            headers: Vec::new(),
+            concurrency: 32,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
-            if flag == "--skip-banner" {
-                o.skip_banner = true;
-                continue;
+            match flag.as_str() {
+                "--skip-banner" => {
+                    o.skip_banner = true;
+                    continue;
+                }
+                "--h2" => {
+                    o.h2 = true;
+                    continue;
+                }
+                _ => {}
             }
             let value = it.next().ok_or(format!("{flag} needs a value"))?;
             let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
@@ -135,6 +173,13 @@ impl Opts {
                 "--timeout-secs" => o.timeout = secs(value)?,
                 "--bytes" => o.bytes = Some(num(value)?),
                 "--seed" => o.seed = num(value)?,
+                "--concurrency" => o.concurrency = num(value)?.clamp(1, 4096) as usize,
+                "--header" => {
+                    let (k, v) = value
+                        .split_once(':')
+                        .ok_or_else(|| bad(&"want NAME:VALUE"))?;
+                    o.headers.push((k.trim().to_owned(), v.trim().to_owned()));
+                }
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
