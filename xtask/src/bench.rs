@@ -1,6 +1,9 @@
 //! `cargo xtask bench`: the same client and server pods on a two-node cluster, measured first
-//! without the mesh (direct) and then through Trellis (control plus an agent per node). Prints a
-//! table and optionally writes every raw figure as JSON. See docs/benchmarks.md.
+//! without the mesh (direct) and then through Trellis (control plus an agent per node); the L7
+//! section (l7.rs) also through haproxy between the two. Prints tables and optionally writes
+//! every raw figure as JSON. See docs/benchmarks.md.
+mod l7;
+
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _},
@@ -45,9 +48,10 @@ pub fn run(json_out: Option<PathBuf>, duration_secs: u64) -> Result<()> {
     }
     setup::tools()?;
     cmd::require_root("cargo xtask bench")?;
-    if which("iperf3").is_none() {
+    if setup::which("iperf3").is_none() {
         bail!("iperf3 is missing (cargo xtask setup installs it)");
     }
+    l7::require_haproxy()?;
     // Numbers come from optimized builds of everything that is measured.
     cmd::run(cmd::cargo().args([
         "build",
@@ -83,32 +87,46 @@ fn target_dir() -> PathBuf {
     }
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
-}
-
-/// Brings the cluster up, runs both phases, and returns every figure. Everything made here is
+/// Brings the cluster up, runs the phases, and returns every figure. Everything made here is
 /// removed when this returns (or unwinds): agents first, then control, pods and nodes.
 fn bench(duration: Duration) -> Result<Value> {
-    eprintln!("bench: creating a two-node cluster; pod client on node 1, pod server on node 2");
+    eprintln!(
+        "bench: creating a two-node cluster; pods client and haproxy on node 1, pod server on node 2"
+    );
     let cluster = Cluster::new(2);
     let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let client = n1.add_pod("client");
+    // Not in the mesh: control is never told of it.
+    let proxy_pod = n1.add_pod("haproxy");
     let server = n2.add_pod("server");
     // A 5 s connect loop closes tens of thousands of connections: let TIME-WAIT ports be reused
     // (needs TCP timestamps, on by default), in every namespace a connection starts from.
-    for netns in [&client.netns, &server.netns, &n1.name, &n2.name] {
+    for netns in [
+        &client.netns,
+        &proxy_pod.netns,
+        &server.netns,
+        &n1.name,
+        &n2.name,
+    ] {
         sysctl(netns, "net.ipv4.tcp_tw_reuse=1")?;
     }
     let _echo = start_echo(&server)?;
     let _iperf = start_iperf(&server)?;
+    let _http = l7::start_server(&server)?;
     let target = IpAddr::V4(server.ip4);
 
     eprintln!("bench: phase direct (no mesh): client -> {target}");
     let direct = phase("direct", &client, target, &[], duration, false)?;
+    let l7_direct = l7::phase(&client, &l7::Path::direct(&server), duration)?;
+
+    eprintln!(
+        "bench: phase haproxy (no mesh): client -> haproxy in pod {} -> {target}",
+        proxy_pod.name
+    );
+    let l7_haproxy = {
+        let haproxy = l7::HaProxy::start(&proxy_pod, l7::haproxy_upstream(&server))?;
+        l7::phase(&client, &l7::Path::haproxy(&proxy_pod, &haproxy), duration)?
+    };
 
     eprintln!("bench: phase trellis: starting control and an agent per node");
     let files = control_files(n1, n2, &client, &server);
@@ -146,6 +164,16 @@ fn bench(duration: Duration) -> Result<Value> {
         Ok(v) => bail!("the agents do not serve the service VIP {vip}: {v}"),
         Err(e) => bail!("the agents do not serve the service VIP {vip}: {e:#}"),
     };
+    let agents = [&a1, &a2]
+        .iter()
+        .map(|a| {
+            Ok((
+                format!("agent {}", a.node),
+                a.pid().context("agent not running")?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let l7_trellis = l7::phase(&client, &l7::Path::trellis(agents), duration)?;
     eprintln!("bench: removing agents, control, pods and nodes");
     Ok(json!({
         "duration_secs": duration.as_secs(),
@@ -153,6 +181,7 @@ fn bench(duration: Duration) -> Result<Value> {
         "direct": direct,
         "trellis": trellis,
         "summary": summary(&direct, &trellis),
+        "l7": l7::report(l7_direct, l7_haproxy, l7_trellis),
     }))
 }
 
@@ -409,15 +438,22 @@ impl Drop for Server {
 }
 
 fn start_echo(server: &Pod) -> Result<Server> {
+    start_app(server, &["echo-serve", &format!("[::]:{ECHO_PORT}")])
+}
+
+/// `trellis-loadgen args` as the pod's app, once it printed that it is ready.
+fn start_app(pod: &Pod, args: &[&str]) -> Result<Server> {
     let mut cmd = Command::new(loadgen());
-    cmd.args(["echo-serve", &format!("[::]:{ECHO_PORT}")])
-        .stdout(Stdio::piped());
-    let mut child = server.spawn_app(&mut cmd)?;
+    cmd.args(args).stdout(Stdio::piped());
+    let mut child = pod.spawn_app(&mut cmd)?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
     let server = Server(child);
     if line.trim() != "ready" {
-        bail!("the echo server did not start (printed {line:?})");
+        bail!(
+            "trellis-loadgen {} did not start (printed {line:?})",
+            args.join(" ")
+        );
     }
     Ok(server)
 }
@@ -472,7 +508,7 @@ fn control_files(n1: &Node, n2: &Node, client: &Pod, server: &Pod) -> Vec<(&'sta
             pod.name, pod.uid, node.name, pod.ip4, pod.ip6
         )
     };
-    vec![
+    let mut files = vec![
         (
             "ns.yaml",
             format!(
@@ -490,7 +526,9 @@ fn control_files(n1: &Node, n2: &Node, client: &Pod, server: &Pod) -> Vec<(&'sta
                  {{name: iperf, port: {IPERF_PORT}, targetPort: {IPERF_PORT}}}]}}\n"
             ),
         ),
-    ]
+    ];
+    files.extend(l7::control_files());
+    files
 }
 
 /// Waits until the agent holds the certificate for service account `sa` (if it lists them).
@@ -733,12 +771,24 @@ fn print_table(r: &Value, secs: u64) {
             String::new(),
         ]);
     }
-    let widths: Vec<usize> = (0..5)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-        .collect();
     println!(
         "\nTrellis benchmark: 2 nodes, client pod on node 1 -> server pod on node 2, {secs} s per run\n"
     );
+    print_rows(&rows.into_iter().map(Vec::from).collect::<Vec<_>>());
+    println!(
+        "\nL7: HTTP server in the server pod; haproxy in its own pod on node 1; trellis via the \
+         service VIP with a VirtualService route; {secs} s per run\n"
+    );
+    print_rows(&l7::rows(&r["l7"]));
+    println!();
+}
+
+/// A Markdown table, the first row as its header.
+fn print_rows(rows: &[Vec<String>]) {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
     for (i, row) in rows.iter().enumerate() {
         let cells: Vec<String> = row
             .iter()
@@ -751,8 +801,4 @@ fn print_table(r: &Value, secs: u64) {
             println!("|-{}-|", rule.join("-|-"));
         }
     }
-    if let Some(why) = t["vip"]["skipped"].as_str() {
-        println!("\n(service VIP not measured: {why})");
-    }
-    println!();
 }

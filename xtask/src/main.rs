@@ -45,7 +45,8 @@ enum Task {
     },
     /// Benchmark on a two-node cluster, the same pods without the mesh (direct) and through
     /// Trellis: iperf3 throughput, 1 KB echo latency at 1000 req/s, connection rate, agent CPU
-    /// and memory. Prints a table. Needs root.
+    /// and memory; and HTTP/1.1 and HTTP/2 latency and max request rate with an L7 route, also
+    /// through haproxy for reference. Prints tables. Needs root.
     Bench {
         /// Also write every raw figure to this JSON file.
         #[arg(long, value_name = "FILE")]

@@ -14,12 +14,13 @@ use crate::cmd::{self, output};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the demo use: `ip` (netns, veth, bridges), bpftool (tests
 /// inspect attachments independently of the agent), tcpdump (tests check the wire between nodes
-/// holds no plaintext); iperf3 for `cargo xtask bench`.
+/// holds no plaintext); iperf3 and haproxy (the L7 reference proxy) for `cargo xtask bench`.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
     ("openssl", "openssl"),
     ("iperf3", "iperf3"),
+    ("haproxy", "haproxy"),
     ("tcpdump", "tcpdump"),
 ];
 
@@ -156,7 +157,8 @@ fn debian_packages() -> Result<()> {
     cmd::apt_install(&missing, "the tests use them")
 }
 
-fn which(bin: &str) -> Option<PathBuf> {
+/// `bin` on PATH or in the sbin directories (haproxy is in /usr/sbin).
+pub fn which(bin: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
