@@ -38,7 +38,17 @@ impl Agent {
 
     /// Starts an agent that takes its pods (and certificates) from control.
     pub fn start_with_control(node: &Node, control: &crate::control::Control) -> Self {
-        let args = control.agent_args();
+        Self::start_with_control_and(node, control, &[])
+    }
+
+    /// Like `start_with_control`, with more agent arguments (`--access-log`, say).
+    pub fn start_with_control_and(
+        node: &Node,
+        control: &crate::control::Control,
+        extra: &[&str],
+    ) -> Self {
+        let mut args = control.agent_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = Self::prepare(node, &args.iter().map(String::as_str).collect::<Vec<_>>());
         agent.pods_file = false;
         agent.spawn();

@@ -126,8 +126,9 @@ impl Web {
             ],
         );
         let agents = vec![
-            Agent::start_with_control(n1, &control),
-            Agent::start_with_control(n2, &control),
+            // The access log (one line per request, with its trace span) helps read failures.
+            Agent::start_with_control_and(n1, &control, &["--access-log"]),
+            Agent::start_with_control_and(n2, &control, &["--access-log"]),
         ];
         agents[0].wait_pod_state(&client, "enrolled");
         agents[1].wait_pod_state(&v2, "enrolled");

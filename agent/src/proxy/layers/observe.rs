@@ -1,5 +1,6 @@
-//! Observe (outermost): continues or starts the W3C trace, makes the request a `tracing` span,
-//! logs one line per request and records Istio's request metrics (reporter `source`).
+//! Observe (outermost): continues or starts the W3C trace, makes the request a `tracing` span
+//! with one access-log line (target `trellis::access`, on with `--access-log`) and records
+//! Istio's request metrics (reporter `source`).
 use std::sync::Arc;
 
 use hyper::body::Body as _;
@@ -21,6 +22,7 @@ pub fn layer(pod: Arc<PodCtx>, shared: Arc<Shared>) -> impl Layer<Next, Service 
                 .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
             let trace = trace::continue_trace(req.headers_mut());
             let span = tracing::info_span!(
+                target: "trellis::access",
                 "http_request",
                 trace_id = %trace.trace_id,
                 span_id = %trace.span_id,
@@ -37,6 +39,7 @@ pub fn layer(pod: Arc<PodCtx>, shared: Arc<Shared>) -> impl Layer<Next, Service 
                 .unwrap_or_default();
             span.in_scope(|| {
                 tracing::info!(
+                    target: "trellis::access",
                     %method,
                     path,
                     status = resp.status().as_u16(),
