@@ -123,6 +123,9 @@ struct PinArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Proxy worker threads (default: one per CPU).
+    #[arg(long, env = "TRELLIS_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: Option<u16>,
     #[command(flatten)]
     pins: PinArgs,
     /// cgroup v2 directory the capture programs attach to; pods are found below it in the
@@ -162,9 +165,17 @@ pub fn main() -> ExitCode {
         Command::WatchConfig(args) => tokio::runtime::Runtime::new()
             .context("starting the runtime")
             .and_then(|rt| rt.block_on(watch_config(args))),
-        Command::Run(args) => tokio::runtime::Runtime::new()
-            .context("starting the runtime")
-            .and_then(|rt| rt.block_on(run(args))),
+        Command::Run(args) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.worker_threads {
+                runtime.worker_threads(n.into());
+            }
+            runtime
+                .enable_all()
+                .build()
+                .context("starting the runtime")
+                .and_then(|rt| rt.block_on(run(args)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
