@@ -238,6 +238,7 @@ async fn run(args: RunArgs) -> Result<()> {
         pool: Pool::default(),
         balancer: Default::default(),
         metrics: metrics.clone(),
+        node_addrs: crate::netns::addresses().context("listing the node's addresses")?,
     });
     let mut reconciler = Reconciler::new(redirect, cgroup_root, home, shared);
     let mut source = match (args.pods, &args.control.control_url) {

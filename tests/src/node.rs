@@ -33,6 +33,12 @@ pub struct Node {
 }
 
 impl Node {
+    /// `trellis-testpod connect` from the node itself (its host namespace, no pod), as kubelet
+    /// probes a pod.
+    pub fn connect(&self, addr: SocketAddr, data: &str) -> serde_json::Value {
+        connect_from(&self.name, None, addr, data)
+    }
+
     /// Node `index` (1-based) of a cluster: bridge `br0` at 10.244.<index>.1/24 and fd00:244:<index>::1/64.
     pub fn new(index: u8) -> Self {
         crate::require_privileges();
@@ -268,20 +274,7 @@ impl Pod {
     /// Connects from this pod (as its app would) to `addr`, sends `data`, and returns what the
     /// test app printed: `{"local", "banner": {"server","local","peer"}, "echo"}` or `{"error"}`.
     pub fn connect(&self, addr: SocketAddr, data: &str) -> serde_json::Value {
-        let mut cmd = Command::new(binary("trellis-testpod"));
-        cmd.args(["connect", &addr.to_string(), data])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = sys::spawn_in(&self.netns, Some(&self.app_cgroup()), &mut cmd)
-            .expect("starting the test client");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let out = wait_bounded(child, deadline);
-        serde_json::from_slice(&out).unwrap_or_else(|e| {
-            panic!(
-                "test client printed {:?}: {e}",
-                String::from_utf8_lossy(&out)
-            )
-        })
+        connect_from(&self.netns, Some(&self.app_cgroup()), addr, data)
     }
 
     /// Spawns `cmd` in this pod's network namespace and app cgroup, as the pod's app container
@@ -313,6 +306,28 @@ impl Pod {
     pub fn spec(&self, namespace: &str) -> serde_json::Value {
         serde_json::json!({ "uid": self.uid, "namespace": namespace, "name": self.name, "ips": self.ips() })
     }
+}
+
+/// Runs `trellis-testpod connect ADDR DATA` in `netns` (and `cgroup`); what it printed.
+fn connect_from(
+    netns: &str,
+    cgroup: Option<&Path>,
+    addr: SocketAddr,
+    data: &str,
+) -> serde_json::Value {
+    let mut cmd = Command::new(binary("trellis-testpod"));
+    cmd.args(["connect", &addr.to_string(), data])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = sys::spawn_in(netns, cgroup, &mut cmd).expect("starting the test client");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let out = wait_bounded(child, deadline);
+    serde_json::from_slice(&out).unwrap_or_else(|e| {
+        panic!(
+            "test client printed {:?}: {e}",
+            String::from_utf8_lossy(&out)
+        )
+    })
 }
 
 fn wait_bounded(mut child: Child, deadline: Instant) -> Vec<u8> {

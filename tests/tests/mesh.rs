@@ -408,6 +408,22 @@ fn strict_peer_authentication_refuses_plaintext_even_while_the_agent_is_down() {
     // Mesh traffic still flows (it arrives over HBONE, not as plaintext).
     let out = shop.client.connect(shop.vip(80), "mesh");
     assert_eq!(out["echo"], "mesh", "{out}\n{}", shop.logs());
+    // The server's own node (kubelet's health probes) still reaches it in plaintext; another
+    // node does not.
+    let out = shop.cluster.nodes[1].connect(server, "probe");
+    assert_eq!(out["echo"], "probe", "{out}\n{}", shop.logs());
+    // It was taken by the proxy (not missed by the capture), from the node's bridge address.
+    let bridge = format!("10.244.{}.1:", shop.cluster.nodes[1].index);
+    shop.agents[1].wait_log("the probe's capture", |v| {
+        v["message"] == "connection captured"
+            && v["direction"] == "inbound"
+            && v["client"].as_str().is_some_and(|c| c.starts_with(&bridge))
+    });
+    let out = shop.cluster.nodes[0].connect(server, "probe");
+    assert!(
+        out.get("banner").is_none(),
+        "another node's plaintext reached a STRICT pod: {out}"
+    );
 
     // No agent on the server's node: the kernel drops plaintext to the STRICT pod rather than
     // letting it through to the app.

@@ -1,6 +1,7 @@
 //! Inbound: HBONE on 15008 (mutual TLS, the client's SPIFFE ID checked, then a CONNECT stream per
 //! connection to the app) and captured plaintext on 15006 (passed to the app unless the pod's
-//! PeerAuthentication is STRICT for that port).
+//! PeerAuthentication is STRICT for that port and the client is not the node itself, whose
+//! kubelet probes the pod).
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -34,7 +35,8 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
     let (refuse, source, destination, http) = {
         let state = shared.state.borrow();
         (
-            state.peer_auth(&pod.uid).refuses_plaintext(dst.port()),
+            state.peer_auth(&pod.uid).refuses_plaintext(dst.port())
+                && !shared.node_addrs.contains(&peer.ip().to_canonical()),
             state.workloads.get(&peer.ip()).cloned(),
             pod.workload(&state),
             state.http_ports.contains(&dst),

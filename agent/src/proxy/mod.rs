@@ -13,6 +13,7 @@ mod pool;
 mod trace;
 
 use std::{
+    collections::HashSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
@@ -58,6 +59,9 @@ pub struct Shared {
     pub pool: Pool,
     pub balancer: balance::Balancer,
     pub metrics: Arc<Metrics>,
+    /// The node's own addresses, taken at start: plaintext from them (kubelet's health probes)
+    /// reaches pods even under STRICT, as in Istio.
+    pub node_addrs: HashSet<IpAddr>,
 }
 
 /// What connection handlers need to know about their pod.
