@@ -43,6 +43,14 @@ pub struct TcpLabels {
     pub response_flags: &'static str,
 }
 
+/// One connection's byte counters: `received` from the client (downstream), `sent` to it.
+/// Counted while the connection is open, so long-lived connections show their traffic.
+#[derive(Clone)]
+pub struct ByteCounters {
+    pub received: Counter,
+    pub sent: Counter,
+}
+
 /// Istio's HTTP labels: the TCP ones plus the answer's status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
@@ -156,22 +164,24 @@ impl Metrics {
             .observe(response_bytes as f64);
     }
 
-    pub fn opened(&self, labels: &TcpLabels) {
+    /// A connection opened; its bytes are counted into the counters it gets back as they move.
+    pub fn opened(&self, labels: &TcpLabels) -> ByteCounters {
         self.opened.get_or_create(labels).inc();
+        ByteCounters {
+            received: self.received.get_or_create(labels).clone(),
+            sent: self.sent.get_or_create(labels).clone(),
+        }
     }
 
     /// A connection that failed before any byte moved, with its Envoy flag.
     pub fn failed(&self, labels: &mut TcpLabels, flag: &'static str) {
         labels.response_flags = flag;
         self.opened(labels);
-        self.closed(labels, 0, 0);
+        self.closed(labels);
     }
 
-    /// A connection ended: `received` bytes came from the client, `sent` went to it.
-    pub fn closed(&self, labels: &TcpLabels, received: u64, sent: u64) {
+    pub fn closed(&self, labels: &TcpLabels) {
         self.closed.get_or_create(labels).inc();
-        self.received.get_or_create(labels).inc_by(received);
-        self.sent.get_or_create(labels).inc_by(sent);
     }
 
     fn encode(&self) -> String {

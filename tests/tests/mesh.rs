@@ -302,6 +302,49 @@ fn cross_node_traffic_is_mutual_tls_with_true_identities_both_ways() {
     assert!(received >= (128 << 20) as f64, "received {received}\n{dst}");
 }
 
+#[test]
+fn bytes_are_counted_while_a_connection_is_still_open() {
+    let shop = Shop::start();
+    // A long transfer through the VIP (16 GiB would take far longer than this test waits).
+    let mut cmd = Command::new(binary("trellis-loadgen"));
+    cmd.args([
+        "blast",
+        &shop.vip(7000).to_string(),
+        "--bytes",
+        &(16u64 << 30).to_string(),
+        "--timeout-secs",
+        "60",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut child = shop.client.spawn_app(&mut cmd).expect("starting blast");
+    let with = [
+        ("reporter", "source"),
+        ("destination_service", "server.shop.svc.cluster.local"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let src = loop {
+        let src = metrics(&shop.cluster.nodes[0]);
+        let received = sample(&src, "istio_tcp_received_bytes_total", &with).unwrap_or(0.0);
+        let sent = sample(&src, "istio_tcp_sent_bytes_total", &with).unwrap_or(0.0);
+        if received >= (64 << 20) as f64 && sent >= (64 << 20) as f64 {
+            break src;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the transfer ended before its bytes were counted:\n{src}"
+        );
+        assert!(Instant::now() < deadline, "bytes never counted:\n{src}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Counted while open: the connection has not closed.
+    let opened = sample(&src, "istio_tcp_connections_opened_total", &with).unwrap_or(0.0);
+    let closed = sample(&src, "istio_tcp_connections_closed_total", &with).unwrap_or(0.0);
+    assert!(opened > closed, "opened {opened}, closed {closed}\n{src}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// Captures the link between node 2 and the fabric while `f` runs; returns the raw capture.
 fn capture_link(shop: &Shop, f: impl FnOnce()) -> Vec<u8> {
     let file = std::env::temp_dir().join(format!("{}.pcap", sys::unique_name()));

@@ -2,11 +2,7 @@
 //! connection to the app) and captured plaintext on 15006 (passed to the app unless the pod's
 //! PeerAuthentication is STRICT for that port and the client is not the node itself, whose
 //! kubelet probes the pod).
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Empty;
 use hyper::{
@@ -20,7 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    CONNECT_TIMEOUT, Counted, PodCtx, Shared, canonical, connect,
+    CONNECT_TIMEOUT, Metered, PodCtx, Shared, canonical, connect,
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
     http_inbound, labels, splice,
 };
@@ -57,24 +53,17 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         None,
         false,
     );
-    let mut client = client;
     let _ = client.set_nodelay(true);
     match to_app(&pod, dst).await {
         Ok(mut app) => {
-            shared.metrics.opened(&labels);
-            let (received, sent) = if http {
+            let mut client = Metered::new(client, shared.metrics.opened(&labels));
+            if http {
                 // Served at L7 only to strip any forged client identity header.
-                let client = Counted::new(client);
-                let (read, written) = client.counters();
                 http_inbound::serve(client, app, None).await;
-                (
-                    read.load(Ordering::Relaxed),
-                    written.load(Ordering::Relaxed),
-                )
             } else {
-                splice(&mut client, &mut app).await.unwrap_or_default()
-            };
-            shared.metrics.closed(&labels, received, sent);
+                let _ = splice(&mut client, &mut app).await;
+            }
+            shared.metrics.closed(&labels);
         }
         Err(e) => {
             warn!(direction = "inbound", pod = %pod.name, orig_dst = %dst, "connection failed: {e}")
@@ -189,22 +178,17 @@ async fn tunnel(
     tokio::spawn(async move {
         match upgrade.await {
             Ok(up) => {
-                shared.metrics.opened(&labels);
-                let (received, sent) = match (http, pod.identity.as_deref()) {
+                let mut client =
+                    Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
+                match (http, pod.identity.as_deref()) {
                     (true, Some(server_id)) => {
-                        let client = Counted::new(hbone::Stream::new(up));
-                        let (read, written) = client.counters();
                         http_inbound::serve(client, app, Some((server_id, &client_id))).await;
-                        (
-                            read.load(Ordering::Relaxed),
-                            written.load(Ordering::Relaxed),
-                        )
                     }
-                    _ => splice(&mut hbone::Stream::new(up), &mut app)
-                        .await
-                        .unwrap_or_default(),
-                };
-                shared.metrics.closed(&labels, received, sent);
+                    _ => {
+                        let _ = splice(&mut client, &mut app).await;
+                    }
+                }
+                shared.metrics.closed(&labels);
             }
             Err(e) => warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
         }

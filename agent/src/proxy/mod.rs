@@ -17,10 +17,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -39,7 +36,7 @@ use trellis_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 pub use pool::Pool;
 
 use crate::{
-    metrics::{Metrics, TcpLabels},
+    metrics::{ByteCounters, Metrics, TcpLabels},
     netns::Netns,
     redirect::OrigDstTable,
     state::{MeshState, Workload},
@@ -256,30 +253,20 @@ fn labels(
     }
 }
 
-/// Counts the bytes read from and written to an I/O object, for metrics where the proxy does
-/// not simply splice.
-pub struct Counted<T> {
+/// The client side of a connection, counting its bytes into the connection's metrics as they
+/// move: reads are bytes received from the client, writes bytes sent to it.
+pub struct Metered<T> {
     inner: T,
-    read: Arc<AtomicU64>,
-    written: Arc<AtomicU64>,
+    bytes: ByteCounters,
 }
 
-impl<T> Counted<T> {
-    pub fn new(inner: T) -> Self {
-        Self {
-            inner,
-            read: Arc::default(),
-            written: Arc::default(),
-        }
-    }
-
-    /// (bytes read, bytes written), readable after `self` is gone.
-    pub fn counters(&self) -> (Arc<AtomicU64>, Arc<AtomicU64>) {
-        (self.read.clone(), self.written.clone())
+impl<T> Metered<T> {
+    pub fn new(inner: T, bytes: ByteCounters) -> Self {
+        Self { inner, bytes }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -287,13 +274,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        self.bytes
+            .received
+            .inc_by((buf.filled().len() - before) as u64);
         poll
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -301,7 +289,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
-            self.written.fetch_add(n as u64, Ordering::Relaxed);
+            self.bytes.sent.inc_by(n as u64);
         }
         poll
     }

@@ -1,18 +1,15 @@
 //! Outbound: a pod's captured connection → its original destination → service endpoint →
 //! HBONE (mesh endpoints) or plain TCP (everything else).
-use std::{
-    net::SocketAddr,
-    sync::{Arc, atomic::Ordering},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{Counted, PodCtx, Shared, connect, hbone, http_outbound, labels, splice};
+use super::{Metered, PodCtx, Shared, connect, hbone, http_outbound, labels, splice};
 use crate::state::Route;
 
 pub async fn handle(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     pod: Arc<PodCtx>,
     shared: Arc<Shared>,
@@ -41,15 +38,9 @@ pub async fn handle(
             mtls,
         );
         info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, protocol = "http", "connection captured");
-        shared.metrics.opened(&labels);
-        let client = Counted::new(client);
-        let (read, written) = client.counters();
+        let client = Metered::new(client, shared.metrics.opened(&labels));
         http_outbound::serve(client, dst, pod.clone(), shared.clone()).await;
-        return shared.metrics.closed(
-            &labels,
-            read.load(Ordering::Relaxed),
-            written.load(Ordering::Relaxed),
-        );
+        return shared.metrics.closed(&labels);
     }
     let route = shared.state.borrow().route(dst);
     let source = source.as_deref();
@@ -76,7 +67,7 @@ pub async fn handle(
             info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %target, peer_identity = identity, "connection captured");
             match hbone::open(&shared.pool, &pod, &tls, hbone, target, &identity).await {
                 Ok(mut tunnel) => {
-                    shared.metrics.opened(&labels);
+                    let mut client = Metered::new(client, shared.metrics.opened(&labels));
                     let result = splice(&mut client, &mut tunnel).await;
                     finish(&shared, &labels, &pod, dst, result);
                 }
@@ -103,7 +94,7 @@ pub async fn handle(
             let upstream = async { connect(pod.socket_for(addr)?, addr).await }.await;
             match upstream {
                 Ok(mut upstream) => {
-                    shared.metrics.opened(&labels);
+                    let mut client = Metered::new(client, shared.metrics.opened(&labels));
                     let result = splice(&mut client, &mut upstream).await;
                     finish(&shared, &labels, &pod, dst, result);
                 }
@@ -135,13 +126,13 @@ fn finish(
     dst: SocketAddr,
     result: std::io::Result<(u64, u64)>,
 ) {
-    let (received, sent) = match result {
-        Ok(counts) => counts,
-        Err(e) => {
-            debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, "connection ended with an error: {e}");
-            (0, 0)
+    match result {
+        Ok((received, sent)) => {
+            debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, received, sent, "connection closed")
         }
-    };
-    debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, received, sent, "connection closed");
-    shared.metrics.closed(labels, received, sent);
+        Err(e) => {
+            debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, "connection ended with an error: {e}")
+        }
+    }
+    shared.metrics.closed(labels);
 }
