@@ -192,6 +192,32 @@ fn keep_alive_requests_are_balanced_one_by_one_and_carry_the_callers_identity() 
 }
 
 #[test]
+fn a_keep_alive_connection_outlives_the_apps_idle_timeout() {
+    let web = Web::start();
+    // The demo app closes a connection idle for 5 s. Three requests 5.5 s apart on one client
+    // connection (alternating versions by round robin): the third finds the first one's app
+    // connection closed, and the server's proxy connects to the app again instead of failing.
+    let (ok, out, err) = app(
+        &web.client,
+        &[
+            "get",
+            &format!("http://{VIP}:80/"),
+            "--count",
+            "3",
+            "--pause-ms",
+            "5500",
+        ],
+    );
+    assert!(ok, "{err}\n{}", web.agents[0].log_text());
+    let bodies: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(bodies.len(), 3, "{out}");
+    assert_eq!(bodies[0]["pod"], bodies[2]["pod"], "{out}");
+    assert_ne!(bodies[0]["pod"], bodies[1]["pod"], "{out}");
+    // The app saw a new connection (another source port) for the third request.
+    assert_ne!(bodies[0]["client"], bodies[2]["client"], "{out}");
+}
+
+#[test]
 fn malformed_requests_get_400_and_the_connection_closes() {
     let web = Web::start();
     for garbage in [

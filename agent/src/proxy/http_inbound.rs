@@ -4,7 +4,7 @@
 //! plaintext. Whatever the client sent in it is always removed first, so the app can trust it.
 //! The app is spoken to in the client's HTTP version (h2c for HTTP/2) over one connection.
 //! Upgrades (WebSocket) are passed through once the app agrees.
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, io, sync::Arc};
 
 use http_body_util::BodyExt;
 use hyper::{
@@ -22,17 +22,28 @@ use super::http::{self, Body, Sender};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
-/// The connection to the app: opened at the first request, in that request's version.
+/// The connection to the app: opened for the first request, in that request's version, and
+/// opened again when the app has closed it (apps close idle keep-alive connections; the tunnel
+/// in front of them stays open).
 enum App {
     Connected(TcpStream),
     Speaking(Sender<Incoming>),
-    Failed,
+    Closed,
 }
 
-/// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `app` over one connection.
-/// `identities` is (server, client) for mutual-TLS callers, None for plaintext ones.
-pub async fn serve<C>(client: C, app: TcpStream, identities: Option<(&str, &str)>)
-where
+/// Connects to the app again.
+pub type Reconnect = Arc<dyn Fn() -> BoxFuture<io::Result<TcpStream>> + Send + Sync>;
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `app` (and to a connection from
+/// `reconnect` once the app closed that one). `identities` is (server, client) for mutual-TLS
+/// callers, None for plaintext ones.
+pub async fn serve<C>(
+    client: C,
+    app: TcpStream,
+    reconnect: Reconnect,
+    identities: Option<(&str, &str)>,
+) where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let xfcc = match identities {
@@ -44,7 +55,7 @@ where
         None => None,
     };
     let app = Arc::new(Mutex::new(App::Connected(app)));
-    let service = service_fn(move |req| forward(req, app.clone(), xfcc.clone()));
+    let service = service_fn(move |req| forward(req, app.clone(), reconnect.clone(), xfcc.clone()));
     if let Err(e) = http::server()
         .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await
@@ -56,6 +67,7 @@ where
 async fn forward(
     mut req: Request<Incoming>,
     app: Arc<Mutex<App>>,
+    reconnect: Reconnect,
     xfcc: Option<HeaderValue>,
 ) -> Result<Response<Body>, Infallible> {
     req.headers_mut().remove(XFCC);
@@ -65,8 +77,17 @@ async fn forward(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let sent = {
         let mut app = app.lock().await;
+        if matches!(&*app, App::Speaking(s) if s.is_closed()) || matches!(&*app, App::Closed) {
+            *app = match reconnect().await {
+                Ok(tcp) => App::Connected(tcp),
+                Err(e) => {
+                    debug!("reconnecting to the app: {e}");
+                    App::Closed
+                }
+            };
+        }
         if let App::Connected(_) = &*app
-            && let App::Connected(tcp) = std::mem::replace(&mut *app, App::Failed)
+            && let App::Connected(tcp) = std::mem::replace(&mut *app, App::Closed)
         {
             match Sender::handshake(TokioIo::new(tcp), req.version()).await {
                 Ok(sender) => *app = App::Speaking(sender),

@@ -8,12 +8,7 @@ use tracing::{debug, info, warn};
 use super::{Metered, PodCtx, Shared, connect, hbone, http_outbound, labels, splice};
 use crate::state::Route;
 
-pub async fn handle(
-    client: TcpStream,
-    peer: SocketAddr,
-    pod: Arc<PodCtx>,
-    shared: Arc<Shared>,
-) {
+pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
     let Some(dst) = shared.table.take(pod.netns_cookie, peer) else {
         warn!(pod = %pod.name, client = %peer, "no original destination recorded for a connection to the capture port; closing it");
         return;

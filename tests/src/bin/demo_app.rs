@@ -6,8 +6,9 @@
 //!   [--fail-status CODE] [--delay-ms MS]`: a share of answers can be failures, and every answer
 //!   can be slow; `GET /count` answers how many requests it served; `Upgrade: echo` switches
 //!   protocols and echoes one message (a stand-in for WebSocket).
-//! - `get URL [--header 'NAME: VALUE']... [--count N]`: N GETs on one keep-alive connection;
-//!   prints the body (a JSON array of them when N > 1); exits non-zero on any failure.
+//! - `get URL [--header 'NAME: VALUE']... [--count N] [--pause-ms MS]`: N GETs on one keep-alive
+//!   connection, MS apart; prints the body (a JSON array of them when N > 1); exits non-zero on
+//!   any failure.
 //! - `raw ADDR DATA`: sends DATA as is (`\r\n` for CR LF), prints what came back until the
 //!   server closed (JSON string), for testing how malformed requests are answered.
 //!
@@ -58,17 +59,17 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("serve") => parse_serve(&args[1..]).and_then(serve),
-        Some("get") if args.len() >= 2 => get_args(&args[2..]).and_then(|(h, count)| {
-            let bodies = get(&args[1], &h, count)?;
-            match count {
+        Some("get") if args.len() >= 2 => get_args(&args[2..]).and_then(|g| {
+            let bodies = get(&args[1], &g.headers, g.count, g.pause)?;
+            match g.count {
                 1 => println!("{}", bodies[0]),
                 _ => println!("[{}]", bodies.join(",")),
             }
             Ok(())
         }),
         Some("raw") if args.len() == 3 => raw(&args[1], &args[2]),
-        Some("tally") if args.len() >= 2 => get_args(&args[2..]).and_then(|(h, count)| tally(&args[1], &h, count)),
-        _ => Err("usage: trellis-demo-app serve --service S --version V --pod P --listen ADDR [--call URL]... | get URL [--header 'NAME: VALUE']... [--count N] | raw ADDR DATA | tally URL [--header 'NAME: VALUE']... [--count N]".into()),
+        Some("tally") if args.len() >= 2 => get_args(&args[2..]).and_then(|g| tally(&args[1], &g.headers, g.count)),
+        _ => Err("usage: trellis-demo-app serve --service S --version V --pod P --listen ADDR [--call URL]... | get URL [--header 'NAME: VALUE']... [--count N] [--pause-ms MS] | raw ADDR DATA | tally URL [--header 'NAME: VALUE']... [--count N]".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -185,7 +186,7 @@ fn handle(cfg: &Serve, mut stream: TcpStream) -> std::io::Result<()> {
         let calls: Vec<Value> = cfg
             .calls
             .iter()
-            .map(|url| match get(url, &forward, 1) {
+            .map(|url| match get(url, &forward, 1, Duration::ZERO) {
                 Ok(mut bodies) => {
                     let body = bodies.remove(0);
                     serde_json::from_str(&body).unwrap_or(json!({ "url": url, "body": body }))
@@ -336,33 +337,58 @@ fn tally(url: &str, headers: &[String], count: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// `--header 'NAME: VALUE'`... and `--count N` (at most 100000).
-fn get_args(args: &[String]) -> Result<(Vec<String>, usize), String> {
-    let (mut headers, mut count) = (Vec::new(), 1);
+/// What `get` and `tally` are asked for.
+struct Gets {
+    headers: Vec<String>,
+    count: usize,
+    /// Between requests (`get` only).
+    pause: Duration,
+}
+
+/// `--header 'NAME: VALUE'`..., `--count N` (at most 100000) and `--pause-ms MS` (at most 60000).
+fn get_args(args: &[String]) -> Result<Gets, String> {
+    let mut gets = Gets {
+        headers: Vec::new(),
+        count: 1,
+        pause: Duration::ZERO,
+    };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         match (flag.as_str(), it.next()) {
-            ("--header", Some(h)) if h.contains(':') => headers.push(h.clone()),
+            ("--header", Some(h)) if h.contains(':') => gets.headers.push(h.clone()),
             ("--count", Some(n)) => {
-                count = n
+                gets.count = n
                     .parse()
                     .ok()
                     .filter(|n| (1..=100_000).contains(n))
                     .ok_or(format!("--count {n}: want 1..=100000"))?
             }
+            ("--pause-ms", Some(ms)) => {
+                gets.pause = ms
+                    .parse()
+                    .ok()
+                    .filter(|ms| *ms <= 60_000)
+                    .map(Duration::from_millis)
+                    .ok_or(format!("--pause-ms {ms}: want 0..=60000"))?
+            }
             _ => {
                 return Err(format!(
-                    "expected --header 'NAME: VALUE' or --count N, got {flag}"
+                    "expected --header 'NAME: VALUE', --count N or --pause-ms MS, got {flag}"
                 ));
             }
         }
     }
-    Ok((headers, count))
+    Ok(gets)
 }
 
 /// `count` GETs of `http://HOST:PORT/PATH` (IP literals only: the demo has no DNS) on one
-/// keep-alive connection; returns the bodies.
-fn get(url: &str, headers: &[String], count: usize) -> Result<Vec<String>, String> {
+/// keep-alive connection, `pause` apart; returns the bodies.
+fn get(
+    url: &str,
+    headers: &[String],
+    count: usize,
+    pause: Duration,
+) -> Result<Vec<String>, String> {
     let (addr, host, path) = parse_url(url)?;
     let err = |e: std::io::Error| format!("{url}: {e}");
     let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(err)?;
@@ -372,6 +398,9 @@ fn get(url: &str, headers: &[String], count: usize) -> Result<Vec<String>, Strin
     let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     let mut bodies = Vec::new();
     for i in 0..count {
+        if i > 0 {
+            thread::sleep(pause);
+        }
         let close = if i + 1 == count {
             "connection: close\r\n"
         } else {
