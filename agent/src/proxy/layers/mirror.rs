@@ -9,9 +9,9 @@ use tower::{Layer, ServiceExt as _};
 use tracing::debug;
 
 use super::{
-    Next, Req, around, call, decision,
+    Next, Req, around, call, decision, full, is_upgrade,
     retry::BODY_LIMIT,
-    upstream::{PerTryTimeout, Upstream, full, is_upgrade},
+    upstream::{PerTryTimeout, Upstream},
 };
 use crate::{
     proxy::{PodCtx, Shared},

@@ -125,3 +125,16 @@ fn local(code: hyper::StatusCode, text: &'static str, flags: &'static str) -> Re
     outcome(&mut resp).flags = flags;
     resp
 }
+
+/// A request that asks to switch protocols (WebSocket): sent once, never copied.
+fn is_upgrade(req: &Req) -> bool {
+    req.headers().contains_key(hyper::header::UPGRADE)
+}
+
+/// A body of bytes already in hand (kept for a retry or a mirror copy).
+fn full(bytes: hyper::body::Bytes) -> Body {
+    use http_body_util::BodyExt as _;
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed()
+}

@@ -10,8 +10,8 @@ use tower::Layer;
 use tracing::debug;
 
 use super::{
-    Failure, Next, Req, around, call, decision, local, outcome,
-    upstream::{PerTryTimeout, full, is_upgrade},
+    Failure, Next, Req, around, call, decision, full, is_upgrade, local, outcome,
+    upstream::PerTryTimeout,
 };
 
 /// Request bodies up to this size are kept so that a retry can send them again.

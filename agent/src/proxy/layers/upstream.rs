@@ -15,11 +15,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use http_body_util::BodyExt;
-use hyper::{
-    StatusCode, Version,
-    body::{Bytes, Incoming},
-    upgrade::OnUpgrade,
-};
+use hyper::{StatusCode, Version, body::Incoming, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
 use tokio::sync::Mutex;
 use tracing::warn;
@@ -226,14 +222,4 @@ impl tower::Service<Req> for Upstream {
 /// hyper's error with its causes: its own text alone says only which step failed.
 fn causes(e: hyper::Error) -> String {
     format!("{:#}", anyhow::Error::new(e))
-}
-
-pub fn is_upgrade<B>(req: &hyper::Request<B>) -> bool {
-    req.headers().contains_key(hyper::header::UPGRADE)
-}
-
-pub fn full(bytes: Bytes) -> Body {
-    http_body_util::Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed()
 }
