@@ -232,6 +232,31 @@ struct Tally {
     errors: u64,
 }
 
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.latencies_us.extend(other.latencies_us);
+        self.errors += other.errors;
+    }
+
+    /// The latency report over a run of `duration`: counts, percentiles, achieved rate.
+    fn report(mut self, duration: Duration) -> serde_json::Value {
+        self.latencies_us.sort_unstable();
+        let ms = |us: u64| us as f64 / 1000.0;
+        let pct = |p: f64| ms(percentile(&self.latencies_us, p));
+        let requests = self.latencies_us.len() as u64;
+        json!({
+            "requests": requests,
+            "errors": self.errors,
+            "p50_ms": pct(50.0),
+            "p90_ms": pct(90.0),
+            "p99_ms": pct(99.0),
+            "p999_ms": pct(99.9),
+            "max_ms": ms(self.latencies_us.last().copied().unwrap_or(0)),
+            "achieved_rps": requests as f64 / duration.as_secs_f64(),
+        })
+    }
+}
+
 fn latency(addr: SocketAddr, o: &Opts) -> io::Result<bool> {
     let interval = Duration::from_secs_f64(o.conns as f64 / o.rate);
     // Every connection first, so that connection set-up is not part of the first requests.
@@ -252,33 +277,17 @@ fn latency(addr: SocketAddr, o: &Opts) -> io::Result<bool> {
             let size = o.size;
             thread::spawn(move || {
                 let t = run_connection(addr, stream, first, interval, measure_from, end, size);
-                let mut all = tally.lock().unwrap();
-                all.latencies_us.extend(t.latencies_us);
-                all.errors += t.errors;
+                tally.lock().unwrap().add(t);
             })
         })
         .collect();
     for t in threads {
         let _ = t.join();
     }
-    let mut all = std::mem::take(&mut *tally.lock().unwrap());
-    all.latencies_us.sort_unstable();
-    let ms = |us: u64| us as f64 / 1000.0;
-    let pct = |p: f64| ms(percentile(&all.latencies_us, p));
-    let requests = all.latencies_us.len() as u64;
-    println!(
-        "{}",
-        json!({
-            "requests": requests,
-            "errors": all.errors,
-            "p50_ms": pct(50.0),
-            "p90_ms": pct(90.0),
-            "p99_ms": pct(99.0),
-            "max_ms": ms(all.latencies_us.last().copied().unwrap_or(0)),
-            "achieved_rps": requests as f64 / o.duration.as_secs_f64(),
-        })
-    );
-    Ok(requests > 0)
+    let all = std::mem::take(&mut *tally.lock().unwrap());
+    let ok = !all.latencies_us.is_empty();
+    println!("{}", all.report(o.duration));
+    Ok(ok)
 }
 
 /// Nearest-rank percentile of sorted samples (0 when there are none).

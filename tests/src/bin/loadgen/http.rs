@@ -29,7 +29,7 @@ use tokio::{
     time::timeout,
 };
 
-use super::{IO_TIMEOUT, MAX_REQUESTS_PER_CONN, Opts, Tally, WARMUP, percentile, timer::Timer};
+use super::{IO_TIMEOUT, MAX_REQUESTS_PER_CONN, Opts, Tally, WARMUP, timer::Timer};
 
 /// The server copies this request header into its answer, so a client sees whether a proxy on
 /// the way set it (a route's header rule ran).
@@ -274,7 +274,7 @@ impl Schedule {
 pub fn latency(addr: SocketAddr, o: &Opts) -> io::Result<bool> {
     let call = Arc::new(Call::new(addr, o)?);
     let interval = Duration::from_secs_f64(o.conns as f64 / o.rate);
-    let mut all = runtime()?.block_on(async {
+    let all = runtime()?.block_on(async {
         // Every connection first, so that connection set-up is not part of the first requests.
         let slots = connect_all(&call, o.conns).await?;
         let start = Instant::now() + Duration::from_millis(20);
@@ -296,31 +296,15 @@ pub fn latency(addr: SocketAddr, o: &Opts) -> io::Result<bool> {
         }
         let mut all = Tally::default();
         while let Some(t) = tasks.join_next().await {
-            let t = t.map_err(io::Error::other)??;
-            all.latencies_us.extend(t.latencies_us);
-            all.errors += t.errors;
+            all.add(t.map_err(io::Error::other)??);
         }
         Ok::<_, io::Error>(all)
     })?;
-    all.latencies_us.sort_unstable();
-    let ms = |us: u64| us as f64 / 1000.0;
-    let pct = |p: f64| ms(percentile(&all.latencies_us, p));
-    let requests = all.latencies_us.len() as u64;
-    println!(
-        "{}",
-        json!({
-            "proto": call.proto(),
-            "requests": requests,
-            "errors": all.errors,
-            "p50_ms": pct(50.0),
-            "p90_ms": pct(90.0),
-            "p99_ms": pct(99.0),
-            "p999_ms": pct(99.9),
-            "max_ms": ms(all.latencies_us.last().copied().unwrap_or(0)),
-            "achieved_rps": requests as f64 / o.duration.as_secs_f64(),
-        })
-    );
-    Ok(requests > 0)
+    let ok = !all.latencies_us.is_empty();
+    let mut report = all.report(o.duration);
+    report["proto"] = json!(call.proto());
+    println!("{report}");
+    Ok(ok)
 }
 
 /// HTTP/1.1: one request at a time on the connection. As in the TCP `latency` mode, a request's
