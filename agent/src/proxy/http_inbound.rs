@@ -4,7 +4,7 @@
 //! plaintext. Whatever the client sent in it is always removed first, so the app can trust it.
 //! The app is spoken to in the client's HTTP version (h2c for HTTP/2) over one connection.
 //! Upgrades (WebSocket) are passed through once the app agrees.
-use std::{convert::Infallible, io, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::BodyExt;
 use hyper::{
@@ -18,30 +18,36 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::http::{self, Body, Sender};
+use super::{
+    PodCtx,
+    http::{self, Body, Sender},
+    inbound::to_app,
+};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
-/// The connection to the app: opened for the first request, in that request's version, and
-/// opened again when the app has closed it (apps close idle keep-alive connections; the tunnel
-/// in front of them stays open).
+/// The connection to the app: the one made for the tunnel until the first request picks its
+/// HTTP version, then a sender in that version; a new connection once the app has closed it
+/// (apps close idle keep-alive connections, while the tunnel in front of them stays open).
 enum App {
-    Connected(TcpStream),
+    Unused(TcpStream),
     Speaking(Sender<Incoming>),
     Closed,
 }
 
-/// Connects to the app again.
-pub type Reconnect = Arc<dyn Fn() -> BoxFuture<io::Result<TcpStream>> + Send + Sync>;
-type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+/// Where the app is: its pod and address.
+struct Target {
+    pod: Arc<PodCtx>,
+    addr: SocketAddr,
+}
 
-/// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `app` (and to a connection from
-/// `reconnect` once the app closed that one). `identities` is (server, client) for mutual-TLS
-/// callers, None for plaintext ones.
+/// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `app`, a connection to `addr` in
+/// `pod`. `identities` is (server, client) for mutual-TLS callers, None for plaintext ones.
 pub async fn serve<C>(
     client: C,
     app: TcpStream,
-    reconnect: Reconnect,
+    pod: Arc<PodCtx>,
+    addr: SocketAddr,
     identities: Option<(&str, &str)>,
 ) where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -54,8 +60,9 @@ pub async fn serve<C>(
         },
         None => None,
     };
-    let app = Arc::new(Mutex::new(App::Connected(app)));
-    let service = service_fn(move |req| forward(req, app.clone(), reconnect.clone(), xfcc.clone()));
+    let app = Arc::new(Mutex::new(App::Unused(app)));
+    let target = Arc::new(Target { pod, addr });
+    let service = service_fn(move |req| forward(req, app.clone(), target.clone(), xfcc.clone()));
     if let Err(e) = http::server()
         .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await
@@ -67,7 +74,7 @@ pub async fn serve<C>(
 async fn forward(
     mut req: Request<Incoming>,
     app: Arc<Mutex<App>>,
-    reconnect: Reconnect,
+    target: Arc<Target>,
     xfcc: Option<HeaderValue>,
 ) -> Result<Response<Body>, Infallible> {
     req.headers_mut().remove(XFCC);
@@ -77,23 +84,7 @@ async fn forward(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let sent = {
         let mut app = app.lock().await;
-        if matches!(&*app, App::Speaking(s) if s.is_closed()) || matches!(&*app, App::Closed) {
-            *app = match reconnect().await {
-                Ok(tcp) => App::Connected(tcp),
-                Err(e) => {
-                    debug!("reconnecting to the app: {e}");
-                    App::Closed
-                }
-            };
-        }
-        if let App::Connected(_) = &*app
-            && let App::Connected(tcp) = std::mem::replace(&mut *app, App::Closed)
-        {
-            match Sender::handshake(TokioIo::new(tcp), req.version()).await {
-                Ok(sender) => *app = App::Speaking(sender),
-                Err(e) => debug!("handshake with the app: {e:#}"),
-            }
-        }
+        speak(&mut app, &target, req.version()).await;
         match &mut *app {
             // HTTP/2 multiplexes: send outside the lock, so requests run concurrently.
             App::Speaking(sender) => match sender.share() {
@@ -120,6 +111,25 @@ async fn forward(
     };
     http::pass_upgrade(client_upgrade, &mut resp);
     Ok(resp.map(BodyExt::boxed))
+}
+
+/// Leaves `app` speaking `version` over an open connection, when the app can be reached.
+async fn speak(app: &mut App, target: &Target, version: hyper::Version) {
+    let tcp = match std::mem::replace(app, App::Closed) {
+        App::Speaking(sender) if !sender.is_closed() => {
+            *app = App::Speaking(sender);
+            return;
+        }
+        App::Unused(tcp) => tcp,
+        _ => match to_app(&target.pod, target.addr).await {
+            Ok(tcp) => tcp,
+            Err(e) => return debug!("reconnecting to the app: {e}"),
+        },
+    };
+    match Sender::handshake(TokioIo::new(tcp), version).await {
+        Ok(sender) => *app = App::Speaking(sender),
+        Err(e) => debug!("handshake with the app: {e:#}"),
+    }
 }
 
 async fn send(

@@ -59,7 +59,7 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
             let mut client = Metered::new(client, shared.metrics.opened(&labels));
             if http {
                 // Served at L7 only to strip any forged client identity header.
-                http_inbound::serve(client, app, reconnect(&pod, dst), None).await;
+                http_inbound::serve(client, app, pod.clone(), dst, None).await;
             } else {
                 let _ = splice(&mut client, &mut app).await;
             }
@@ -73,19 +73,10 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
 
 /// Connects to the app from the pod's own address, which sk_lookup never steers, so the app sees
 /// an ordinary connection whether it listens on 0.0.0.0 or the pod IP.
-async fn to_app(pod: &PodCtx, dst: SocketAddr) -> std::io::Result<TcpStream> {
+pub(super) async fn to_app(pod: &PodCtx, dst: SocketAddr) -> std::io::Result<TcpStream> {
     let sock = pod.socket_for(dst)?;
     sock.bind(SocketAddr::new(dst.ip(), 0))?;
     connect(sock, dst).await
-}
-
-/// Connects to the app at `dst` again, for the HTTP inbound proxy.
-fn reconnect(pod: &Arc<PodCtx>, dst: SocketAddr) -> http_inbound::Reconnect {
-    let pod = pod.clone();
-    Arc::new(move || {
-        let pod = pod.clone();
-        Box::pin(async move { to_app(&pod, dst).await })
-    })
 }
 
 /// An HBONE connection from another node's (or this node's) proxy.
@@ -191,9 +182,8 @@ async fn tunnel(
                     Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
                 match (http, pod.identity.as_deref()) {
                     (true, Some(server_id)) => {
-                        let again = reconnect(&pod, target);
-                        http_inbound::serve(client, app, again, Some((server_id, &client_id)))
-                            .await;
+                        let ids = Some((server_id, client_id.as_str()));
+                        http_inbound::serve(client, app, pod.clone(), target, ids).await;
                     }
                     _ => {
                         let _ = splice(&mut client, &mut app).await;
