@@ -285,13 +285,11 @@ fn versions(bodies: &[serde_json::Value]) -> (usize, usize) {
     (n("v1"), n("v2"))
 }
 
-/// Polls until `ok` holds for a fresh batch of requests (config reached the client's node).
-fn until(web: &Web, what: &str, headers: &[&str], ok: impl Fn(&[serde_json::Value]) -> bool) {
+/// Polls `ok` every 0.1 s for up to 10 s (until new config has reached the client's node);
+/// fails naming `what`, with the client node agent's log.
+fn eventually(web: &Web, what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        if ok(&requests(web, 20, headers)) {
-            return;
-        }
+    while !ok() {
         assert!(
             std::time::Instant::now() < deadline,
             "never: {what}\n{}",
@@ -299,6 +297,11 @@ fn until(web: &Web, what: &str, headers: &[&str], ok: impl Fn(&[serde_json::Valu
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// Polls until `ok` holds for a fresh batch of requests.
+fn until(web: &Web, what: &str, headers: &[&str], ok: impl Fn(&[serde_json::Value]) -> bool) {
+    eventually(web, what, || ok(&requests(web, 20, headers)));
 }
 
 #[test]
@@ -414,15 +417,7 @@ fn until_answer(
     what: &str,
     ok: impl Fn(&std::collections::BTreeMap<String, u64>) -> bool,
 ) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !ok(&tally(web, url, 4).0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never: {what}\n{}",
-            web.agents[0].log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    eventually(web, what, || ok(&tally(web, url, 4).0));
 }
 
 #[test]
@@ -678,18 +673,10 @@ fn consistent_hash_keeps_each_user_on_one_endpoint() {
     let web = Web::start();
     web.control
         .write("dr.yaml", example!("web-consistent-hash.yaml"));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     // Round robin alternates; once hashing is in force one user sees one version only.
-    while !versions(&requests(&web, 10, &["x-user: alice"]))
-        .0
-        .is_multiple_of(10)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hashing never in force"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    until(&web, "hashing in force", &["x-user: alice"], |b| {
+        versions(b).0.is_multiple_of(20)
+    });
     let mut seen = std::collections::BTreeSet::new();
     for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
         let (v1, v2) = versions(&requests(&web, 10, &[&format!("x-user: {user}")]));
@@ -757,16 +744,9 @@ fn grpc_unary_and_streaming_calls_are_routed_by_header() {
             .collect()
     };
     // Until the route is in force, calls are balanced over both versions.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !(0..6).all(|_| grpc(&web, &["hello"], &[]).is_ok_and(|r| versions(&r) == ["v1"])) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "route never in force: {:?}\n{}",
-            grpc(&web, &["hello"], &[]),
-            web.agents[0].log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    eventually(&web, "the gRPC route in force", || {
+        (0..6).all(|_| grpc(&web, &["hello"], &[]).is_ok_and(|r| versions(&r) == ["v1"]))
+    });
     let jason = ["end-user: jason"];
     for (headers, want) in [(&[][..], "v1"), (&jason[..], "v2")] {
         // Unary, server streaming and bidirectional streaming, each several times.
