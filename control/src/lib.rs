@@ -5,6 +5,7 @@ pub mod ca;
 pub mod compile;
 pub mod istio;
 pub mod model;
+pub mod names;
 pub mod routes;
 pub mod run;
 pub mod server;

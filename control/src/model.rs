@@ -9,7 +9,10 @@ use k8s_openapi::{
 };
 use serde_json::Value;
 
-use crate::istio::{self, PolicyObject};
+use crate::{
+    istio::{self, PolicyObject},
+    names,
+};
 
 /// Namespace label that enrolls a namespace; the same label `disabled` on a pod opts it out.
 pub const MESH_LABEL: &str = "trellis.dev/mesh";
@@ -148,22 +151,37 @@ fn typed<T: serde::de::DeserializeOwned>(doc: &Value) -> Result<T> {
     serde_path_to_error::deserialize(doc).map_err(|e| anyhow!("{}: {}", e.path(), e.inner()))
 }
 
-fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<String> {
-    meta.name
+type Meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// The object's name (checked by `rule`, as Kubernetes checks that kind's names), after checking
+/// its namespace and labels the same way the API server would.
+fn name_of(meta: &Meta, rule: fn(&str) -> Result<(), String>) -> Result<String> {
+    let name = meta
+        .name
         .clone()
         .filter(|n| !n.is_empty())
-        .context("metadata.name: missing")
+        .context("metadata.name: missing")?;
+    rule(&name).map_err(|e| anyhow!("metadata.name: {e}"))?;
+    if let Some(ns) = &meta.namespace {
+        names::dns1123_label(ns).map_err(|e| anyhow!("metadata.namespace: {e}"))?;
+    }
+    names::labels(
+        "metadata.labels",
+        meta.labels.as_ref().unwrap_or(&BTreeMap::new()),
+    )
+    .map_err(|e| anyhow!(e))?;
+    Ok(name)
 }
 
 fn namespace(ns: Namespace) -> Result<Object> {
     Ok(Object::Namespace {
-        name: name_of(&ns.metadata)?,
+        name: name_of(&ns.metadata, names::dns1123_label)?,
         labels: ns.metadata.labels.unwrap_or_default(),
     })
 }
 
 fn pod(p: Pod) -> Result<Object> {
-    let name = name_of(&p.metadata)?;
+    let name = name_of(&p.metadata, names::dns1123_subdomain)?;
     let namespace = p
         .metadata
         .namespace
@@ -178,6 +196,14 @@ fn pod(p: Pod) -> Result<Object> {
         .to_string()
     });
     let spec = p.spec.unwrap_or_default();
+    for (at, v) in [
+        ("spec.nodeName", &spec.node_name),
+        ("spec.serviceAccountName", &spec.service_account_name),
+    ] {
+        if let Some(v) = v.as_deref().filter(|v| !v.is_empty()) {
+            names::dns1123_subdomain(v).map_err(|e| anyhow!("{at}: {e}"))?;
+        }
+    }
     let status = p.status.unwrap_or_default();
     let mut ips: Vec<IpAddr> = Vec::new();
     let listed = status
@@ -195,12 +221,16 @@ fn pod(p: Pod) -> Result<Object> {
         }
     }
     let running = status.phase.as_deref().is_none_or(|ph| ph == "Running");
-    let named_ports = spec
-        .containers
-        .iter()
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| Some((p.name.clone()?, p.container_port as u32)))
-        .collect();
+    let mut named_ports = BTreeMap::new();
+    for (i, c) in spec.containers.iter().enumerate() {
+        for (j, p) in c.ports.iter().flatten().enumerate() {
+            let at = format!("spec.containers[{i}].ports[{j}].containerPort");
+            let port = port_number(&at, p.container_port)?;
+            if let Some(name) = &p.name {
+                named_ports.insert(name.clone(), port);
+            }
+        }
+    }
     Ok(Object::Pod(PodInfo {
         ready: running && !ips.is_empty() && p.metadata.deletion_timestamp.is_none(),
         uid,
@@ -218,14 +248,25 @@ fn pod(p: Pod) -> Result<Object> {
     }))
 }
 
+/// A port number as Kubernetes allows it: 1 to 65535.
+fn port_number(at: &str, n: i32) -> Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|p| (1..=65535).contains(p))
+        .with_context(|| format!("{at}: {n} is not a port (1 to 65535)"))
+}
+
 fn service(s: Service) -> Result<Object> {
-    let name = name_of(&s.metadata)?;
+    let name = name_of(&s.metadata, names::dns1035_label)?;
     let namespace = s
         .metadata
         .namespace
         .clone()
         .unwrap_or_else(|| "default".into());
     let spec = s.spec.unwrap_or_default();
+    if let Some(sel) = &spec.selector {
+        names::labels("spec.selector", sel).map_err(|e| anyhow!(e))?;
+    }
     let mut cluster_ips = Vec::new();
     for ip in spec
         .cluster_ips
@@ -245,13 +286,12 @@ fn service(s: Service) -> Result<Object> {
     }
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
-        let port = u32::try_from(p.port)
-            .ok()
-            .filter(|p| (1..=65535).contains(p))
-            .with_context(|| format!("spec.ports[{i}].port: {} is not a port", p.port))?;
+        let port = port_number(&format!("spec.ports[{i}].port"), p.port)?;
         let target = match &p.target_port {
             None => TargetPort::Number(port),
-            Some(IntOrString::Int(n)) => TargetPort::Number(*n as u32),
+            Some(IntOrString::Int(n)) => {
+                TargetPort::Number(port_number(&format!("spec.ports[{i}].targetPort"), *n)?)
+            }
             Some(IntOrString::String(s)) => TargetPort::Name(s.clone()),
         };
         ports.push(PortInfo {
@@ -296,10 +336,9 @@ fn policy(api_version: &str, kind: &str, doc: &Value) -> Result<Object> {
     }) {
         bail!("{extra}: unknown top-level field");
     }
-    let meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta =
-        serde_json::from_value(doc.get("metadata").cloned().unwrap_or_default())
-            .context("metadata")?;
-    let name = name_of(&meta)?;
+    let meta: Meta = serde_json::from_value(doc.get("metadata").cloned().unwrap_or_default())
+        .context("metadata")?;
+    let name = name_of(&meta, names::dns1123_subdomain)?;
     let (kind, spec) = istio::parse_spec(
         kind,
         doc.get("spec")
@@ -404,6 +443,106 @@ mod tests {
             json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", "metadata": {"name": "p"}, "spec": {"mtls": {"mode": "MAYBE"}}}),
         );
         assert!(e.contains("spec.mtls.mode") && e.contains("STRICT"), "{e}");
+    }
+
+    /// Hostile input is refused with the field named; none of it may panic.
+    #[test]
+    fn hostile_numbers_and_names_are_refused() {
+        let vs = |http: Value| {
+            err(
+                json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                "metadata": {"name": "r", "namespace": "shop"}, "spec": {"hosts": ["reviews"], "http": http}}),
+            )
+        };
+        let dst = |w: i64| json!({"destination": {"host": "reviews"}, "weight": w});
+        let e = vs(json!([{"route": [dst(2147483647), dst(2147483647), dst(102)]}]));
+        assert!(
+            e.contains("spec.http[0].route[0].weight: 2147483647 is not 0 to 100"),
+            "{e}"
+        );
+        let e = vs(json!([{"route": [dst(150)]}]));
+        assert!(
+            e.contains("spec.http[0].route[0].weight: 150 is not 0 to 100"),
+            "{e}"
+        );
+        let e = vs(json!([{"route": [dst(4294967296)]}]));
+        assert!(e.contains("spec.http[0].route[0].weight"), "{e}");
+        let huge = format!("{}h", "9".repeat(30));
+        let e = vs(json!([{"route": [dst(100)], "timeout": huge}]));
+        assert!(
+            e.contains("spec.http[0].timeout") && e.contains("not a duration"),
+            "{e}"
+        );
+
+        let dr = |subsets: Value| {
+            err(
+                json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                "metadata": {"name": "r"}, "spec": {"host": "reviews", "subsets": subsets}}),
+            )
+        };
+        let e = dr(json!([{"name": "version one", "labels": {"version": "v1"}}]));
+        assert!(
+            e.contains("spec.subsets[0].name: \"version one\" is not a DNS-1123 label"),
+            "{e}"
+        );
+        let e = dr(json!([{"name": "v1", "labels": {"bad label!!/=x": "v1"}}]));
+        assert!(
+            e.contains("spec.subsets[0].labels: label key \"bad label!!/=x\""),
+            "{e}"
+        );
+
+        let pod = |meta: Value, spec: Value| {
+            err(json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}))
+        };
+        let e = pod(
+            json!({"name": "web", "labels": {"app": "a\u{0}b"}}),
+            json!({}),
+        );
+        assert!(e.contains("metadata.labels: label value \"a\\0b\""), "{e}");
+        let e = pod(json!({"name": "Web App"}), json!({}));
+        assert!(
+            e.contains("metadata.name: \"Web App\" is not a DNS-1123 subdomain"),
+            "{e}"
+        );
+        let e = pod(json!({"name": "web", "namespace": "a.b"}), json!({}));
+        assert!(e.contains("metadata.namespace"), "{e}");
+        let e = pod(
+            json!({"name": "web"}),
+            json!({"containers": [{"name": "c", "ports": [{"name": "http", "containerPort": -1}]}]}),
+        );
+        assert!(
+            e.contains("spec.containers[0].ports[0].containerPort: -1 is not a port"),
+            "{e}"
+        );
+        let e = pod(
+            json!({"name": "web"}),
+            json!({"serviceAccountName": "../root", "containers": []}),
+        );
+        assert!(e.contains("spec.serviceAccountName"), "{e}");
+
+        let e = err(
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+            "spec": {"ports": [{"port": 80, "targetPort": -80}]}}),
+        );
+        assert!(
+            e.contains("spec.ports[0].targetPort: -80 is not a port"),
+            "{e}"
+        );
+        let e = err(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "9web"}}));
+        assert!(e.contains("DNS-1035"), "{e}");
+        let e = err(
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+            "spec": {"selector": {"app": "has space"}}}),
+        );
+        assert!(e.contains("spec.selector: label value"), "{e}");
+        let e = err(
+            json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p"}, "spec": {"selector": {"matchLabels": {"=": "x"}}}}),
+        );
+        assert!(
+            e.contains("spec.selector.matchLabels: label key \"=\""),
+            "{e}"
+        );
     }
 
     #[test]

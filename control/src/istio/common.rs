@@ -52,6 +52,12 @@ pub struct WorkloadSelector {
     pub match_labels: BTreeMap<String, String>,
 }
 
+impl WorkloadSelector {
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        crate::names::labels(&format!("{at}.matchLabels"), &self.match_labels)
+    }
+}
+
 /// Parses Istio's duration strings: a decimal number then `h`, `m`, `s`, `ms` or `us`
 /// (`"1.5s"`, `"300ms"`).
 pub fn parse_duration(s: &str) -> Option<Duration> {
@@ -66,7 +72,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "us" => n / 1e6,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    // Fallible: a duration beyond what `Duration` holds is refused, never a panic.
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 pub fn check_duration(at: &str, value: &Option<String>) -> Result<(), String> {
@@ -98,7 +105,8 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_duration("300ms"), Some(Duration::from_millis(300)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        for bad in ["", "5", "s", "1.2.3s", "-1s", "1d"] {
+        let huge = format!("{}h", "9".repeat(30));
+        for bad in ["", "5", "s", "1.2.3s", "-1s", "1d", &huge] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
     }

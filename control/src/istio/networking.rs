@@ -9,6 +9,7 @@ use super::{
     Validate,
     common::{Percent, StringMatch, check_duration, check_enum},
 };
+use crate::names::{self, dns1123_label};
 
 #[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -206,8 +207,17 @@ impl Validate for VirtualServiceSpec {
                 return Err(format!("{at}.route: at least one destination is required"));
             }
             check_weights(&at, r.route.iter().map(|d| d.weight))?;
+            for (j, d) in r.route.iter().enumerate() {
+                check_destination(&format!("{at}.route[{j}].destination"), &d.destination)?;
+            }
+            if let Some(m) = &r.mirror {
+                check_destination(&format!("{at}.mirror"), m)?;
+            }
             for (j, m) in r.matches.iter().enumerate() {
                 let at = format!("{at}.match[{j}]");
+                if let Some(p) = m.port {
+                    check_port(&format!("{at}.port"), p)?;
+                }
                 for (name, sm) in [("uri", &m.uri), ("method", &m.method)] {
                     if let Some(sm) = sm {
                         sm.validate(&format!("{at}.{name}"))?;
@@ -267,26 +277,63 @@ impl Validate for VirtualServiceSpec {
             }
         }
         for (i, r) in self.tcp.iter().enumerate() {
-            check_weights(&format!("tcp[{i}]"), r.route.iter().map(|d| d.weight))?;
+            let at = format!("tcp[{i}]");
+            if r.route.is_empty() {
+                return Err(format!("{at}.route: at least one destination is required"));
+            }
+            check_weights(&at, r.route.iter().map(|d| d.weight))?;
+            for (j, d) in r.route.iter().enumerate() {
+                check_destination(&format!("{at}.route[{j}].destination"), &d.destination)?;
+            }
+            for (j, m) in r.matches.iter().enumerate() {
+                if let Some(p) = m.port {
+                    check_port(&format!("{at}.match[{j}].port"), p)?;
+                }
+            }
         }
         Ok(())
     }
 }
 
-/// Weights are optional, but when any is given they must be non-negative and sum to 100.
+/// Weights are optional, but each given is 0 to 100 (as Istio requires), and with more than one
+/// destination they sum to 100. Checked one by one before adding, so no sum can overflow.
 fn check_weights(at: &str, weights: impl Iterator<Item = Option<i32>>) -> Result<(), String> {
     let weights: Vec<Option<i32>> = weights.collect();
     if weights.iter().all(Option::is_none) {
         return Ok(());
     }
-    if weights.iter().any(|w| w.is_some_and(|w| w < 0)) {
-        return Err(format!("{at}.route: weights must not be negative"));
+    for (i, w) in weights.iter().enumerate() {
+        if let Some(w) = w.filter(|w| !(0..=100).contains(w)) {
+            return Err(format!("{at}.route[{i}].weight: {w} is not 0 to 100"));
+        }
     }
     let sum: i32 = weights.iter().map(|w| w.unwrap_or(0)).sum();
     if weights.len() > 1 && sum != 100 {
         return Err(format!("{at}.route: weights add up to {sum}, not 100"));
     }
     Ok(())
+}
+
+/// A destination: a host, a subset named as Istio requires, a port that is one.
+fn check_destination(at: &str, d: &Destination) -> Result<(), String> {
+    if d.host.is_empty() {
+        return Err(format!("{at}.host: required"));
+    }
+    if let Some(s) = &d.subset {
+        dns1123_label(s).map_err(|e| format!("{at}.subset: {e}"))?;
+    }
+    if let Some(p) = &d.port {
+        check_port(&format!("{at}.port.number"), p.number)?;
+    }
+    Ok(())
+}
+
+pub fn check_port(at: &str, port: u32) -> Result<(), String> {
+    if (1..=65535).contains(&port) {
+        Ok(())
+    } else {
+        Err(format!("{at}: {port} is not a port (1 to 65535)"))
+    }
 }
 
 #[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
@@ -453,11 +500,13 @@ impl Validate for DestinationRuleSpec {
         if let Some(tp) = &self.traffic_policy {
             tp.validate("trafficPolicy")?;
         }
-        let mut names = std::collections::BTreeSet::new();
+        let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.subsets.iter().enumerate() {
-            if !names.insert(&s.name) {
+            dns1123_label(&s.name).map_err(|e| format!("subsets[{i}].name: {e}"))?;
+            if !seen.insert(&s.name) {
                 return Err(format!("subsets[{i}].name: {:?} is used twice", s.name));
             }
+            names::labels(&format!("subsets[{i}].labels"), &s.labels)?;
             if let Some(tp) = &s.traffic_policy {
                 tp.validate(&format!("subsets[{i}].trafficPolicy"))?;
             }
@@ -530,8 +579,9 @@ impl Validate for ServiceEntrySpec {
                 &p.protocol,
                 &PORT_PROTOCOLS,
             )?;
-            if p.number == 0 || p.number > 65535 {
-                return Err(format!("ports[{i}].number: {} is not a port", p.number));
+            check_port(&format!("ports[{i}].number"), p.number)?;
+            if let Some(t) = p.target_port {
+                check_port(&format!("ports[{i}].targetPort"), t)?;
             }
         }
         for (i, a) in self.addresses.iter().enumerate() {
@@ -539,6 +589,12 @@ impl Validate for ServiceEntrySpec {
                 return Err(format!(
                     "addresses[{i}]: {a:?} is not an IP address or CIDR"
                 ));
+            }
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            names::labels(&format!("endpoints[{i}].labels"), &e.labels)?;
+            for (name, port) in &e.ports {
+                check_port(&format!("endpoints[{i}].ports.{name}"), *port)?;
             }
         }
         if self.resolution.as_deref() == Some("STATIC") && self.endpoints.is_empty() {
@@ -579,7 +635,9 @@ pub struct GatewayPort {
 
 impl Validate for GatewaySpec {
     fn validate(&self) -> Result<(), String> {
+        names::labels("selector", &self.selector)?;
         for (i, s) in self.servers.iter().enumerate() {
+            check_port(&format!("servers[{i}].port.number"), s.port.number)?;
             check_enum(
                 &format!("servers[{i}].port.protocol"),
                 &Some(s.port.protocol.clone()),
@@ -590,5 +648,52 @@ impl Validate for GatewaySpec {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_are_bounded_before_they_are_added() {
+        let w = |ws: &[i32]| check_weights("http[0]", ws.iter().map(|w| Some(*w)));
+        // Found by a hostile tester: this used to overflow the i32 sum and panic.
+        assert_eq!(
+            w(&[i32::MAX, i32::MAX, 102]),
+            Err("http[0].route[0].weight: 2147483647 is not 0 to 100".into())
+        );
+        assert_eq!(
+            w(&[150]),
+            Err("http[0].route[0].weight: 150 is not 0 to 100".into())
+        );
+        assert_eq!(
+            w(&[50, -1, 51]),
+            Err("http[0].route[1].weight: -1 is not 0 to 100".into())
+        );
+        assert_eq!(
+            w(&[60, 60]),
+            Err("http[0].route: weights add up to 120, not 100".into())
+        );
+        assert_eq!(w(&[100]), Ok(()));
+        assert_eq!(w(&[0, 100]), Ok(()));
+        assert_eq!(check_weights("x", [None, None].into_iter()), Ok(()));
+    }
+
+    #[test]
+    fn destinations_name_subsets_and_ports_as_istio_does() {
+        let d = |subset: &str, port: u32| Destination {
+            host: "reviews".into(),
+            subset: Some(subset.into()),
+            port: Some(PortSelector { number: port }),
+        };
+        assert_eq!(check_destination("d", &d("v1", 9080)), Ok(()));
+        let e = check_destination("d", &d("version one", 9080)).unwrap_err();
+        assert!(
+            e.starts_with("d.subset: \"version one\" is not a DNS-1123 label"),
+            "{e}"
+        );
+        let e = check_destination("d", &d("v1", 70000)).unwrap_err();
+        assert_eq!(e, "d.port.number: 70000 is not a port (1 to 65535)");
     }
 }

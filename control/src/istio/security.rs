@@ -84,6 +84,9 @@ pub struct Operation {
 impl Validate for AuthorizationPolicySpec {
     fn validate(&self) -> Result<(), String> {
         check_enum("action", &self.action, &["ALLOW", "DENY"])?;
+        if let Some(s) = &self.selector {
+            s.validate("selector")?;
+        }
         for (i, rule) in self.rules.iter().enumerate() {
             for (j, from) in rule.from.iter().enumerate() {
                 for (k, block) in from
@@ -145,6 +148,9 @@ pub const MTLS_MODES: [&str; 4] = ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"];
 
 impl Validate for PeerAuthenticationSpec {
     fn validate(&self) -> Result<(), String> {
+        if let Some(s) = &self.selector {
+            s.validate("selector")?;
+        }
         if let Some(m) = &self.mtls {
             check_enum("mtls.mode", &Some(m.mode.clone()), &MTLS_MODES)?;
         }
