@@ -13,7 +13,7 @@ use crate::{
     metrics::{self, Metrics},
     netns::Netns,
     pods::{PodSource, PodsFile, Reconciler},
-    proxy::{Pool, Shared},
+    proxy::{self, ConnLimits, HttpLimits, LogThrottle, Pool, Shared},
     redirect::{self, Redirect, RedirectConfig},
     state::MeshState,
     tls::TlsStore,
@@ -151,6 +151,56 @@ struct RunArgs {
     /// Destination CIDRs never captured outbound, comma-separated (e.g. 169.254.0.0/16,fd00::/8).
     #[arg(long, value_delimiter = ',')]
     exclude_cidrs: Vec<IpNet>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// What one client, pod or flood may take of the node (docs/agent.md, "Limits").
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Connections open at once through the node's proxy, all pods together; past it new ones
+    /// are reset. Default: the open-file limit less 2048.
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Connections open at once per pod (captured in, captured out and HBONE streams to it).
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS_PER_POD", default_value_t = 16384)]
+    max_connections_per_pod: usize,
+    /// HTTP/1: how long a request's head may take to arrive, counted from when the proxy starts
+    /// waiting for it (so it also closes idle keep-alive connections), e.g. 30s.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    http_header_read_timeout: Duration,
+    /// HTTP connections with no byte moving either way for this long are closed (Envoy's
+    /// default, 1h).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    http_idle_timeout: Duration,
+    /// Largest request head (HTTP/1) or header list (HTTP/2), in bytes (Envoy's default, 60 KiB).
+    #[arg(long, default_value_t = 60 * 1024, value_parser = clap::value_parser!(u32).range(8192..=1024 * 1024))]
+    http_max_header_bytes: u32,
+    /// Concurrent HTTP/2 streams per app connection.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    http_max_concurrent_streams: u32,
+}
+
+/// `500ms`, `30s`, `5m` or `1h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit (ms, s, m or h)"))?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{text:?} does not start with a number"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{text:?}: unit {unit:?} is not ms, s, m or h")),
+    };
+    match ms {
+        Some(ms) if ms > 0 && ms <= 7 * 24 * 3_600_000 => Ok(Duration::from_millis(ms)),
+        _ => Err(format!("{text:?} is not between 1ms and 7 days")),
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -221,7 +271,7 @@ async fn run(args: RunArgs) -> Result<()> {
         exclude_cidrs: args.exclude_cidrs,
         kernel_debug_log: LevelFilter::current() >= LevelFilter::DEBUG,
     };
-    let (redirect, table, logger) = Redirect::open(&cfg)?;
+    let (redirect, maps, logger) = Redirect::open(&cfg)?;
     let admin = admin::bind(args.admin_addr).await?;
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
     info!(node = cfg.node, cgroup_root = %cgroup_root.display(), "capture programs attached");
@@ -231,14 +281,29 @@ async fn run(args: RunArgs) -> Result<()> {
     let (svids_tx, svids) = tokio::sync::watch::channel(crate::identity::Svids::new());
     let (state_tx, state) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
     let metrics = Metrics::new();
+    let limits = args.limits;
     let shared = Arc::new(Shared {
-        table: Arc::new(table),
+        maps,
         state: state.clone(),
         tls: TlsStore::new(svids.clone()),
         pool: Pool::default(),
         balancer: Default::default(),
         metrics: metrics.clone(),
-        node_addrs: crate::netns::addresses().context("listing the node's addresses")?,
+        node_netns: crate::netns::netns_cookie(std::os::fd::AsFd::as_fd(&metrics_listener))
+            .context("reading the node's network namespace cookie")?,
+        limits: ConnLimits::new(
+            limits
+                .max_connections
+                .unwrap_or_else(proxy::default_node_limit),
+            limits.max_connections_per_pod,
+        ),
+        http: HttpLimits {
+            header_read_timeout: limits.http_header_read_timeout,
+            idle_timeout: limits.http_idle_timeout,
+            max_header_bytes: limits.http_max_header_bytes,
+            max_concurrent_streams: limits.http_max_concurrent_streams,
+        },
+        throttle: LogThrottle::default(),
     });
     let mut reconciler = Reconciler::new(redirect, cgroup_root, home, shared);
     let mut source = match (args.pods, &args.control.control_url) {
@@ -311,5 +376,21 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_unit_and_a_sane_range() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["30", "s", "0s", "-1s", "10x", "9999999999999999999h", "8000h"] {
+            assert!(parse_duration(bad).is_err(), "{bad} accepted");
+        }
     }
 }

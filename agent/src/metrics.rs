@@ -17,7 +17,7 @@ use prometheus_client::{
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
-use crate::{admin::reply, pods::AgentStatus};
+use crate::{admin::reply, pods::AgentStatus, proxy::Failure};
 
 /// Istio's label names (a subset: no cluster or canonical-revision labels yet).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Default)]
@@ -67,6 +67,11 @@ const DURATION_BUCKETS: [f64; 19] = [
 
 type Histograms = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    reason: Failure,
+}
+
 pub struct Metrics {
     requests: Family<HttpLabels, Counter>,
     duration: Histograms,
@@ -76,6 +81,7 @@ pub struct Metrics {
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
     registry: Registry,
 }
 
@@ -96,6 +102,7 @@ impl Metrics {
             closed: Family::default(),
             sent: Family::default(),
             received: Family::default(),
+            failures: Family::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -134,6 +141,12 @@ impl Metrics {
             "istio_tcp_received_bytes",
             "Bytes received from the client (downstream) on TCP connections",
             m.received.clone(),
+        );
+        registry.register(
+            "trellis_connection_failures",
+            "Connections refused or failed before they were proxied, by reason (each counted; \
+             their log lines are rate-limited)",
+            m.failures.clone(),
         );
         m.registry = registry;
         Arc::new(m)
@@ -178,6 +191,11 @@ impl Metrics {
         labels.response_flags = flag;
         self.opened(labels);
         self.closed(labels);
+    }
+
+    /// A connection refused or failed before it was proxied.
+    pub fn failure(&self, reason: Failure) {
+        self.failures.get_or_create(&FailureLabels { reason }).inc();
     }
 
     pub fn closed(&self, labels: &TcpLabels) {

@@ -75,39 +75,3 @@ pub fn netns_cookie(sock: BorrowedFd<'_>) -> io::Result<u64> {
     }
     Ok(cookie)
 }
-
-/// The interface addresses of the calling thread's network namespace (the node's own, when
-/// called by the agent at start-up: kubelet's probes come from them).
-pub fn addresses() -> io::Result<std::collections::HashSet<std::net::IpAddr>> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list` with a linked list that we free below.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut found = std::collections::HashSet::new();
-    let mut next = list;
-    while !next.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*next };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points at a sockaddr whose family says which kind it is.
-            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-                libc::AF_INET => {
-                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    found.insert(std::net::IpAddr::from(
-                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                    ));
-                }
-                libc::AF_INET6 => {
-                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                    found.insert(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
-                }
-                _ => {}
-            }
-        }
-        next = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs allocated, freed once.
-    unsafe { libc::freeifaddrs(list) };
-    Ok(found)
-}

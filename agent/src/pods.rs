@@ -187,9 +187,9 @@ struct Enrolled {
     spec: PodSpec,
     cgroup: PathBuf,
     cgroup_id: u64,
-    /// Whether the kernel has the pod marked STRICT (None: not yet synced; an earlier agent
+    /// The pod's STRICT bits as the kernel has them (None: not yet synced; an earlier agent
     /// may have left a mark).
-    strict: Option<bool>,
+    strict: Option<u8>,
     _proxy: PodProxy,
 }
 
@@ -342,6 +342,7 @@ impl Reconciler {
             netns,
             netns_cookie,
             home: self.home.clone(),
+            budget: self.shared.limits.pod_budget(),
         });
         let proxy = proxy::spawn(ctx, listeners, self.shared.clone())?;
         Ok(Enrolled {
@@ -357,10 +358,10 @@ impl Reconciler {
     fn sync_strict(&mut self) {
         let state = self.shared.state.borrow().clone();
         for (uid, pod) in &mut self.enrolled {
-            let strict = state.peer_auth(uid).strict();
-            if Some(strict) != pod.strict {
-                match self.redirect.set_strict(&pod.spec.ips, strict) {
-                    Ok(()) => pod.strict = Some(strict),
+            let marks = state.peer_auth(uid).kernel_marks();
+            if Some(marks) != pod.strict {
+                match self.redirect.set_strict(&pod.spec.ips, marks) {
+                    Ok(()) => pod.strict = Some(marks),
                     Err(e) => warn!(uid, "{e:#}"),
                 }
             }

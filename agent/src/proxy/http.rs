@@ -15,7 +15,7 @@ use hyper_util::{
 };
 use tracing::debug;
 
-use super::splice;
+use super::{HttpLimits, guard::Idle, splice};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -29,12 +29,35 @@ pub fn error(code: StatusCode, text: &'static str) -> Response<Body> {
     resp
 }
 
-/// A server for one downstream connection: HTTP/1.1 (keep-alive, upgrades) or HTTP/2 with prior
-/// knowledge, whichever the client speaks.
-pub fn server() -> auto::Builder<TokioExecutor> {
+/// Serves one downstream connection: HTTP/1.1 (keep-alive, upgrades) or HTTP/2 with prior
+/// knowledge, whichever the client speaks, within `limits`.
+pub async fn serve<C, S, B>(
+    client: C,
+    service: S,
+    limits: &HttpLimits,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().timer(TokioTimer::new());
     builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes as usize);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes)
+        .max_concurrent_streams(limits.max_concurrent_streams);
+    let io = TokioIo::new(Idle::new(client, limits.idle_timeout));
+    builder.serve_connection_with_upgrades(io, service).await
 }
 
 /// An upstream connection in one HTTP version, driven by its own task.

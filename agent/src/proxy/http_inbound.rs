@@ -19,7 +19,7 @@ use tokio::{
 use tracing::debug;
 
 use super::{
-    PodCtx,
+    HttpLimits, PodCtx,
     http::{self, Body, Sender},
     inbound::to_app,
 };
@@ -41,14 +41,16 @@ struct Target {
     addr: SocketAddr,
 }
 
-/// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `app`, a connection to `addr` in
-/// `pod`. `identities` is (server, client) for mutual-TLS callers, None for plaintext ones.
+/// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `addr` in `pod` over `app` (a
+/// connection already made) or one made for the first request. `identities` is (server, client)
+/// for mutual-TLS callers, None for plaintext ones.
 pub async fn serve<C>(
     client: C,
-    app: TcpStream,
+    app: Option<TcpStream>,
     pod: Arc<PodCtx>,
     addr: SocketAddr,
     identities: Option<(&str, &str)>,
+    limits: &HttpLimits,
 ) where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -60,12 +62,10 @@ pub async fn serve<C>(
         },
         None => None,
     };
-    let app = Arc::new(Mutex::new(App::Unused(app)));
+    let app = Arc::new(Mutex::new(app.map_or(App::Closed, App::Unused)));
     let target = Arc::new(Target { pod, addr });
     let service = service_fn(move |req| forward(req, app.clone(), target.clone(), xfcc.clone()));
-    if let Err(e) = http::server()
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await
+    if let Err(e) = http::serve(client, service, limits).await
     {
         debug!("inbound HTTP connection ended: {e}");
     }

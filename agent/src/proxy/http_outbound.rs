@@ -9,7 +9,6 @@ use std::{net::SocketAddr, sync::Arc};
 
 use http_body_util::BodyExt;
 use hyper::{Request, body::Incoming};
-use hyper_util::rt::TokioIo;
 use tower::ServiceExt as _;
 use tracing::debug;
 
@@ -20,13 +19,11 @@ pub async fn serve<C>(client: C, vip: SocketAddr, pod: Arc<PodCtx>, shared: Arc<
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let stack = layers::stack(vip, pod, shared);
+    let stack = layers::stack(vip, pod, shared.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         stack.clone().oneshot(req.map(BodyExt::boxed))
     });
-    if let Err(e) = http::server()
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await
+    if let Err(e) = http::serve(client, service, &shared.http).await
     {
         debug!(%vip, "outbound HTTP connection ended: {e}");
     }

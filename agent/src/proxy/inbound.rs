@@ -1,7 +1,7 @@
 //! Inbound: HBONE on 15008 (mutual TLS, the client's SPIFFE ID checked, then a CONNECT stream per
 //! connection to the app) and captured plaintext on 15006 (passed to the app unless the pod's
-//! PeerAuthentication is STRICT for that port and the client is not the node itself, whose
-//! kubelet probes the pod).
+//! PeerAuthentication is STRICT for that port and the connection was not opened by the node
+//! itself, whose kubelet probes the pod).
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Empty;
@@ -16,11 +16,11 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    CONNECT_TIMEOUT, Metered, PodCtx, Shared, canonical, connect,
+    CONNECT_TIMEOUT, Failure, Metered, PodCtx, Shared, canonical, connect,
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
-    http_inbound, labels, splice,
+    http_inbound, labels, proxy_port, reset, splice,
 };
-use crate::tls;
+use crate::{proxy::HttpLimits, tls};
 
 /// Plaintext captured by sk_lookup for one of the pod's app ports.
 pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
@@ -28,20 +28,30 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         Ok(a) => canonical(a),
         Err(e) => return warn!(pod = %pod.name, "inbound connection without a local address: {e}"),
     };
-    let (refuse, source, destination, http) = {
+    // Steered connections keep the app's port; one addressed to 15006 itself was not steered.
+    if proxy_port(dst.port()) {
+        reset(&client);
+        if let Some(suppressed) = shared.fail(Failure::proxy_port) {
+            warn!(pod = %pod.name, client = %peer, orig_dst = %dst, suppressed, "connection to the proxy's own port refused");
+        }
+        return;
+    }
+    let (strict, source, destination, http) = {
         let state = shared.state.borrow();
         (
-            state.peer_auth(&pod.uid).refuses_plaintext(dst.port())
-                && !shared.node_addrs.contains(&peer.ip().to_canonical()),
+            state.peer_auth(&pod.uid).refuses_plaintext(dst.port()),
             state.workloads.get(&peer.ip()).cloned(),
             pod.workload(&state),
             state.http_ports.contains(&dst),
         )
     };
-    if refuse {
-        info!(direction = "inbound", pod = %pod.name, client = %peer, orig_dst = %dst, "plaintext refused: PeerAuthentication is STRICT");
-        // Reset rather than close, so the client sees a refusal, not an empty reply.
-        let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
+    // Only a socket in the node's own netns (kubelet's probes) may pass STRICT in plaintext;
+    // the kernel recorded who opened the connection, and forwarded traffic has no record.
+    if strict && shared.maps.node_conns.take(peer, dst) != Some(shared.node_netns) {
+        reset(&client);
+        if let Some(suppressed) = shared.fail(Failure::strict) {
+            info!(direction = "inbound", pod = %pod.name, client = %peer, orig_dst = %dst, suppressed, "plaintext refused: PeerAuthentication is STRICT");
+        }
         return;
     }
     info!(direction = "inbound", pod = %pod.name, client = %peer, orig_dst = %dst, "connection captured");
@@ -54,15 +64,17 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         false,
     );
     let _ = client.set_nodelay(true);
+    if http {
+        // Served at L7 only to strip any forged client identity header; the app connection is
+        // made for the first request, not for a client that has sent nothing.
+        let client = Metered::new(client, shared.metrics.opened(&labels));
+        http_inbound::serve(client, None, pod.clone(), dst, None, &shared.http).await;
+        return shared.metrics.closed(&labels);
+    }
     match to_app(&pod, dst).await {
         Ok(mut app) => {
             let mut client = Metered::new(client, shared.metrics.opened(&labels));
-            if http {
-                // Served at L7 only to strip any forged client identity header.
-                http_inbound::serve(client, app, pod.clone(), dst, None).await;
-            } else {
-                let _ = splice(&mut client, &mut app).await;
-            }
+            let _ = splice(&mut client, &mut app).await;
             shared.metrics.closed(&labels);
         }
         Err(e) => {
@@ -90,20 +102,24 @@ pub async fn hbone(stream: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared
         TlsAcceptor::from(tls.server.clone()).accept(stream),
     )
     .await;
+    let refused = |error: String| {
+        if let Some(suppressed) = shared.fail(Failure::handshake) {
+            warn!(pod = %pod.name, client = %peer, error, suppressed, "HBONE handshake refused");
+        }
+    };
     let stream = match accepted {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return warn!(pod = %pod.name, client = %peer, error = %e, "HBONE handshake refused");
-        }
-        Err(_) => return warn!(pod = %pod.name, client = %peer, "HBONE handshake timed out"),
+        Ok(Err(e)) => return refused(e.to_string()),
+        Err(_) => return refused("timed out".into()),
     };
     let client_id = match tls::peer_identity(stream.get_ref().1.peer_certificates()) {
         Ok(id) => Arc::new(id),
-        Err(e) => {
-            return warn!(pod = %pod.name, client = %peer, error = format!("{e:#}"), "HBONE handshake refused");
-        }
+        Err(e) => return refused(format!("{e:#}")),
     };
     debug!(pod = %pod.name, client = %peer, client_identity = %client_id, "HBONE connection accepted");
+    // Each stream is a connection of the client pod's: as many may be open at once as the
+    // pod's connection budget allows (they are counted against it in `tunnel`).
+    let streams = u32::try_from(shared.limits.per_pod).unwrap_or(u32::MAX);
     let service = service_fn(move |req| {
         let (pod, shared, client_id) = (pod.clone(), shared.clone(), client_id.clone());
         async move { Ok::<_, Infallible>(tunnel(req, peer, &client_id, pod, shared).await) }
@@ -112,6 +128,7 @@ pub async fn hbone(stream: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(streams)
         .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(stream), service)
         .await;
@@ -143,6 +160,21 @@ async fn tunnel(
         warn!(pod = %pod.name, client_identity = client_id, %target, "HBONE CONNECT to an address that is not this pod's; refused");
         return status(StatusCode::FORBIDDEN);
     }
+    if proxy_port(target.port()) {
+        if let Some(suppressed) = shared.fail(Failure::proxy_port) {
+            warn!(pod = %pod.name, client_identity = client_id, %target, suppressed, "HBONE CONNECT to the proxy's own port refused");
+        }
+        return status(StatusCode::FORBIDDEN);
+    }
+    let admission = match shared.limits.admit(&pod.budget) {
+        Ok(a) => a,
+        Err(limit) => {
+            if let Some(suppressed) = shared.fail(limit) {
+                warn!(pod = %pod.name, client_identity = client_id, %target, suppressed, reason = ?limit, "HBONE stream refused: limit reached");
+            }
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
     let (source, destination, http) = {
         let state = shared.state.borrow();
         // The tunnel comes from the client pod's own address; trust that only if the identity agrees.
@@ -183,7 +215,15 @@ async fn tunnel(
                 match (http, pod.identity.as_deref()) {
                     (true, Some(server_id)) => {
                         let ids = Some((server_id, client_id.as_str()));
-                        http_inbound::serve(client, app, pod.clone(), target, ids).await;
+                        // The peer is another node's proxy, which closes idle keep-alive
+                        // connections itself at `header_read_timeout`: waiting twice that here
+                        // means this side never closes one the peer is about to reuse.
+                        let limits = HttpLimits {
+                            header_read_timeout: shared.http.header_read_timeout * 2,
+                            ..shared.http
+                        };
+                        http_inbound::serve(client, Some(app), pod.clone(), target, ids, &limits)
+                            .await;
                     }
                     _ => {
                         let _ = splice(&mut client, &mut app).await;
@@ -193,6 +233,7 @@ async fn tunnel(
             }
             Err(e) => warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
         }
+        drop(admission);
     });
     status(StatusCode::OK)
 }

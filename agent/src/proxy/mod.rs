@@ -2,6 +2,7 @@
 //! (outbound capture), [::]:15006 (inbound plaintext capture) and, once it has an identity,
 //! [::]:15008 (inbound HBONE). One agent process serves every pod on the node.
 mod balance;
+mod guard;
 mod hbone;
 mod http;
 mod http_inbound;
@@ -13,7 +14,7 @@ mod pool;
 mod trace;
 
 use std::{
-    collections::HashSet,
+    future::Future,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
@@ -27,18 +28,19 @@ use socket2::{Domain, Socket, Type};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::watch,
+    sync::{Semaphore, watch},
     task::JoinHandle,
 };
 use tracing::warn;
-use trellis_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use trellis_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_PORTS};
 
+pub use guard::{ConnLimits, Failure, HttpLimits, LogThrottle, default_node_limit};
 pub use pool::Pool;
 
 use crate::{
     metrics::{ByteCounters, Metrics, TcpLabels},
     netns::Netns,
-    redirect::OrigDstTable,
+    redirect::ProxyMaps,
     state::{MeshState, Workload},
     tls::TlsStore,
 };
@@ -50,15 +52,33 @@ const SPLICE_BUFFER: usize = 64 * 1024;
 
 /// What every connection handler shares; one per agent.
 pub struct Shared {
-    pub table: Arc<OrigDstTable>,
+    pub maps: ProxyMaps,
     pub state: watch::Receiver<Arc<MeshState>>,
     pub tls: TlsStore,
     pub pool: Pool,
     pub balancer: balance::Balancer,
     pub metrics: Arc<Metrics>,
-    /// The node's own addresses, taken at start: plaintext from them (kubelet's health probes)
-    /// reaches pods even under STRICT, as in Istio.
-    pub node_addrs: HashSet<IpAddr>,
+    /// The node's own network namespace (its cookie): plaintext that a socket there opened
+    /// (kubelet's health probes) reaches pods even under STRICT, as in Istio.
+    pub node_netns: u64,
+    pub limits: ConnLimits,
+    pub http: HttpLimits,
+    pub throttle: LogThrottle,
+}
+
+impl Shared {
+    /// Counts a failure; Some(suppressed) when it should also be logged (with how many like it
+    /// went unlogged since the last).
+    pub fn fail(&self, kind: Failure) -> Option<u64> {
+        self.metrics.failure(kind);
+        self.throttle.allow(kind)
+    }
+}
+
+/// Whether a destination port is one of the proxy's own listeners: never proxied to, since the
+/// proxy would connect to itself.
+fn proxy_port(port: u16) -> bool {
+    PROXY_PORTS.contains(&port)
 }
 
 /// What connection handlers need to know about their pod.
@@ -72,6 +92,8 @@ pub struct PodCtx {
     pub netns: Netns,
     pub netns_cookie: u64,
     pub home: Arc<Netns>,
+    /// The pod's connection budget (`--max-connections-per-pod`).
+    pub budget: Arc<Semaphore>,
 }
 
 impl PodCtx {
@@ -162,37 +184,69 @@ impl Drop for PodProxy {
 pub fn spawn(pod: Arc<PodCtx>, listeners: PodListeners, shared: Arc<Shared>) -> Result<PodProxy> {
     let mut tasks = Vec::new();
     for l in listeners.outbound {
-        let listener = TcpListener::from_std(l)?;
-        let (pod, shared) = (pod.clone(), shared.clone());
-        tasks.push(tokio::spawn(accept_loop(listener, move |s, peer| {
-            tokio::spawn(outbound::handle(s, peer, pod.clone(), shared.clone()));
-        })));
+        tasks.push(accept_loop(l, &pod, &shared, outbound::handle)?);
     }
-    let listener = TcpListener::from_std(listeners.inbound)?;
-    let (p, s) = (pod.clone(), shared.clone());
-    tasks.push(tokio::spawn(accept_loop(listener, move |stream, peer| {
-        tokio::spawn(inbound::plaintext(stream, peer, p.clone(), s.clone()));
-    })));
+    tasks.push(accept_loop(
+        listeners.inbound,
+        &pod,
+        &shared,
+        inbound::plaintext,
+    )?);
     if let Some(l) = listeners.hbone {
-        let listener = TcpListener::from_std(l)?;
-        tasks.push(tokio::spawn(accept_loop(listener, move |stream, peer| {
-            tokio::spawn(inbound::hbone(stream, peer, pod.clone(), shared.clone()));
-        })));
+        tasks.push(accept_loop(l, &pod, &shared, inbound::hbone)?);
     }
     Ok(PodProxy { tasks })
 }
 
-async fn accept_loop(listener: TcpListener, mut handle: impl FnMut(TcpStream, SocketAddr)) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => handle(stream, canonical(peer)),
-            Err(e) => {
-                // Typically EMFILE: back off rather than spin.
-                warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+/// Accepts connections within the pod's and the node's limits (past them: reset at once) and
+/// handles each in its own task, which holds its place under the limits until it ends.
+fn accept_loop<F, Fut>(
+    listener: std::net::TcpListener,
+    pod: &Arc<PodCtx>,
+    shared: &Arc<Shared>,
+    handle: F,
+) -> Result<JoinHandle<()>>
+where
+    F: Fn(TcpStream, SocketAddr, Arc<PodCtx>, Arc<Shared>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::from_std(listener)?;
+    let (pod, shared) = (pod.clone(), shared.clone());
+    Ok(tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok((stream, peer)) => (stream, canonical(peer)),
+                Err(e) => {
+                    // Typically EMFILE: back off rather than spin.
+                    if let Some(suppressed) = shared.fail(Failure::accept) {
+                        warn!(pod = %pod.name, suppressed, "accept failed: {e}; backing off");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match shared.limits.admit(&pod.budget) {
+                Ok(admission) => {
+                    let conn = handle(stream, peer, pod.clone(), shared.clone());
+                    tokio::spawn(async move {
+                        conn.await;
+                        drop(admission);
+                    });
+                }
+                Err(limit) => {
+                    reset(&stream);
+                    if let Some(suppressed) = shared.fail(limit) {
+                        warn!(pod = %pod.name, client = %peer, suppressed, reason = ?limit, "connection refused: limit reached");
+                    }
+                }
             }
         }
-    }
+    }))
+}
+
+/// Makes dropping `stream` send a reset, so the client sees a refusal, not an empty reply.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Dual-stack listeners see IPv4 peers as IPv4-mapped IPv6: show them as IPv4.

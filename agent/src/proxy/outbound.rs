@@ -5,14 +5,25 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use super::{Metered, PodCtx, Shared, connect, hbone, http_outbound, labels, splice};
+use super::{
+    Failure, Metered, PodCtx, Shared, connect, hbone, http_outbound, labels, proxy_port, reset,
+    splice,
+};
 use crate::state::Route;
 
 pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
-    let Some(dst) = shared.table.take(pod.netns_cookie, peer) else {
+    let Some(dst) = shared.maps.orig_dst.take(pod.netns_cookie, peer) else {
         warn!(pod = %pod.name, client = %peer, "no original destination recorded for a connection to the capture port; closing it");
         return;
     };
+    // The kernel refuses these connects from enrolled pods; this holds even if it did not.
+    if proxy_port(dst.port()) {
+        reset(&client);
+        if let Some(suppressed) = shared.fail(Failure::proxy_port) {
+            warn!(pod = %pod.name, client = %peer, orig_dst = %dst, suppressed, "connection to the proxy's own port refused");
+        }
+        return;
+    }
     let _ = client.set_nodelay(true);
     let (http, source) = {
         let state = shared.state.borrow();

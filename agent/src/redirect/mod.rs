@@ -19,7 +19,9 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
-use trellis_common::{AF_INET, ConnKey, OrigDst, POD_HAS_IP4, POD_HAS_IP6, PodInfo, v4_mapped};
+use trellis_common::{
+    AF_INET, ConnKey, FlowKey, OrigDst, POD_HAS_IP4, POD_HAS_IP6, PodInfo, v4_mapped,
+};
 
 use crate::netns::Netns;
 pub use pins::PinDir;
@@ -79,6 +81,36 @@ impl OrigDstTable {
     }
 }
 
+/// The proxy's view of `NODE_CONNS`: which network namespace opened a connection to a STRICT
+/// pod, consumed once each.
+pub struct NodeConnTable {
+    map: Mutex<HashMap<MapData, FlowKey, u64>>,
+}
+
+impl NodeConnTable {
+    /// The netns cookie of the socket on this node that opened the connection from `client` to
+    /// `local` (the pod's address); None when no socket here opened it (forwarded or NATed).
+    pub fn take(&self, client: SocketAddr, local: SocketAddr) -> Option<u64> {
+        let key = FlowKey {
+            src: ip_key(client.ip()),
+            dst: ip_key(local.ip()),
+            src_port: client.port(),
+            dst_port: local.port(),
+            _pad: 0,
+        };
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let netns = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(netns)
+    }
+}
+
+/// The kernel tables the proxy reads on its accept paths.
+pub struct ProxyMaps {
+    pub orig_dst: OrigDstTable,
+    pub node_conns: NodeConnTable,
+}
+
 fn to_socket_addr(dst: &OrigDst) -> SocketAddr {
     let ip = std::net::Ipv6Addr::from(dst.addr);
     let ip = if dst.family == AF_INET {
@@ -93,7 +125,7 @@ fn to_socket_addr(dst: &OrigDst) -> SocketAddr {
 }
 
 fn ip_key(ip: IpAddr) -> [u8; 16] {
-    match ip {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
     }
@@ -103,7 +135,7 @@ impl Redirect {
     /// Loads and attaches everything, adopting the pins of an earlier agent for this node.
     pub fn open(
         cfg: &RedirectConfig,
-    ) -> Result<(Self, OrigDstTable, EbpfLogger<&'static dyn log::Log>)> {
+    ) -> Result<(Self, ProxyMaps, EbpfLogger<&'static dyn log::Log>)> {
         let pins = PinDir::lock(&cfg.pin_root, &cfg.node)?;
         let level = if cfg.kernel_debug_log {
             aya_log::Level::Debug
@@ -134,8 +166,13 @@ impl Redirect {
         let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?)?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS")?)?;
         let strict = HashMap::try_from(take_map(&mut ebpf, "STRICT_PODS")?)?;
-        let orig = OrigDstTable {
-            map: Mutex::new(HashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?)?),
+        let maps = ProxyMaps {
+            orig_dst: OrigDstTable {
+                map: Mutex::new(HashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?)?),
+            },
+            node_conns: NodeConnTable {
+                map: Mutex::new(HashMap::try_from(take_map(&mut ebpf, "NODE_CONNS")?)?),
+            },
         };
         Ok((
             Self {
@@ -145,7 +182,7 @@ impl Redirect {
                 listeners,
                 strict,
             },
-            orig,
+            maps,
             logger,
         ))
     }
@@ -188,13 +225,14 @@ impl Redirect {
         Ok(())
     }
 
-    /// Marks a pod's addresses STRICT (or not) for the kernel, which then drops plaintext to
-    /// them whenever no proxy listener is there to refuse it.
-    pub fn set_strict(&mut self, ips: &[IpAddr], strict: bool) -> Result<()> {
+    /// Marks a pod's addresses with its STRICT bits (`STRICT_ALL`, `STRICT_SOME`; 0: none) for
+    /// the kernel, which then drops plaintext to an all-STRICT pod whenever no proxy listener is
+    /// there to refuse it, and records the node's own connections to it.
+    pub fn set_strict(&mut self, ips: &[IpAddr], marks: u8) -> Result<()> {
         for ip in ips {
-            if strict {
+            if marks != 0 {
                 self.strict
-                    .insert(ip_key(*ip), 1, 0)
+                    .insert(ip_key(*ip), marks, 0)
                     .with_context(|| format!("marking {ip} STRICT"))?;
             } else {
                 let _ = self.strict.remove(&ip_key(*ip)); // absent is fine
@@ -216,7 +254,7 @@ impl Redirect {
         for ip in ips {
             let _ = self.listeners.remove(&ip_key(*ip)); // closed listeners drop out by themselves
         }
-        self.set_strict(ips, false)
+        self.set_strict(ips, 0)
     }
 
     /// Drops what an earlier agent enrolled that is not enrolled now (a pod deleted while no

@@ -9,6 +9,9 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 /// Inbound HBONE (mTLS) port; never steered.
 pub const HBONE_PORT: u16 = 15008;
+/// The capture and HBONE listeners: never a destination. An enrolled pod's connect to one of
+/// them is refused in the kernel, since the proxy would otherwise connect to itself.
+pub const PROXY_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT];
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -16,6 +19,12 @@ pub const AF_INET6: u16 = 10;
 /// How many cgroup levels below the cgroup v2 root `connect4/6` walk looking for an enrolled pod.
 /// kubelet's deepest layout (systemd driver, burstable pod, container) is 5 levels.
 pub const MAX_CGROUP_DEPTH: i32 = 10;
+
+/// `STRICT_PODS` value bits. `STRICT_ALL`: every port is STRICT, so while no proxy listens the
+/// kernel drops plaintext to the pod. `STRICT_SOME`: some port is STRICT, so connections that the
+/// node itself opens to the pod (kubelet's probes) are recorded in `NODE_CONNS`.
+pub const STRICT_ALL: u8 = 1;
+pub const STRICT_SOME: u8 = 2;
 
 /// `PodInfo::flags` bits.
 pub const POD_HAS_IP4: u32 = 1;
@@ -71,6 +80,20 @@ pub struct ConnKey {
     pub _pad: u32,
 }
 
+/// Key of `NODE_CONNS`: a TCP connection as the destination pod sees it (addresses IPv4-mapped
+/// for IPv4, ports in host order). The value is the network namespace cookie of the socket that
+/// opened it, so the agent can tell its node's own connections (kubelet's probes) from a pod's,
+/// another node's, or forwarded and NATed traffic (which no local socket opened).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all are repr(C), Copy, with explicit padding and no pointers.
@@ -78,6 +101,7 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::Pending {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }
 
 #[cfg(test)]
@@ -91,6 +115,7 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 20);
         assert_eq!(size_of::<Pending>(), 32);
         assert_eq!(size_of::<ConnKey>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 40);
     }
 
     #[test]

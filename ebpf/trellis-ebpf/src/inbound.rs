@@ -1,7 +1,9 @@
 //! Inbound steering: sk_lookup hands connections for an enrolled pod's app ports to its 15006.
 use aya_ebpf::programs::SkLookupContext;
 use core::ptr::{addr_of, read_volatile};
-use trellis_common::{AF_INET, AF_INET6, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, v4_mapped};
+use trellis_common::{
+    AF_INET, AF_INET6, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, STRICT_ALL, v4_mapped,
+};
 
 use crate::maps::{INBOUND_LISTENERS, STRICT_PODS};
 
@@ -16,7 +18,8 @@ macro_rules! field {
     };
 }
 
-/// False when the connection must be dropped: a STRICT pod with no proxy to take it.
+/// False when the connection must be dropped (the client gets a reset): one addressed to the
+/// inbound capture port itself, or plaintext to a STRICT pod with no proxy to take it.
 pub fn sk_lookup(ctx: &SkLookupContext) -> bool {
     let l = ctx.lookup;
     let protocol = field!(l, protocol);
@@ -36,12 +39,13 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> bool {
         field!(l, remote_ip6[3]),
     ];
 
-    if protocol != IPPROTO_TCP
-        || port == OUTBOUND_PORT
-        || port == INBOUND_PORT
-        || port == HBONE_PORT
-    {
+    if protocol != IPPROTO_TCP || port == OUTBOUND_PORT || port == HBONE_PORT {
         return true;
+    }
+    // 15006 takes only what this program steers to it (the lookup then names the app's port):
+    // a connection addressed to 15006 itself would have the proxy connect to its own listener.
+    if port == INBOUND_PORT {
+        return false;
     }
     let (local, remote) = match family {
         AF_INET => (
@@ -59,7 +63,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> bool {
     // No listener for this address (pod not enrolled, or agent restarting): normal lookup,
     // unless the pod is STRICT: then plaintext must not reach it at all.
     INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0).is_ok()
-        || unsafe { STRICT_PODS.get(&local) }.is_none()
+        || unsafe { STRICT_PODS.get(&local) }.is_none_or(|marks| marks & STRICT_ALL == 0)
 }
 
 fn bytes(words: [u32; 4]) -> [u8; 16] {

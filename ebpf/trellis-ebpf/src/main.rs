@@ -12,22 +12,22 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 
-/// `cgroup/connect4`: rewrite an enrolled pod's TCP connect to 127.0.0.1:15001.
+/// `cgroup/connect4`: rewrite an enrolled pod's TCP connect to 127.0.0.1:15001; refuse (0) its
+/// connects to the proxy's own ports.
 #[cgroup_sock_addr(connect4)]
 pub fn trellis_connect4(ctx: SockAddrContext) -> i32 {
-    outbound::connect4(&ctx);
-    1 // always allow the connect; capture only rewrites it
+    i32::from(outbound::connect4(&ctx))
 }
 
 /// `cgroup/connect6`: the same for IPv6 (and IPv4-mapped) destinations, to [::1]:15001.
 #[cgroup_sock_addr(connect6)]
 pub fn trellis_connect6(ctx: SockAddrContext) -> i32 {
-    outbound::connect6(&ctx);
-    1
+    i32::from(outbound::connect6(&ctx))
 }
 
 /// `sockops`: once a captured connection is established, re-key its original destination by
-/// (netns cookie, client port, family) so the proxy can find it from its accepted socket.
+/// (netns cookie, client port, family) so the proxy can find it from its accepted socket; and
+/// record which netns opened each connection to a STRICT pod.
 #[sock_ops]
 pub fn trellis_sock_ops(ctx: SockOpsContext) -> u32 {
     outbound::sock_ops(&ctx);

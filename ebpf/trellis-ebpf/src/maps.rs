@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LpmTrie, LruHashMap, SockHash},
 };
-use trellis_common::{ConnKey, OrigDst, Pending, PodInfo};
+use trellis_common::{ConnKey, FlowKey, OrigDst, Pending, PodInfo};
 
 /// Enrolled pods by cgroup v2 id (the pod-level cgroup, not a container's).
 #[map]
@@ -33,7 +33,14 @@ pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65536, 0)
 #[map]
 pub static INBOUND_LISTENERS: SockHash<[u8; 16]> = SockHash::pinned(8192, 0);
 
-/// Pod IPs (IPv4-mapped for IPv4) whose PeerAuthentication is STRICT. When no proxy listener
-/// serves such a pod (the agent is restarting), plaintext to it is dropped, not let through.
+/// Pod IPs (IPv4-mapped for IPv4) with a STRICT PeerAuthentication, valued `STRICT_ALL` and/or
+/// `STRICT_SOME`. When no proxy listener serves a `STRICT_ALL` pod (the agent is restarting),
+/// plaintext to it is dropped, not let through.
 #[map]
 pub static STRICT_PODS: HashMap<[u8; 16], u8> = HashMap::pinned(8192, 0);
+
+/// Connections the node itself opened to a STRICT pod, by the pod's view of the flow; the value
+/// is the opening socket's netns cookie. The proxy consumes each entry when it accepts the
+/// connection. LRU: entries of connections that never arrive age out.
+#[map]
+pub static NODE_CONNS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(16384, 0);

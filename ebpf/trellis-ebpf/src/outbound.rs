@@ -1,7 +1,7 @@
 //! Outbound capture: connect4/6 rewrite the destination and remember it; sock_ops re-keys it.
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     maps::lpm_trie::Key,
     programs::{SockAddrContext, SockOpsContext},
@@ -9,11 +9,13 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use trellis_common::{
-    AF_INET, AF_INET6, ConnKey, MAX_CGROUP_DEPTH, OUTBOUND_PORT, OrigDst, POD_HAS_IP4, POD_HAS_IP6,
-    Pending, PodInfo, v4_mapped,
+    AF_INET, AF_INET6, ConnKey, FlowKey, MAX_CGROUP_DEPTH, OUTBOUND_PORT, OrigDst, POD_HAS_IP4,
+    POD_HAS_IP6, PROXY_PORTS, Pending, PodInfo, v4_mapped,
 };
 
-use crate::maps::{ENROLLED, EXCLUDE_PORTS, EXCLUDE_V4, EXCLUDE_V6, ORIG_DST, PENDING};
+use crate::maps::{
+    ENROLLED, EXCLUDE_PORTS, EXCLUDE_V4, EXCLUDE_V6, NODE_CONNS, ORIG_DST, PENDING, STRICT_PODS,
+};
 
 const SOCK_STREAM: u32 = 1;
 const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
@@ -61,15 +63,26 @@ fn rewrite_port(sa: *mut bpf_sock_addr) {
     };
 }
 
-pub fn connect4(ctx: &SockAddrContext) {
+/// An enrolled pod's connect to one of the proxy's own listeners is refused (the app gets
+/// EPERM): whether the proxy took it as captured traffic or as a destination, it would end up
+/// connecting to itself.
+fn refused(port: u16) -> bool {
+    PROXY_PORTS.contains(&port) && enrolled_pod().is_some()
+}
+
+/// False when the connect must fail.
+pub fn connect4(ctx: &SockAddrContext) -> bool {
     let sa = ctx.sock_addr;
     if !stream_socket(sa) {
-        return;
+        return true;
     }
     let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
     let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
+    if refused(port) {
+        return false;
+    }
     if !capture_v4(ip, port) || !remember(ctx, v4_dst(ip, port)) {
-        return;
+        return true;
     }
     unsafe {
         write_volatile(
@@ -84,12 +97,14 @@ pub fn connect4(ctx: &SockAddrContext) {
         u32::from_be_bytes(ip),
         port
     );
+    true
 }
 
-pub fn connect6(ctx: &SockAddrContext) {
+/// False when the connect must fail.
+pub fn connect6(ctx: &SockAddrContext) -> bool {
     let sa = ctx.sock_addr;
     if !stream_socket(sa) {
-        return;
+        return true;
     }
     let mut ip = [0u8; 16];
     for i in 0..4 {
@@ -97,18 +112,21 @@ pub fn connect6(ctx: &SockAddrContext) {
         ip[i * 4..i * 4 + 4].copy_from_slice(&word);
     }
     let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
+    if refused(port) {
+        return false;
+    }
     let dst = match v4_in_v6(&ip) {
         Some(v4) if capture_v4(v4, port) => v4_dst(v4, port),
-        Some(_) => return,
+        Some(_) => return true,
         None if capture_v6(&ip, port) => OrigDst {
             addr: ip,
             port,
             family: AF_INET6,
         },
-        None => return,
+        None => return true,
     };
     if !remember(ctx, dst) {
-        return;
+        return true;
     }
     // Separate 32-bit stores: the verifier rejects wider writes to user_ip6.
     for (i, word) in [0u32, 0, 0, u32::from_be(1)].iter().enumerate() {
@@ -116,6 +134,7 @@ pub fn connect6(ctx: &SockAddrContext) {
     }
     rewrite_port(sa);
     debug!(ctx, "connect6 captured [{:i}]:{}", ip, port);
+    true
 }
 
 fn v4_dst(ip: [u8; 4], port: u16) -> OrigDst {
@@ -161,9 +180,55 @@ fn capture_v6(ip: &[u8; 16], port: u16) -> bool {
 }
 
 pub fn sock_ops(ctx: &SockOpsContext) {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => record_connect_to_strict_pod(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => rekey_orig_dst(ctx),
+        _ => {}
+    }
+}
+
+/// Just before the SYN of a connect to a pod with a STRICT port: remember who opened it (by
+/// netns cookie), keyed as the pod will see the flow. Addresses and ports are assigned by now.
+/// A connection that reaches the pod with no such record was made by no socket on this node:
+/// forwarded or NATed traffic, which must not pass as the node's own (kubelet's probes).
+fn record_connect_to_strict_pod(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let family = unsafe { read_volatile(addr_of!((*ops).family)) } as u16;
+    let (src, dst) = match family {
+        AF_INET => (
+            v4_mapped(unsafe { read_volatile(addr_of!((*ops).local_ip4)) }.to_ne_bytes()),
+            v4_mapped(unsafe { read_volatile(addr_of!((*ops).remote_ip4)) }.to_ne_bytes()),
+        ),
+        AF_INET6 => {
+            let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
+            for i in 0..4 {
+                let s = unsafe { read_volatile(addr_of!((*ops).local_ip6[i])) };
+                let d = unsafe { read_volatile(addr_of!((*ops).remote_ip6[i])) };
+                src[i * 4..i * 4 + 4].copy_from_slice(&s.to_ne_bytes());
+                dst[i * 4..i * 4 + 4].copy_from_slice(&d.to_ne_bytes());
+            }
+            (src, dst)
+        }
+        _ => return,
+    };
+    if unsafe { STRICT_PODS.get(&dst) }.is_none() {
         return;
     }
+    let key = FlowKey {
+        src,
+        dst,
+        // local_port is host order; remote_port holds the network-order port in its upper half.
+        src_port: unsafe { read_volatile(addr_of!((*ops).local_port)) } as u16,
+        dst_port: u16::from_be((unsafe { read_volatile(addr_of!((*ops).remote_port)) } >> 16) as u16),
+        _pad: 0,
+    };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let _ = NODE_CONNS.insert(&key, &netns, 0);
+}
+
+/// Once a captured connection is established, re-key its original destination by what the
+/// proxy sees on its accepted socket.
+fn rekey_orig_dst(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(pending) = (unsafe { PENDING.get(&cookie) }).copied() else {
         return;
