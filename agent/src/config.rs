@@ -54,10 +54,11 @@ impl ControlEndpoint {
             .connect()
             .await
             .with_context(|| format!("connecting to control at {}", self.url))?;
-        Ok(MeshControlClient::with_interceptor(
-            channel,
-            BearerToken(header),
-        ))
+        Ok(
+            MeshControlClient::with_interceptor(channel, BearerToken(header))
+                .max_decoding_message_size(api::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(api::MAX_MESSAGE_BYTES),
+        )
     }
 }
 
@@ -116,6 +117,40 @@ impl NodeConfig {
             Some(Resource::Policy(p)) => Some(p),
             _ => None,
         })
+    }
+}
+
+/// Gathers the messages of one update: control splits a large update over several, all with
+/// its version, every one but the last with `more` set.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    pending: Option<api::ConfigUpdate>,
+}
+
+impl Assembler {
+    /// Adds one message; returns the whole update once its last message has arrived.
+    pub fn push(&mut self, msg: api::ConfigUpdate) -> Result<Option<api::ConfigUpdate>> {
+        let whole = match self.pending.take() {
+            None => msg,
+            Some(mut update) => {
+                if (msg.version, msg.snapshot) != (update.version, update.snapshot) {
+                    bail!(
+                        "control sent version {} before finishing version {}",
+                        msg.version,
+                        update.version
+                    );
+                }
+                update.upserts.extend(msg.upserts);
+                update.removals.extend(msg.removals);
+                update.more = msg.more;
+                update
+            }
+        };
+        if whole.more {
+            self.pending = Some(whole);
+            return Ok(None);
+        }
+        Ok(Some(whole))
     }
 }
 
@@ -207,8 +242,14 @@ async fn session(
         })
         .await?
         .into_inner();
-    while let Some(update) = stream.message().await? {
+    let mut assembler = Assembler::default();
+    while let Some(msg) = stream.message().await? {
         *backoff = Duration::from_millis(500);
+        // An update is applied (and acknowledged) whole, once its last message is here; a
+        // broken sequence ends the session, and the next one starts with a snapshot.
+        let Some(update) = assembler.push(msg)? else {
+            continue;
+        };
         let error = match config.apply(&update) {
             Ok(()) => {
                 info!(
@@ -249,6 +290,36 @@ mod tests {
                 ..Default::default()
             })),
         }
+    }
+
+    #[test]
+    fn updates_split_over_messages_are_applied_whole_once_the_last_arrives() {
+        let msg = |version, more, uid: &str| api::ConfigUpdate {
+            version,
+            snapshot: true,
+            more,
+            upserts: vec![workload(uid, "10.0.0.1")],
+            ..Default::default()
+        };
+        let mut a = Assembler::default();
+        assert_eq!(a.push(msg(1, true, "a")).unwrap(), None);
+        assert_eq!(a.push(msg(1, true, "b")).unwrap(), None);
+        let whole = a.push(msg(1, false, "c")).unwrap().expect("complete");
+        let mut c = NodeConfig::default();
+        c.apply(&whole).unwrap();
+        assert_eq!(
+            c.workloads().map(|w| w.uid.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        // A single message is an update of its own.
+        assert!(a.push(msg(2, false, "d")).unwrap().is_some());
+        // A new version before the last message of the previous one is refused.
+        assert_eq!(a.push(msg(3, true, "e")).unwrap(), None);
+        let e = a.push(msg(4, false, "f")).unwrap_err();
+        assert!(
+            format!("{e}").contains("version 4 before finishing version 3"),
+            "{e}"
+        );
     }
 
     #[test]

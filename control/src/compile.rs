@@ -13,8 +13,11 @@ use crate::{
 /// Namespace whose security policies apply mesh-wide (Istio's root namespace).
 pub const ROOT_NAMESPACE: &str = "trellis-system";
 
+/// A resource's kind and name (as in `api::ResourceKey`).
+pub type Key = (i32, String);
+
 /// A node's config, keyed so two versions can be diffed.
-pub type NodeConfig = BTreeMap<(i32, String), api::Resource>;
+pub type NodeConfig = BTreeMap<Key, api::Resource>;
 
 pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
@@ -162,12 +165,15 @@ pub fn protocol(app_protocol: Option<&str>, port_name: &str) -> api::Protocol {
         .unwrap_or(api::Protocol::Tcp)
 }
 
-/// What changed from `old` to `new`: (upserts, removals).
-pub fn diff(old: &NodeConfig, new: &NodeConfig) -> (Vec<api::Resource>, Vec<api::ResourceKey>) {
+/// What changed from `old` to `new`: (upserts with their keys, removals).
+pub fn diff(
+    old: &NodeConfig,
+    new: &NodeConfig,
+) -> (Vec<(Key, api::Resource)>, Vec<api::ResourceKey>) {
     let upserts = new
         .iter()
         .filter(|(k, v)| old.get(*k) != Some(*v))
-        .map(|(_, v)| v.clone())
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let removals = old
         .keys()

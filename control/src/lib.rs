@@ -2,8 +2,10 @@
 //! signs workload certificates. See docs/control.md.
 pub mod auth;
 pub mod ca;
+pub mod chunks;
 pub mod compile;
 pub mod istio;
+pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod routes;

@@ -32,6 +32,9 @@ struct Cli {
     /// gRPC (TLS) listen address for agents.
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// Plain-HTTP address for /metrics (Prometheus), /healthz and /readyz (15014, as istiod's).
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    metrics_addr: SocketAddr,
     /// SPIFFE trust domain: identities are spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -133,6 +136,7 @@ async fn run(cli: Cli) -> Result<()> {
     let _control = run::start(ControlConfig {
         mode,
         listen: cli.listen,
+        metrics_listen: Some(cli.metrics_addr),
         trust_domain: cli.trust_domain,
         server_names: cli.server_names,
         workload_cert_ttl: ttl,

@@ -1,5 +1,11 @@
-//! Wiring: a source feeds the model, the gRPC server serves it over TLS with the mesh CA.
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+//! Wiring: a source (supervised) feeds the model, the gRPC server serves it over TLS with the
+//! mesh CA, and the metrics endpoint reports on both.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -9,13 +15,11 @@ use tracing::info;
 use crate::{
     auth::Authenticator,
     ca::Ca,
+    metrics::{self, Metrics},
     model::Cluster,
     server::{ControlState, MeshControlService},
-    source,
+    source::{self, Outputs, supervise},
 };
-
-/// How often the directory source looks for changes.
-const POLL: Duration = Duration::from_millis(300);
 
 pub enum Mode {
     /// A directory of YAML; the CA in a directory; agents present a bootstrap token.
@@ -41,12 +45,17 @@ pub struct ControlConfig {
     /// DNS names and IPs in control's serving certificate.
     pub server_names: Vec<String>,
     pub workload_cert_ttl: Duration,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (plain HTTP); None: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// A running control service; dropping it stops it.
 pub struct Control {
     pub addr: SocketAddr,
+    /// Where the metrics endpoint listens, if it does.
+    pub metrics_addr: Option<SocketAddr>,
     pub state: Arc<ControlState>,
+    pub metrics: Arc<Metrics>,
     /// Errors of bad source objects, as they stand.
     pub source_errors: watch::Receiver<Vec<String>>,
     tasks: Vec<JoinHandle<()>>,
@@ -61,9 +70,16 @@ impl Drop for Control {
 }
 
 pub async fn start(cfg: ControlConfig) -> Result<Control> {
-    let (model_tx, model_rx) = watch::channel(Arc::new(Cluster::default()));
-    let (errors_tx, errors_rx) = watch::channel(Vec::new());
-    let (ready_tx, ready_rx) = watch::channel(false);
+    let metrics = Metrics::new();
+    let (model, model_rx) = watch::channel(Arc::new(Cluster::default()));
+    let (errors, errors_rx) = watch::channel(Vec::new());
+    let (ready, ready_rx) = watch::channel(false);
+    let out = Arc::new(Outputs {
+        model,
+        errors,
+        ready,
+        metrics: metrics.clone(),
+    });
     let (ca, auth, source_task) = match cfg.mode {
         Mode::Dir {
             path,
@@ -72,21 +88,12 @@ pub async fn start(cfg: ControlConfig) -> Result<Control> {
         } => {
             let ca = Ca::load_or_create_in(&ca_dir, &cfg.trust_domain, cfg.workload_cert_ttl)?;
             let auth = Authenticator::bootstrap_token_file(&bootstrap_token_file)?;
-            let mut src = source::dir::DirSource::new(&path)?;
+            // Kept across restarts of the source, so bad files keep their last good objects.
+            let src = Arc::new(Mutex::new(source::dir::DirSource::new(&path)?));
             info!(source = %path.display(), "reading the cluster from a directory");
-            let task = tokio::spawn(async move {
-                let mut first = true;
-                loop {
-                    if src.poll() || first {
-                        let cluster = src.cluster();
-                        model_tx.send_if_modified(|m| replace_if_changed(m, cluster));
-                        errors_tx.send_replace(src.errors());
-                        ready_tx.send_replace(true);
-                        first = false;
-                    }
-                    tokio::time::sleep(POLL).await;
-                }
-            });
+            let task = tokio::spawn(supervise("dir", metrics.clone(), move || {
+                source::dir::run(src.clone(), out.clone())
+            }));
             (ca, auth, task)
         }
         Mode::Kube {
@@ -109,23 +116,38 @@ pub async fn start(cfg: ControlConfig) -> Result<Control> {
                 service_account: agent_service_account,
             };
             info!("watching the cluster through the Kubernetes API");
-            (
-                ca,
-                auth,
-                tokio::spawn(source::kube::run(client, model_tx, errors_tx, ready_tx)),
-            )
+            let task = tokio::spawn(supervise("kube", metrics.clone(), move || {
+                source::kube::run(client.clone(), out.clone())
+            }));
+            (ca, auth, task)
         }
+    };
+    let mut tasks = vec![source_task];
+    let metrics_addr = match cfg.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            let bound = listener.local_addr()?;
+            tasks.push(tokio::spawn(metrics::serve(
+                listener,
+                metrics.clone(),
+                ready_rx.clone(),
+            )));
+            Some(bound)
+        }
+        None => None,
     };
 
     let (cert, key) = ca.serving_cert(&cfg.server_names)?;
-    let state = ControlState::new(model_rx, ready_rx, ca, auth);
+    let state = ControlState::new(model_rx, ready_rx, ca, auth, metrics.clone());
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {} (set --listen)", cfg.listen))?;
     let addr = listener.local_addr()?;
     let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
     let service =
-        trellis_api::mesh_control_server::MeshControlServer::new(MeshControlService(state.clone()));
+        trellis_api::mesh_control_server::MeshControlServer::new(MeshControlService(state.clone()))
+            .max_encoding_message_size(trellis_api::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(trellis_api::MAX_MESSAGE_BYTES);
     let router = Server::builder()
         .tls_config(tls)
         .context("configuring TLS")?
@@ -137,18 +159,13 @@ pub async fn start(cfg: ControlConfig) -> Result<Control> {
         }
     });
     info!(%addr, "control listening");
+    tasks.push(server);
     Ok(Control {
         addr,
+        metrics_addr,
         state,
+        metrics,
         source_errors: errors_rx,
-        tasks: vec![source_task, server],
+        tasks,
     })
-}
-
-fn replace_if_changed(current: &mut Arc<Cluster>, next: Cluster) -> bool {
-    if **current == next {
-        return false;
-    }
-    *current = Arc::new(next);
-    true
 }

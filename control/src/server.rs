@@ -10,13 +10,17 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use trellis_api::{self as api, mesh_control_server::MeshControl};
+
+use prost::Message as _;
 
 use crate::{
     auth::Authenticator,
     ca::{Ca, SignError},
+    chunks::{self, Oversized},
     compile::{self, NodeConfig},
+    metrics::Metrics,
     model::Cluster,
 };
 
@@ -40,6 +44,7 @@ pub struct ControlState {
     ready: watch::Receiver<bool>,
     pub ca: Ca,
     pub auth: Authenticator,
+    metrics: Arc<Metrics>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
 }
 
@@ -49,12 +54,14 @@ impl ControlState {
         ready: watch::Receiver<bool>,
         ca: Ca,
         auth: Authenticator,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             model,
             ready,
             ca,
             auth,
+            metrics,
             nodes: Mutex::new(BTreeMap::new()),
         })
     }
@@ -179,7 +186,8 @@ impl MeshControl for MeshControlService {
     }
 }
 
-/// Sends a snapshot, then an update whenever the node's compiled config changes.
+/// Sends a snapshot, then an update whenever the node's compiled config changes; each update
+/// split into messages of about `chunks::CHUNK_BYTES`.
 async fn stream_updates(
     state: &ControlState,
     node: &str,
@@ -192,33 +200,70 @@ async fn stream_updates(
     }
     let mut model = state.model.clone();
     let trust_domain = state.ca.trust_domain().to_owned();
+    // What the node holds: what was compiled for it, less what could not be delivered.
     let mut sent: Option<NodeConfig> = None;
+    let mut reported: Vec<Oversized> = Vec::new();
     loop {
         let cluster = model.borrow_and_update().clone();
-        let config = compile::node_config(&cluster, node, &trust_domain);
-        let (upserts, removals, snapshot) = match &sent {
-            None => (config.values().cloned().collect(), Vec::new(), true),
+        let mut delivered = compile::node_config(&cluster, node, &trust_domain);
+        let (mut upserts, removals, snapshot) = match &sent {
+            None => (delivered.clone().into_iter().collect(), Vec::new(), true),
             Some(old) => {
-                let (u, r) = compile::diff(old, &config);
+                let (u, r) = compile::diff(old, &delivered);
                 (u, r, false)
             }
         };
+        let oversized = chunks::withhold_oversized(&mut upserts, chunks::MAX_RESOURCE_BYTES);
+        for o in &oversized {
+            // The node keeps the version it has, if any; the diff retries it on every change.
+            match sent.as_ref().and_then(|s| s.get(&o.key)) {
+                Some(old) => delivered.insert(o.key.clone(), old.clone()),
+                None => delivered.remove(&o.key),
+            };
+        }
+        if oversized != reported {
+            report_oversized(state, node, &oversized);
+            reported = oversized;
+        }
         if snapshot || !upserts.is_empty() || !removals.is_empty() {
-            let update = api::ConfigUpdate {
+            let header = api::ConfigUpdate {
                 version: state.next_version(node),
                 snapshot,
-                upserts,
-                removals,
                 trust_domain: trust_domain.clone(),
+                ..Default::default()
             };
-            if tx.send(Ok(update)).await.is_err() {
-                return; // the agent went away
+            let upserts = upserts.into_iter().map(|(_, r)| r).collect();
+            for msg in chunks::split(&header, upserts, removals, chunks::CHUNK_BYTES) {
+                state.metrics.message_sent(node, msg.encoded_len());
+                if tx.send(Ok(msg)).await.is_err() {
+                    return; // the agent went away
+                }
             }
-            sent = Some(config);
+            sent = Some(delivered);
         }
         tokio::select! {
             changed = model.changed() => if changed.is_err() { return },
             () = tx.closed() => return,
         }
+    }
+}
+
+fn report_oversized(state: &ControlState, node: &str, oversized: &[Oversized]) {
+    state.metrics.set_undeliverable(node, oversized.len());
+    for o in oversized {
+        let kind = match api::Kind::try_from(o.key.0) {
+            Ok(api::Kind::Workload) => "workload",
+            Ok(api::Kind::Peer) => "peer",
+            Ok(api::Kind::Service) => "service",
+            Ok(api::Kind::Policy) => "policy",
+            _ => "resource",
+        };
+        error!(
+            node,
+            resource = format!("{kind} {}", o.key.1),
+            bytes = o.bytes,
+            limit = chunks::MAX_RESOURCE_BYTES,
+            "resource too large to send to the node; it keeps the version it has, if any"
+        );
     }
 }

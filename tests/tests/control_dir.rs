@@ -51,6 +51,7 @@ impl Fixture {
             trust_domain: "cluster.local".into(),
             server_names: vec!["trellis-control".into()],
             workload_cert_ttl,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         })
         .await
         .expect("control starts")

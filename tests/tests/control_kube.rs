@@ -168,6 +168,7 @@ impl Cluster {
             trust_domain: "cluster.local".into(),
             server_names: vec!["trellis-control".into()],
             workload_cert_ttl: Duration::from_secs(24 * 3600),
+            metrics_listen: None,
         })
         .await
         .expect("control starts")

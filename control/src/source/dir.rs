@@ -1,28 +1,58 @@
 //! `--source dir:PATH`: a directory of ordinary Kubernetes YAML (multi-document files), re-read
-//! when it changes. Each file is all or nothing: a file with any bad document keeps its last good
-//! version, and the error names the file, the document and the field.
+//! when it changes. A bad document is refused and its object keeps its last good version (others
+//! in the file still apply); a file that is not valid YAML, or breaks a limit, keeps all its last
+//! good objects. Errors name the file, the document, the object and the field.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    time::SystemTime,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
+use serde_saphyr::budget::BudgetBreach;
 use tracing::{info, warn};
 
-use crate::model::{Cluster, Object, parse_object};
+use super::{Outputs, parse_contained};
+use crate::model::{Cluster, Object};
+
+/// How often the directory is checked for changes.
+const POLL: Duration = Duration::from_millis(300);
+
+/// Limits on one file (docs/control.md): they bound the memory and time one file can cost.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+pub const MAX_DOCUMENTS: usize = 1024;
+pub const MAX_NODES: usize = 250_000;
+pub const MAX_DEPTH: usize = 64;
 
 struct FileState {
     stamp: (SystemTime, u64),
-    /// The last good parse.
-    objects: Vec<Object>,
-    error: Option<String>,
+    /// The last good version of each object, by `Kind namespace/name`.
+    objects: BTreeMap<String, Object>,
+    /// The file's error, or one per refused document.
+    errors: Vec<String>,
 }
 
 pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+}
+
+/// Polls `src` and publishes what it reads, until the task is stopped.
+pub async fn run(src: Arc<Mutex<DirSource>>, out: Arc<Outputs>) -> Result<()> {
+    let mut first = true;
+    loop {
+        let read = {
+            let mut src = src.lock().unwrap_or_else(PoisonError::into_inner);
+            (src.poll() || first).then(|| (src.cluster(), src.errors()))
+        };
+        if let Some((cluster, errors)) = read {
+            out.publish(cluster, errors);
+            first = false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 impl DirSource {
@@ -64,30 +94,14 @@ impl DirSource {
                 continue;
             }
             changed = true;
-            let parsed = std::fs::read_to_string(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|t| parse_file(&t));
+            let parsed = read_file(&path, stamp.1);
             let state = self.files.entry(path.clone()).or_insert(FileState {
                 stamp,
-                objects: Vec::new(),
-                error: None,
+                objects: BTreeMap::new(),
+                errors: Vec::new(),
             });
             state.stamp = stamp;
-            match parsed {
-                Ok(objects) => {
-                    info!(file = %path.display(), objects = objects.len(), "loaded");
-                    state.objects = objects;
-                    state.error = None;
-                }
-                Err(e) => {
-                    let msg = format!("{}: {e:#}", path.display());
-                    warn!(
-                        "{msg}; keeping this file's last good objects ({})",
-                        state.objects.len()
-                    );
-                    state.error = Some(msg);
-                }
-            }
+            state.update(&path, parsed);
         }
         changed
     }
@@ -96,19 +110,59 @@ impl DirSource {
     pub fn cluster(&self) -> Cluster {
         let mut c = Cluster::default();
         for f in self.files.values() {
-            for o in &f.objects {
+            for o in f.objects.values() {
                 c.insert(o.clone());
             }
         }
         c
     }
 
-    /// Current errors, one per bad file.
+    /// Current errors: one per bad file, or per refused document.
     pub fn errors(&self) -> Vec<String> {
         self.files
             .values()
-            .filter_map(|f| f.error.clone())
+            .flat_map(|f| f.errors.iter().cloned())
             .collect()
+    }
+}
+
+impl FileState {
+    fn update(&mut self, path: &Path, parsed: Result<Vec<Document>>) {
+        let file = path.display();
+        let docs = match parsed {
+            Ok(docs) => docs,
+            Err(e) => {
+                let msg = format!("{file}: {e:#}");
+                warn!(
+                    "{msg}; keeping this file's last good objects ({})",
+                    self.objects.len()
+                );
+                self.errors = vec![msg];
+                return;
+            }
+        };
+        let mut objects = BTreeMap::new();
+        self.errors.clear();
+        for doc in docs {
+            match doc.object {
+                Ok(o) => {
+                    objects.insert(doc.key, o);
+                }
+                Err(e) => {
+                    let msg = format!("{file}: {e}");
+                    match self.objects.remove(&doc.key) {
+                        Some(good) => {
+                            warn!("{msg}; keeping its last good version");
+                            objects.insert(doc.key, good);
+                        }
+                        None => warn!("{msg}; refused"),
+                    }
+                    self.errors.push(msg);
+                }
+            }
+        }
+        info!(file = %file, objects = objects.len(), refused = self.errors.len(), "loaded");
+        self.objects = objects;
     }
 }
 
@@ -128,17 +182,64 @@ fn yaml_files(dir: &Path) -> Result<BTreeMap<PathBuf, (SystemTime, u64)>> {
     Ok(out)
 }
 
-/// Parses every document of a file; the first bad one fails the file.
-pub fn parse_file(text: &str) -> Result<Vec<Object>> {
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| anyhow::anyhow!("not valid YAML: {e}"))?;
-    let mut objects = Vec::new();
-    for (i, doc) in docs.iter().enumerate().filter(|(_, d)| !d.is_null()) {
-        let label = describe(doc);
-        let obj = parse_object(doc).with_context(|| format!("document {} ({label})", i + 1))?;
-        objects.push(obj);
+fn read_file(path: &Path, len: u64) -> Result<Vec<Document>> {
+    if len > MAX_FILE_BYTES {
+        bail!("file is {len} bytes, more than {MAX_FILE_BYTES} (the limit, 64 MiB; split it)");
     }
-    Ok(objects)
+    parse_file(&std::fs::read_to_string(path)?)
+}
+
+/// One document of a file: its object's key (`Kind namespace/name`) and the object, or why it
+/// was refused (naming the document, the object and the field).
+pub struct Document {
+    pub key: String,
+    pub object: Result<Object, String>,
+}
+
+/// Parses every document of a file. An error here is about the file as a whole.
+pub fn parse_file(text: &str) -> Result<Vec<Document>> {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = MAX_DOCUMENTS;
+    budget.max_nodes = MAX_NODES;
+    budget.max_depth = MAX_DEPTH;
+    // A node costs one or two events (a scalar; a map's start and end), so nodes breach first.
+    budget.max_events = 4 * MAX_NODES;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, options).map_err(yaml_error)?;
+    Ok(docs
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.is_null())
+        .map(|(i, doc)| {
+            let key = describe(doc);
+            Document {
+                object: parse_contained(doc)
+                    .map_err(|e| format!("document {} ({key}): {e}", i + 1)),
+                key,
+            }
+        })
+        .collect())
+}
+
+/// A budget breach is a limit of ours: say which, and what to do.
+fn yaml_error(e: serde_saphyr::Error) -> anyhow::Error {
+    let serde_saphyr::Error::Budget { breach, .. } = e.without_snippet() else {
+        return anyhow!("not valid YAML: {e}");
+    };
+    match breach {
+        BudgetBreach::Documents { .. } => {
+            anyhow!("file has more than {MAX_DOCUMENTS} documents (the limit; split it)")
+        }
+        BudgetBreach::Nodes { .. } | BudgetBreach::Events { .. } => anyhow!(
+            "file has more than {MAX_NODES} YAML nodes (values, lists and maps; the limit; split it)"
+        ),
+        BudgetBreach::Depth { .. } => {
+            anyhow!("file nests more than {MAX_DEPTH} levels deep (the limit)")
+        }
+        other => anyhow!("file exceeds a YAML parser limit ({other:?}); simplify or split it"),
+    }
 }
 
 fn describe(doc: &Value) -> String {
@@ -179,6 +280,87 @@ mod tests {
             ),
             (1, 3, 2, 4)
         );
+    }
+
+    #[test]
+    fn a_bad_document_keeps_its_objects_last_good_version_and_no_other() {
+        let vs = |weights: &str, host: &str| {
+            format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: shop}}\n\
+                 spec: {{hosts: [reviews], http: [{{route: [{weights}]}}]}}\n---\n\
+                 apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: ratings, namespace: shop}}\n\
+                 spec: {{hosts: [{host}], http: [{{route: [{{destination: {{host: ratings}}}}]}}]}}\n"
+            )
+        };
+        let good = "{destination: {host: reviews, subset: v1}, weight: 100}";
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("routes.yaml");
+        std::fs::write(&file, format!("{GOOD}{}", vs(good, "ratings"))).unwrap();
+        let mut src = DirSource::new(dir.path()).unwrap();
+        src.poll();
+        assert_eq!(src.errors(), Vec::<String>::new());
+        let before = src.cluster();
+
+        // The hostile tester's weights: refused, named, and only that object is held back.
+        let hostile = "{destination: {host: a}, weight: 2147483647}, {destination: {host: b}, weight: 2147483647}, \
+                       {destination: {host: c}, weight: 102}";
+        std::fs::write(&file, format!("{GOOD}{}", vs(hostile, "ratings.shop"))).unwrap();
+        assert!(src.poll());
+        let errors = src.errors();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].contains("routes.yaml: document 3 (VirtualService shop/reviews): spec.http[0].route[0].weight: 2147483647 is not 0 to 100"),
+            "{errors:?}"
+        );
+        let after = src.cluster();
+        let reviews = "VirtualService/shop/reviews";
+        assert_eq!(
+            after.policies[reviews], before.policies[reviews],
+            "last good kept"
+        );
+        let ratings = &after.policies["VirtualService/shop/ratings"];
+        assert_eq!(
+            ratings.spec["hosts"][0], "ratings.shop",
+            "the good document applied"
+        );
+
+        // A new object that is bad from the start is simply absent.
+        std::fs::write(
+            &file,
+            format!("{GOOD}{}", vs(hostile, "ratings")).replace("name: reviews", "name: fresh"),
+        )
+        .unwrap();
+        src.poll();
+        assert!(
+            !src.cluster()
+                .policies
+                .contains_key("VirtualService/shop/fresh")
+        );
+        assert!(
+            !src.cluster().policies.contains_key(reviews),
+            "removed from the file"
+        );
+    }
+
+    #[test]
+    fn limits_are_named_in_their_errors() {
+        let doc = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+        let many = vec![doc; MAX_DOCUMENTS + 1].join("---\n");
+        let e = format!("{:#}", parse_file(&many).err().unwrap());
+        assert_eq!(e, "file has more than 1024 documents (the limit; split it)");
+        assert_eq!(
+            parse_file(&vec![doc; MAX_DOCUMENTS].join("---\n"))
+                .unwrap()
+                .len(),
+            1024
+        );
+        let deep = format!(
+            "{}1{}",
+            "[".repeat(MAX_DEPTH + 1),
+            "]".repeat(MAX_DEPTH + 1)
+        );
+        let e = format!("{:#}", parse_file(&deep).err().unwrap());
+        assert!(e.contains("more than 64 levels"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! reported and skipped (its last good version kept) instead of breaking a whole watch.
 use std::{collections::BTreeMap, sync::Arc};
 
+use anyhow::Result;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::{
@@ -12,12 +13,13 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::{Outputs, parse_contained};
 use crate::{
     istio,
-    model::{Cluster, Object, parse_object},
+    model::{Cluster, Object},
 };
 
 /// The kinds watched: the three core kinds must list before control serves; a mesh CRD that is
@@ -62,13 +64,8 @@ enum Msg {
     Failed(usize),
 }
 
-/// Runs until the process ends. `ready` turns true once the required kinds have listed.
-pub async fn run(
-    client: Client,
-    model: watch::Sender<Arc<Cluster>>,
-    errors: watch::Sender<Vec<String>>,
-    ready: watch::Sender<bool>,
-) {
+/// Runs until the task is stopped; publishes once the required kinds have listed.
+pub async fn run(client: Client, out: Arc<Outputs>) -> Result<()> {
     let (tx, mut rx) = mpsc::channel(1024);
     let mut kinds: Vec<Kind> = kinds()
         .into_iter()
@@ -121,23 +118,12 @@ pub async fn run(
                 errs.extend(e.error.clone());
             }
         }
-        model.send_if_modified(|m| {
-            let changed = **m != cluster;
-            if changed {
-                *m = Arc::new(cluster);
-            }
-            changed
-        });
-        errors.send_if_modified(|e| {
-            let changed = *e != errs;
-            *e = errs;
-            changed
-        });
-        if !*ready.borrow() {
+        if !*out.ready.borrow() {
             info!("initial lists done; serving");
-            ready.send_replace(true);
         }
+        out.publish(cluster, errs);
     }
+    anyhow::bail!("every watch ended")
 }
 
 fn handle(kinds: &mut [Kind], msg: Msg) {
@@ -203,7 +189,7 @@ fn parse(resource: &ApiResource, obj: &DynamicObject) -> (String, Result<Object,
             // List items may come without their type; the watch knows it.
             v["apiVersion"] = Value::String(resource.api_version.clone());
             v["kind"] = Value::String(resource.kind.clone());
-            parse_object(&v).map_err(|e| format!("{label}: {e:#}"))
+            parse_contained(&v).map_err(|e| format!("{label}: {e}"))
         });
     (key, parsed)
 }
