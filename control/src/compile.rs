@@ -1,13 +1,13 @@
 //! Compiles the cluster model into what one node's agent needs: its own enrolled workloads, the
 //! enrolled pods on other nodes (peers), every service with endpoints derived from running pods,
 //! and the mesh policies that apply there.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use trellis_api as api;
 
 use crate::{
     model::{Cluster, PodInfo, ServiceInfo, TargetPort},
-    routes,
+    routes::{self, Policies},
 };
 
 /// Namespace whose security policies apply mesh-wide (Istio's root namespace).
@@ -52,8 +52,10 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
         };
         insert(&mut out, kind, p.uid.clone(), resource);
     }
+    let policies = Policies::new(cluster);
+    let by_label = PodsByLabel::new(cluster);
     for s in cluster.services.values() {
-        let svc = service(cluster, s, trust_domain);
+        let svc = service(cluster, &policies, &by_label, s, trust_domain);
         insert(
             &mut out,
             api::Kind::Service,
@@ -90,16 +92,50 @@ fn insert(out: &mut NodeConfig, kind: api::Kind, name: String, r: api::resource:
     out.insert((kind as i32, name), api::Resource { resource: Some(r) });
 }
 
-fn service(cluster: &Cluster, s: &ServiceInfo, trust_domain: &str) -> api::Service {
+/// Ready pods by (namespace, label key, label value), so a service's selector looks at the pods
+/// carrying one of its labels instead of every pod in the cluster.
+struct PodsByLabel<'a>(HashMap<(&'a str, &'a str, &'a str), Vec<&'a PodInfo>>);
+
+impl<'a> PodsByLabel<'a> {
+    fn new(cluster: &'a Cluster) -> Self {
+        let mut index: HashMap<_, Vec<_>> = HashMap::new();
+        for p in cluster.pods.values().filter(|p| p.ready) {
+            for (k, v) in &p.labels {
+                index
+                    .entry((p.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(p);
+            }
+        }
+        Self(index)
+    }
+
+    /// The ready pods in `namespace` matching a non-empty `selector`, in UID order.
+    fn select(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<&'a PodInfo> {
+        let Some((k, v)) = selector.iter().next() else {
+            return Vec::new();
+        };
+        self.0
+            .get(&(namespace, k.as_str(), v.as_str()))
+            .into_iter()
+            .flatten()
+            .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            .copied()
+            .collect()
+    }
+}
+
+fn service(
+    cluster: &Cluster,
+    policies: &Policies,
+    by_label: &PodsByLabel,
+    s: &ServiceInfo,
+    trust_domain: &str,
+) -> api::Service {
     let endpoints = match &s.selector {
-        Some(sel) => cluster
-            .pods
-            .values()
-            .filter(|p| {
-                p.namespace == s.namespace
-                    && p.ready
-                    && sel.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-            })
+        Some(sel) => by_label
+            .select(&s.namespace, sel)
+            .into_iter()
             .map(|p| api::Endpoint {
                 pod_uid: p.uid.clone(),
                 pod_name: p.name.clone(),
@@ -139,11 +175,11 @@ fn service(cluster: &Cluster, s: &ServiceInfo, trust_domain: &str) -> api::Servi
                 },
                 protocol: protocol(p.app_protocol.as_deref(), &p.name) as i32,
                 http_routes: if protocol(p.app_protocol.as_deref(), &p.name).is_http() {
-                    routes::http_routes(cluster, s, p)
+                    routes::http_routes(cluster, policies, s, p)
                 } else {
                     Vec::new()
                 },
-                traffic_policy: routes::traffic_policy(cluster, s),
+                traffic_policy: routes::traffic_policy(cluster, policies, s),
             })
             .collect(),
         endpoints,

@@ -7,11 +7,39 @@ use trellis_api as api;
 
 use crate::{
     istio::{
-        DestinationRuleSpec, HeaderOperations, StringMatch, TrafficPolicy, VirtualServiceSpec,
-        parse_duration,
+        DestinationRuleSpec, HeaderOperations, PolicyObject, StringMatch, TrafficPolicy,
+        VirtualServiceSpec, parse_duration,
     },
     model::{Cluster, PortInfo, ServiceInfo},
 };
+
+/// The cluster's VirtualServices and DestinationRules, parsed once per compile rather than once
+/// per service port (a large VirtualService made that the cost of a whole compile).
+pub struct Policies<'a> {
+    virtual_services: Vec<(&'a PolicyObject, VirtualServiceSpec)>,
+    destination_rules: Vec<(&'a PolicyObject, DestinationRuleSpec)>,
+}
+
+impl<'a> Policies<'a> {
+    pub fn new(cluster: &'a Cluster) -> Self {
+        fn parsed<'a, T: serde::de::DeserializeOwned>(
+            cluster: &'a Cluster,
+            kind: &str,
+        ) -> Vec<(&'a PolicyObject, T)> {
+            cluster
+                .policies
+                .values()
+                .filter(|p| p.kind == kind)
+                // Validated when read, so this parses; a spec that did not would be skipped.
+                .filter_map(|p| Some((p, T::deserialize(&p.spec).ok()?)))
+                .collect()
+        }
+        Self {
+            virtual_services: parsed(cluster, "VirtualService"),
+            destination_rules: parsed(cluster, "DestinationRule"),
+        }
+    }
+}
 
 /// `host` as written in an object in `namespace`, resolved to a Service.
 pub fn resolve<'a>(cluster: &'a Cluster, host: &str, namespace: &str) -> Option<&'a ServiceInfo> {
@@ -32,16 +60,14 @@ fn same(a: &ServiceInfo, b: &ServiceInfo) -> bool {
 
 /// The routes of `svc`'s HTTP port `port`, from every VirtualService naming `svc` (ordered by
 /// namespace and name; first match wins).
-pub fn http_routes(cluster: &Cluster, svc: &ServiceInfo, port: &PortInfo) -> Vec<api::HttpRoute> {
+pub fn http_routes(
+    cluster: &Cluster,
+    policies: &Policies,
+    svc: &ServiceInfo,
+    port: &PortInfo,
+) -> Vec<api::HttpRoute> {
     let mut out = Vec::new();
-    for p in cluster
-        .policies
-        .values()
-        .filter(|p| p.kind == "VirtualService")
-    {
-        let Ok(vs) = serde_json::from_value::<VirtualServiceSpec>(p.spec.clone()) else {
-            continue;
-        };
+    for (p, vs) in &policies.virtual_services {
         if !vs
             .hosts
             .iter()
@@ -77,7 +103,7 @@ pub fn http_routes(cluster: &Cluster, svc: &ServiceInfo, port: &PortInfo) -> Vec
                     let dst = resolve(cluster, &d.destination.host, &p.namespace)?;
                     let subset = d.destination.subset.clone().unwrap_or_default();
                     let (subset_labels, subset_traffic_policy) =
-                        subset_of(cluster, dst, &subset, &p.namespace);
+                        subset_of(cluster, policies, dst, &subset, &p.namespace);
                     Some(api::WeightedDestination {
                         service: format!("{}/{}", dst.namespace, dst.name),
                         port: d.destination.port.as_ref().map_or(0, |p| p.number),
@@ -118,7 +144,7 @@ pub fn http_routes(cluster: &Cluster, svc: &ServiceInfo, port: &PortInfo) -> Vec
                     let dst = resolve(cluster, &m.host, &p.namespace)?;
                     let subset = m.subset.clone().unwrap_or_default();
                     let (subset_labels, subset_traffic_policy) =
-                        subset_of(cluster, dst, &subset, &p.namespace);
+                        subset_of(cluster, policies, dst, &subset, &p.namespace);
                     Some(api::WeightedDestination {
                         service: format!("{}/{}", dst.namespace, dst.name),
                         port: m.port.as_ref().map_or(0, |p| p.number),
@@ -166,33 +192,38 @@ pub fn http_routes(cluster: &Cluster, svc: &ServiceInfo, port: &PortInfo) -> Vec
 }
 
 /// The DestinationRules for `dst`: the client's namespace first, then the service's, then any.
-fn rules_for(cluster: &Cluster, dst: &ServiceInfo, client_ns: &str) -> Vec<DestinationRuleSpec> {
-    let mut rules: Vec<(&str, DestinationRuleSpec)> = cluster
-        .policies
-        .values()
-        .filter(|p| p.kind == "DestinationRule")
-        .filter_map(|p| {
-            let dr: DestinationRuleSpec = serde_json::from_value(p.spec.clone()).ok()?;
-            resolve(cluster, &dr.host, &p.namespace)
-                .is_some_and(|s| same(s, dst))
-                .then_some((p.namespace.as_str(), dr))
-        })
+fn rules_for<'p>(
+    cluster: &Cluster,
+    policies: &'p Policies,
+    dst: &ServiceInfo,
+    client_ns: &str,
+) -> Vec<&'p DestinationRuleSpec> {
+    let mut rules: Vec<(&str, &DestinationRuleSpec)> = policies
+        .destination_rules
+        .iter()
+        .filter(|(p, dr)| resolve(cluster, &dr.host, &p.namespace).is_some_and(|s| same(s, dst)))
+        .map(|(p, dr)| (p.namespace.as_str(), dr))
         .collect();
     rules.sort_by_key(|(ns, _)| (*ns != client_ns, *ns != dst.namespace));
     rules.into_iter().map(|(_, dr)| dr).collect()
 }
 
 /// The service-level trafficPolicy of the first DestinationRule for `svc`.
-pub fn traffic_policy(cluster: &Cluster, svc: &ServiceInfo) -> Option<api::TrafficPolicy> {
-    rules_for(cluster, svc, &svc.namespace)
+pub fn traffic_policy(
+    cluster: &Cluster,
+    policies: &Policies,
+    svc: &ServiceInfo,
+) -> Option<api::TrafficPolicy> {
+    rules_for(cluster, policies, svc, &svc.namespace)
         .into_iter()
-        .find_map(|dr| dr.traffic_policy)
-        .map(|tp| compile_policy(&tp))
+        .find_map(|dr| dr.traffic_policy.as_ref())
+        .map(compile_policy)
 }
 
 /// The labels and trafficPolicy of `subset` of `dst`. A subset no rule defines selects nothing.
 fn subset_of(
     cluster: &Cluster,
+    policies: &Policies,
     dst: &ServiceInfo,
     subset: &str,
     client_ns: &str,
@@ -200,7 +231,7 @@ fn subset_of(
     if subset.is_empty() {
         return Default::default();
     }
-    let rules = rules_for(cluster, dst, client_ns);
+    let rules = rules_for(cluster, policies, dst, client_ns);
     match rules
         .iter()
         .find_map(|dr| dr.subsets.iter().find(|s| s.name == subset))
