@@ -389,7 +389,15 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        for bad in ["30", "s", "0s", "-1s", "10x", "9999999999999999999h", "8000h"] {
+        for bad in [
+            "30",
+            "s",
+            "0s",
+            "-1s",
+            "10x",
+            "9999999999999999999h",
+            "8000h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad} accepted");
         }
     }

@@ -187,9 +187,9 @@ struct Enrolled {
     spec: PodSpec,
     cgroup: PathBuf,
     cgroup_id: u64,
-    /// The pod's STRICT bits as the kernel has them (None: not yet synced; an earlier agent
+    /// Whether the kernel has the pod marked STRICT (None: not yet synced; an earlier agent
     /// may have left a mark).
-    strict: Option<u8>,
+    strict: Option<bool>,
     _proxy: PodProxy,
 }
 
@@ -358,10 +358,10 @@ impl Reconciler {
     fn sync_strict(&mut self) {
         let state = self.shared.state.borrow().clone();
         for (uid, pod) in &mut self.enrolled {
-            let marks = state.peer_auth(uid).kernel_marks();
-            if Some(marks) != pod.strict {
-                match self.redirect.set_strict(&pod.spec.ips, marks) {
-                    Ok(()) => pod.strict = Some(marks),
+            let strict = state.peer_auth(uid).strict();
+            if Some(strict) != pod.strict {
+                match self.redirect.set_strict(&pod.spec.ips, strict) {
+                    Ok(()) => pod.strict = Some(strict),
                     Err(e) => warn!(uid, "{e:#}"),
                 }
             }

@@ -13,7 +13,7 @@ use std::{
 use hyper::{HeaderMap, Method};
 use serde::{Deserialize, Serialize};
 use trellis_api as api;
-use trellis_common::{HBONE_PORT, STRICT_ALL, STRICT_SOME};
+use trellis_common::HBONE_PORT;
 
 use crate::{
     config::NodeConfig,
@@ -88,12 +88,6 @@ pub struct PeerAuth {
 impl PeerAuth {
     pub fn strict(&self) -> bool {
         self.mode == Some(MtlsMode::Strict)
-    }
-
-    /// The pod's `STRICT_PODS` bits for the kernel.
-    pub fn kernel_marks(&self) -> u8 {
-        let some = self.strict() || self.ports.values().any(|m| *m == MtlsMode::Strict);
-        (if self.strict() { STRICT_ALL } else { 0 }) | (if some { STRICT_SOME } else { 0 })
     }
 
     /// Whether plaintext to `port` must be refused.

@@ -33,10 +33,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// `trellis-testpod connect` from the node itself (its host namespace, no pod), as kubelet
-    /// probes a pod.
+    /// `trellis-testpod connect` from the node itself (its host namespace and a cgroup of the
+    /// node's, no pod), as kubelet probes a pod.
     pub fn connect(&self, addr: SocketAddr, data: &str) -> serde_json::Value {
-        connect_from(&self.name, None, addr, data)
+        connect_from(&self.name, Some(&self.host_cgroup()), addr, data)
+    }
+
+    /// Where the node's own daemons (kubelet) run: under the node's cgroup root, outside any pod.
+    pub fn host_cgroup(&self) -> PathBuf {
+        self.cgroup_root.join("kubelet.service")
     }
 
     /// Node `index` (1-based) of a cluster: bridge `br0` at 10.244.<index>.1/24 and fd00:244:<index>::1/64.
@@ -52,6 +57,7 @@ impl Node {
         };
         sys::add_netns(&node.name);
         fs::create_dir(&node.cgroup_root).expect("creating the node's cgroup root");
+        fs::create_dir(node.host_cgroup()).expect("creating the node's own cgroup");
         ip(&node.name, "link add br0 type bridge mcast_snooping 0");
         ip(&node.name, &format!("addr add 10.244.{index}.1/24 dev br0"));
         ip(

@@ -14,7 +14,8 @@ use crate::cmd::{self, output};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the demo use: `ip` (netns, veth, bridges), bpftool (tests
 /// inspect attachments independently of the agent), tcpdump (tests check the wire between nodes
-/// holds no plaintext); iperf3 and haproxy (the L7 reference proxy) for `cargo xtask bench`.
+/// holds no plaintext), iptables (tests set up kube-proxy's NodePort NAT); iperf3 and haproxy
+/// (the L7 reference proxy) for `cargo xtask bench`.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -22,6 +23,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("haproxy", "haproxy"),
     ("tcpdump", "tcpdump"),
+    ("iptables", "iptables"),
 ];
 
 pub fn run() -> Result<()> {

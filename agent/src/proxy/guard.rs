@@ -284,7 +284,10 @@ mod tests {
         let _b1 = limits.admit(&b).unwrap();
         assert_eq!(limits.admit(&b).err(), Some(Failure::node_limit));
         drop(a1);
-        assert!(limits.admit(&b).is_ok(), "a closed connection frees its place");
+        assert!(
+            limits.admit(&b).is_ok(),
+            "a closed connection frees its place"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -65,8 +65,7 @@ pub async fn serve<C>(
     let app = Arc::new(Mutex::new(app.map_or(App::Closed, App::Unused)));
     let target = Arc::new(Target { pod, addr });
     let service = service_fn(move |req| forward(req, app.clone(), target.clone(), xfcc.clone()));
-    if let Err(e) = http::serve(client, service, limits).await
-    {
+    if let Err(e) = http::serve(client, service, limits).await {
         debug!("inbound HTTP connection ended: {e}");
     }
 }

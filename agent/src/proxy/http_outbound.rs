@@ -23,8 +23,7 @@ where
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         stack.clone().oneshot(req.map(BodyExt::boxed))
     });
-    if let Err(e) = http::serve(client, service, &shared.http).await
-    {
+    if let Err(e) = http::serve(client, service, &shared.http).await {
         debug!(%vip, "outbound HTTP connection ended: {e}");
     }
 }

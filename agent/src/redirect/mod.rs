@@ -14,13 +14,13 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, SockHash, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, MapData, MapError, SockHash, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use trellis_common::{
-    AF_INET, ConnKey, FlowKey, OrigDst, POD_HAS_IP4, POD_HAS_IP6, PodInfo, v4_mapped,
+    ADDR_STRICT, AF_INET, ConnKey, FlowKey, OrigDst, POD_HAS_IP4, POD_HAS_IP6, PodInfo, v4_mapped,
 };
 
 use crate::netns::Netns;
@@ -46,13 +46,17 @@ pub struct RedirectConfig {
     pub kernel_debug_log: bool,
 }
 
+/// `BPF_NOEXIST`: insert only where the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
 /// Sole owner of the enrollment maps and the pinned links.
 pub struct Redirect {
     pins: PinDir,
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, PodInfo>,
     listeners: SockHash<MapData, [u8; 16]>,
-    strict: HashMap<MapData, [u8; 16], u8>,
+    /// `POD_ADDRS`: every enrolled pod address, valued `ADDR_STRICT` or 0.
+    addrs: HashMap<MapData, [u8; 16], u8>,
 }
 
 /// The proxy's view: original destinations of captured connections, consumed once each.
@@ -165,7 +169,7 @@ impl Redirect {
         sync_exclusions(&mut ebpf, cfg)?;
         let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?)?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS")?)?;
-        let strict = HashMap::try_from(take_map(&mut ebpf, "STRICT_PODS")?)?;
+        let addrs = HashMap::try_from(take_map(&mut ebpf, "POD_ADDRS")?)?;
         let maps = ProxyMaps {
             orig_dst: OrigDstTable {
                 map: Mutex::new(HashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?)?),
@@ -180,7 +184,7 @@ impl Redirect {
                 ebpf,
                 enrolled,
                 listeners,
-                strict,
+                addrs,
             },
             maps,
             logger,
@@ -202,6 +206,14 @@ impl Redirect {
             self.listeners
                 .insert(ip_key(*ip), inbound_listener.as_raw_fd(), 0)
                 .with_context(|| format!("registering the inbound listener for {ip}"))?;
+            // Known from now on, so the node's own connects to it are recorded; a STRICT mark an
+            // earlier agent left stays until `set_strict` says otherwise.
+            match self.addrs.insert(ip_key(*ip), 0, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e).with_context(|| format!("registering {ip}")),
+            }
         }
         let dir = self.pins.pod_dir(uid);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -225,18 +237,14 @@ impl Redirect {
         Ok(())
     }
 
-    /// Marks a pod's addresses with its STRICT bits (`STRICT_ALL`, `STRICT_SOME`; 0: none) for
-    /// the kernel, which then drops plaintext to an all-STRICT pod whenever no proxy listener is
-    /// there to refuse it, and records the node's own connections to it.
-    pub fn set_strict(&mut self, ips: &[IpAddr], marks: u8) -> Result<()> {
+    /// Marks a pod's addresses STRICT (or not) for the kernel, which then drops plaintext to
+    /// them whenever no proxy listener is there to refuse it.
+    pub fn set_strict(&mut self, ips: &[IpAddr], strict: bool) -> Result<()> {
+        let mark = if strict { ADDR_STRICT } else { 0 };
         for ip in ips {
-            if marks != 0 {
-                self.strict
-                    .insert(ip_key(*ip), marks, 0)
-                    .with_context(|| format!("marking {ip} STRICT"))?;
-            } else {
-                let _ = self.strict.remove(&ip_key(*ip)); // absent is fine
-            }
+            self.addrs
+                .insert(ip_key(*ip), mark, 0)
+                .with_context(|| format!("marking {ip} STRICT={strict}"))?;
         }
         Ok(())
     }
@@ -253,8 +261,9 @@ impl Redirect {
         }
         for ip in ips {
             let _ = self.listeners.remove(&ip_key(*ip)); // closed listeners drop out by themselves
+            let _ = self.addrs.remove(&ip_key(*ip)); // absent is fine
         }
-        self.set_strict(ips, 0)
+        Ok(())
     }
 
     /// Drops what an earlier agent enrolled that is not enrolled now (a pod deleted while no
@@ -267,13 +276,13 @@ impl Redirect {
     ) -> Result<Vec<String>> {
         let keep: HashSet<[u8; 16]> = keep_ips.iter().map(|ip| ip_key(*ip)).collect();
         let stale: Vec<[u8; 16]> = self
-            .strict
+            .addrs
             .keys()
             .filter_map(Result::ok)
             .filter(|k| !keep.contains(k))
             .collect();
         for k in stale {
-            let _ = self.strict.remove(&k);
+            let _ = self.addrs.remove(&k);
         }
         let stale: Vec<u64> = self
             .enrolled

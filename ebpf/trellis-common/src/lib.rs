@@ -20,11 +20,9 @@ pub const AF_INET6: u16 = 10;
 /// kubelet's deepest layout (systemd driver, burstable pod, container) is 5 levels.
 pub const MAX_CGROUP_DEPTH: i32 = 10;
 
-/// `STRICT_PODS` value bits. `STRICT_ALL`: every port is STRICT, so while no proxy listens the
-/// kernel drops plaintext to the pod. `STRICT_SOME`: some port is STRICT, so connections that the
-/// node itself opens to the pod (kubelet's probes) are recorded in `NODE_CONNS`.
-pub const STRICT_ALL: u8 = 1;
-pub const STRICT_SOME: u8 = 2;
+/// `POD_ADDRS` value bit: every port of the pod is STRICT, so while no proxy listens the kernel
+/// drops plaintext to it.
+pub const ADDR_STRICT: u8 = 1;
 
 /// `PodInfo::flags` bits.
 pub const POD_HAS_IP4: u32 = 1;

@@ -2,10 +2,10 @@
 use aya_ebpf::programs::SkLookupContext;
 use core::ptr::{addr_of, read_volatile};
 use trellis_common::{
-    AF_INET, AF_INET6, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, STRICT_ALL, v4_mapped,
+    ADDR_STRICT, AF_INET, AF_INET6, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, v4_mapped,
 };
 
-use crate::maps::{INBOUND_LISTENERS, STRICT_PODS};
+use crate::maps::{INBOUND_LISTENERS, POD_ADDRS};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -63,7 +63,7 @@ pub fn sk_lookup(ctx: &SkLookupContext) -> bool {
     // No listener for this address (pod not enrolled, or agent restarting): normal lookup,
     // unless the pod is STRICT: then plaintext must not reach it at all.
     INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0).is_ok()
-        || unsafe { STRICT_PODS.get(&local) }.is_none_or(|marks| marks & STRICT_ALL == 0)
+        || unsafe { POD_ADDRS.get(&local) }.is_none_or(|marks| marks & ADDR_STRICT == 0)
 }
 
 fn bytes(words: [u32; 4]) -> [u8; 16] {

@@ -27,7 +27,7 @@ pub fn trellis_connect6(ctx: SockAddrContext) -> i32 {
 
 /// `sockops`: once a captured connection is established, re-key its original destination by
 /// (netns cookie, client port, family) so the proxy can find it from its accepted socket; and
-/// record which netns opened each connection to a STRICT pod.
+/// record which netns opened each connection to an enrolled pod.
 #[sock_ops]
 pub fn trellis_sock_ops(ctx: SockOpsContext) -> u32 {
     outbound::sock_ops(&ctx);

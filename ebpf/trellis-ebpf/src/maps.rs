@@ -33,13 +33,14 @@ pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(65536, 0)
 #[map]
 pub static INBOUND_LISTENERS: SockHash<[u8; 16]> = SockHash::pinned(8192, 0);
 
-/// Pod IPs (IPv4-mapped for IPv4) with a STRICT PeerAuthentication, valued `STRICT_ALL` and/or
-/// `STRICT_SOME`. When no proxy listener serves a `STRICT_ALL` pod (the agent is restarting),
-/// plaintext to it is dropped, not let through.
+/// Enrolled pods' addresses (IPv4-mapped for IPv4): the node's own connects to them are recorded
+/// in `NODE_CONNS`. Valued `ADDR_STRICT` for pods whose every port is STRICT: when no proxy
+/// listener serves such a pod (the agent is restarting), plaintext to it is dropped, not let
+/// through.
 #[map]
-pub static STRICT_PODS: HashMap<[u8; 16], u8> = HashMap::pinned(8192, 0);
+pub static POD_ADDRS: HashMap<[u8; 16], u8> = HashMap::pinned(8192, 0);
 
-/// Connections the node itself opened to a STRICT pod, by the pod's view of the flow; the value
+/// Connections the node itself opened to an enrolled pod, by the pod's view of the flow; the value
 /// is the opening socket's netns cookie. The proxy consumes each entry when it accepts the
 /// connection. LRU: entries of connections that never arrive age out.
 #[map]

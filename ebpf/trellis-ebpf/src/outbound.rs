@@ -14,7 +14,7 @@ use trellis_common::{
 };
 
 use crate::maps::{
-    ENROLLED, EXCLUDE_PORTS, EXCLUDE_V4, EXCLUDE_V6, NODE_CONNS, ORIG_DST, PENDING, STRICT_PODS,
+    ENROLLED, EXCLUDE_PORTS, EXCLUDE_V4, EXCLUDE_V6, NODE_CONNS, ORIG_DST, PENDING, POD_ADDRS,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -181,49 +181,71 @@ fn capture_v6(ip: &[u8; 16], port: u16) -> bool {
 
 pub fn sock_ops(ctx: &SockOpsContext) {
     match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => record_connect_to_strict_pod(ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => record_connect_to_pod(ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => rekey_orig_dst(ctx),
         _ => {}
     }
 }
 
-/// Just before the SYN of a connect to a pod with a STRICT port: remember who opened it (by
-/// netns cookie), keyed as the pod will see the flow. Addresses and ports are assigned by now.
+/// Just before the SYN of a connect to an enrolled pod: remember who opened it (by netns
+/// cookie), keyed as the pod will see the flow. Addresses and ports are assigned by now.
 /// A connection that reaches the pod with no such record was made by no socket on this node:
 /// forwarded or NATed traffic, which must not pass as the node's own (kubelet's probes).
-fn record_connect_to_strict_pod(ctx: &SockOpsContext) {
+fn record_connect_to_pod(ctx: &SockOpsContext) {
     let ops = ctx.ops;
-    let family = unsafe { read_volatile(addr_of!((*ops).family)) } as u16;
+    // Every field is loaded straight off the context pointer at a constant offset: a computed
+    // field address (an indexed loop) is "dereference of modified ctx ptr" to the verifier.
+    macro_rules! field {
+        ($($f:tt)+) => {
+            unsafe { read_volatile(addr_of!((*ops).$($f)+)) }
+        };
+    }
+    // All up front, not per family: LLVM would otherwise merge the two paths' loads into one
+    // with a variable offset.
+    let family = field!(family) as u16;
+    let (local4, remote4) = (field!(local_ip4), field!(remote_ip4));
+    let local6 = [
+        field!(local_ip6[0]),
+        field!(local_ip6[1]),
+        field!(local_ip6[2]),
+        field!(local_ip6[3]),
+    ];
+    let remote6 = [
+        field!(remote_ip6[0]),
+        field!(remote_ip6[1]),
+        field!(remote_ip6[2]),
+        field!(remote_ip6[3]),
+    ];
+    let (src_port, remote_port) = (field!(local_port), field!(remote_port));
     let (src, dst) = match family {
         AF_INET => (
-            v4_mapped(unsafe { read_volatile(addr_of!((*ops).local_ip4)) }.to_ne_bytes()),
-            v4_mapped(unsafe { read_volatile(addr_of!((*ops).remote_ip4)) }.to_ne_bytes()),
+            v4_mapped(local4.to_ne_bytes()),
+            v4_mapped(remote4.to_ne_bytes()),
         ),
-        AF_INET6 => {
-            let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
-            for i in 0..4 {
-                let s = unsafe { read_volatile(addr_of!((*ops).local_ip6[i])) };
-                let d = unsafe { read_volatile(addr_of!((*ops).remote_ip6[i])) };
-                src[i * 4..i * 4 + 4].copy_from_slice(&s.to_ne_bytes());
-                dst[i * 4..i * 4 + 4].copy_from_slice(&d.to_ne_bytes());
-            }
-            (src, dst)
-        }
+        AF_INET6 => (words_to_bytes(local6), words_to_bytes(remote6)),
         _ => return,
     };
-    if unsafe { STRICT_PODS.get(&dst) }.is_none() {
+    if unsafe { POD_ADDRS.get(&dst) }.is_none() {
         return;
     }
     let key = FlowKey {
         src,
         dst,
         // local_port is host order; remote_port holds the network-order port in its upper half.
-        src_port: unsafe { read_volatile(addr_of!((*ops).local_port)) } as u16,
-        dst_port: u16::from_be((unsafe { read_volatile(addr_of!((*ops).remote_port)) } >> 16) as u16),
+        src_port: src_port as u16,
+        dst_port: u16::from_be((remote_port >> 16) as u16),
         _pad: 0,
     };
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let _ = NODE_CONNS.insert(&key, &netns, 0);
+}
+
+fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut ip = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        ip[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    ip
 }
 
 /// Once a captured connection is established, re-key its original destination by what the
