@@ -422,3 +422,308 @@ async fn identities_are_issued_for_local_accounts_and_renewed_at_half_life() {
     wanted_tx.send_replace(BTreeSet::from([reviews.clone()]));
     wait(&mut svids, "web dropped", |s| !s.contains_key(&web)).await;
 }
+
+/// The text of control's `/metrics`.
+async fn scrape(control: &Control) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = control.metrics_addr.expect("metrics served");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: control\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of one sample (`name{labels}`) in a scrape; 0 when absent.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The hostile tester's VirtualService: weights whose sum overflows 32 bits. It used to panic
+/// the source task and stop all config; now it is refused, and everything else keeps flowing.
+#[tokio::test]
+async fn an_overflowing_virtual_service_is_refused_and_other_config_keeps_flowing() {
+    let f = Fixture::new();
+    let control = f.start(0).await;
+    let mut n1 = subscribe(f.endpoint(control.addr), "n1");
+    until(&mut n1, "the snapshot", |c| c.workloads().count() == 1).await;
+    let vs = |name: &str, route: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  hosts: [reviews]\n  http:\n  - route: [{route}]\n"
+        )
+    };
+    let good = "{destination: {host: reviews}, weight: 100}";
+    f.write("routes.yaml", &vs("reviews", good));
+    until(&mut n1, "the good VirtualService", |c| {
+        c.policies().count() == 1
+    })
+    .await;
+
+    let hostile = "{destination: {host: reviews, subset: a}, weight: 2147483647}, \
+                   {destination: {host: reviews, subset: b}, weight: 2147483647}, \
+                   {destination: {host: reviews, subset: c}, weight: 102}";
+    f.write("routes.yaml", &vs("reviews", hostile));
+    let mut errors = control.source_errors.clone();
+    let e = tokio::time::timeout(Duration::from_secs(10), errors.wait_for(|e| !e.is_empty()))
+        .await
+        .expect("the VirtualService is refused")
+        .unwrap()
+        .join("\n");
+    assert!(
+        e.contains(
+            "routes.yaml: document 1 (VirtualService shop/reviews): spec.http[0].route[0].weight: \
+             2147483647 is not 0 to 100"
+        ),
+        "{e}"
+    );
+
+    // Other objects still reach the node, and the refused one keeps its last good version.
+    f.write("shop.yaml", &shop(&["10.244.1.12"], ""));
+    f.write("more.yaml", &vs("reviews-too", good));
+    let (_, config) = until(&mut n1, "the other changes", |c| {
+        web_ips(c) == ["10.244.1.12"] && c.policies().count() == 2
+    })
+    .await;
+    let reviews = config
+        .policies()
+        .find(|p| p.name == "reviews")
+        .expect("last good kept");
+    assert!(
+        reviews.spec_json.contains("\"weight\":100"),
+        "{}",
+        reviews.spec_json
+    );
+    let metrics = scrape(&control).await;
+    assert_eq!(
+        sample(&metrics, "trellis_control_objects_rejected"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "trellis_control_source_restarts_total{source=\"dir\"}"
+        ),
+        0.0,
+        "{metrics}"
+    );
+
+    // Fixing the file recovers; deleting it removes the object.
+    f.write(
+        "routes.yaml",
+        &vs("reviews", "{destination: {host: reviews}, weight: 60}, {destination: {host: reviews}, weight: 40}"),
+    );
+    until(&mut n1, "the fixed VirtualService", |c| {
+        c.policies()
+            .any(|p| p.name == "reviews" && p.spec_json.contains("\"weight\":60"))
+    })
+    .await;
+    assert_eq!(*control.source_errors.borrow(), Vec::<String>::new());
+    std::fs::remove_file(f.yaml.path().join("routes.yaml")).unwrap();
+    until(&mut n1, "the VirtualService removed", |c| {
+        c.policies().all(|p| p.name != "reviews")
+    })
+    .await;
+    assert_eq!(
+        sample(&scrape(&control).await, "trellis_control_objects_rejected"),
+        0.0
+    );
+}
+
+/// Loose input the hostile tester found accepted is refused, each with the field named.
+#[tokio::test]
+async fn names_and_labels_are_checked_as_kubernetes_does() {
+    let f = Fixture::new();
+    let control = f.start(0).await;
+    let cases = [
+        (
+            "subset.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: shop}\n\
+             spec: {host: reviews, subsets: [{name: version one, labels: {version: v1}}]}\n",
+            "subsets[0].name: \"version one\" is not a DNS-1123 label",
+        ),
+        (
+            "key.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, namespace: shop, labels: {\"bad label!!/=x\": a}}\n",
+            "metadata.labels: label key \"bad label!!/=x\"",
+        ),
+        (
+            "value.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p2, namespace: shop, labels: {app: \"a\\0b\"}}\n",
+            "metadata.labels: label value \"a\\0b\"",
+        ),
+        (
+            "weight.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: w, namespace: shop}\n\
+             spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}, weight: 150}]}]}\n",
+            "spec.http[0].route[0].weight: 150 is not 0 to 100",
+        ),
+    ];
+    for (file, yaml, _) in &cases {
+        f.write(file, yaml);
+    }
+    let many = vec!["apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n"; 1025].join("---\n");
+    f.write("many.yaml", &many);
+    let mut errors = control.source_errors.clone();
+    let errors = tokio::time::timeout(
+        Duration::from_secs(10),
+        errors.wait_for(|e| e.len() == cases.len() + 1),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("errors: {:?}", control.source_errors.borrow()))
+    .unwrap()
+    .clone();
+    for (file, _, want) in cases {
+        assert!(
+            errors.iter().any(|e| e.contains(file) && e.contains(want)),
+            "{want} in {errors:#?}"
+        );
+    }
+    assert!(
+        errors.iter().any(|e| e.contains("many.yaml")
+            && e.contains("file has more than 1024 documents (the limit; split it)")),
+        "{errors:#?}"
+    );
+}
+
+/// A cluster big enough to need several messages per update, and a VirtualService of about
+/// 6 MB (with its routes compiled into its service, over the 4 MiB gRPC default on its own):
+/// three nodes, each following control with the agent's real client, get all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_cluster_and_a_6_mb_virtual_service_reach_every_node() {
+    const PODS: usize = 10_000;
+    const SERVICES: usize = 1_000;
+    const PER_FILE: usize = 500;
+    let started = std::time::Instant::now();
+    let f = Fixture::new();
+    for file in 0..PODS / PER_FILE {
+        let pods: Vec<String> = (file * PER_FILE..(file + 1) * PER_FILE)
+            .map(|i| {
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p-{i}, namespace: shop, labels: {{app: svc-{}}}}}\n\
+                     spec: {{nodeName: n{}, serviceAccountName: sa-{}, containers: []}}\n\
+                     status: {{podIP: 10.{}.{}.{}}}\n",
+                    i % SERVICES,
+                    i % 3 + 1,
+                    i % 50,
+                    100 + i / 65536,
+                    (i / 256) % 256,
+                    i % 256
+                )
+            })
+            .collect();
+        f.write(&format!("pods-{file}.yaml"), &pods.join("---\n"));
+    }
+    let services: Vec<String> = (0..SERVICES)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: shop}}\n\
+                 spec: {{clusterIP: 10.96.{}.{}, selector: {{app: svc-{i}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    f.write("services.yaml", &services.join("---\n"));
+    const ROUTES: usize = 3_000;
+    let value = "v".repeat(2_000);
+    let mut vs = String::from(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: big, namespace: shop}\n\
+         spec:\n  hosts: [svc-0]\n  http:\n",
+    );
+    for i in 0..ROUTES {
+        vs.push_str(&format!(
+            "  - match: [{{headers: {{x-route: {{exact: \"{i}-{value}\"}}}}}}]\n    route: [{{destination: {{host: svc-0}}}}]\n"
+        ));
+    }
+    assert!(vs.len() > 6_000_000, "{} bytes", vs.len());
+    f.write("big-vs.yaml", &vs);
+    let written = started.elapsed();
+
+    let control = f.start(0).await;
+    let nodes = ["n1", "n2", "n3"];
+    let mut followers: Vec<_> = nodes
+        .iter()
+        .map(|n| subscribe(f.endpoint(control.addr), n))
+        .collect();
+    let complete = |c: &trellis_agent::config::NodeConfig| {
+        c.services().count() == SERVICES + 1 // and shop/reviews
+            && c.workloads().count() + c.peers().count() == PODS + 2 // and web, reviews-v1
+            && c.services().any(|s| {
+                s.name == "svc-0" && s.ports[0].http_routes.len() == ROUTES && s.endpoints.len() == 10
+            })
+            && c.policies().any(|p| p.name == "big" && p.spec_json.len() > 6_000_000)
+    };
+    for (node, rx) in nodes.iter().zip(&mut followers) {
+        let wait = async {
+            loop {
+                let (update, config) = rx.recv().await.expect("follower stopped");
+                if complete(&config) {
+                    return (update, config);
+                }
+            }
+        };
+        let (update, config) = tokio::time::timeout(Duration::from_secs(50), wait)
+            .await
+            .unwrap_or_else(|_| panic!("{node} never got the whole config"));
+        assert!(update.snapshot);
+        assert!(config.workloads().all(|w| w.node == *node));
+    }
+    let delivered = started.elapsed();
+
+    let metrics = scrape(&control).await;
+    let mut report = Vec::new();
+    for node in nodes {
+        let labels = format!("{{node=\"{node}\"}}");
+        let messages = sample(
+            &metrics,
+            &format!("trellis_control_config_messages_total{labels}"),
+        );
+        let bytes = sample(
+            &metrics,
+            &format!("trellis_control_config_bytes_total{labels}"),
+        );
+        let largest = sample(
+            &metrics,
+            &format!("trellis_control_config_largest_message_bytes{labels}"),
+        );
+        assert!(messages > 3.0, "{node}: {messages} messages");
+        assert!(
+            largest > 4_194_304.0 && largest < api::MAX_MESSAGE_BYTES as f64,
+            "{node}: largest message {largest}"
+        );
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!("trellis_control_undeliverable_resources{labels}")
+            ),
+            0.0
+        );
+        report.push(format!(
+            "{node}: {messages} messages, {:.1} MB, largest {:.1} MB",
+            bytes / 1e6,
+            largest / 1e6
+        ));
+    }
+
+    // Incremental updates still flow, and small: one pod's IP.
+    f.write("shop.yaml", &shop(&["10.244.1.13"], ""));
+    let (update, _) = until(&mut followers[0], "web's new IP", |c| {
+        web_ips(c) == ["10.244.1.13"]
+    })
+    .await;
+    assert!(!update.snapshot);
+    let total = started.elapsed();
+    eprintln!(
+        "files written in {written:?}; every node complete after {delivered:?}; incremental after {total:?}\n{}",
+        report.join("\n")
+    );
+    assert!(total < Duration::from_secs(60), "took {total:?}");
+}
