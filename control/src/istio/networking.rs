@@ -307,7 +307,7 @@ fn check_weights(at: &str, weights: impl Iterator<Item = Option<i32>>) -> Result
             return Err(format!("{at}.route[{i}].weight: {w} is not 0 to 100"));
         }
     }
-    let sum: i32 = weights.iter().map(|w| w.unwrap_or(0)).sum();
+    let sum: i64 = weights.iter().map(|w| i64::from(w.unwrap_or(0))).sum();
     if weights.len() > 1 && sum != 100 {
         return Err(format!("{at}.route: weights add up to {sum}, not 100"));
     }
