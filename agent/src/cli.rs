@@ -53,7 +53,7 @@ enum Command {
     /// Load and attach the capture programs (adopting any pinned by an earlier agent), enroll
     /// the pods listed in --pods, and proxy their traffic. Runs until SIGTERM or Ctrl-C; capture
     /// stays pinned after it exits.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach and remove everything the agent pinned for a node. Stop the agent first.
     Cleanup(PinArgs),
     /// Subscribe to control as NODE and print each config update it sends (acknowledging it),
@@ -224,7 +224,7 @@ pub fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .context("starting the runtime")
-                .and_then(|rt| rt.block_on(run(args)))
+                .and_then(|rt| rt.block_on(run(*args)))
         }
     };
     match result {

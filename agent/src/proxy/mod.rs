@@ -2,6 +2,7 @@
 //! (outbound capture), [::]:15006 (inbound plaintext capture) and, once it has an identity,
 //! [::]:15008 (inbound HBONE). One agent process serves every pod on the node.
 mod balance;
+mod copy;
 mod guard;
 mod hbone;
 mod http;
@@ -47,8 +48,6 @@ use crate::{
 
 /// How long an onward connect (or a TLS handshake) may take before the connection is given up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Splice buffer per direction: large enough that bulk transfers move in few syscalls.
-const SPLICE_BUFFER: usize = 64 * 1024;
 
 /// What every connection handler shares; one per agent.
 pub struct Shared {
@@ -273,7 +272,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, SPLICE_BUFFER, SPLICE_BUFFER).await
+    copy::bidirectional(a, b).await
 }
 
 /// Labels for one side of a connection, filled from what the mesh state knows.

@@ -6,8 +6,9 @@
 //!   connections, then on each sends one byte of an HTTP/1.1 request head every interval (the
 //!   head never ends); with `--h2`, the HTTP/2 preface and an empty SETTINGS frame once, then
 //!   nothing. Reports how many the server closed and when.
-//! - `hold ADDR [--conns 10000] [--duration-secs 60]`: opens the connections (to an echo server),
-//!   holds them idle, then checks each still echoes a byte. Reports opened, failed and alive.
+//! - `hold ADDR [--conns 10000] [--rate 500] [--duration-secs 60]`: opens the connections (to an
+//!   echo server) at `rate` per second, holds them idle, then checks each still echoes a byte.
+//!   Reports opened, failed and alive.
 //!
 //! Each prints one JSON line. Every loop is bounded in count and time.
 use std::{
@@ -25,7 +26,7 @@ use tokio::{
 
 const USAGE: &str = "usage: trellis-abuse echo-serve ADDR
        trellis-abuse slowloris ADDR [--conns 500] [--interval-ms 1000] [--duration-secs 20] [--h2]
-       trellis-abuse hold ADDR [--conns 10000] [--duration-secs 60]";
+       trellis-abuse hold ADDR [--conns 10000] [--rate 500] [--duration-secs 60]";
 
 /// The most connections any mode opens, whatever it is told.
 const MAX_CONNS: usize = 20_000;
@@ -37,6 +38,8 @@ const H1_HEAD: &[u8] = b"GET / HTTP/1.1\r\nHost: slow\r\nX-Slow: ";
 
 struct Opts {
     conns: usize,
+    /// New connections per second (hold).
+    rate: u64,
     interval: Duration,
     duration: Duration,
     h2: bool,
@@ -45,6 +48,7 @@ struct Opts {
 fn parse(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
         conns: 500,
+        rate: 500,
         interval: Duration::from_secs(1),
         duration: Duration::from_secs(20),
         h2: false,
@@ -61,6 +65,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             .ok_or_else(|| format!("{flag} needs a number"))?;
         match flag.as_str() {
             "--conns" => o.conns = (value as usize).min(MAX_CONNS),
+            "--rate" => o.rate = value.max(1),
             "--interval-ms" => o.interval = Duration::from_millis(value.max(1)),
             "--duration-secs" => o.duration = Duration::from_secs(value.min(600)),
             _ => return Err(format!("unknown option {flag}")),
@@ -130,13 +135,21 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
-/// Opens up to `conns` connections, a few at a time; the open ones and how many failed.
-async fn open_all(addr: SocketAddr, conns: usize) -> (Vec<TcpStream>, usize) {
+/// Opens up to `conns` connections, in batches of 50 at `rate` per second; the open ones and how
+/// many failed.
+async fn open_all(addr: SocketAddr, conns: usize, rate: u64) -> (Vec<TcpStream>, usize) {
+    const BATCH: usize = 50;
     let (mut open, mut failed) = (Vec::with_capacity(conns), 0);
     let mut pending = JoinSet::new();
+    let mut pace = tokio::time::interval(
+        Duration::from_millis(1000 * BATCH as u64 / rate).max(Duration::from_millis(1)),
+    );
     for i in 0..conns {
+        if i % BATCH == 0 {
+            pace.tick().await;
+        }
         pending.spawn(connect(addr));
-        if pending.len() >= 64 || i + 1 == conns {
+        if pending.len() >= BATCH || i + 1 == conns {
             while let Some(r) = pending.join_next().await {
                 match r {
                     Ok(Ok(s)) => open.push(s),
@@ -149,7 +162,7 @@ async fn open_all(addr: SocketAddr, conns: usize) -> (Vec<TcpStream>, usize) {
 }
 
 async fn slowloris(addr: SocketAddr, o: &Opts) -> std::io::Result<()> {
-    let (streams, failed) = open_all(addr, o.conns).await;
+    let (streams, failed) = open_all(addr, o.conns, o.rate).await;
     let opened = streams.len();
     let start = Instant::now();
     let mut tasks = JoinSet::new();
@@ -208,7 +221,7 @@ async fn slowloris(addr: SocketAddr, o: &Opts) -> std::io::Result<()> {
 
 async fn hold(addr: SocketAddr, o: &Opts) -> std::io::Result<()> {
     let started = Instant::now();
-    let (streams, failed) = open_all(addr, o.conns).await;
+    let (streams, failed) = open_all(addr, o.conns, o.rate).await;
     let opened = streams.len();
     let open_ms = started.elapsed().as_millis() as u64;
     tokio::time::sleep_until((started + o.duration).into()).await;
