@@ -350,6 +350,89 @@ fn slow_and_silent_http_clients_are_cut_off_and_cost_nothing_after() {
     assert_eq!(resp["service"], "server", "{resp}");
 }
 
+/// `trellis-loadgen http-probe` from `pod`: the answer's status (0 when there was none).
+fn probe_status(pod: &Pod, target: &str, header: &str) -> u64 {
+    let mut cmd = Command::new(binary("trellis-loadgen"));
+    cmd.args(["http-probe", target, "--header", header])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap();
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["status"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_overflowing_and_a_6_mb_virtual_service_never_stop_the_nodes() {
+    let shop = Shop::start();
+    let base = [footprint(&shop.agents[0]), footprint(&shop.agents[1])];
+    // The hostile tester's weights, whose sum overflows 32 bits: it used to panic control's
+    // source and leave every node without config.
+    shop.control.write(
+        "overflow.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: overflow, namespace: shop}\n\
+         spec: {hosts: [server], http: [{route: [{destination: {host: server}, weight: 2147483647}, \
+         {destination: {host: server}, weight: 2147483647}, {destination: {host: server}, weight: 102}]}]}\n",
+    );
+    // A valid 6 MB VirtualService (3,000 header routes); its last route aborts with 418, so an
+    // answer 418 proves the whole of it reached the client's node.
+    const ROUTES: usize = 3_000;
+    let value = "v".repeat(2_000);
+    let mut vs = String::from(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: big, namespace: shop}\n\
+         spec:\n  hosts: [server]\n  http:\n",
+    );
+    for i in 0..ROUTES - 1 {
+        vs.push_str(&format!(
+            "  - match: [{{headers: {{x-route: {{exact: \"{i}-{value}\"}}}}}}]\n    route: [{{destination: {{host: server}}}}]\n"
+        ));
+    }
+    vs.push_str(&format!(
+        "  - match: [{{headers: {{x-route: {{exact: \"last-{value}\"}}}}}}]\n    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: server}}}}]\n"
+    ));
+    assert!(vs.len() > 6_000_000, "{} bytes", vs.len());
+    shop.control.write("big-vs.yaml", &vs);
+    // Config written after both still reaches the nodes.
+    shop.control.write("pa.yaml", &peer_auth("STRICT"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !refused(&shop.outsider.connect(addr(shop.server.ip4, 8080), "x")) {
+        assert!(
+            Instant::now() < deadline,
+            "later config never arrived:\n{}",
+            warnings(&shop)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let vip = shop.vip(8081).to_string();
+    let last = format!("x-route:last-{value}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while probe_status(&shop.client, &vip, &last) != 418 {
+        assert!(
+            Instant::now() < deadline,
+            "the 6 MB VirtualService never took effect:\n{}",
+            warnings(&shop)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // The first route still routes; a request no route matches gets Istio's 404.
+    let first = format!("x-route:0-{value}");
+    assert_eq!(probe_status(&shop.client, &vip, &first), 200);
+    assert_eq!(probe_status(&shop.client, &vip, "x-route:none"), 404);
+    assert!(
+        shop.control.log_text().contains("overflow"),
+        "control did not name the refused object:\n{}",
+        shop.control.log_text()
+    );
+    for (agent, base) in shop.agents.iter().zip(base) {
+        let now = footprint(agent);
+        assert!(
+            now.rss_kib < base.rss_kib + 150 * 1024 && now.fds <= base.fds + 16,
+            "an agent holding a 6 MB VirtualService grew from {base:?} to {now:?}"
+        );
+    }
+}
+
 /// `trellis-abuse hold` from `pod`: `conns` idle connections to `target` for `secs`.
 fn hold(pod: &Pod, target: &str, conns: u32, secs: u32) -> std::process::Child {
     let mut cmd = Command::new(binary("trellis-abuse"));
