@@ -350,6 +350,77 @@ fn slow_and_silent_http_clients_are_cut_off_and_cost_nothing_after() {
     assert_eq!(resp["service"], "server", "{resp}");
 }
 
+/// CPU seconds the process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name; ticks of 1/100 s.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// Sets the soft open-file limit of `pid`, keeping the hard one (which only root with
+/// CAP_SYS_RESOURCE could raise again).
+fn set_nofile(pid: u32, soft: usize) {
+    let limit = format!("--nofile={soft}:");
+    sys::run("prlimit", &["--pid", &pid.to_string(), &limit]);
+}
+
+#[test]
+fn past_its_limits_the_node_resets_the_excess_and_out_of_descriptors_it_does_not_spin() {
+    let shop = Shop::start_with(2, &[], &["--max-connections-per-pod", "30"]);
+    shop.server
+        .start_app(Command::new(binary("trellis-abuse")).args(["echo-serve", "[::]:7100"]));
+    let target = addr(shop.server.ip4, 7100).to_string();
+    let n1 = &shop.cluster.nodes[0];
+
+    // 50 connections from a pod allowed 30: the rest are reset, each counted. The server pod
+    // is allowed 30 too, one of which is the HBONE connection that carries the others' streams.
+    let out = report(hold(&shop.client, &target, 50, 4));
+    assert_eq!(out["alive"], 29, "{out}");
+    assert!(failures(n1, "pod_limit") >= 20.0, "{}", metrics(n1));
+    assert!(failures(&shop.cluster.nodes[1], "pod_limit") >= 1.0);
+    let again = shop.client.connect(shop.vip(80), "after");
+    assert_eq!(again["echo"], "after", "{again}");
+
+    // The agent runs out of descriptors: accept fails with EMFILE, and the loop backs off
+    // instead of spinning (it used to spin, logging thousands of lines a second).
+    let pid = shop.agents[0].pid().unwrap();
+    let fds = footprint(&shop.agents[0]).fds;
+    set_nofile(pid, fds + 8);
+    let cpu = cpu_secs(pid);
+    let held = hold(&shop.client, &target, 25, 4);
+    std::thread::sleep(Duration::from_secs(3));
+    let spent = cpu_secs(pid) - cpu;
+    set_nofile(pid, 16_384);
+    report(held);
+    assert!(failures(n1, "accept") >= 1.0, "{}", metrics(n1));
+    assert!(
+        spent < 1.0,
+        "the agent used {spent} s of CPU in 3 s out of descriptors"
+    );
+    let lines = shop.agents[0]
+        .logs()
+        .iter()
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("accept failed"))
+        })
+        .count();
+    assert!((1..=20).contains(&lines), "{lines} accept failure lines");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = shop.client.connect(shop.vip(80), "recovered");
+        if out["echo"] == "recovered" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `trellis-loadgen http-probe` from `pod`: the answer's status (0 when there was none).
 fn probe_status(pod: &Pod, target: &str, header: &str) -> u64 {
     let mut cmd = Command::new(binary("trellis-loadgen"));
