@@ -1,10 +1,17 @@
-//! Setup step: a real kube-apiserver for the Kubernetes tests. No registry ships one, so build it
-//! from Debian bookworm's `kubernetes` source package (1.20.2, vendored Go dependencies) with
-//! Debian's Go, offline. Cached outside the checkout; about 7 minutes the first time.
-use std::{fs, path::Path, process::Command, time::Instant};
+//! Setup step: real Kubernetes binaries for the tests: kube-apiserver for the API tests, and
+//! kubelet, kube-scheduler, kube-controller-manager and kube-proxy for the real node
+//! (`trellis_e2e::kubenode`). No registry ships them, so build them from Debian bookworm's
+//! `kubernetes` source package (1.20.2, vendored Go dependencies) with Debian's Go, offline, from
+//! one source fetch. Cached outside the checkout; about 20 minutes on 2 cores the first time.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
 
 use anyhow::{Context as _, Result, bail};
-use trellis_e2e::apiserver;
+use trellis_e2e::{apiserver, kubenode};
 
 use crate::cmd;
 
@@ -13,13 +20,31 @@ const SOURCE_VERSION: &str = "1.20.5+really1.20.2-1.1+deb12u1";
 /// 1.0.1 breaks under Go >= 1.18 whenever json-iterator encodes a map (pretty-printed JSON or
 /// YAML responses, e.g. to curl or `?pretty=true`); dpkg-dev unpacks the source;
 /// make and rsync run Kubernetes' own build (which generates the OpenAPI code first).
-const PACKAGES: [&str; 6] = [
+/// The real node runs on Debian's containerd, runc and CNI plugins (bridge, host-local, portmap,
+/// loopback in /usr/lib/cni); kube-proxy and kubelet need iptables and conntrack, and
+/// `kube-proxy --cleanup` fails without ipset (it also removes IPVS mode's sets).
+const PACKAGES: [&str; 12] = [
     "golang-go",
     "etcd-server",
     "golang-github-modern-go-reflect2-dev",
     "dpkg-dev",
     "make",
     "rsync",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "conntrack",
+    "ipset",
+];
+/// What is built, with a rough time each takes on 2 cores (Go's build cache is shared, so the
+/// later ones are quicker).
+const BINARIES: [(&str, &str); 5] = [
+    ("kube-apiserver", "about 7 minutes"),
+    ("kubelet", "about 5 minutes"),
+    ("kube-controller-manager", "about 3 minutes"),
+    ("kube-scheduler", "about 2 minutes"),
+    ("kube-proxy", "about 2 minutes"),
 ];
 const REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
 
@@ -29,28 +54,51 @@ pub fn ensure() -> Result<()> {
     if cmd::output("kubectl", &["version", "--client"]).is_none() {
         bail!("kubectl (1.24 or newer) is not installed; the Kubernetes tests need it");
     }
-    let bin = apiserver::binary();
-    if bin.is_file() {
-        eprintln!("setup: kube-apiserver {} present", apiserver::VERSION);
+    install_packages()?;
+    let missing: Vec<(&str, &str, PathBuf)> = BINARIES
+        .iter()
+        .map(|&(name, took)| (name, took, target(name)))
+        .filter(|(_, _, bin)| !bin.is_file())
+        .collect();
+    if missing.is_empty() {
+        eprintln!(
+            "setup: Kubernetes {} binaries present ({})",
+            apiserver::VERSION,
+            BINARIES.map(|b| b.0).join(", ")
+        );
         return Ok(());
     }
-    install_packages()?;
-    let work = bin
-        .parent()
-        .context("binary path has a parent")?
-        .join("build");
+    let work = kubenode::kube_dir().join("build");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     fetch_source(&work)?;
+    prepare(&work)?;
+    let all = Instant::now();
+    for (name, took, bin) in &missing {
+        eprintln!(
+            "setup: building {name} {} from Debian source ({took} on 2 cores)",
+            apiserver::VERSION
+        );
+        let start = Instant::now();
+        build(&work, name, bin)?;
+        eprintln!("setup: {name} built in {:.0?}", start.elapsed());
+    }
     eprintln!(
-        "setup: building kube-apiserver {} from Debian source (about 7 minutes on 2 cores)",
-        apiserver::VERSION
+        "setup: {} Kubernetes binaries built in {:.0?}",
+        missing.len(),
+        all.elapsed()
     );
-    let start = Instant::now();
-    build(&work, &bin)?;
-    eprintln!("setup: kube-apiserver built in {:.0?}", start.elapsed());
     let _ = fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// Where `name` is cached (kube-apiserver where the API tests look for it).
+fn target(name: &str) -> PathBuf {
+    if name == "kube-apiserver" {
+        apiserver::binary()
+    } else {
+        kubenode::binary(name)
+    }
 }
 
 fn install_packages() -> Result<()> {
@@ -66,7 +114,7 @@ fn install_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    cmd::apt_install(&missing, "to build and run kube-apiserver")
+    cmd::apt_install(&missing, "to build and run Kubernetes")
 }
 
 /// `apt-get source` through a private APT configuration (deb-src lines of its own), so the
@@ -114,28 +162,33 @@ fn fetch_source(work: &Path) -> Result<()> {
     )
 }
 
-fn build(work: &Path, bin: &Path) -> Result<()> {
+/// Replaces the vendored reflect2 and writes the version file the build reads.
+fn prepare(work: &Path) -> Result<()> {
     let src = work.join("src");
     let vendored = src.join("vendor/github.com/modern-go/reflect2");
     fs::remove_dir_all(&vendored).with_context(|| format!("removing {}", vendored.display()))?;
     cmd::run(Command::new("cp").arg("-r").arg(REFLECT2).arg(&vendored))?;
-    // Kubernetes' own build, as Debian's package runs it: it generates code (OpenAPI definitions
-    // are not in the source) and builds in GOPATH mode. The version comes from a file since
-    // there is no git history.
-    let version_file = work.join("version.env");
+    // The version comes from a file since there is no git history.
     fs::write(
-        &version_file,
+        work.join("version.env"),
         format!(
             "KUBE_GIT_VERSION='{}'\nKUBE_GIT_MAJOR='1'\nKUBE_GIT_MINOR='20'\nKUBE_GIT_TREE_STATE='clean'\n\
              KUBE_GIT_COMMIT='faecb196815e248d3ecfb03c680a4507229c2a56'\n",
             apiserver::VERSION
         ),
     )?;
+    Ok(())
+}
+
+/// Kubernetes' own build, as Debian's package runs it: it generates code (OpenAPI definitions
+/// are not in the source) and builds in GOPATH mode; one Go cache serves every binary.
+fn build(work: &Path, name: &str, bin: &Path) -> Result<()> {
+    let src = work.join("src");
     let status = Command::new("make")
-        .arg("WHAT=cmd/kube-apiserver")
+        .arg(format!("WHAT=cmd/{name}"))
         .current_dir(&src)
         .env("HOME", work)
-        .env("KUBE_GIT_VERSION_FILE", &version_file)
+        .env("KUBE_GIT_VERSION_FILE", work.join("version.env"))
         .env("KUBE_BUILD_PLATFORMS", "linux/amd64")
         .env("GOCACHE", work.join("gocache"))
         .env("GO111MODULE", "off")
@@ -145,11 +198,12 @@ fn build(work: &Path, bin: &Path) -> Result<()> {
         .context("running make")?;
     if !status.success() {
         bail!(
-            "building kube-apiserver failed ({status}); the source is in {}",
+            "building {name} failed ({status}); the source is in {}",
             src.display()
         );
     }
-    let built = src.join("_output/bin/kube-apiserver");
+    let built = src.join("_output/bin").join(name);
+    fs::create_dir_all(bin.parent().context("binary path has a parent")?)?;
     let tmp = bin.with_extension("partial");
     fs::copy(&built, &tmp).with_context(|| format!("copying {}", built.display()))?;
     fs::rename(&tmp, bin)?;
