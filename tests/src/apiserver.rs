@@ -33,6 +33,7 @@ pub struct KubeApiServer {
     etcd: Child,
     apiserver: Option<Child>,
     etcd_url: String,
+    allow_privileged: bool,
 }
 
 fn free_port() -> u16 {
@@ -58,6 +59,15 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 impl KubeApiServer {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// An API server that also admits privileged pods (a real node's agent DaemonSet is one).
+    pub fn start_privileged() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(allow_privileged: bool) -> Self {
         sys::sweep_stale();
         let bin = binary();
         assert!(
@@ -177,6 +187,7 @@ impl KubeApiServer {
             etcd,
             apiserver: None,
             etcd_url,
+            allow_privileged,
         };
         server.spawn_apiserver();
         server
@@ -202,6 +213,7 @@ impl KubeApiServer {
             format!("--service-account-signing-key-file={}", d("sa.key")),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--profiling=false".into(),
+            format!("--allow-privileged={}", self.allow_privileged),
         ];
         let log = fs::OpenOptions::new()
             .create(true)
@@ -251,6 +263,19 @@ impl KubeApiServer {
             .rev()
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// Its directory: CA (`ca.pem`, `ca.key`), service-account key (`sa.key`), logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// (etcd, kube-apiserver) process ids.
+    pub fn pids(&self) -> (u32, u32) {
+        (
+            self.etcd.id(),
+            self.apiserver.as_ref().map_or(0, |c| c.id()),
+        )
     }
 
     pub fn kubeconfig_path(&self) -> PathBuf {

@@ -8,6 +8,7 @@ pub mod apiserver;
 pub mod control;
 pub mod kubenode;
 pub mod node;
+pub mod oci;
 pub mod sys;
 
 pub use agent::Agent;
