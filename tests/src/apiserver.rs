@@ -33,7 +33,7 @@ pub struct KubeApiServer {
     etcd: Child,
     apiserver: Option<Child>,
     etcd_url: String,
-    allow_privileged: bool,
+    for_node: bool,
 }
 
 fn free_port() -> u16 {
@@ -62,12 +62,13 @@ impl KubeApiServer {
         Self::start_with(false)
     }
 
-    /// An API server that also admits privileged pods (a real node's agent DaemonSet is one).
-    pub fn start_privileged() -> Self {
+    /// An API server for a real node (`kubenode`): it also admits privileged pods (the agent
+    /// DaemonSet is one) and reaches kubelet at the node's InternalIP (its name does not resolve).
+    pub fn start_for_node() -> Self {
         Self::start_with(true)
     }
 
-    fn start_with(allow_privileged: bool) -> Self {
+    fn start_with(for_node: bool) -> Self {
         sys::sweep_stale();
         let bin = binary();
         assert!(
@@ -187,7 +188,7 @@ impl KubeApiServer {
             etcd,
             apiserver: None,
             etcd_url,
-            allow_privileged,
+            for_node,
         };
         server.spawn_apiserver();
         server
@@ -213,7 +214,10 @@ impl KubeApiServer {
             format!("--service-account-signing-key-file={}", d("sa.key")),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--profiling=false".into(),
-            format!("--allow-privileged={}", self.allow_privileged),
+        ];
+        let node_args = [
+            "--allow-privileged=true",
+            "--kubelet-preferred-address-types=InternalIP",
         ];
         let log = fs::OpenOptions::new()
             .create(true)
@@ -222,6 +226,7 @@ impl KubeApiServer {
             .unwrap();
         let child = Command::new(binary())
             .args(&args)
+            .args(node_args.iter().filter(|_| self.for_node))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

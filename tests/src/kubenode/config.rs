@@ -2,7 +2,7 @@
 //! directory, its own socket and loopback ports, so nothing of the machine's defaults is used.
 use std::path::Path;
 
-use super::{BRIDGE, NETWORK, PAUSE_IMAGE, POD_CIDR};
+use super::{BRIDGE, NETWORK, NODE_IP, PAUSE_IMAGE, POD_CIDR};
 
 /// containerd 1.6 with the CRI plugin. `restrict_oom_score_adj`: this machine lacks
 /// CAP_SYS_RESOURCE, and without it every sandbox fails ("can't get final child's PID from pipe").
@@ -50,7 +50,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 /// A bridge of its own with host-local addresses from the pod CIDR; no masquerading (pods talk to
 /// each other and the node only), so the CNI plugins add no iptables rules.
 pub fn cni(dir: &Path) -> String {
-    let gateway = POD_CIDR.replace(".0/24", ".1");
     serde_json::json!({
         "cniVersion": "0.4.0",
         "name": NETWORK,
@@ -62,7 +61,7 @@ pub fn cni(dir: &Path) -> String {
             "hairpinMode": true,
             "ipam": {
                 "type": "host-local",
-                "ranges": [[{"subnet": POD_CIDR, "gateway": gateway}]],
+                "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
                 "dataDir": dir.join("cni/ipam"),
             },
         }],
@@ -71,12 +70,13 @@ pub fn cni(dir: &Path) -> String {
 }
 
 /// kubelet: cgroupfs driver (systemd is not PID 1 here), node status every 2 s (Ready in
-/// seconds, not 40), serving on loopback only, no OOM score changes (no CAP_SYS_RESOURCE).
+/// seconds, not 40), serving on the node's bridge address only, no OOM score changes (no
+/// CAP_SYS_RESOURCE).
 pub fn kubelet(port: u16, healthz_port: u16) -> String {
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: 127.0.0.1
+address: {NODE_IP}
 port: {port}
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1

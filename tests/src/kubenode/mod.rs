@@ -28,6 +28,9 @@ pub const NODE_NAME: &str = "trellis-node";
 /// The node's pods get addresses here, on bridge `BRIDGE` (gateway .1, the node's side).
 pub const POD_CIDR: &str = "10.87.0.0/24";
 pub const BRIDGE: &str = "trellis-cni0";
+/// The node's address: the bridge's (kubelet refuses a loopback node IP, and the API server
+/// reaches kubelet, for logs and exec, at the node's InternalIP).
+pub const NODE_IP: &str = "10.87.0.1";
 /// The CNI network's name (containerd's result cache files start with it).
 pub const NETWORK: &str = "trellis-node";
 /// The sandbox image, built from tests/images/pause.c and imported at start (no registry here).
@@ -303,7 +306,7 @@ impl KubeNode {
     fn start_all(&mut self) -> Result<()> {
         let dir = self.state.dir.clone();
         eprintln!("kubenode: starting etcd and kube-apiserver");
-        let api = KubeApiServer::start_privileged();
+        let api = KubeApiServer::start_for_node();
         self.state.api_dir = api.dir().to_owned();
         self.state.kubeconfig = api.kubeconfig_path();
         let (etcd, apiserver) = api.pids();
@@ -315,6 +318,16 @@ impl KubeNode {
         self.state.save();
         self.step("kube-apiserver ready");
 
+        // The bridge exists before the first pod so kubelet can serve on the node's address;
+        // the CNI bridge plugin adopts it.
+        for args in [
+            format!("link add {BRIDGE} type bridge"),
+            format!("addr add {NODE_IP}/24 dev {BRIDGE}"),
+            format!("link set {BRIDGE} up"),
+        ] {
+            output(Command::new("ip").args(args.split_whitespace()))
+                .context("creating the node's bridge")?;
+        }
         fs::write(dir.join("containerd.toml"), config::containerd(&dir))?;
         fs::write(dir.join("cni/net.d/10-trellis.conflist"), config::cni(&dir))?;
         self.spawn(
@@ -383,7 +396,7 @@ impl KubeNode {
                 .arg(format!("--root-dir={}", dir.join("kubelet").display()))
                 .arg(format!("--cert-dir={}", dir.join("kubelet/pki").display()))
                 .arg(format!("--hostname-override={NODE_NAME}"))
-                .arg("--node-ip=127.0.0.1"),
+                .arg(format!("--node-ip={NODE_IP}")),
         )?;
         self.step("kubelet started");
         self.spawn(
@@ -394,10 +407,7 @@ impl KubeNode {
                 .args(["--proxy-mode=iptables", "--oom-score-adj=0"])
                 .arg(format!("--cluster-cidr={POD_CIDR}"))
                 // Node ports on the bridge only: on loopback they would need route_localnet.
-                .arg(format!(
-                    "--nodeport-addresses={}/32",
-                    POD_CIDR.replace(".0/24", ".1")
-                ))
+                .arg(format!("--nodeport-addresses={NODE_IP}/32"))
                 // Leave the machine's conntrack settings alone.
                 .args([
                     "--conntrack-max-per-core=0",
