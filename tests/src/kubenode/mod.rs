@@ -111,9 +111,13 @@ impl State {
         })
     }
 
-    /// Whether the process that started the node still runs.
+    /// Whether the process that started the node still runs (a zombie does not).
     pub fn owner_alive(&self) -> bool {
-        Path::new(&format!("/proc/{}", self.owner)).exists()
+        fs::read_to_string(format!("/proc/{}/stat", self.owner)).is_ok_and(|s| {
+            // "pid (comm) S …": the state follows the last ')'.
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+        })
     }
 
     /// Resident memory of every daemon and shim of the node and its pods' processes, in bytes.
