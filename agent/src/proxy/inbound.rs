@@ -2,11 +2,15 @@
 //! connection to the app) and captured plaintext on 15006 (passed to the app unless the pod's
 //! PeerAuthentication is STRICT for that port and the connection was not opened by the node
 //! itself, whose kubelet probes the pod).
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use http_body_util::Empty;
 use hyper::{
-    Method, Request, Response, StatusCode,
+    Method, Request, Response, StatusCode, Uri,
     body::{Bytes, Incoming},
     service::service_fn,
 };
@@ -137,6 +141,51 @@ pub async fn hbone(stream: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared
     }
 }
 
+/// Why a CONNECT request on the HBONE port is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    NotConnect,
+    /// The authority is not an `ip:port`.
+    BadAuthority,
+    /// Not one of this pod's addresses: the HBONE port is not a relay to anywhere else.
+    NotThisPod(SocketAddr),
+    /// One of the proxy's own listeners, which would connect to itself.
+    ProxyPort(SocketAddr),
+}
+
+impl Refused {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refused::NotConnect => StatusCode::METHOD_NOT_ALLOWED,
+            Refused::BadAuthority => StatusCode::BAD_REQUEST,
+            Refused::NotThisPod(_) | Refused::ProxyPort(_) => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+/// Where a CONNECT request for a pod with addresses `pod_ips` may go: only to one of those
+/// addresses, on a port that is not the proxy's own. Pure, so it can be fuzzed (fuzz/).
+pub fn connect_target(
+    method: &Method,
+    uri: &Uri,
+    pod_ips: &[IpAddr],
+) -> Result<SocketAddr, Refused> {
+    if method != Method::CONNECT {
+        return Err(Refused::NotConnect);
+    }
+    let target = uri
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        .ok_or(Refused::BadAuthority)?;
+    if !pod_ips.contains(&target.ip()) {
+        return Err(Refused::NotThisPod(target));
+    }
+    if proxy_port(target.port()) {
+        return Err(Refused::ProxyPort(target));
+    }
+    Ok(target)
+}
+
 /// One CONNECT stream: open the app connection, answer 200, then splice.
 async fn tunnel(
     mut req: Request<Incoming>,
@@ -145,27 +194,23 @@ async fn tunnel(
     pod: Arc<PodCtx>,
     shared: Arc<Shared>,
 ) -> Response<Empty<Bytes>> {
-    if req.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let Some(target) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-    else {
-        return status(StatusCode::BAD_REQUEST);
-    };
-    // Only to this pod: the HBONE port is not a relay to anywhere else.
-    if !pod.ips.contains(&target.ip()) {
-        warn!(pod = %pod.name, client_identity = client_id, %target, "HBONE CONNECT to an address that is not this pod's; refused");
-        return status(StatusCode::FORBIDDEN);
-    }
-    if proxy_port(target.port()) {
-        if let Some(suppressed) = shared.fail(Failure::proxy_port) {
-            warn!(pod = %pod.name, client_identity = client_id, %target, suppressed, "HBONE CONNECT to the proxy's own port refused");
+    let target = match connect_target(req.method(), req.uri(), &pod.ips) {
+        Ok(t) => t,
+        Err(refused) => {
+            match refused {
+                Refused::NotThisPod(target) => {
+                    warn!(pod = %pod.name, client_identity = client_id, %target, "HBONE CONNECT to an address that is not this pod's; refused")
+                }
+                Refused::ProxyPort(target) => {
+                    if let Some(suppressed) = shared.fail(Failure::proxy_port) {
+                        warn!(pod = %pod.name, client_identity = client_id, %target, suppressed, "HBONE CONNECT to the proxy's own port refused");
+                    }
+                }
+                Refused::NotConnect | Refused::BadAuthority => {}
+            }
+            return status(refused.status());
         }
-        return status(StatusCode::FORBIDDEN);
-    }
+    };
     let admission = match shared.limits.admit(&pod.budget) {
         Ok(a) => a,
         Err(limit) => {
@@ -242,4 +287,51 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut resp = Response::new(Empty::new());
     *resp.status_mut() = code;
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_goes_only_to_the_pods_own_addresses_and_app_ports() {
+        let pod: Vec<IpAddr> = vec![
+            "10.244.1.2".parse().unwrap(),
+            "fd00:244:1::2".parse().unwrap(),
+        ];
+        let go = |method: &Method, uri: &str| {
+            connect_target(method, &uri.parse().unwrap(), &pod).map_err(Refused::status)
+        };
+        assert_eq!(
+            go(&Method::CONNECT, "10.244.1.2:8080"),
+            Ok("10.244.1.2:8080".parse().unwrap())
+        );
+        assert_eq!(
+            go(&Method::CONNECT, "[fd00:244:1::2]:80"),
+            Ok("[fd00:244:1::2]:80".parse().unwrap())
+        );
+        assert_eq!(
+            go(&Method::GET, "10.244.1.2:8080"),
+            Err(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        assert_eq!(
+            go(&Method::CONNECT, "pod.shop:8080"),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            go(&Method::CONNECT, "10.244.1.3:8080"),
+            Err(StatusCode::FORBIDDEN)
+        );
+        // The IPv4-mapped form is another address, not a way around the check.
+        assert_eq!(
+            go(&Method::CONNECT, "[::ffff:10.244.1.2]:8080"),
+            Err(StatusCode::FORBIDDEN)
+        );
+        for port in trellis_common::PROXY_PORTS {
+            assert_eq!(
+                go(&Method::CONNECT, &format!("10.244.1.2:{port}")),
+                Err(StatusCode::FORBIDDEN)
+            );
+        }
+    }
 }

@@ -35,7 +35,8 @@ use tokio::{
 use tracing::warn;
 use trellis_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_PORTS};
 
-pub use guard::{ConnLimits, Failure, HttpLimits, LogThrottle, default_node_limit};
+pub use guard::{ConnLimits, Failure, HttpLimits, LogThrottle, open_file_budget};
+pub use inbound::{Refused, connect_target};
 pub use pool::Pool;
 
 use crate::{

@@ -68,16 +68,7 @@ impl OrigDstTable {
     /// The original destination of the connection the proxy accepted from `client` in the netns
     /// with `netns_cookie`; the entry is removed.
     pub fn take(&self, netns_cookie: u64, client: SocketAddr) -> Option<SocketAddr> {
-        let key = ConnKey {
-            netns_cookie,
-            client_port: client.port(),
-            family: if client.is_ipv4() {
-                AF_INET
-            } else {
-                trellis_common::AF_INET6
-            },
-            _pad: 0,
-        };
+        let key = conn_key(netns_cookie, client);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let dst = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
@@ -95,13 +86,7 @@ impl NodeConnTable {
     /// The netns cookie of the socket on this node that opened the connection from `client` to
     /// `local` (the pod's address); None when no socket here opened it (forwarded or NATed).
     pub fn take(&self, client: SocketAddr, local: SocketAddr) -> Option<u64> {
-        let key = FlowKey {
-            src: ip_key(client.ip()),
-            dst: ip_key(local.ip()),
-            src_port: client.port(),
-            dst_port: local.port(),
-            _pad: 0,
-        };
+        let key = flow_key(client, local);
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let netns = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
@@ -115,7 +100,34 @@ pub struct ProxyMaps {
     pub node_conns: NodeConnTable,
 }
 
-fn to_socket_addr(dst: &OrigDst) -> SocketAddr {
+/// The `ORIG_DST` key of a connection from `client` accepted in the netns with `netns_cookie`.
+pub fn conn_key(netns_cookie: u64, client: SocketAddr) -> ConnKey {
+    ConnKey {
+        netns_cookie,
+        client_port: client.port(),
+        family: if client.is_ipv4() {
+            AF_INET
+        } else {
+            trellis_common::AF_INET6
+        },
+        _pad: 0,
+    }
+}
+
+/// The `NODE_CONNS` key of a connection from `client` to `local`.
+pub fn flow_key(client: SocketAddr, local: SocketAddr) -> FlowKey {
+    FlowKey {
+        src: ip_key(client.ip()),
+        dst: ip_key(local.ip()),
+        src_port: client.port(),
+        dst_port: local.port(),
+        _pad: 0,
+    }
+}
+
+/// An `ORIG_DST` value as an address. Any value gives one: an `AF_INET` value that is not
+/// IPv4-mapped (the kernel never writes one) becomes 0.0.0.0 rather than a panic.
+pub fn to_socket_addr(dst: &OrigDst) -> SocketAddr {
     let ip = std::net::Ipv6Addr::from(dst.addr);
     let ip = if dst.family == AF_INET {
         IpAddr::V4(
@@ -128,7 +140,8 @@ fn to_socket_addr(dst: &OrigDst) -> SocketAddr {
     SocketAddr::new(ip, dst.port)
 }
 
-fn ip_key(ip: IpAddr) -> [u8; 16] {
+/// A map's 16-byte address key: IPv4 (also in its IPv4-mapped IPv6 form) as IPv4-mapped.
+pub fn ip_key(ip: IpAddr) -> [u8; 16] {
     match ip.to_canonical() {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
