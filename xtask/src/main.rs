@@ -4,6 +4,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod manifests;
 mod setup;
 mod test;
@@ -22,16 +23,30 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what this machine lacks: nightly rust-src, bpf-linker 0.13.0 (built against
-    /// nightly's own LLVM, cached in ~/.cache/trellis), Debian packages the tests use. Idempotent.
+    /// nightly's own LLVM, cached in ~/.cache/trellis), Debian packages the tests use,
+    /// cargo-fuzz. Idempotent.
     Setup,
     /// Build the kernel programs (through the agent's build script) and print the object's path.
     BuildEbpf,
     /// Run setup if needed, then every test: formatting, clippy, unit, integration and
-    /// real-kernel end-to-end tests. Needs root.
+    /// real-kernel end-to-end tests, the demo, and 10 s of each fuzz target. Needs root.
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the fuzz targets in fuzz/ (cargo-fuzz, libFuzzer) from their committed corpora and
+    /// print how many inputs each executed. See docs/fuzzing.md.
+    Fuzz {
+        /// One target (istio_yaml, config_apply, http_route, hbone_connect, orig_dst); default:
+        /// all of them, one after the other.
+        target: Option<String>,
+        /// Seconds per target (the default: 10).
+        #[arg(long, conflicts_with = "runs")]
+        time: Option<u64>,
+        /// Executions per target, instead of a time.
+        #[arg(long)]
+        runs: Option<u64>,
     },
     /// Write the generated deployment files: the mesh CRDs in deploy/crds/ (a test checks the
     /// committed copy is current).
@@ -63,6 +78,13 @@ fn main() -> ExitCode {
         Task::BuildEbpf => ebpf::run(),
         Task::Test { args } => test::run(&args),
         Task::Demo { once } => demo::run(once),
+        Task::Fuzz { target, time, runs } => fuzz::run(
+            target.as_deref(),
+            match (runs, time) {
+                (Some(n), _) => fuzz::Limit::Runs(n),
+                (None, t) => fuzz::Limit::Secs(t.unwrap_or(10)),
+            },
+        ),
         Task::Manifests => manifests::run(),
         Task::Bench {
             json,

@@ -28,6 +28,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 
 pub fn run() -> Result<()> {
     tools()?;
+    cargo_fuzz()?;
     crate::apiserver::ensure()?;
     eprintln!("setup: done");
     Ok(())
@@ -68,6 +69,20 @@ fn nightly_rust_src() -> Result<()> {
         "--toolchain",
         "nightly",
     ]))
+}
+
+/// cargo-fuzz, which builds and runs the fuzz targets in fuzz/ (`cargo install` keeps it in
+/// ~/.cargo/bin, so this builds it once).
+pub fn cargo_fuzz() -> Result<()> {
+    if let Some(v) = output("cargo", &["fuzz", "--version"]) {
+        eprintln!("setup: {} present", v.trim());
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz (about two minutes)");
+    let start = Instant::now();
+    cmd::run(cmd::cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    eprintln!("setup: cargo-fuzz installed in {:.0?}", start.elapsed());
+    Ok(())
 }
 
 fn cache_dir() -> PathBuf {

@@ -16,7 +16,8 @@ pub fn run(args: &[String]) -> Result<()> {
     cmd::run(cmd::cargo().args(["build", "--bins"]))?;
     cmd::run(cmd::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     let (mut passed, mut failed) = cargo_test(args)?;
-    // The README's main command, end to end (not when a test filter was given).
+    // The README's main command, end to end, and a short run of each fuzz target (not when a
+    // test filter was given).
     if args.is_empty() {
         eprintln!("$ cargo xtask demo --once");
         match crate::demo::run(true) {
@@ -26,6 +27,9 @@ pub fn run(args: &[String]) -> Result<()> {
                 failed += 1;
             }
         }
+        let (p, f) = crate::fuzz::smoke();
+        passed += p;
+        failed += f;
     }
     // One total for the whole run (cargo prints one line per test binary).
     println!("summary: {passed} passed, {failed} failed");

@@ -1,0 +1,51 @@
+//! The agent applying control's updates (agent/src/config.rs, agent/src/state.rs): the input
+//! is a stream of length-delimited `ConfigUpdate` messages, gathered by the agent's assembler,
+//! applied, and turned into the proxy's `MeshState`, which then routes a connection and a
+//! request to each service. A rejected update leaves the config exactly as it was.
+#![no_main]
+
+use hyper::{HeaderMap, Method};
+use libfuzzer_sys::fuzz_target;
+use prost::Message as _;
+use trellis_agent::{
+    config::{Assembler, NodeConfig},
+    state::MeshState,
+};
+use trellis_api as api;
+
+fuzz_target!(|data: &[u8]| {
+    fastrand::seed(data.len() as u64);
+    let mut buf = data;
+    let mut assembler = Assembler::default();
+    let mut config = NodeConfig::default();
+    while let Ok(msg) = api::ConfigUpdate::decode_length_delimited(&mut buf) {
+        let update = match assembler.push(msg) {
+            Ok(Some(update)) => update,
+            Ok(None) => continue,
+            // The agent ends the session; the next one starts with a fresh assembler.
+            Err(_) => {
+                assembler = Assembler::default();
+                continue;
+            }
+        };
+        let before = config.clone();
+        if config.apply(&update).is_err() {
+            assert_eq!(config, before, "a rejected update changed the config");
+            continue;
+        }
+        assert_eq!(
+            (config.version, &config.trust_domain),
+            (update.version, &update.trust_domain)
+        );
+        if update.snapshot {
+            assert!(config.resources.len() <= update.upserts.len());
+        }
+        let state = MeshState::build(&config, "n1");
+        for (vip, svc) in &state.services {
+            let _ = state.route(*vip);
+            if svc.http {
+                let _ = state.route_http(*vip, &Method::GET, "/", &HeaderMap::new());
+            }
+        }
+    }
+});

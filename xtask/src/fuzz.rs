@@ -1,0 +1,134 @@
+//! `cargo xtask fuzz`: the cargo-fuzz (libFuzzer) targets in fuzz/, each run for a fixed time or
+//! number of executions against its committed corpus. See docs/fuzzing.md.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd;
+
+pub const TARGETS: [&str; 5] = [
+    "istio_yaml",
+    "config_apply",
+    "http_route",
+    "hbone_connect",
+    "orig_dst",
+];
+
+/// How long each target runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Limit {
+    Secs(u64),
+    Runs(u64),
+}
+
+/// Runs `target` (or every target), printing the executions of each; fails on the first crash.
+pub fn run(target: Option<&str>, limit: Limit) -> Result<()> {
+    crate::setup::cargo_fuzz()?;
+    let targets: Vec<&str> = match target {
+        Some(t) if TARGETS.contains(&t) => vec![t],
+        Some(t) => bail!(
+            "no fuzz target {t:?}; the targets are {}",
+            TARGETS.join(", ")
+        ),
+        None => TARGETS.to_vec(),
+    };
+    build()?;
+    let mut total = Vec::new();
+    for t in targets {
+        let runs = run_one(t, limit)?;
+        total.push(format!("{t}: {runs} executions"));
+    }
+    println!("{}", total.join("\n"));
+    Ok(())
+}
+
+/// Builds every target, as the runs below do.
+pub fn build() -> Result<()> {
+    let start = Instant::now();
+    cmd::run(&mut fuzz_command("build", None))?;
+    eprintln!("fuzz: targets built in {:.0?}", start.elapsed());
+    Ok(())
+}
+
+/// Runs one target from its committed corpus, writing new inputs only to a scratch directory
+/// under fuzz/target/ (the committed corpus is minimized by hand, see docs/fuzzing.md); a crash input is kept in
+/// fuzz/artifacts/<target>/. Returns how many inputs were executed.
+pub fn run_one(target: &str, limit: Limit) -> Result<u64> {
+    let scratch = cmd::root().join("fuzz/target/new-inputs").join(target);
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let mut cmd = fuzz_command("run", Some(target));
+    cmd.arg(&scratch)
+        .arg(format!("corpus/{target}"))
+        .arg("--")
+        .arg("-print_final_stats=1");
+    match limit {
+        Limit::Secs(s) => cmd.arg(format!("-max_total_time={s}")),
+        Limit::Runs(n) => cmd.arg(format!("-runs={n}")),
+    };
+    eprintln!("fuzz: {target} ({limit:?})");
+    let start = Instant::now();
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running fuzz target {target}"))?;
+    let mut runs = None;
+    // libFuzzer reports on stderr; echo it, keeping the count from its final statistics.
+    for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
+        let line = line?;
+        eprintln!("{line}");
+        if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
+            runs = n.trim().parse().ok();
+        }
+    }
+    let status = child.wait()?;
+    let secs = start.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("fuzz target {target} failed ({status}): its input is in fuzz/artifacts/{target}/");
+    }
+    let runs = runs.with_context(|| format!("fuzz target {target} printed no statistics"))?;
+    eprintln!(
+        "fuzz: {target}: {runs} executions in {secs:.0} s ({:.0}/s)",
+        runs as f64 / secs
+    );
+    Ok(runs)
+}
+
+/// `cargo +nightly fuzz <sub> [target]` in fuzz/, built the same way for build and run: with
+/// debug assertions (so arithmetic overflows panic) and without a sanitizer (the code under test
+/// is safe Rust, and ASAN slows the targets down; docs/fuzzing.md has the numbers).
+fn fuzz_command(sub: &str, target: Option<&str>) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["+nightly", "fuzz", sub])
+        .args(target)
+        .args(["--debug-assertions", "--sanitizer", "none"])
+        .current_dir(cmd::root().join("fuzz"));
+    cmd
+}
+
+/// Seconds each target runs in `cargo xtask test`: a smoke test that the targets build and
+/// their corpora still pass, not a search.
+const SMOKE_SECS: u64 = 10;
+
+/// `cargo xtask test`'s share: each target is one test. Returns (passed, failed).
+pub fn smoke() -> (u64, u64) {
+    if let Err(e) = build() {
+        eprintln!("fuzz build FAILED: {e:#}");
+        return (0, TARGETS.len() as u64);
+    }
+    let (mut passed, mut failed) = (0, 0);
+    for t in TARGETS {
+        match run_one(t, Limit::Secs(SMOKE_SECS)) {
+            Ok(_) => passed += 1,
+            Err(e) => {
+                eprintln!("fuzz {t} FAILED: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    (passed, failed)
+}
