@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's own commands. See README.md.
 mod apiserver;
 mod bench;
+mod cluster;
 mod cmd;
 mod demo;
 mod ebpf;
@@ -70,6 +71,13 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         duration_secs: u64,
     },
+    /// A real single-node Kubernetes on this machine (kubelet, containerd, kube-proxy, built by
+    /// setup): `up` stays up until `down` or Ctrl-C and prints how to use kubectl with it;
+    /// `down` removes everything it made; `status` shows each daemon and the node. Needs root.
+    Cluster {
+        #[command(subcommand)]
+        action: cluster::Action,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +98,7 @@ fn main() -> ExitCode {
             json,
             duration_secs,
         } => bench::run(json, duration_secs),
+        Task::Cluster { action } => cluster::run(action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
