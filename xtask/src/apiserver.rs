@@ -2,7 +2,7 @@
 //! kubelet, kube-scheduler, kube-controller-manager and kube-proxy for the real node
 //! (`trellis_e2e::kubenode`). No registry ships them, so build them from Debian bookworm's
 //! `kubernetes` source package (1.20.2, vendored Go dependencies) with Debian's Go, offline, from
-//! one source fetch. Cached outside the checkout; about 20 minutes on 2 cores the first time.
+//! one source fetch. Cached outside the checkout; about 15 minutes on 2 cores the first time.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -37,14 +37,14 @@ const PACKAGES: [&str; 12] = [
     "conntrack",
     "ipset",
 ];
-/// What is built, with a rough time each takes on 2 cores (Go's build cache is shared, so the
-/// later ones are quicker).
+/// What is built, with the time each took on a fresh 2-core machine. The first build also
+/// generates code (about 8 minutes of it) and the Go cache is shared, so later ones are quicker.
 const BINARIES: [(&str, &str); 5] = [
-    ("kube-apiserver", "about 7 minutes"),
-    ("kubelet", "about 5 minutes"),
-    ("kube-controller-manager", "about 3 minutes"),
-    ("kube-scheduler", "about 2 minutes"),
-    ("kube-proxy", "about 2 minutes"),
+    ("kube-apiserver", "about 10 minutes"),
+    ("kubelet", "about 2 minutes, 11 if it is the first"),
+    ("kube-controller-manager", "about 1.5 minutes"),
+    ("kube-scheduler", "under a minute"),
+    ("kube-proxy", "under a minute"),
 ];
 const REFLECT2: &str = "/usr/share/gocode/src/github.com/modern-go/reflect2";
 
