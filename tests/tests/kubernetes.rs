@@ -119,8 +119,10 @@ fn a_pod_runs_on_a_real_node_and_nothing_is_left() {
         .count();
     assert_eq!(containers, 2, "pause and echo in {}", pod_cgroup.display());
 
+    let deleting = Instant::now();
     node.kubectl(&["delete", "pod", "echo", "--timeout=60s"])
         .unwrap();
+    let deleted = deleting.elapsed();
     assert!(
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(),
         "the deleted pod still answers at {addr}"
@@ -135,10 +137,12 @@ fn a_pod_runs_on_a_real_node_and_nothing_is_left() {
     let left = kubenode::leftovers(&state);
     assert!(left.is_empty(), "left on the machine: {left:?}");
     eprintln!(
-        "measured: node Ready {:.1} s after start, first pod Ready {:.1} s, teardown {:.1} s, \
+        "measured: node Ready {:.1} s after start, first pod Ready {:.1} s, pod deleted in {:.1} s, \
+         teardown {:.1} s, \
          node memory (RSS of every daemon, shim and pod process) {} MB",
         node_ready.as_secs_f64(),
         pod_ready.as_secs_f64(),
+        deleted.as_secs_f64(),
         teardown.as_secs_f64(),
         memory / 1_000_000
     );

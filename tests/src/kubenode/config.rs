@@ -70,7 +70,7 @@ pub fn cni(dir: &Path) -> String {
 }
 
 /// kubelet: cgroupfs driver (systemd is not PID 1 here), node status every 2 s (Ready in
-/// seconds, not 40), serving on the node's bridge address only, no OOM score changes (no
+/// seconds, not 40), pods synced every 3 s (a deleted pod is gone in 9 s instead of 15), serving on the node's bridge address only, no OOM score changes (no
 /// CAP_SYS_RESOURCE).
 pub fn kubelet(port: u16, healthz_port: u16) -> String {
     format!(
@@ -84,7 +84,7 @@ healthzPort: {healthz_port}
 cgroupDriver: cgroupfs
 nodeStatusUpdateFrequency: 2s
 nodeStatusReportFrequency: 10s
-syncFrequency: 10s
+syncFrequency: 3s
 failSwapOn: false
 oomScoreAdj: 0
 authentication:
