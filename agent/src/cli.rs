@@ -159,7 +159,7 @@ struct RunArgs {
 #[derive(clap::Args)]
 struct LimitArgs {
     /// Connections open at once through the node's proxy, all pods together; past it new ones
-    /// are reset. Default: the open-file limit less 2048.
+    /// are reset. Default: the open-file limit (raised to its hard limit at start) less 2048.
     #[arg(long, env = "TRELLIS_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
     /// Connections open at once per pod (captured in, captured out and HBONE streams to it).
@@ -271,6 +271,15 @@ async fn run(args: RunArgs) -> Result<()> {
     let (state_tx, state) = tokio::sync::watch::channel(Arc::new(MeshState::default()));
     let metrics = Metrics::new();
     let limits = args.limits;
+    let (open_files, node_limit) =
+        proxy::open_file_budget().context("raising the open-file limit")?;
+    let max_connections = limits.max_connections.unwrap_or(node_limit);
+    info!(
+        open_files,
+        max_connections,
+        per_pod = limits.max_connections_per_pod,
+        "connection limits"
+    );
     let shared = Arc::new(Shared {
         maps,
         state: state.clone(),
@@ -280,12 +289,7 @@ async fn run(args: RunArgs) -> Result<()> {
         metrics: metrics.clone(),
         node_netns: crate::netns::netns_cookie(std::os::fd::AsFd::as_fd(&metrics_listener))
             .context("reading the node's network namespace cookie")?,
-        limits: ConnLimits::new(
-            limits
-                .max_connections
-                .unwrap_or_else(proxy::default_node_limit),
-            limits.max_connections_per_pod,
-        ),
+        limits: ConnLimits::new(max_connections, limits.max_connections_per_pod),
         http: HttpLimits {
             header_read_timeout: limits.http_header_read_timeout,
             idle_timeout: limits.http_idle_timeout,

@@ -640,7 +640,7 @@ fn ten_thousand_idle_connections_and_steady_traffic_for_a_minute() {
         .map(|(a, b)| settled(b, a))
         .collect();
     let again = report(hold(&shop.client, &target, 10_000, 25));
-    assert_eq!(again["alive"], 10_000, "{again}");
+    assert_eq!(again["alive"], 10_000, "{again}\n{}", warnings(&shop));
     for ((agent, base), first) in shop.agents.iter().zip(base).zip(&after) {
         let second = settled(base, agent);
         eprintln!("soak: settled after the first burst {first:?}, after the second {second:?}");

@@ -133,22 +133,16 @@ impl ConnLimits {
     }
 }
 
-/// The default node-wide limit: what the descriptor limit leaves after a reserve for listeners,
-/// control and metrics. A connection passed through as plain TCP holds two descriptors, so the
-/// accept loop can still meet EMFILE; it then backs off instead of spinning.
-pub fn default_node_limit() -> usize {
+/// Raises the soft open-file limit to the hard one (the default soft limit, often 1024, would
+/// cap the node at a few hundred connections) and returns the default node-wide connection limit:
+/// what that leaves after a reserve for listeners, control and metrics. A connection passed
+/// through as plain TCP holds two descriptors, so the accept loop can still meet EMFILE; it then
+/// backs off instead of spinning.
+pub fn open_file_budget() -> std::io::Result<(u64, usize)> {
     const RESERVE: u64 = 2048;
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_cur
-    } else {
-        1024
-    };
-    usize::try_from(soft.saturating_sub(RESERVE).max(1024)).unwrap_or(usize::MAX)
+    let soft = rlimit::increase_nofile_limit(u64::MAX)?;
+    let limit = usize::try_from(soft.saturating_sub(RESERVE).max(1024)).unwrap_or(usize::MAX);
+    Ok((soft, limit))
 }
 
 /// Limits of the HTTP servers the proxy runs for apps' connections.

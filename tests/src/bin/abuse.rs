@@ -76,6 +76,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // Thousands of connections need more descriptors than the usual soft limit of 1024.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("trellis-abuse: raising the open-file limit: {e}");
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(cmd), Some(addr)) = (args.first(), args.get(1)) else {
         eprintln!("{USAGE}");
