@@ -416,16 +416,19 @@ impl HttpRoute {
 
     /// A destination chosen at random in proportion to the weights; None if all are zero.
     pub fn pick(&self) -> Option<&Destination> {
-        let total: u32 = self.destinations.iter().map(|d| d.weight).sum();
+        // Summed as u64: control sends weights of 0-100, but the agent checks no total, and u32
+        // weights overflow a u32 sum (found by fuzzing, fuzz/ http_route).
+        let total: u64 = self.destinations.iter().map(|d| u64::from(d.weight)).sum();
         if total == 0 {
             return None;
         }
-        let mut r = fastrand::u32(0..total);
+        let mut r = fastrand::u64(0..total);
         self.destinations.iter().find(|d| {
-            if r < d.weight {
+            let w = u64::from(d.weight);
+            if r < w {
                 return true;
             }
-            r -= d.weight;
+            r -= w;
             false
         })
     }
@@ -502,5 +505,36 @@ mod tests {
             ..Default::default()
         };
         assert!(HttpRoute::compile(&bad).is_err());
+    }
+
+    /// fuzz/ http_route's crash: weights whose sum overflows a u32 panicked (debug) or skewed
+    /// and emptied the choice (release).
+    #[test]
+    fn weights_summing_past_u32_are_still_picked_in_proportion() {
+        let route = |weights: &[u32]| {
+            HttpRoute::compile(&api::HttpRoute {
+                destinations: weights
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| api::WeightedDestination {
+                        subset: i.to_string(),
+                        weight: *w,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let r = route(&[u32::MAX, u32::MAX, 0]);
+        let second = (0..1_000)
+            .filter(|_| r.pick().unwrap().subset == "1")
+            .count();
+        assert!(
+            (400..600).contains(&second),
+            "{second} of 1000 to the second"
+        );
+        // Wrapped to 0 in a u32, which meant "every weight is 0".
+        assert!(route(&[1 << 31, 1 << 31]).pick().is_some());
     }
 }
