@@ -224,7 +224,15 @@ impl Validate for VirtualServiceSpec {
                     }
                 }
                 for (h, sm) in &m.headers {
+                    check_header_name(&format!("{at}.headers"), h)?;
                     sm.validate(&format!("{at}.headers.{h}"))?;
+                }
+            }
+            if let Some(h) = &r.headers {
+                for (side, ops) in [("request", &h.request), ("response", &h.response)] {
+                    if let Some(ops) = ops {
+                        check_header_ops(&format!("{at}.headers.{side}"), ops)?;
+                    }
                 }
             }
             check_duration(&format!("{at}.timeout"), &r.timeout)?;
@@ -297,6 +305,29 @@ impl Validate for VirtualServiceSpec {
 
 /// Weights are optional, but each given is 0 to 100 (as Istio requires), and with more than one
 /// destination they sum to 100. Checked one by one before adding, so no sum can overflow.
+/// The node proxy puts these names and values into requests and answers: what HTTP does not
+/// allow would make it refuse the whole update for the node.
+fn check_header_name(at: &str, name: &str) -> Result<(), String> {
+    hyper::header::HeaderName::from_bytes(name.as_bytes())
+        .map(drop)
+        .map_err(|_| format!("{at}: {name:?} is not a valid HTTP header name"))
+}
+
+fn check_header_ops(at: &str, ops: &HeaderOperations) -> Result<(), String> {
+    for (op, pairs) in [("set", &ops.set), ("add", &ops.add)] {
+        for (name, value) in pairs {
+            check_header_name(&format!("{at}.{op}"), name)?;
+            hyper::header::HeaderValue::from_str(value).map_err(|_| {
+                format!("{at}.{op}.{name}: {value:?} is not a valid HTTP header value")
+            })?;
+        }
+    }
+    for name in &ops.remove {
+        check_header_name(&format!("{at}.remove"), name)?;
+    }
+    Ok(())
+}
+
 fn check_weights(at: &str, weights: impl Iterator<Item = Option<i32>>) -> Result<(), String> {
     let weights: Vec<Option<i32>> = weights.collect();
     if weights.iter().all(Option::is_none) {
@@ -695,5 +726,56 @@ mod tests {
         );
         let e = check_destination("d", &d("v1", 70000)).unwrap_err();
         assert_eq!(e, "d.port.number: 70000 is not a port (1 to 65535)");
+    }
+
+    /// Found by fuzz/ istio_yaml: control accepted a header name the node proxy cannot use, and
+    /// the agent then refused the node's whole update.
+    #[test]
+    fn header_edits_and_matches_use_valid_http_names_and_values() {
+        let vs = |http: &str| -> VirtualServiceSpec {
+            serde_json::from_str(&format!(r#"{{"hosts":["web"],"http":[{http}]}}"#)).unwrap()
+        };
+        let route = r#""route":[{"destination":{"host":"web"}}]"#;
+        let ok = vs(&format!(
+            r#"{{{route},"headers":{{"response":{{"set":{{"x-served-by":"v1"}},"remove":["server"]}}}}}}"#
+        ));
+        assert_eq!(ok.validate(), Ok(()));
+        let bad_name = vs(&format!(
+            r#"{{{route},"headers":{{"response":{{"set":{{"x served-b*y":"v1"}}}}}}}}"#
+        ));
+        assert_eq!(
+            bad_name.validate(),
+            Err(
+                "http[0].headers.response.set: \"x served-b*y\" is not a valid HTTP header name"
+                    .into()
+            )
+        );
+        let bad_value = vs(&format!(
+            r#"{{{route},"headers":{{"request":{{"add":{{"x-a":"line\nbreak"}}}}}}}}"#
+        ));
+        assert!(
+            bad_value
+                .validate()
+                .unwrap_err()
+                .contains("is not a valid HTTP header value")
+        );
+        let bad_remove = vs(&format!(
+            r#"{{{route},"headers":{{"request":{{"remove":["a b"]}}}}}}"#
+        ));
+        assert!(
+            bad_remove
+                .validate()
+                .unwrap_err()
+                .starts_with("http[0].headers.request.remove")
+        );
+        let bad_match = vs(&format!(
+            r#"{{{route},"match":[{{"headers":{{"bad:name":{{"exact":"x"}}}}}}]}}"#
+        ));
+        assert!(
+            bad_match
+                .validate()
+                .unwrap_err()
+                .starts_with("http[0].match[0].headers")
+        );
     }
 }
