@@ -9,7 +9,7 @@ use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, GroupVersionKind},
+    api::{ApiResource, DynamicObject},
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde_json::Value;
@@ -30,13 +30,7 @@ fn kinds() -> Vec<(ApiResource, bool)> {
         (ApiResource::erase::<Pod>(&()), true),
         (ApiResource::erase::<Service>(&()), true),
     ];
-    for (group, kind) in istio::KINDS {
-        let plural = format!("{}s", kind.to_lowercase());
-        kinds.push((
-            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, "v1", kind), &plural),
-            false,
-        ));
-    }
+    kinds.extend(istio::api_resources().into_iter().map(|r| (r, false)));
     kinds
 }
 
