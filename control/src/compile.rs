@@ -28,12 +28,12 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
     let local: Vec<&PodInfo> = cluster
         .pods
         .values()
-        .filter(|p| p.node == node && p.ready && cluster.in_mesh(p))
+        .filter(|p| p.node == node && p.running && cluster.in_mesh(p))
         .collect();
     for p in cluster
         .pods
         .values()
-        .filter(|p| p.ready && cluster.in_mesh(p))
+        .filter(|p| p.running && cluster.in_mesh(p))
     {
         let w = api::Workload {
             uid: p.uid.clone(),
@@ -239,6 +239,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            running: true,
             ready: true,
             named_ports: [("http".to_string(), 9080)].into(),
         })
@@ -310,6 +311,25 @@ mod tests {
             svc.endpoints[0].identity,
             "spiffe://cluster.local/ns/shop/sa/sa"
         );
+    }
+
+    #[test]
+    fn a_terminating_pod_stays_captured_but_serves_no_more() {
+        let mut c = cluster();
+        if let Some(p) = c.pods.values_mut().find(|p| p.uid == "a") {
+            p.ready = false;
+        }
+        let cfg = node_config(&c, "n1", "cluster.local");
+        assert!(
+            cfg.contains_key(&(api::Kind::Workload as i32, "a".into())),
+            "its containers still run: STRICT must still hold for them"
+        );
+        let Some(api::resource::Resource::Service(svc)) =
+            &cfg[&(api::Kind::Service as i32, "shop/reviews".into())].resource
+        else {
+            panic!("reviews compiled");
+        };
+        assert_eq!(svc.endpoints.len(), 1, "only the pod not being deleted");
     }
 
     #[test]

@@ -26,7 +26,10 @@ pub struct PodInfo {
     pub service_account: String,
     pub ips: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
-    /// Running (or no phase given, as in hand-written YAML) with an IP, and not being deleted.
+    /// Running (or no phase given, as in hand-written YAML) with an IP: in the mesh, even while
+    /// being deleted (its containers still run and must stay captured until they stop).
+    pub running: bool,
+    /// Running and not being deleted: an endpoint of its services.
     pub ready: bool,
     /// Named container ports, for services whose targetPort is a name.
     pub named_ports: BTreeMap<String, u32>,
@@ -231,8 +234,10 @@ fn pod(p: Pod) -> Result<Object> {
             }
         }
     }
+    let running = running && !ips.is_empty();
     Ok(Object::Pod(PodInfo {
-        ready: running && !ips.is_empty() && p.metadata.deletion_timestamp.is_none(),
+        running,
+        ready: running && p.metadata.deletion_timestamp.is_none(),
         uid,
         namespace,
         name,
@@ -397,6 +402,7 @@ mod tests {
             service_account: "default".into(),
             ips: vec![],
             labels: Default::default(),
+            running: true,
             ready: true,
             named_ports: Default::default(),
         };

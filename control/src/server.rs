@@ -170,7 +170,7 @@ impl MeshControl for MeshControlService {
                     p.node == node
                         && p.namespace == ns
                         && p.service_account == sa
-                        && p.ready
+                        && p.running
                         && cluster.in_mesh(p)
                 })
             });
