@@ -17,6 +17,7 @@ use crate::{
     redirect::{self, Redirect, RedirectConfig},
     state::MeshState,
     tls::TlsStore,
+    uninstall::{self, Verdict},
 };
 
 #[derive(Parser)]
@@ -153,6 +154,13 @@ struct RunArgs {
     exclude_cidrs: Vec<IpNet>,
     #[command(flatten)]
     limits: LimitArgs,
+    /// The DaemonSet running this agent (NAMESPACE/NAME). On SIGTERM the agent asks the API
+    /// server about it: if it, or its namespace, is gone or being deleted, or the API server
+    /// refuses the agent's credentials, Trellis is being uninstalled and the agent removes its
+    /// capture; otherwise (a restart, an upgrade) capture stays pinned for the next agent.
+    /// Without it capture always stays (remove it with `trellis-agent cleanup`).
+    #[arg(long, env = "TRELLIS_DAEMONSET")]
+    daemonset: Option<uninstall::DaemonSetRef>,
 }
 
 /// What one client, pod or flood may take of the node (docs/agent.md, "Limits").
@@ -239,7 +247,9 @@ fn init_logging(filter: &str, format: LogFormat, access_log: bool) -> Result<()>
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: `kubectl logs` and files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -331,7 +341,22 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         reconciler.reconcile();
     }
-    info!("stopping; capture stays attached (pinned) for the next agent");
+    let verdict = match &args.daemonset {
+        Some(ds) => uninstall::verdict(ds).await,
+        None => Verdict::Restart("no --daemonset to ask about".into()),
+    };
+    match verdict {
+        Verdict::Uninstall(why) => {
+            info!("stopping for good ({why}): removing capture");
+            reconciler
+                .remove_capture()
+                .context("removing capture on uninstall")?;
+            info!("capture removed; pods talk directly again");
+        }
+        Verdict::Restart(why) => {
+            info!("stopping ({why}); capture stays attached (pinned) for the next agent")
+        }
+    }
     Ok(())
 }
 

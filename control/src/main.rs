@@ -87,6 +87,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: `kubectl logs` and files get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
@@ -142,9 +144,13 @@ async fn run(cli: Cli) -> Result<()> {
         workload_cert_ttl: ttl,
     })
     .await?;
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
+    // SIGTERM is how Kubernetes stops a pod; without it control would wait out the grace period.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
     tracing::info!("stopping");
     Ok(())
 }
