@@ -12,3 +12,4 @@ pub mod proxy;
 pub mod redirect;
 pub mod state;
 pub mod tls;
+pub mod uninstall;

@@ -354,6 +354,12 @@ impl Reconciler {
         })
     }
 
+    /// Detaches and unpins everything (the uninstall): enrolled pods' traffic flows directly
+    /// again once their proxies, dropped here, are gone.
+    pub fn remove_capture(self) -> Result<()> {
+        self.redirect.remove_all()
+    }
+
     /// Tells the kernel which pods are STRICT, so it fails closed while no proxy listens.
     fn sync_strict(&mut self) {
         let state = self.shared.state.borrow().clone();

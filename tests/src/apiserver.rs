@@ -13,6 +13,9 @@ use std::{
 use crate::sys;
 
 pub const VERSION: &str = "v1.20.2";
+/// Service ClusterIPs come from here; the first is the `kubernetes` Service's.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+const SERVICE_IP: &str = "10.96.0.1";
 
 /// Where `cargo xtask setup` puts the binary ($TRELLIS_KUBE_APISERVER overrides).
 pub fn binary() -> PathBuf {
@@ -33,6 +36,8 @@ pub struct KubeApiServer {
     etcd: Child,
     apiserver: Option<Child>,
     etcd_url: String,
+    /// The address it serves and advertises on (127.0.0.1 unless it serves a real node).
+    host: String,
     for_node: bool,
 }
 
@@ -59,16 +64,18 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 impl KubeApiServer {
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with("127.0.0.1", false)
     }
 
-    /// An API server for a real node (`kubenode`): it also admits privileged pods (the agent
-    /// DaemonSet is one) and reaches kubelet at the node's InternalIP (its name does not resolve).
-    pub fn start_for_node() -> Self {
-        Self::start_with(true)
+    /// An API server for a real node (`kubenode`): it serves and advertises on the node's address
+    /// `host` (pods reach it through the `kubernetes` Service, whose endpoint cannot be a loopback
+    /// address), admits privileged pods (the agent DaemonSet is one) and reaches kubelet at the
+    /// node's InternalIP (its name does not resolve).
+    pub fn start_for_node(host: &str) -> Self {
+        Self::start_with(host, true)
     }
 
-    fn start_with(for_node: bool) -> Self {
+    fn start_with(host: &str, for_node: bool) -> Self {
         sys::sweep_stale();
         let bin = binary();
         assert!(
@@ -78,7 +85,8 @@ impl KubeApiServer {
         );
         let dir = std::env::temp_dir().join(format!("{}-kube", sys::unique_name()));
         fs::create_dir_all(&dir).unwrap();
-        // A throwaway CA, a serving certificate for 127.0.0.1, a service-account signing key.
+        // A throwaway CA, a serving certificate for `host` and the `kubernetes` Service's
+        // address, a service-account signing key.
         openssl(
             &dir,
             &[
@@ -114,7 +122,9 @@ impl KubeApiServer {
         );
         fs::write(
             dir.join("san.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n",
+            format!(
+                "subjectAltName=IP:{host},IP:{SERVICE_IP},DNS:localhost,DNS:kubernetes.default.svc\n"
+            ),
         )
         .unwrap();
         openssl(
@@ -175,7 +185,7 @@ impl KubeApiServer {
             dir.join("kubeconfig"),
             format!(
                 "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
-                 clusters: [{{name: test, cluster: {{server: \"https://127.0.0.1:{port}\", certificate-authority: \"{}\"}}}}]\n\
+                 clusters: [{{name: test, cluster: {{server: \"https://{host}:{port}\", certificate-authority: \"{}\"}}}}]\n\
                  users: [{{name: admin, user: {{token: \"{token}\"}}}}]\n\
                  contexts: [{{name: test, context: {{cluster: test, user: admin}}}}]\n",
                 dir.join("ca.pem").display()
@@ -188,6 +198,7 @@ impl KubeApiServer {
             etcd,
             apiserver: None,
             etcd_url,
+            host: host.to_owned(),
             for_node,
         };
         server.spawn_apiserver();
@@ -198,8 +209,8 @@ impl KubeApiServer {
         let d = |f: &str| self.dir.join(f).to_string_lossy().into_owned();
         let args = [
             format!("--etcd-servers={}", self.etcd_url),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={}", self.host),
+            format!("--advertise-address={}", self.host),
             format!("--secure-port={}", self.port),
             "--insecure-port=0".into(),
             format!("--cert-dir={}", d("certs")),
@@ -212,7 +223,7 @@ impl KubeApiServer {
             "--api-audiences=https://kubernetes.default.svc".into(),
             format!("--service-account-key-file={}", d("sa.pub")),
             format!("--service-account-signing-key-file={}", d("sa.key")),
-            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             "--profiling=false".into(),
         ];
         let node_args = [
@@ -288,7 +299,7 @@ impl KubeApiServer {
     }
 
     pub fn server_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.host, self.port)
     }
 
     /// The API server's CA (PEM).

@@ -149,6 +149,11 @@ pub fn ip_key(ip: IpAddr) -> [u8; 16] {
 }
 
 impl Redirect {
+    /// Detaches and unpins everything this agent pinned for its node (`cleanup`, from inside).
+    pub fn remove_all(self) -> Result<()> {
+        self.pins.remove_all()
+    }
+
     /// Loads and attaches everything, adopting the pins of an earlier agent for this node.
     pub fn open(
         cfg: &RedirectConfig,

@@ -47,8 +47,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     )
 }
 
-/// A bridge of its own with host-local addresses from the pod CIDR; no masquerading (pods talk to
-/// each other and the node only), so the CNI plugins add no iptables rules.
+/// A bridge of its own with host-local addresses from the pod CIDR, the node's address as the pods'
+/// default route (Service addresses are routed there, where kube-proxy translates them); no
+/// masquerading (pods talk to each other and the node only), so the CNI plugins add no iptables
+/// rules.
 pub fn cni(dir: &Path) -> String {
     serde_json::json!({
         "cniVersion": "0.4.0",
@@ -57,6 +59,7 @@ pub fn cni(dir: &Path) -> String {
             "type": "bridge",
             "bridge": BRIDGE,
             "isGateway": true,
+            "isDefaultGateway": true,
             "ipMasq": false,
             "hairpinMode": true,
             "ipam": {

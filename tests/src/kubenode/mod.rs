@@ -309,8 +309,18 @@ impl KubeNode {
 
     fn start_all(&mut self) -> Result<()> {
         let dir = self.state.dir.clone();
+        // The bridge exists first: the API server and kubelet serve on the node's address, and
+        // the CNI bridge plugin adopts it.
+        for args in [
+            format!("link add {BRIDGE} type bridge"),
+            format!("addr add {NODE_IP}/24 dev {BRIDGE}"),
+            format!("link set {BRIDGE} up"),
+        ] {
+            output(Command::new("ip").args(args.split_whitespace()))
+                .context("creating the node's bridge")?;
+        }
         eprintln!("kubenode: starting etcd and kube-apiserver");
-        let api = KubeApiServer::start_for_node();
+        let api = KubeApiServer::start_for_node(NODE_IP);
         self.state.api_dir = api.dir().to_owned();
         self.state.kubeconfig = api.kubeconfig_path();
         let (etcd, apiserver) = api.pids();
@@ -322,16 +332,6 @@ impl KubeNode {
         self.state.save();
         self.step("kube-apiserver ready");
 
-        // The bridge exists before the first pod so kubelet can serve on the node's address;
-        // the CNI bridge plugin adopts it.
-        for args in [
-            format!("link add {BRIDGE} type bridge"),
-            format!("addr add {NODE_IP}/24 dev {BRIDGE}"),
-            format!("link set {BRIDGE} up"),
-        ] {
-            output(Command::new("ip").args(args.split_whitespace()))
-                .context("creating the node's bridge")?;
-        }
         fs::write(dir.join("containerd.toml"), config::containerd(&dir))?;
         fs::write(dir.join("cni/net.d/10-trellis.conflist"), config::cni(&dir))?;
         self.spawn(
@@ -516,13 +516,7 @@ impl KubeNode {
 
     /// `ctr` against this node's containerd, in the CRI namespace.
     pub fn ctr(&self, args: &[&str]) -> Result<String> {
-        output(
-            Command::new("ctr")
-                .arg("--address")
-                .arg(self.state.dir.join("containerd.sock"))
-                .args(["--namespace", "k8s.io"])
-                .args(args),
-        )
+        ctr(&self.state, args)
     }
 
     /// kubectl as cluster admin against this node's API server.
@@ -538,9 +532,7 @@ impl KubeNode {
     /// Imports an OCI or Docker image archive into the node's containerd, for pods that use it
     /// with `imagePullPolicy: IfNotPresent` (no registry is reachable here).
     pub fn import_image(&self, tar: &Path) -> Result<()> {
-        self.ctr(&["images", "import", &tar.to_string_lossy()])
-            .map(drop)
-            .with_context(|| format!("importing {}", tar.display()))
+        import_image(&self.state, tar)
     }
 
     /// Packs and imports an image (see `oci::Image`).
@@ -603,6 +595,24 @@ impl Drop for KubeNode {
             eprintln!("kubenode: warning: {p}");
         }
     }
+}
+
+/// `ctr` against the containerd of the node `state` describes, in the CRI namespace.
+pub fn ctr(state: &State, args: &[&str]) -> Result<String> {
+    output(
+        Command::new("ctr")
+            .arg("--address")
+            .arg(state.dir.join("containerd.sock"))
+            .args(["--namespace", "k8s.io"])
+            .args(args),
+    )
+}
+
+/// Imports an OCI or Docker image archive into that node's containerd.
+pub fn import_image(state: &State, tar: &Path) -> Result<()> {
+    ctr(state, &["images", "import", &tar.to_string_lossy()])
+        .map(drop)
+        .with_context(|| format!("importing {}", tar.display()))
 }
 
 /// Runs a command; its stdout, or an error with its stderr.
