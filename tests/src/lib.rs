@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod control;
+pub mod images;
 pub mod kubenode;
 pub mod node;
 pub mod oci;

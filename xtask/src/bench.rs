@@ -64,7 +64,7 @@ pub fn run(json_out: Option<PathBuf>, duration_secs: u64) -> Result<()> {
         "-p",
         "trellis-e2e",
     ]))?;
-    let bin_dir = target_dir().join("release");
+    let bin_dir = cmd::target_dir().join("release");
     // SAFETY: no other thread runs yet; the harness reads this to find its binaries.
     unsafe { std::env::set_var("TRELLIS_BIN_DIR", &bin_dir) };
     eprintln!("bench: binaries from {}", bin_dir.display());
@@ -78,13 +78,6 @@ pub fn run(json_out: Option<PathBuf>, duration_secs: u64) -> Result<()> {
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())
-}
-
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) => cmd::root().join(d),
-        None => cmd::root().join("target"),
-    }
 }
 
 /// Brings the cluster up, runs the phases, and returns every figure. Everything made here is

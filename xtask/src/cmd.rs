@@ -51,6 +51,14 @@ fn show(cmd: &Command) -> String {
     s
 }
 
+/// Cargo's target directory ($CARGO_TARGET_DIR, relative to the workspace root, or target/).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root().join(d),
+        None => root().join("target"),
+    }
+}
+
 pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }

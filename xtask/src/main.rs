@@ -6,6 +6,7 @@ mod cmd;
 mod demo;
 mod ebpf;
 mod fuzz;
+mod images;
 mod manifests;
 mod setup;
 mod test;
@@ -48,6 +49,16 @@ enum Task {
         /// Executions per target, instead of a time.
         #[arg(long)]
         runs: Option<u64>,
+    },
+    /// Build the container images (agent, control, the test app) without a Docker daemon: OCI
+    /// archives in target/images/, imported into the `cluster up` node when one runs.
+    Images {
+        /// Pack the debug binaries instead of building release ones (quicker, for tests).
+        #[arg(long)]
+        debug: bool,
+        /// Where to write the archives (default: target/images).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
     },
     /// Write the generated deployment files: the mesh CRDs in deploy/crds/ (a test checks the
     /// committed copy is current).
@@ -94,6 +105,7 @@ fn main() -> ExitCode {
             },
         ),
         Task::Manifests => manifests::run(),
+        Task::Images { debug, out } => images::run(debug, out),
         Task::Bench {
             json,
             duration_secs,
