@@ -1,8 +1,9 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use trellis_control::{
+    install,
     istio::parse_duration,
     run::{self, ControlConfig, Mode},
 };
@@ -15,6 +16,8 @@ use trellis_control::{
              and signs workload certificates."
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Where the cluster comes from: `kube` (watch the Kubernetes API, using $KUBECONFIG or the
     /// in-cluster service account) or `dir:PATH` (a directory of Kubernetes YAML: Namespaces,
     /// Pods with spec.nodeName and status.podIP, Services, Istio policies; re-read on change).
@@ -61,6 +64,23 @@ struct Cli {
     log_level: String,
 }
 
+#[derive(Subcommand)]
+enum Command {
+    /// Print the manifests that install Trellis on a cluster (deploy/: CRDs, RBAC, control,
+    /// the agent DaemonSet), for `trellis-control install | kubectl apply -f -`.
+    Install {
+        /// The agent's image.
+        #[arg(long, default_value_t = install::Values::default().agent_image)]
+        agent_image: String,
+        /// Control's image.
+        #[arg(long, default_value_t = install::Values::default().control_image)]
+        control_image: String,
+        /// SPIFFE trust domain of the workloads' identities.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
 #[derive(Clone, Debug, PartialEq)]
 enum Source {
     Kube,
@@ -77,6 +97,28 @@ fn parse_source(s: &str) -> Result<Source, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Install {
+        agent_image,
+        control_image,
+        trust_domain,
+    }) = &cli.command
+    {
+        let values = install::Values {
+            agent_image: agent_image.clone(),
+            control_image: control_image.clone(),
+            trust_domain: trust_domain.clone(),
+        };
+        return match install::render(&values) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("trellis-control install: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
         Ok(f) => f,
         Err(e) => {
