@@ -265,7 +265,7 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
     let _cleanup = CaptureCleanup;
     let mut measured: Vec<String> = Vec::new();
     let start = Instant::now();
-    let node = KubeNode::start().unwrap_or_else(|e| panic!("starting the node: {e:#}"));
+    let mut node = KubeNode::start().unwrap_or_else(|e| panic!("starting the node: {e:#}"));
     measured.push(format!("node Ready {:.1} s", start.elapsed().as_secs_f64()));
 
     // 1. The images and `kubectl apply -k deploy/`: control and the agent become Ready.
@@ -521,6 +521,39 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
         "80/20 canary sent {v2} of 200 to v2"
     );
     measured.push(format!("canary 80/20: {v2} of 200 requests to v2"));
+
+    // Without kube-proxy, meshed pods still reach Services: the agent resolves their addresses.
+    // (Nothing unmeshed may try a Service address meanwhile: it would be routed off the machine.)
+    let web_ip = service_ip(&node, "shop", "web");
+    let service_rules = || {
+        Command::new("iptables")
+            .args(["-t", "nat", "-S", "KUBE-SERVICES"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains(&web_ip))
+            .unwrap_or(false)
+    };
+    assert!(
+        service_rules(),
+        "kube-proxy has a rule for web's address {web_ip}"
+    );
+    node.stop_kube_proxy().unwrap();
+    assert!(!service_rules(), "kube-proxy's rules are gone");
+    let out = shop_get(&node, &web, &[]);
+    assert_eq!(out["calls"][0]["service"], "catalog", "{out}");
+    let tester = shop_get(
+        &node,
+        &catalog,
+        &["--count", "20", "--header", "end-user: tester"],
+    );
+    let tester = tester.as_array().expect("20 answers");
+    assert!(tester.iter().all(|a| a["version"] == "v2"), "{tester:?}");
+    node.start_kube_proxy().unwrap();
+    wait(
+        "kube-proxy's rules back",
+        Duration::from_secs(30),
+        service_rules,
+    );
+    measured.push("Services through the mesh with kube-proxy stopped and its rules removed".into());
 
     // 5. A rollout gives catalog-v1 a new pod; the new one is enrolled, nothing of the old stays.
     let old = enrolled()

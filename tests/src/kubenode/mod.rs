@@ -403,6 +403,23 @@ impl KubeNode {
                 .arg(format!("--node-ip={NODE_IP}")),
         )?;
         self.step("kubelet started");
+        self.start_kube_proxy()?;
+        self.wait_ready()?;
+        self.step("node Ready");
+        self.wait_for(
+            Duration::from_secs(60),
+            "the default service account",
+            |n| {
+                n.kubectl(&["get", "serviceaccount", "default", "-o", "name"])
+                    .is_ok()
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Starts kube-proxy (iptables mode) for this node.
+    pub fn start_kube_proxy(&mut self) -> Result<()> {
+        let kubeconfig = self.state.kubeconfig.clone();
         self.spawn(
             "kube-proxy",
             Command::new(binary("kube-proxy"))
@@ -420,17 +437,21 @@ impl KubeNode {
                 ])
                 .arg(format!("--metrics-bind-address=127.0.0.1:{}", free_port()))
                 .arg(format!("--healthz-bind-address=127.0.0.1:{}", free_port())),
-        )?;
-        self.wait_ready()?;
-        self.step("node Ready");
-        self.wait_for(
-            Duration::from_secs(60),
-            "the default service account",
-            |n| {
-                n.kubectl(&["get", "serviceaccount", "default", "-o", "name"])
-                    .is_ok()
-            },
-        )?;
+        )
+    }
+
+    /// Stops kube-proxy and removes its rules: Service addresses then work only where something
+    /// else (the mesh) resolves them. `start_kube_proxy` brings it back.
+    pub fn stop_kube_proxy(&mut self) -> Result<()> {
+        teardown::stop(&self.state, "kube-proxy");
+        teardown::kube_proxy_cleanup().map_err(anyhow::Error::msg)?;
+        if let Some(i) = self.state.daemons.iter().position(|d| d.0 == "kube-proxy") {
+            let (_, pid) = self.state.daemons.remove(i);
+            if let Some(c) = self.children.iter().position(|c| c.id() == pid) {
+                let _ = self.children.remove(c).wait();
+            }
+        }
+        self.state.save();
         Ok(())
     }
 

@@ -149,7 +149,7 @@ pub fn leftovers(state: &State) -> Vec<String> {
 }
 
 /// SIGTERM, then SIGKILL after 10 s, to the daemon `name` if its recorded pid still runs it.
-fn stop(state: &State, name: &str) {
+pub(super) fn stop(state: &State, name: &str) {
     let Some(pid) = state.pid(name) else { return };
     if !state.alive(name) {
         return;
@@ -200,7 +200,7 @@ fn delete_pods(state: &State) {
     }
 }
 
-fn kube_proxy_cleanup() -> Result<(), String> {
+pub(super) fn kube_proxy_cleanup() -> Result<(), String> {
     let bin = super::binary("kube-proxy");
     if !bin.is_file() {
         return Ok(());
