@@ -351,6 +351,16 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
         ],
     );
     let web = format!("http://{}:8080/", service_ip(&node, "shop", "web"));
+    // kube-proxy rejects a Service's address until it has programmed the endpoints.
+    wait("kube-proxy serving web", Duration::from_secs(30), || {
+        exec(
+            &node,
+            "shop",
+            "deploy/client",
+            &["trellis-demo-app", "get", &web],
+        )
+        .is_ok()
+    });
     let plain = shop_get(&node, &web, &[]);
     assert_eq!(plain["client_identity"], Value::Null, "{plain}");
     assert_eq!(plain["calls"][0]["service"], "catalog", "{plain}");

@@ -419,6 +419,10 @@ impl KubeNode {
 
     /// Starts kube-proxy (iptables mode) for this node.
     pub fn start_kube_proxy(&mut self) -> Result<()> {
+        // Host-originated connects to Service addresses are routed before kube-proxy's DNAT: no
+        // blackhole may be left from `stop_kube_proxy`.
+        let _ =
+            output(Command::new("ip").args(["route", "del", "blackhole", apiserver::SERVICE_CIDR]));
         let kubeconfig = self.state.kubeconfig.clone();
         self.spawn(
             "kube-proxy",
@@ -441,10 +445,12 @@ impl KubeNode {
     }
 
     /// Stops kube-proxy and removes its rules: Service addresses then work only where something
-    /// else (the mesh) resolves them. `start_kube_proxy` brings it back.
+    /// else (the mesh) resolves them. Meanwhile they are blackholed, so that nothing untranslated
+    /// is routed off the machine. `start_kube_proxy` brings it back.
     pub fn stop_kube_proxy(&mut self) -> Result<()> {
         teardown::stop(&self.state, "kube-proxy");
         teardown::kube_proxy_cleanup().map_err(anyhow::Error::msg)?;
+        output(Command::new("ip").args(["route", "add", "blackhole", apiserver::SERVICE_CIDR]))?;
         if let Some(i) = self.state.daemons.iter().position(|d| d.0 == "kube-proxy") {
             let (_, pid) = self.state.daemons.remove(i);
             if let Some(c) = self.children.iter().position(|c| c.id() == pid) {

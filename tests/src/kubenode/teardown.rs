@@ -67,6 +67,11 @@ pub fn teardown(state: &State) -> Vec<String> {
         .args(["link", "del", BRIDGE])
         .stderr(std::process::Stdio::null())
         .status();
+    // Left by a `stop_kube_proxy` whose test ended before `start_kube_proxy`.
+    let _ = Command::new("ip")
+        .args(["route", "del", "blackhole", crate::apiserver::SERVICE_CIDR])
+        .stderr(std::process::Stdio::null())
+        .status();
     for cmd in ["iptables", "ip6tables"] {
         if let Err(e) = remove_chains(cmd, "KUBE-") {
             problems.push(e);
