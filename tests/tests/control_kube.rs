@@ -313,8 +313,9 @@ async fn kube_mode_end_to_end() {
         "--grace-period=0",
         "--force",
     ]);
-    let (_, before) = until(&mut n1, "reviews endpoint removed", |c| {
-        reviews_endpoints(c) == 0
+    // A pod being deleted stops being an endpoint first and leaves the mesh when it is gone.
+    let (_, before) = until(&mut n1, "reviews endpoint and peer removed", |c| {
+        reviews_endpoints(c) == 0 && !c.peers().any(|p| p.name == "reviews")
     })
     .await;
 
