@@ -99,7 +99,7 @@ struct PodsByLabel<'a>(HashMap<(&'a str, &'a str, &'a str), Vec<&'a PodInfo>>);
 impl<'a> PodsByLabel<'a> {
     fn new(cluster: &'a Cluster) -> Self {
         let mut index: HashMap<_, Vec<_>> = HashMap::new();
-        for p in cluster.pods.values().filter(|p| p.ready) {
+        for p in cluster.pods.values().filter(|p| p.ready()) {
             for (k, v) in &p.labels {
                 index
                     .entry((p.namespace.as_str(), k.as_str(), v.as_str()))
@@ -240,7 +240,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             running: true,
-            ready: true,
+            terminating: false,
             named_ports: [("http".to_string(), 9080)].into(),
         })
     }
@@ -317,7 +317,7 @@ mod tests {
     fn a_terminating_pod_stays_captured_but_serves_no_more() {
         let mut c = cluster();
         if let Some(p) = c.pods.values_mut().find(|p| p.uid == "a") {
-            p.ready = false;
+            p.terminating = true;
         }
         let cfg = node_config(&c, "n1", "cluster.local");
         assert!(

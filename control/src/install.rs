@@ -47,21 +47,21 @@ pub fn render(values: &Values) -> Result<String> {
             bail!("{what} {value:?}: must be non-empty, without spaces");
         }
     }
+    let swaps = [
+        ("image: ", &defaults.agent_image, &values.agent_image),
+        ("image: ", &defaults.control_image, &values.control_image),
+        (
+            "--trust-domain=",
+            &defaults.trust_domain,
+            &values.trust_domain,
+        ),
+    ]
+    .map(|(key, from, to)| (format!("{key}{from}"), format!("{key}{to}")));
     let mut out = format!("# trellis-control install {VERSION}; apply with kubectl apply -f -\n");
     for (name, text) in FILES {
-        let text = text
-            .replace(
-                &format!("image: {}", defaults.agent_image),
-                &format!("image: {}", values.agent_image),
-            )
-            .replace(
-                &format!("image: {}", defaults.control_image),
-                &format!("image: {}", values.control_image),
-            )
-            .replace(
-                &format!("--trust-domain={}", defaults.trust_domain),
-                &format!("--trust-domain={}", values.trust_domain),
-            );
+        let text = swaps
+            .iter()
+            .fold(text.to_owned(), |t, (from, to)| t.replace(from, to));
         out.push_str(&format!("---\n# deploy/{name}\n"));
         out.push_str(text.trim_start_matches("---\n"));
         if !out.ends_with('\n') {

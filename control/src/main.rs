@@ -76,7 +76,7 @@ enum Command {
         #[arg(long, default_value_t = install::Values::default().control_image)]
         control_image: String,
         /// SPIFFE trust domain of the workloads' identities.
-        #[arg(long, default_value = "cluster.local")]
+        #[arg(long, default_value_t = install::Values::default().trust_domain)]
         trust_domain: String,
     },
 }

@@ -29,10 +29,17 @@ pub struct PodInfo {
     /// Running (or no phase given, as in hand-written YAML) with an IP: in the mesh, even while
     /// being deleted (its containers still run and must stay captured until they stop).
     pub running: bool,
-    /// Running and not being deleted: an endpoint of its services.
-    pub ready: bool,
+    /// Being deleted (it has a deletion timestamp).
+    pub terminating: bool,
     /// Named container ports, for services whose targetPort is a name.
     pub named_ports: BTreeMap<String, u32>,
+}
+
+impl PodInfo {
+    /// Running and not being deleted: an endpoint of its services.
+    pub fn ready(&self) -> bool {
+        self.running && !self.terminating
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -237,7 +244,7 @@ fn pod(p: Pod) -> Result<Object> {
     let running = running && !ips.is_empty();
     Ok(Object::Pod(PodInfo {
         running,
-        ready: running && p.metadata.deletion_timestamp.is_none(),
+        terminating: p.metadata.deletion_timestamp.is_some(),
         uid,
         namespace,
         name,
@@ -379,7 +386,7 @@ mod tests {
         assert_eq!(p.node, "n1");
         assert_eq!(p.service_account, "web-sa");
         assert_eq!(p.ips.len(), 2);
-        assert!(p.ready);
+        assert!(p.ready());
         assert_eq!(p.named_ports["http"], 8080);
         let Object::Pod(again) = parse_object(&doc).unwrap() else {
             panic!()
@@ -403,7 +410,7 @@ mod tests {
             ips: vec![],
             labels: Default::default(),
             running: true,
-            ready: true,
+            terminating: false,
             named_ports: Default::default(),
         };
         assert!(c.in_mesh(&p));

@@ -198,6 +198,49 @@ fn pinned_pods() -> Vec<String> {
     uids
 }
 
+/// `kubectl rollout status` of a workload (`deploy/web`, `ds/trellis-agent`).
+fn rollout_status(
+    node: &KubeNode,
+    ns: &str,
+    workload: &str,
+    timeout: &str,
+) -> anyhow::Result<String> {
+    node.kubectl(&[
+        "rollout",
+        "status",
+        "-n",
+        ns,
+        workload,
+        &format!("--timeout={timeout}"),
+    ])
+}
+
+/// Every container restart count in the shop, as kubectl prints them.
+fn shop_restarts(node: &KubeNode) -> String {
+    kubectl(
+        node,
+        &[
+            "get",
+            "pods",
+            "-n",
+            "shop",
+            "-o",
+            "jsonpath={.items[*].status.containerStatuses[*].restartCount}",
+        ],
+    )
+}
+
+/// Whether a GET from the shop's client to `url` succeeds.
+fn client_reaches(node: &KubeNode, url: &str) -> bool {
+    exec(
+        node,
+        "shop",
+        "deploy/client",
+        &["trellis-demo-app", "get", url],
+    )
+    .is_ok()
+}
+
 /// The deploy/ directory of this checkout.
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -282,15 +325,7 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
     let installing = Instant::now();
     kubectl(&node, &["apply", "-k", &deploy_dir().to_string_lossy()]);
     for workload in ["deploy/trellis-control", "ds/trellis-agent"] {
-        let status = node.kubectl(&[
-            "rollout",
-            "status",
-            "-n",
-            "trellis-system",
-            workload,
-            "--timeout=120s",
-        ]);
-        if let Err(e) = status {
+        if let Err(e) = rollout_status(&node, "trellis-system", workload, "120s") {
             panic!(
                 "{workload} did not become Ready: {e:#}\n{}\n{}",
                 node.kubectl(&["describe", "pods", "-n", "trellis-system"])
@@ -327,17 +362,8 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
     // 2. The shop runs unmeshed, then joins by its namespace's label, without restarts.
     apply(&node, &SHOP.replace(":TAG", &format!(":{}", images::TAG)));
     for d in ["web", "catalog-v1", "catalog-v2", "client", "outsider"] {
-        kubectl(
-            &node,
-            &[
-                "rollout",
-                "status",
-                "-n",
-                "shop",
-                &format!("deploy/{d}"),
-                "--timeout=120s",
-            ],
-        );
+        rollout_status(&node, "shop", &format!("deploy/{d}"), "120s")
+            .unwrap_or_else(|e| panic!("deploy/{d}: {e:#}"));
     }
     kubectl(
         &node,
@@ -353,30 +379,14 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
     let web = format!("http://{}:8080/", service_ip(&node, "shop", "web"));
     // kube-proxy rejects a Service's address until it has programmed the endpoints.
     wait("kube-proxy serving web", Duration::from_secs(30), || {
-        exec(
-            &node,
-            "shop",
-            "deploy/client",
-            &["trellis-demo-app", "get", &web],
-        )
-        .is_ok()
+        client_reaches(&node, &web)
     });
     let plain = shop_get(&node, &web, &[]);
     assert_eq!(plain["client_identity"], Value::Null, "{plain}");
     assert_eq!(plain["calls"][0]["service"], "catalog", "{plain}");
     assert!(enrolled().is_empty(), "{:?}", enrolled());
 
-    let restarts_before = kubectl(
-        &node,
-        &[
-            "get",
-            "pods",
-            "-n",
-            "shop",
-            "-o",
-            "jsonpath={.items[*].status.containerStatuses[*].restartCount}",
-        ],
-    );
+    let restarts_before = shop_restarts(&node);
     let labelled = Instant::now();
     kubectl(&node, &["label", "ns", "shop", "trellis.dev/mesh=enabled"]);
     let shop_pods = |names: &[String]| {
@@ -435,17 +445,7 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let restarts_after = kubectl(
-        &node,
-        &[
-            "get",
-            "pods",
-            "-n",
-            "shop",
-            "-o",
-            "jsonpath={.items[*].status.containerStatuses[*].restartCount}",
-        ],
-    );
+    let restarts_after = shop_restarts(&node);
     assert_eq!(restarts_before, restarts_after, "no pod restarted");
 
     // The label removed takes the pods out; put back, they come in again.
@@ -574,17 +574,7 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
         &node,
         &["rollout", "restart", "-n", "shop", "deploy/catalog-v1"],
     );
-    kubectl(
-        &node,
-        &[
-            "rollout",
-            "status",
-            "-n",
-            "shop",
-            "deploy/catalog-v1",
-            "--timeout=60s",
-        ],
-    );
+    rollout_status(&node, "shop", "deploy/catalog-v1", "60s").unwrap();
     wait(
         "the new catalog-v1 enrolled, the old gone",
         Duration::from_secs(30),
@@ -631,17 +621,7 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
         ],
     );
     let mut plaintext_tries = 0;
-    while node
-        .kubectl(&[
-            "rollout",
-            "status",
-            "-n",
-            "trellis-system",
-            "ds/trellis-agent",
-            "--timeout=1s",
-        ])
-        .is_err()
-    {
+    while rollout_status(&node, "trellis-system", "ds/trellis-agent", "1s").is_err() {
         assert!(
             restarting.elapsed() < Duration::from_secs(120),
             "the agent's restart hung"
@@ -656,15 +636,7 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
     let back = wait(
         "new connections after the restart",
         Duration::from_secs(10),
-        || {
-            exec(
-                &node,
-                "shop",
-                "deploy/client",
-                &["trellis-demo-app", "get", &web],
-            )
-            .is_ok()
-        },
+        || client_reaches(&node, &web),
     );
     assert!(
         back <= Duration::from_secs(2),
