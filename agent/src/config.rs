@@ -196,6 +196,9 @@ fn key_of(r: &api::Resource) -> Result<(i32, String)> {
             serde_json::from_str::<serde_json::Value>(&p.spec_json).with_context(|| {
                 format!("{} {}/{}: spec is not JSON", p.kind, p.namespace, p.name)
             })?;
+            if p.kind == "AuthorizationPolicy" {
+                crate::authz::Policy::compile(&p.namespace, &p.name, &p.spec_json)?;
+            }
             (
                 api::Kind::Policy as i32,
                 format!("{}/{}/{}", p.kind, p.namespace, p.name),

@@ -1,5 +1,6 @@
 //! The Trellis node agent. See docs/capture.md for how capture works.
 pub mod admin;
+pub mod authz;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

@@ -16,11 +16,13 @@ use trellis_api as api;
 use trellis_common::HBONE_PORT;
 
 use crate::{
+    authz::{PodPolicies, Policy as AuthzPolicy},
     config::NodeConfig,
     http_route::{Destination, HttpRoute, Policy, TrafficPolicy},
 };
 
-/// The namespace whose selector-less PeerAuthentication applies mesh-wide (as Istio's root).
+/// The namespace whose selector-less PeerAuthentication and AuthorizationPolicy apply mesh-wide
+/// (as Istio's root namespace).
 pub const ROOT_NAMESPACE: &str = "trellis-system";
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -215,6 +217,8 @@ pub struct MeshState {
     pub workloads: HashMap<IpAddr, Arc<Workload>>,
     /// Local pods' PeerAuthentication, by pod UID.
     pub peer_auth: HashMap<String, PeerAuth>,
+    /// The AuthorizationPolicies that select each local pod, by pod UID (none: absent).
+    pub authz: HashMap<String, Arc<PodPolicies>>,
     /// Local pods' addresses and ports that a service declares HTTP/1 (served at L7 inbound).
     pub http_ports: HashSet<SocketAddr>,
 }
@@ -330,6 +334,22 @@ impl MeshState {
                 )
             })
             .collect();
+        // NodeConfig::apply checked that these compile.
+        let authz_policies: Vec<Arc<AuthzPolicy>> = cfg
+            .policies()
+            .filter(|p| p.kind == "AuthorizationPolicy")
+            .filter_map(|p| AuthzPolicy::compile(&p.namespace, &p.name, &p.spec_json).ok())
+            .map(Arc::new)
+            .collect();
+        let authz = local
+            .iter()
+            .map(|w| {
+                let selected =
+                    PodPolicies::select(&authz_policies, ROOT_NAMESPACE, &w.namespace, &w.labels);
+                (w.uid.clone(), Arc::new(selected))
+            })
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
         Self {
             version: cfg.version,
             trust_domain: cfg.trust_domain.clone(),
@@ -337,6 +357,7 @@ impl MeshState {
             by_name,
             workloads,
             peer_auth,
+            authz,
             http_ports,
         }
     }
@@ -429,6 +450,11 @@ impl MeshState {
 
     pub fn peer_auth(&self, uid: &str) -> PeerAuth {
         self.peer_auth.get(uid).cloned().unwrap_or_default()
+    }
+
+    /// The AuthorizationPolicies that select a local pod; None when there are none.
+    pub fn authz(&self, uid: &str) -> Option<Arc<PodPolicies>> {
+        self.authz.get(uid).cloned()
     }
 }
 

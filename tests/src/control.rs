@@ -101,6 +101,11 @@ impl Control {
         fs::rename(tmp, self.dir.join("yaml").join(name)).unwrap();
     }
 
+    /// Removes a file from control's directory.
+    pub fn remove(&self, name: &str) {
+        fs::remove_file(self.dir.join("yaml").join(name)).unwrap();
+    }
+
     /// Arguments that point an agent at this control.
     pub fn agent_args(&self) -> Vec<String> {
         vec![

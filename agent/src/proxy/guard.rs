@@ -37,9 +37,11 @@ pub enum Failure {
     handshake,
     /// accept() failed (typically out of descriptors).
     accept,
+    /// An AuthorizationPolicy denied the connection or request.
+    authz,
 }
 
-const FAILURES: usize = 6;
+const FAILURES: usize = 7;
 
 /// At most this many log lines per failure kind per window; the rest are counted only.
 const LOG_BURST: u64 = 10;

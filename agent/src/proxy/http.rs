@@ -19,6 +19,13 @@ use super::{HttpLimits, guard::Idle, splice};
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// Whether a request or answer is gRPC (by its content type).
+pub fn is_grpc(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"))
+}
+
 pub fn error(code: StatusCode, text: &'static str) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from_static(text.as_bytes()))

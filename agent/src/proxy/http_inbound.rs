@@ -4,11 +4,14 @@
 //! plaintext. Whatever the client sent in it is always removed first, so the app can trust it.
 //! The app is spoken to in the client's HTTP version (h2c for HTTP/2) over one connection.
 //! Upgrades (WebSocket) are passed through once the app agrees.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use http_body_util::BodyExt;
 use hyper::{
-    Request, Response, StatusCode, body::Incoming, header::HeaderValue, service::service_fn,
+    Request, Response, StatusCode,
+    body::{Body as _, Incoming},
+    header::HeaderValue,
+    service::service_fn,
 };
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -19,10 +22,12 @@ use tokio::{
 use tracing::debug;
 
 use super::{
-    HttpLimits, PodCtx,
+    HttpLimits, PodCtx, Shared,
+    authorize::{self, Caller, DENIED_FLAG},
     http::{self, Body, Sender},
     inbound::to_app,
 };
+use crate::metrics::TcpLabels;
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -35,55 +40,110 @@ enum App {
     Closed,
 }
 
-/// Where the app is: its pod and address.
+/// Where the app is and who is calling it.
 struct Target {
     pod: Arc<PodCtx>,
     addr: SocketAddr,
+    caller: Caller,
+    /// `x-forwarded-client-cert` for mutual-TLS callers.
+    xfcc: Option<HeaderValue>,
+    /// The connection's metric labels (reporter `destination`).
+    labels: TcpLabels,
+    shared: Arc<Shared>,
 }
 
 /// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `addr` in `pod` over `app` (a
-/// connection already made) or one made for the first request. `identities` is (server, client)
-/// for mutual-TLS callers, None for plaintext ones.
+/// connection already made) or one made for the first request. Each request is first decided
+/// by the pod's AuthorizationPolicies, and counted in Istio's request metrics.
+#[allow(clippy::too_many_arguments)] // one connection's whole context, each piece distinct
 pub async fn serve<C>(
     client: C,
     app: Option<TcpStream>,
     pod: Arc<PodCtx>,
     addr: SocketAddr,
-    identities: Option<(&str, &str)>,
+    caller: Caller,
+    labels: &TcpLabels,
+    shared: &Arc<Shared>,
     limits: &HttpLimits,
 ) where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let xfcc = match identities {
-        Some((server, client)) => match HeaderValue::from_str(&format!("By={server};URI={client}"))
-        {
-            Ok(v) => Some(v),
-            Err(_) => return debug!(client, "identity not usable in a header"),
-        },
-        None => None,
+    let xfcc = match (pod.identity.as_deref(), caller.identity.as_deref()) {
+        (Some(server), Some(client)) => {
+            match HeaderValue::from_str(&format!("By={server};URI={client}")) {
+                Ok(v) => Some(v),
+                Err(_) => return debug!(client, "identity not usable in a header"),
+            }
+        }
+        _ => None,
     };
     let app = Arc::new(Mutex::new(app.map_or(App::Closed, App::Unused)));
-    let target = Arc::new(Target { pod, addr });
-    let service = service_fn(move |req| forward(req, app.clone(), target.clone(), xfcc.clone()));
+    let target = Arc::new(Target {
+        pod,
+        addr,
+        caller,
+        xfcc,
+        labels: labels.clone(),
+        shared: shared.clone(),
+    });
+    let service = service_fn(move |req| forward(req, app.clone(), target.clone()));
     if let Err(e) = http::serve(client, service, limits).await {
         debug!("inbound HTTP connection ended: {e}");
     }
 }
 
 async fn forward(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     app: Arc<Mutex<App>>,
     target: Arc<Target>,
-    xfcc: Option<HeaderValue>,
 ) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let mut labels = target.labels.clone();
+    labels.request_protocol = if http::is_grpc(req.headers()) {
+        "grpc"
+    } else {
+        "http"
+    };
+    let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+    let resp = match authorize::request(
+        &target.shared,
+        &target.pod,
+        &target.caller,
+        target.addr.port(),
+        &req,
+    ) {
+        Some(denied) => {
+            labels.response_flags = DENIED_FLAG;
+            // Counted as Istio does: a 403, also for gRPC (answered PERMISSION_DENIED).
+            target
+                .shared
+                .metrics
+                .request(labels, 403, start.elapsed(), request_bytes, 0);
+            return Ok(denied);
+        }
+        None => pass(req, &app, &target).await,
+    };
+    let response_bytes = resp.body().size_hint().exact().unwrap_or(0);
+    target.shared.metrics.request(
+        labels,
+        resp.status().as_u16(),
+        start.elapsed(),
+        request_bytes,
+        response_bytes,
+    );
+    Ok(resp)
+}
+
+/// Sends an authorized request on to the app.
+async fn pass(mut req: Request<Incoming>, app: &Mutex<App>, target: &Target) -> Response<Body> {
     req.headers_mut().remove(XFCC);
-    if let Some(v) = xfcc {
-        req.headers_mut().insert(XFCC, v);
+    if let Some(v) = &target.xfcc {
+        req.headers_mut().insert(XFCC, v.clone());
     }
     let client_upgrade = hyper::upgrade::on(&mut req);
     let sent = {
         let mut app = app.lock().await;
-        speak(&mut app, &target, req.version()).await;
+        speak(&mut app, target, req.version()).await;
         match &mut *app {
             // HTTP/2 multiplexes: send outside the lock, so requests run concurrently.
             App::Speaking(sender) => match sender.share() {
@@ -102,14 +162,11 @@ async fn forward(
             if let Some(e) = e {
                 debug!("forwarding to the app: {e}");
             }
-            return Ok(http::error(
-                StatusCode::BAD_GATEWAY,
-                "upstream connect error\n",
-            ));
+            return http::error(StatusCode::BAD_GATEWAY, "upstream connect error\n");
         }
     };
     http::pass_upgrade(client_upgrade, &mut resp);
-    Ok(resp.map(BodyExt::boxed))
+    resp.map(BodyExt::boxed)
 }
 
 /// Leaves `app` speaking `version` over an open connection, when the app can be reached.

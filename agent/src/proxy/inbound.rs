@@ -15,12 +15,17 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::{
-    CONNECT_TIMEOUT, Failure, Metered, PodCtx, Shared, canonical, connect,
+    CONNECT_TIMEOUT, Failure, Metered, PodCtx, Shared,
+    authorize::{self, Caller},
+    canonical, connect,
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
     http_inbound, labels, proxy_port, reset, splice,
 };
@@ -67,22 +72,63 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         None,
         false,
     );
+    let caller = Caller {
+        identity: None,
+        ip: peer.ip(),
+    };
     let _ = client.set_nodelay(true);
     if http {
-        // Served at L7 only to strip any forged client identity header; the app connection is
-        // made for the first request, not for a client that has sent nothing.
+        // Served at L7 to decide each request's authorization and to strip any forged client
+        // identity header; the app connection is made for the first request, not for a client
+        // that has sent nothing.
         let client = Metered::new(client, shared.metrics.opened(&labels));
-        http_inbound::serve(client, None, pod.clone(), dst, None, &shared.http).await;
+        http_inbound::serve(
+            client,
+            None,
+            pod.clone(),
+            dst,
+            caller,
+            &labels,
+            &shared,
+            &shared.http,
+        )
+        .await;
         return shared.metrics.closed(&labels);
+    }
+    if authorize::connection(&shared, &pod, &caller, dst.port(), &labels).is_err() {
+        return reset(&client);
     }
     match to_app(&pod, dst).await {
         Ok(mut app) => {
             let mut client = Metered::new(client, shared.metrics.opened(&labels));
-            let _ = splice(&mut client, &mut app).await;
+            guarded_splice(&mut client, &mut app, &pod, &shared, caller, dst).await;
             shared.metrics.closed(&labels);
         }
         Err(e) => {
             warn!(direction = "inbound", pod = %pod.name, orig_dst = %dst, "connection failed: {e}")
+        }
+    }
+}
+
+/// Splices a TCP connection until it ends, or until a config change makes the pod's
+/// AuthorizationPolicies deny it.
+async fn guarded_splice<C, A>(
+    client: &mut C,
+    app: &mut A,
+    pod: &PodCtx,
+    shared: &Shared,
+    caller: Caller,
+    dst: SocketAddr,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
+{
+    let ip = caller.ip;
+    let revoked = authorize::revoked(shared.state.clone(), pod.uid.clone(), caller, dst.port());
+    tokio::select! {
+        _ = splice(client, app) => {}
+        policy = revoked => {
+            info!(direction = "inbound", pod = %pod.name, client = %ip, orig_dst = %dst, policy, "open connection closed: an AuthorizationPolicy now denies it");
         }
     }
 }
@@ -242,6 +288,16 @@ async fn tunnel(
         None,
         true,
     );
+    let caller = Caller {
+        identity: Some(client_id.to_owned()),
+        ip: peer.ip(),
+    };
+    if !http
+        && let Err(policy) = authorize::connection(&shared, &pod, &caller, target.port(), &labels)
+    {
+        debug!(pod = %pod.name, client_identity = client_id, %target, policy, "HBONE stream refused");
+        return status(StatusCode::FORBIDDEN);
+    }
     info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream");
     let mut app = match to_app(&pod, target).await {
         Ok(app) => app,
@@ -251,28 +307,32 @@ async fn tunnel(
         }
     };
     let upgrade = hyper::upgrade::on(&mut req);
-    let client_id = client_id.to_owned();
     tokio::spawn(async move {
         match upgrade.await {
             Ok(up) => {
                 let mut client =
                     Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
-                match (http, pod.identity.as_deref()) {
-                    (true, Some(server_id)) => {
-                        let ids = Some((server_id, client_id.as_str()));
-                        // The peer is another node's proxy, which closes idle keep-alive
-                        // connections itself at `header_read_timeout`: waiting twice that here
-                        // means this side never closes one the peer is about to reuse.
-                        let limits = HttpLimits {
-                            header_read_timeout: shared.http.header_read_timeout * 2,
-                            ..shared.http
-                        };
-                        http_inbound::serve(client, Some(app), pod.clone(), target, ids, &limits)
-                            .await;
-                    }
-                    _ => {
-                        let _ = splice(&mut client, &mut app).await;
-                    }
+                if http {
+                    // The peer is another node's proxy, which closes idle keep-alive
+                    // connections itself at `header_read_timeout`: waiting twice that here
+                    // means this side never closes one the peer is about to reuse.
+                    let limits = HttpLimits {
+                        header_read_timeout: shared.http.header_read_timeout * 2,
+                        ..shared.http
+                    };
+                    http_inbound::serve(
+                        client,
+                        Some(app),
+                        pod.clone(),
+                        target,
+                        caller,
+                        &labels,
+                        &shared,
+                        &limits,
+                    )
+                    .await;
+                } else {
+                    guarded_splice(&mut client, &mut app, &pod, &shared, caller, target).await;
                 }
                 shared.metrics.closed(&labels);
             }

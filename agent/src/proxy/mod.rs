@@ -1,6 +1,7 @@
 //! The node proxy. Each enrolled pod gets, inside its own netns, 127.0.0.1:15001 and [::1]:15001
 //! (outbound capture), [::]:15006 (inbound plaintext capture) and, once it has an identity,
 //! [::]:15008 (inbound HBONE). One agent process serves every pod on the node.
+mod authorize;
 mod balance;
 mod copy;
 mod guard;

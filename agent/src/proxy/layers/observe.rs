@@ -16,10 +16,7 @@ pub fn layer(pod: Arc<PodCtx>, shared: Arc<Shared>) -> impl Layer<Next, Service 
         async move {
             let start = std::time::Instant::now();
             let request_bytes = req.body().size_hint().exact().unwrap_or(0);
-            let grpc = req
-                .headers()
-                .get(hyper::header::CONTENT_TYPE)
-                .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
+            let grpc = crate::proxy::http::is_grpc(req.headers());
             let trace = trace::continue_trace(req.headers_mut());
             let span = tracing::info_span!(
                 target: "trellis::access",
