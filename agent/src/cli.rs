@@ -321,6 +321,9 @@ async fn run(args: RunArgs) -> Result<()> {
             "give exactly one pod source: --pods FILE, or --control-url with --control-ca and --control-token-file"
         ),
     };
+    // A config change reaches the kernel (STRICT and REGISTRY_ONLY marks, the registry) at once,
+    // not at the next tick.
+    let mut changes = state.clone();
     tokio::spawn(admin::serve(admin, reconciler.status(), svids, state));
     tokio::spawn(metrics::serve(
         metrics_listener,
@@ -333,6 +336,7 @@ async fn run(args: RunArgs) -> Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            Ok(()) = changes.changed() => {}
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }

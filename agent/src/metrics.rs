@@ -72,6 +72,12 @@ struct FailureLabels {
     reason: Failure,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    /// `namespace/name`
+    pod: String,
+}
+
 pub struct Metrics {
     requests: Family<HttpLabels, Counter>,
     duration: Histograms,
@@ -82,6 +88,7 @@ pub struct Metrics {
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
+    egress_refused: Family<PodLabels, Counter>,
     registry: Registry,
 }
 
@@ -103,6 +110,7 @@ impl Metrics {
             sent: Family::default(),
             received: Family::default(),
             failures: Family::default(),
+            egress_refused: Family::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -148,6 +156,11 @@ impl Metrics {
              their log lines are rate-limited)",
             m.failures.clone(),
         );
+        registry.register(
+            "trellis_egress_refused",
+            "Connects and UDP sends the kernel refused a REGISTRY_ONLY pod, by pod",
+            m.egress_refused.clone(),
+        );
         m.registry = registry;
         Arc::new(m)
     }
@@ -191,6 +204,15 @@ impl Metrics {
         labels.response_flags = flag;
         self.opened(labels);
         self.closed(labels);
+    }
+
+    /// `n` more of a pod's connects or UDP sends refused by REGISTRY_ONLY.
+    pub fn egress_refused(&self, pod: &str, n: u64) {
+        self.egress_refused
+            .get_or_create(&PodLabels {
+                pod: pod.to_owned(),
+            })
+            .inc_by(n);
     }
 
     /// A connection refused or failed before it was proxied.

@@ -174,6 +174,10 @@ pub struct PodStatus {
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Whether the kernel holds the pod to REGISTRY_ONLY.
+    pub registry_only: bool,
+    /// Connects and UDP sends REGISTRY_ONLY has refused it, as the kernel counts them.
+    pub egress_refused: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -190,6 +194,10 @@ struct Enrolled {
     /// Whether the kernel has the pod marked STRICT (None: not yet synced; an earlier agent
     /// may have left a mark).
     strict: Option<bool>,
+    /// The same for REGISTRY_ONLY.
+    registry_only: Option<bool>,
+    /// The kernel's count of its refused egress, as last read.
+    egress_refused: u64,
     _proxy: PodProxy,
 }
 
@@ -203,6 +211,8 @@ pub struct Reconciler {
     enrolled: BTreeMap<String, Enrolled>,
     failed: BTreeMap<String, String>,
     adopted: bool,
+    /// The mesh state version whose registry the kernel holds.
+    registry_version: Option<u64>,
     status: watch::Sender<AgentStatus>,
 }
 
@@ -223,6 +233,7 @@ impl Reconciler {
             enrolled: BTreeMap::new(),
             failed: BTreeMap::new(),
             adopted: false,
+            registry_version: None,
             status,
         }
     }
@@ -290,6 +301,7 @@ impl Reconciler {
             self.forget_others();
         }
         self.sync_strict();
+        self.sync_egress();
         self.publish(&desired);
     }
 
@@ -350,6 +362,8 @@ impl Reconciler {
             cgroup,
             cgroup_id,
             strict: None,
+            registry_only: None,
+            egress_refused: 0,
             _proxy: proxy,
         })
     }
@@ -370,6 +384,41 @@ impl Reconciler {
                     Ok(()) => pod.strict = Some(strict),
                     Err(e) => warn!(uid, "{e:#}"),
                 }
+            }
+        }
+    }
+
+    /// Gives the kernel the registry and each pod's REGISTRY_ONLY mark, once control has sent
+    /// a config (until then an earlier agent's pinned ones stand), and reads its refusal counts.
+    fn sync_egress(&mut self) {
+        let state = self.shared.state.borrow().clone();
+        if state.version == 0 {
+            return;
+        }
+        if self.registry_version != Some(state.version) {
+            match self.redirect.sync_registry(&state.registry) {
+                Ok(()) => self.registry_version = Some(state.version),
+                Err(e) => warn!("updating the egress registry: {e:#}"),
+            }
+        }
+        for (uid, pod) in &mut self.enrolled {
+            let on = state.registry_only.contains(uid);
+            if Some(on) != pod.registry_only {
+                match self.redirect.set_registry_only(pod.cgroup_id, on) {
+                    Ok(()) => {
+                        info!(pod = %format!("{}/{}", pod.spec.namespace, pod.spec.name), registry_only = on, "outbound traffic policy set");
+                        pod.registry_only = Some(on);
+                    }
+                    Err(e) => warn!(uid, "{e:#}"),
+                }
+            }
+            let refused = self.redirect.egress_refused(pod.cgroup_id);
+            if refused > pod.egress_refused {
+                let name = format!("{}/{}", pod.spec.namespace, pod.spec.name);
+                let new = refused - pod.egress_refused;
+                self.shared.metrics.egress_refused(&name, new);
+                info!(pod = %name, new, total = refused, "egress refused in the kernel: not in the mesh registry (REGISTRY_ONLY)");
+                pod.egress_refused = refused;
             }
         }
     }
@@ -407,6 +456,11 @@ impl Reconciler {
                     "failed"
                 },
                 error: self.failed.get(&p.uid).cloned(),
+                registry_only: self
+                    .enrolled
+                    .get(&p.uid)
+                    .is_some_and(|e| e.registry_only == Some(true)),
+                egress_refused: self.enrolled.get(&p.uid).map_or(0, |e| e.egress_refused),
             })
             .collect();
         self.status.send_if_modified(|s| {

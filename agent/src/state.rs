@@ -2,7 +2,7 @@
 //! VIP and port, workloads by IP, and each local pod's PeerAuthentication mode. Connections read
 //! one immutable snapshot; the config follower is its only writer.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -11,6 +11,7 @@ use std::{
 };
 
 use hyper::{HeaderMap, Method};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use trellis_api as api;
 use trellis_common::HBONE_PORT;
@@ -219,6 +220,11 @@ pub struct MeshState {
     pub peer_auth: HashMap<String, PeerAuth>,
     /// The AuthorizationPolicies that select each local pod, by pod UID (none: absent).
     pub authz: HashMap<String, Arc<PodPolicies>>,
+    /// Local pods whose outbound traffic policy is REGISTRY_ONLY, by UID.
+    pub registry_only: HashSet<String>,
+    /// Every address the mesh knows (pods, Service VIPs, ServiceEntry addresses and endpoint
+    /// IPs): what REGISTRY_ONLY pods may reach.
+    pub registry: BTreeSet<IpNet>,
     /// Local pods' addresses and ports that a service declares HTTP/1 (served at L7 inbound).
     pub http_ports: HashSet<SocketAddr>,
 }
@@ -350,6 +356,22 @@ impl MeshState {
             })
             .filter(|(_, p)| !p.is_empty())
             .collect();
+        let registry_only = local
+            .iter()
+            .filter(|w| w.registry_only)
+            .map(|w| w.uid.clone())
+            .collect();
+        let registry = workloads
+            .keys()
+            .copied()
+            .chain(services.keys().map(SocketAddr::ip))
+            .map(IpNet::from)
+            .chain(
+                cfg.policies()
+                    .filter(|p| p.kind == "ServiceEntry")
+                    .flat_map(|p| service_entry_nets(&p.spec_json)),
+            )
+            .collect();
         Self {
             version: cfg.version,
             trust_domain: cfg.trust_domain.clone(),
@@ -358,6 +380,8 @@ impl MeshState {
             workloads,
             peer_auth,
             authz,
+            registry_only,
+            registry,
             http_ports,
         }
     }
@@ -480,6 +504,35 @@ fn label(labels: &std::collections::HashMap<String, String>, key: &str, default:
         .get(key)
         .cloned()
         .unwrap_or_else(|| default.to_owned())
+}
+
+/// A ServiceEntry's `addresses` and its endpoints' IP addresses (endpoints named by host name
+/// need DNS, which the agent does not do yet).
+fn service_entry_nets(spec_json: &str) -> Vec<IpNet> {
+    #[derive(Deserialize)]
+    struct Spec {
+        #[serde(default)]
+        addresses: Vec<String>,
+        #[serde(default)]
+        endpoints: Vec<Endpoint>,
+    }
+    #[derive(Deserialize)]
+    struct Endpoint {
+        #[serde(default)]
+        address: String,
+    }
+    let Ok(spec) = serde_json::from_str::<Spec>(spec_json) else {
+        return Vec::new();
+    };
+    spec.addresses
+        .iter()
+        .chain(spec.endpoints.iter().map(|e| &e.address))
+        .filter_map(|a| {
+            a.parse::<IpNet>()
+                .ok()
+                .or_else(|| a.parse::<IpAddr>().ok().map(IpNet::from))
+        })
+        .collect()
 }
 
 /// The part of a validated PeerAuthentication the proxy acts on.

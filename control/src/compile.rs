@@ -44,6 +44,7 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
             labels: p.labels.clone().into_iter().collect(),
             identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
             node: p.node.clone(),
+            registry_only: p.node == node && cluster.registry_only(&p.namespace),
         };
         let (kind, resource) = if p.node == node {
             (api::Kind::Workload, api::resource::Resource::Workload(w))

@@ -17,6 +17,12 @@ use crate::{
 /// Namespace label that enrolls a namespace; the same label `disabled` on a pod opts it out.
 pub const MESH_LABEL: &str = "trellis.dev/mesh";
 
+/// Namespace label with the namespace's outbound traffic policy, `REGISTRY_ONLY` or `ALLOW_ANY`
+/// (Istio's meshConfig.outboundTrafficPolicy); on the root namespace it is the mesh-wide
+/// default. Absent everywhere: ALLOW_ANY.
+pub const OUTBOUND_LABEL: &str = "trellis.dev/outbound-traffic-policy";
+const OUTBOUND_MODES: [&str; 2] = ["REGISTRY_ONLY", "ALLOW_ANY"];
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodInfo {
     pub uid: String,
@@ -131,6 +137,18 @@ impl Cluster {
             .is_some_and(|v| v == "enabled");
         ns_enabled && pod.labels.get(MESH_LABEL).is_none_or(|v| v != "disabled")
     }
+
+    /// Whether pods in `namespace` may reach only what the mesh knows: the namespace's own
+    /// label decides, else the root namespace's.
+    pub fn registry_only(&self, namespace: &str) -> bool {
+        let mode = |ns: &str| {
+            self.namespaces
+                .get(ns)
+                .and_then(|l| l.get(OUTBOUND_LABEL))
+                .map(String::as_str)
+        };
+        mode(namespace).or(mode(crate::compile::ROOT_NAMESPACE)) == Some("REGISTRY_ONLY")
+    }
 }
 
 /// Parses one Kubernetes object (as JSON), checking it is a kind Trellis reads.
@@ -184,9 +202,18 @@ fn name_of(meta: &Meta, rule: fn(&str) -> Result<(), String>) -> Result<String> 
 }
 
 fn namespace(ns: Namespace) -> Result<Object> {
+    let labels = ns.metadata.labels.clone().unwrap_or_default();
+    if let Some(mode) = labels.get(OUTBOUND_LABEL)
+        && !OUTBOUND_MODES.contains(&mode.as_str())
+    {
+        bail!(
+            "metadata.labels.{OUTBOUND_LABEL}: {mode:?} is not supported (supported: {})",
+            OUTBOUND_MODES.join(", ")
+        );
+    }
     Ok(Object::Namespace {
         name: name_of(&ns.metadata, names::dns1123_label)?,
-        labels: ns.metadata.labels.unwrap_or_default(),
+        labels,
     })
 }
 
@@ -371,6 +398,30 @@ mod tests {
 
     fn err(doc: Value) -> String {
         format!("{:#}", parse_object(&doc).unwrap_err())
+    }
+
+    #[test]
+    fn outbound_traffic_policy_comes_from_the_namespace_then_the_root() {
+        let ns = |name: &str, mode: Option<&str>| {
+            let labels = mode.map_or(json!({}), |m| json!({OUTBOUND_LABEL: m}));
+            parse_object(&json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "labels": labels}}))
+            .unwrap()
+        };
+        let mut c = Cluster::default();
+        c.insert(ns("shop", Some("REGISTRY_ONLY")));
+        c.insert(ns("open", Some("ALLOW_ANY")));
+        c.insert(ns("plain", None));
+        assert!(c.registry_only("shop"));
+        assert!(!c.registry_only("open") && !c.registry_only("plain"));
+        c.insert(ns("trellis-system", Some("REGISTRY_ONLY")));
+        assert!(c.registry_only("plain") && !c.registry_only("open"));
+        let e = err(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "x", "labels": {OUTBOUND_LABEL: "registry_only"}}}));
+        assert!(
+            e.contains("metadata.labels.trellis.dev/outbound-traffic-policy: \"registry_only\" is not supported"),
+            "{e}"
+        );
     }
 
     #[test]

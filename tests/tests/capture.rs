@@ -206,7 +206,13 @@ fn sigkill_restart_adopts_pins_and_cleanup_removes_them() {
     };
     assert_eq!(
         attached(&node),
-        ["trellis_connect4", "trellis_connect6", "trellis_sock_ops"]
+        [
+            "trellis_connect4",
+            "trellis_connect6",
+            "trellis_sendmsg4",
+            "trellis_sendmsg6",
+            "trellis_sock_ops"
+        ]
     );
     assert_eq!(sys::sk_lookup_links(&server.netns), 1);
 
@@ -217,7 +223,7 @@ fn sigkill_restart_adopts_pins_and_cleanup_removes_them() {
         out["error"].as_str().is_some_and(|e| e.contains("refused")),
         "capture lapsed with the agent dead: {out}"
     );
-    assert_eq!(attached(&node).len(), 3);
+    assert_eq!(attached(&node).len(), 5);
 
     agent.restart();
     agent.wait_pod_state(&client, "enrolled");
@@ -227,7 +233,7 @@ fn sigkill_restart_adopts_pins_and_cleanup_removes_them() {
     capture_line(&agent, "outbound", dst, port);
     assert_eq!(
         attached(&node).len(),
-        3,
+        5,
         "restart duplicated attachments: {:?}",
         attached(&node)
     );

@@ -55,12 +55,7 @@ pub fn connection(
     match decision.denied_by() {
         None => Ok(()),
         Some(by) => {
-            let labels = TcpLabels {
-                response_flags: DENIED_FLAG,
-                ..labels.clone()
-            };
-            shared.metrics.opened(&labels);
-            shared.metrics.closed(&labels);
+            shared.metrics.failed(&mut labels.clone(), DENIED_FLAG);
             Err(by.to_owned())
         }
     }

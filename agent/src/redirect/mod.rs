@@ -3,7 +3,7 @@
 mod pins;
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashSet},
     fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
@@ -14,13 +14,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, MapError, SockHash, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, MapData, MapError, PerCpuHashMap, SockHash, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use trellis_common::{
-    ADDR_STRICT, AF_INET, ConnKey, FlowKey, OrigDst, POD_HAS_IP4, POD_HAS_IP6, PodInfo, v4_mapped,
+    ADDR_STRICT, AF_INET, ConnKey, FlowKey, OrigDst, POD_HAS_IP4, POD_HAS_IP6, POD_REGISTRY_ONLY,
+    PodInfo, v4_mapped,
 };
 
 use crate::netns::Netns;
@@ -29,9 +30,11 @@ pub use pins::PinDir;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis"));
 
 /// The cgroup programs, by program name and link pin name.
-const CGROUP_PROGRAMS: [(&str, &str); 3] = [
+const CGROUP_PROGRAMS: [(&str, &str); 5] = [
     ("trellis_connect4", "connect4"),
     ("trellis_connect6", "connect6"),
+    ("trellis_sendmsg4", "sendmsg4"),
+    ("trellis_sendmsg6", "sendmsg6"),
     ("trellis_sock_ops", "sockops"),
 ];
 const SK_LOOKUP: &str = "trellis_sk_lookup";
@@ -57,6 +60,10 @@ pub struct Redirect {
     listeners: SockHash<MapData, [u8; 16]>,
     /// `POD_ADDRS`: every enrolled pod address, valued `ADDR_STRICT` or 0.
     addrs: HashMap<MapData, [u8; 16], u8>,
+    /// `REGISTRY`: what REGISTRY_ONLY pods may reach.
+    registry: LpmTrie<MapData, [u8; 16], u8>,
+    /// `EGRESS_REFUSED`: refusals per pod cgroup id, counted by the kernel.
+    egress_refused: PerCpuHashMap<MapData, u64, u64>,
 }
 
 /// The proxy's view: original destinations of captured connections, consumed once each.
@@ -140,6 +147,17 @@ pub fn to_socket_addr(dst: &OrigDst) -> SocketAddr {
     SocketAddr::new(ip, dst.port)
 }
 
+/// A `REGISTRY` key: IPv4 networks as IPv4-mapped (prefix + 96).
+pub fn registry_key(net: IpNet) -> Key<[u8; 16]> {
+    match net {
+        IpNet::V4(n) => Key::new(
+            96 + u32::from(n.prefix_len()),
+            v4_mapped(n.network().octets()),
+        ),
+        IpNet::V6(n) => Key::new(u32::from(n.prefix_len()), n.network().octets()),
+    }
+}
+
 /// A map's 16-byte address key: IPv4 (also in its IPv4-mapped IPv6 form) as IPv4-mapped.
 pub fn ip_key(ip: IpAddr) -> [u8; 16] {
     match ip.to_canonical() {
@@ -188,6 +206,8 @@ impl Redirect {
         let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?)?;
         let listeners = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS")?)?;
         let addrs = HashMap::try_from(take_map(&mut ebpf, "POD_ADDRS")?)?;
+        let registry = LpmTrie::try_from(take_map(&mut ebpf, "REGISTRY")?)?;
+        let egress_refused = PerCpuHashMap::try_from(take_map(&mut ebpf, "EGRESS_REFUSED")?)?;
         let maps = ProxyMaps {
             orig_dst: OrigDstTable {
                 map: Mutex::new(HashMap::try_from(take_map(&mut ebpf, "ORIG_DST")?)?),
@@ -203,6 +223,8 @@ impl Redirect {
                 enrolled,
                 listeners,
                 addrs,
+                registry,
+                egress_refused,
             },
             maps,
             logger,
@@ -242,7 +264,15 @@ impl Redirect {
         let link: FdLink = prog.take_link(id)?.into();
         pins::replace_pinned_link(link, &dir.join("sk_lookup"))?;
 
-        let mut info = PodInfo::default();
+        // A REGISTRY_ONLY mark an earlier agent left stays until `set_registry_only` says
+        // otherwise: egress never opens while the agent restarts.
+        let mut info = PodInfo {
+            flags: self
+                .enrolled
+                .get(&cgroup_id, 0)
+                .map_or(0, |old| old.flags & POD_REGISTRY_ONLY),
+            ..PodInfo::default()
+        };
         for ip in ips {
             match ip {
                 IpAddr::V4(v4) => (info.flags, info.ip4) = (info.flags | POD_HAS_IP4, v4.octets()),
@@ -265,6 +295,51 @@ impl Redirect {
                 .with_context(|| format!("marking {ip} STRICT={strict}"))?;
         }
         Ok(())
+    }
+
+    /// Sets or clears a pod's REGISTRY_ONLY mark (by its cgroup id).
+    pub fn set_registry_only(&mut self, cgroup_id: u64, on: bool) -> Result<()> {
+        let mut info = self
+            .enrolled
+            .get(&cgroup_id, 0)
+            .context("the pod's cgroup is not marked enrolled")?;
+        info.flags = if on {
+            info.flags | POD_REGISTRY_ONLY
+        } else {
+            info.flags & !POD_REGISTRY_ONLY
+        };
+        self.enrolled
+            .insert(cgroup_id, info, 0)
+            .with_context(|| format!("setting REGISTRY_ONLY={on}"))
+    }
+
+    /// Makes `REGISTRY` hold exactly `nets`, adding before removing so that nothing still
+    /// registered is refused in between.
+    pub fn sync_registry(&mut self, nets: &BTreeSet<IpNet>) -> Result<()> {
+        let plain = |k: Key<[u8; 16]>| (k.prefix_len(), k.data());
+        let want: HashSet<(u32, [u8; 16])> = nets.iter().map(|n| plain(registry_key(*n))).collect();
+        let have: HashSet<(u32, [u8; 16])> = self
+            .registry
+            .keys()
+            .filter_map(Result::ok)
+            .map(plain)
+            .collect();
+        for (len, data) in want.difference(&have) {
+            self.registry
+                .insert(&Key::new(*len, *data), 1, 0)
+                .context("adding to the egress registry (is it full? 65,536 entries)")?;
+        }
+        for (len, data) in have.difference(&want) {
+            let _ = self.registry.remove(&Key::new(*len, *data)); // absent is fine
+        }
+        Ok(())
+    }
+
+    /// How many connects and UDP sends REGISTRY_ONLY has refused a pod (by its cgroup id).
+    pub fn egress_refused(&self, cgroup_id: u64) -> u64 {
+        self.egress_refused
+            .get(&cgroup_id, 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     /// Stops capturing a pod; connections already proxied are left to finish.

@@ -27,6 +27,12 @@ pub const ADDR_STRICT: u8 = 1;
 /// `PodInfo::flags` bits.
 pub const POD_HAS_IP4: u32 = 1;
 pub const POD_HAS_IP6: u32 = 2;
+/// The pod's outbound traffic policy is REGISTRY_ONLY: its connects (and UDP sends) to
+/// addresses outside `REGISTRY` fail with EPERM.
+pub const POD_REGISTRY_ONLY: u32 = 4;
+
+/// Under REGISTRY_ONLY, UDP to this port still goes anywhere: it is DNS, to the pod's resolver.
+pub const DNS_PORT: u16 = 53;
 
 /// An IPv4 address stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), so one 16-byte key serves both.
 pub const fn v4_mapped(ip: [u8; 4]) -> [u8; 16] {

@@ -13,7 +13,8 @@ use aya_ebpf::{
 };
 
 /// `cgroup/connect4`: rewrite an enrolled pod's TCP connect to 127.0.0.1:15001; refuse (0) its
-/// connects to the proxy's own ports.
+/// connects to the proxy's own ports and, under REGISTRY_ONLY, to unregistered addresses (UDP
+/// connects too).
 #[cgroup_sock_addr(connect4)]
 pub fn trellis_connect4(ctx: SockAddrContext) -> i32 {
     i32::from(outbound::connect4(&ctx))
@@ -23,6 +24,19 @@ pub fn trellis_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn trellis_connect6(ctx: SockAddrContext) -> i32 {
     i32::from(outbound::connect6(&ctx))
+}
+
+/// `cgroup/sendmsg4`: an enrolled REGISTRY_ONLY pod's UDP datagrams to unregistered addresses
+/// fail (EPERM); DNS is let through.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn trellis_sendmsg4(ctx: SockAddrContext) -> i32 {
+    i32::from(outbound::sendmsg4(&ctx))
+}
+
+/// `cgroup/sendmsg6`: the same for IPv6.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn trellis_sendmsg6(ctx: SockAddrContext) -> i32 {
+    i32::from(outbound::sendmsg6(&ctx))
 }
 
 /// `sockops`: once a captured connection is established, re-key its original destination by

@@ -1,7 +1,7 @@
 //! The maps, pinned by name so they outlive an agent restart. Sizes are the node's limits.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, SockHash},
+    maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, SockHash},
 };
 use trellis_common::{ConnKey, FlowKey, OrigDst, Pending, PodInfo};
 
@@ -39,6 +39,17 @@ pub static INBOUND_LISTENERS: SockHash<[u8; 16]> = SockHash::pinned(8192, 0);
 /// through.
 #[map]
 pub static POD_ADDRS: HashMap<[u8; 16], u8> = HashMap::pinned(8192, 0);
+
+/// Every destination the mesh knows (pods, Service VIPs, ServiceEntry addresses), IPv4 as
+/// IPv4-mapped: all a REGISTRY_ONLY pod may reach.
+#[map]
+pub static REGISTRY: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(65536, 0);
+
+/// Connects and UDP sends refused by REGISTRY_ONLY, counted per pod cgroup id (`ENROLLED`'s
+/// key), per CPU (so no count is lost to a race; the agent sums them). LRU: counters of pods
+/// long gone age out.
+#[map]
+pub static EGRESS_REFUSED: LruPerCpuHashMap<u64, u64> = LruPerCpuHashMap::pinned(4096, 0);
 
 /// Connections the node itself opened to an enrolled pod, by the pod's view of the flow; the value
 /// is the opening socket's netns cookie. The proxy consumes each entry when it accepts the

@@ -9,30 +9,66 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use trellis_common::{
-    AF_INET, AF_INET6, ConnKey, FlowKey, MAX_CGROUP_DEPTH, OUTBOUND_PORT, OrigDst, POD_HAS_IP4,
-    POD_HAS_IP6, PROXY_PORTS, Pending, PodInfo, v4_mapped,
+    AF_INET, AF_INET6, ConnKey, DNS_PORT, FlowKey, MAX_CGROUP_DEPTH, OUTBOUND_PORT, OrigDst,
+    POD_HAS_IP4, POD_HAS_IP6, POD_REGISTRY_ONLY, PROXY_PORTS, Pending, PodInfo, v4_mapped,
 };
 
 use crate::maps::{
-    ENROLLED, EXCLUDE_PORTS, EXCLUDE_V4, EXCLUDE_V6, NODE_CONNS, ORIG_DST, PENDING, POD_ADDRS,
+    EGRESS_REFUSED, ENROLLED, EXCLUDE_PORTS, EXCLUDE_V4, EXCLUDE_V6, NODE_CONNS, ORIG_DST, PENDING,
+    POD_ADDRS, REGISTRY,
 };
 
 const SOCK_STREAM: u32 = 1;
 const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
+/// An enrolled pod: its cgroup id (`ENROLLED`'s key) and what the kernel knows of it.
+type Pod = Option<(u64, PodInfo)>;
+
 /// The pod whose cgroup contains the calling task, if it is enrolled. Containers sit in
 /// sub-cgroups of the pod cgroup, so walk the ancestors from the top.
-fn enrolled_pod() -> Option<PodInfo> {
+fn enrolled_pod() -> Pod {
     for level in 1..=MAX_CGROUP_DEPTH {
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
             return None;
         }
         if let Some(pod) = unsafe { ENROLLED.get(&id) } {
-            return Some(*pod);
+            return Some((id, *pod));
         }
     }
     None
+}
+
+/// Whether REGISTRY_ONLY refuses the calling pod this destination (`ip` IPv4-mapped for IPv4);
+/// counted when it does. Loopback, the pod itself, excluded destinations (the operator's
+/// explicit bypass) and, for UDP, DNS stay reachable.
+fn egress_refused(pod: Pod, ip: &[u8; 16], port: u16, udp: bool) -> bool {
+    let Some((id, pod)) = pod else {
+        return false;
+    };
+    if pod.flags & POD_REGISTRY_ONLY == 0 || (udp && port == DNS_PORT) || port_excluded(port) {
+        return false;
+    }
+    let v4 = v4_in_v6(ip);
+    let own = match v4 {
+        Some(v4) => v4[0] == 127 || (pod.flags & POD_HAS_IP4 != 0 && pod.ip4 == v4),
+        None => *ip == LOOPBACK_V6 || (pod.flags & POD_HAS_IP6 != 0 && pod.ip6 == *ip),
+    };
+    let excluded = match v4 {
+        Some(v4) => EXCLUDE_V4.get(Key::new(32, v4)).is_some(),
+        None => EXCLUDE_V6.get(Key::new(128, *ip)).is_some(),
+    };
+    if own || excluded || REGISTRY.get(Key::new(128, *ip)).is_some() {
+        return false;
+    }
+    match EGRESS_REFUSED.get_ptr_mut(&id) {
+        // This CPU's own counter: no other writer.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = EGRESS_REFUSED.insert(&id, &1, 0);
+        }
+    }
+    true
 }
 
 fn port_excluded(port: u16) -> bool {
@@ -66,22 +102,38 @@ fn rewrite_port(sa: *mut bpf_sock_addr) {
 /// An enrolled pod's connect to one of the proxy's own listeners is refused (the app gets
 /// EPERM): whether the proxy took it as captured traffic or as a destination, it would end up
 /// connecting to itself.
-fn refused(port: u16) -> bool {
-    PROXY_PORTS.contains(&port) && enrolled_pod().is_some()
+fn refused(pod: Pod, port: u16) -> bool {
+    PROXY_PORTS.contains(&port) && pod.is_some()
+}
+
+fn dst4(sa: *const bpf_sock_addr) -> ([u8; 4], u16) {
+    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
+    let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
+    (ip, port)
+}
+
+fn dst6(sa: *const bpf_sock_addr) -> ([u8; 16], u16) {
+    let mut ip = [0u8; 16];
+    for i in 0..4 {
+        let word = unsafe { read_volatile(addr_of!((*sa).user_ip6[i])) }.to_ne_bytes();
+        ip[i * 4..i * 4 + 4].copy_from_slice(&word);
+    }
+    let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
+    (ip, port)
 }
 
 /// False when the connect must fail.
 pub fn connect4(ctx: &SockAddrContext) -> bool {
     let sa = ctx.sock_addr;
+    let (ip, port) = dst4(sa);
+    let pod = enrolled_pod();
     if !stream_socket(sa) {
-        return true;
+        return !egress_refused(pod, &v4_mapped(ip), port, true);
     }
-    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
-    let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
-    if refused(port) {
+    if refused(pod, port) || egress_refused(pod, &v4_mapped(ip), port, false) {
         return false;
     }
-    if !capture_v4(ip, port) || !remember(ctx, v4_dst(ip, port)) {
+    if !capture_v4(pod, ip, port) || !remember(ctx, v4_dst(ip, port)) {
         return true;
     }
     unsafe {
@@ -103,22 +155,18 @@ pub fn connect4(ctx: &SockAddrContext) -> bool {
 /// False when the connect must fail.
 pub fn connect6(ctx: &SockAddrContext) -> bool {
     let sa = ctx.sock_addr;
+    let (ip, port) = dst6(sa);
+    let pod = enrolled_pod();
     if !stream_socket(sa) {
-        return true;
+        return !egress_refused(pod, &ip, port, true);
     }
-    let mut ip = [0u8; 16];
-    for i in 0..4 {
-        let word = unsafe { read_volatile(addr_of!((*sa).user_ip6[i])) }.to_ne_bytes();
-        ip[i * 4..i * 4 + 4].copy_from_slice(&word);
-    }
-    let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
-    if refused(port) {
+    if refused(pod, port) || egress_refused(pod, &ip, port, false) {
         return false;
     }
     let dst = match v4_in_v6(&ip) {
-        Some(v4) if capture_v4(v4, port) => v4_dst(v4, port),
+        Some(v4) if capture_v4(pod, v4, port) => v4_dst(v4, port),
         Some(_) => return true,
-        None if capture_v6(&ip, port) => OrigDst {
+        None if capture_v6(pod, &ip, port) => OrigDst {
             addr: ip,
             port,
             family: AF_INET6,
@@ -137,6 +185,18 @@ pub fn connect6(ctx: &SockAddrContext) -> bool {
     true
 }
 
+/// False when the datagram must not be sent (UDP without a prior connect).
+pub fn sendmsg4(ctx: &SockAddrContext) -> bool {
+    let (ip, port) = dst4(ctx.sock_addr);
+    !egress_refused(enrolled_pod(), &v4_mapped(ip), port, true)
+}
+
+/// False when the datagram must not be sent.
+pub fn sendmsg6(ctx: &SockAddrContext) -> bool {
+    let (ip, port) = dst6(ctx.sock_addr);
+    !egress_refused(enrolled_pod(), &ip, port, true)
+}
+
 fn v4_dst(ip: [u8; 4], port: u16) -> OrigDst {
     OrigDst {
         addr: v4_mapped(ip),
@@ -153,11 +213,11 @@ fn v4_in_v6(ip: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
-fn capture_v4(ip: [u8; 4], port: u16) -> bool {
+fn capture_v4(pod: Pod, ip: [u8; 4], port: u16) -> bool {
     if ip[0] == 127 {
         return false;
     }
-    let Some(pod) = enrolled_pod() else {
+    let Some((_, pod)) = pod else {
         return false;
     };
     if pod.flags & POD_HAS_IP4 != 0 && pod.ip4 == ip {
@@ -166,11 +226,11 @@ fn capture_v4(ip: [u8; 4], port: u16) -> bool {
     !port_excluded(port) && EXCLUDE_V4.get(Key::new(32, ip)).is_none()
 }
 
-fn capture_v6(ip: &[u8; 16], port: u16) -> bool {
+fn capture_v6(pod: Pod, ip: &[u8; 16], port: u16) -> bool {
     if *ip == LOOPBACK_V6 {
         return false;
     }
-    let Some(pod) = enrolled_pod() else {
+    let Some((_, pod)) = pod else {
         return false;
     };
     if pod.flags & POD_HAS_IP6 != 0 && pod.ip6 == *ip {

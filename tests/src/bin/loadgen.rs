@@ -23,6 +23,9 @@
 //! - `http-rate ADDR [--h2] [--concurrency N] [--conns C] [--size B] [--duration-secs S]
 //!   [--header NAME:VALUE]...`: closed loop, N requests always in flight; requests per second.
 //!
+//! - `udp-send ADDR`: one datagram with `sendto` on an unconnected socket, and one with
+//!   `connect` then `send`; prints each outcome (`ok`, or the error).
+//!
 //! Each prints one JSON line. Every loop is bounded in time and in count.
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -45,6 +48,7 @@ const USAGE: &str = "usage: trellis-loadgen echo-serve ADDR
        trellis-loadgen connect-rate ADDR [--threads 4] [--duration-secs 5]
        trellis-loadgen blast ADDR --bytes N [--seed 1] [--skip-banner] [--timeout-secs 120]
        trellis-loadgen churn ADDR [--conns 4] [--duration-secs 10]
+       trellis-loadgen udp-send ADDR
        trellis-loadgen http-serve ADDR [--size 1024]
        trellis-loadgen http-probe ADDR [--h2] [--header NAME:VALUE]...
        trellis-loadgen http-latency ADDR [--h2] [--rate 1000] [--conns 4] [--size 1024] [--duration-secs 10] [--header NAME:VALUE]...
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         "connect-rate" => resolve(addr).and_then(|a| connect_rate(a, &opts)),
         "blast" => resolve(addr).and_then(|a| blast(a, &opts)),
         "churn" => resolve(addr).and_then(|a| churn(a, &opts)),
+        "udp-send" => resolve(addr).and_then(udp_send),
         "http-serve" => resolve(addr).and_then(|a| http::serve(a, &opts)),
         "http-probe" => resolve(addr).and_then(|a| http::probe(a, &opts)),
         "http-latency" => resolve(addr).and_then(|a| http::latency(a, &opts)),
@@ -549,6 +554,26 @@ fn check_echo(
         Ok(_) => Err((done, format!("more than the {total} bytes sent came back"))),
         Err(e) => Err((done, format!("waiting for EOF after {total} bytes: {e}"))),
     }
+}
+
+// ---------------------------------------------------------------- udp-send
+
+fn udp_send(addr: SocketAddr) -> io::Result<bool> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("an address")
+    } else {
+        "[::]:0".parse().expect("an address")
+    };
+    let outcome = |r: io::Result<usize>| match r {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    let unconnected = std::net::UdpSocket::bind(bind)?;
+    let send_to = outcome(unconnected.send_to(b"x", addr));
+    let connected = std::net::UdpSocket::bind(bind)?;
+    let connect = outcome(connected.connect(addr).and_then(|()| connected.send(b"x")));
+    println!("{}", json!({"send_to": send_to, "connect": connect}));
+    Ok(true)
 }
 
 // ---------------------------------------------------------------- churn
