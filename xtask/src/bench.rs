@@ -157,7 +157,7 @@ fn bench(duration: Duration) -> Result<Value> {
         Ok(v) => bail!("the agents do not serve the service VIP {vip}: {v}"),
         Err(e) => bail!("the agents do not serve the service VIP {vip}: {e:#}"),
     };
-    let agents = [&a1, &a2]
+    let agents: Vec<(String, u32)> = [&a1, &a2]
         .iter()
         .map(|a| {
             Ok((
@@ -166,7 +166,16 @@ fn bench(duration: Duration) -> Result<Value> {
             ))
         })
         .collect::<Result<_>>()?;
-    let l7_trellis = l7::phase(&client, &l7::Path::trellis(agents), duration)?;
+    let l7_trellis = l7::phase(&client, &l7::Path::trellis(agents.clone()), duration)?;
+
+    let (file, policy) = l7::authz::policy_file();
+    eprintln!(
+        "bench: phase trellis with a {}-rule AuthorizationPolicy on the server",
+        l7::authz::RULES
+    );
+    control.write(file, &policy);
+    l7::authz::wait_in_force(&client)?;
+    let l7_authz = l7::phase(&client, &l7::authz::path(agents), duration)?;
     eprintln!("bench: removing agents, control, pods and nodes");
     Ok(json!({
         "duration_secs": duration.as_secs(),
@@ -174,6 +183,7 @@ fn bench(duration: Duration) -> Result<Value> {
         "direct": direct,
         "trellis": trellis,
         "summary": summary(&direct, &trellis),
+        "authz": l7::authz::summary(&l7_trellis, &l7_authz),
         "l7": l7::report(l7_direct, l7_haproxy, l7_trellis),
     }))
 }
@@ -773,6 +783,11 @@ fn print_table(r: &Value, secs: u64) {
          service VIP with a VirtualService route; {secs} s per run\n"
     );
     print_rows(&l7::rows(&r["l7"]));
+    println!(
+        "\nThe cost of authorization: the Trellis L7 path with and without a {}-rule AuthorizationPolicy (the matching rule last)",
+        l7::authz::RULES
+    );
+    print_rows(&l7::authz::rows(&r["authz"]));
     println!();
 }
 

@@ -10,10 +10,11 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd;
 
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "istio_yaml",
     "config_apply",
     "http_route",
+    "authz",
     "hbone_connect",
     "orig_dst",
 ];

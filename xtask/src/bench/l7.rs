@@ -2,6 +2,7 @@
 //! client pod to an HTTP server in the server pod, directly, through haproxy, and through
 //! Trellis with a VirtualService route on the port. Each: latency at a fixed rate, then the
 //! maximum request rate with the proxies' CPU. See docs/benchmarks.md.
+pub mod authz;
 mod haproxy;
 
 use std::{
