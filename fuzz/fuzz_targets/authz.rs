@@ -104,9 +104,10 @@ fn shaped(s: Spec) -> String {
             json!({"from": from, "to": to, "when": when})
         })
         .collect();
-    let mut spec = json!({"action": ["ALLOW", "DENY", "AUDIT", "CUSTOM"][usize::from(s.action) % 4], "rules": rules});
+    let action = ["ALLOW", "DENY", "AUDIT", "CUSTOM"][usize::from(s.action) % 4];
+    let mut spec = json!({"action": action, "rules": rules});
     if let Some(sel) = s.selector {
-        spec["selector"] = json!({"matchLabels": sel.into_iter().collect::<serde_json::Map<_, _>>()});
+        spec["selector"] = json!({"matchLabels": sel.into_iter().collect::<std::collections::BTreeMap<_, _>>()});
     }
     spec.to_string()
 }
