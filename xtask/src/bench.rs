@@ -784,7 +784,7 @@ fn print_table(r: &Value, secs: u64) {
     );
     print_rows(&l7::rows(&r["l7"]));
     println!(
-        "\nThe cost of authorization: the Trellis L7 path with and without a {}-rule AuthorizationPolicy (the matching rule last)",
+        "\nThe cost of authorization: the Trellis L7 path with and without a {}-rule AuthorizationPolicy (the matching rule last)\n",
         l7::authz::RULES
     );
     print_rows(&l7::authz::rows(&r["authz"]));
