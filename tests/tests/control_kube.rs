@@ -303,6 +303,43 @@ async fn kube_mode_end_to_end() {
     })
     .await;
 
+    // An unsupported field, sent past kubectl's own check (as any API client could): the API
+    // server keeps it (the CRDs preserve unknown fields, where pruning would have widened the
+    // rule) and control refuses the policy with the field's path.
+    let file = k.dir.path().join("bad-authz.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: only-jwt, namespace: shop}\n\
+         spec: {rules: [{from: [{source: {requestPrincipals: [\"issuer/subject\"]}}]}]}\n",
+    )
+    .unwrap();
+    k.kubectl(&["apply", "--validate=false", "-f", &file.to_string_lossy()]);
+    let stored = k.kubectl(&[
+        "get",
+        "authorizationpolicy",
+        "only-jwt",
+        "-n",
+        "shop",
+        "-o",
+        "jsonpath={.spec.rules[0].from[0].source}",
+    ]);
+    assert!(stored.contains("requestPrincipals"), "pruned: {stored:?}");
+    let found = tokio::time::timeout(
+        Duration::from_secs(20),
+        errors.wait_for(|e| e.iter().any(|e| e.contains("requestPrincipals"))),
+    );
+    let errs = found
+        .await
+        .expect("control never reported the unsupported field")
+        .unwrap()
+        .clone();
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("AuthorizationPolicy shop/only-jwt")
+                && e.contains("spec.rules[0].from[0].source.requestPrincipals: unknown field")),
+        "{errs:?}"
+    );
+
     // Delete: the endpoint goes.
     k.kubectl(&[
         "delete",
@@ -318,6 +355,10 @@ async fn kube_mode_end_to_end() {
         reviews_endpoints(c) == 0 && !c.peers().any(|p| p.name == "reviews")
     })
     .await;
+    assert!(
+        !before.policies().any(|p| p.name == "only-jwt"),
+        "the refused AuthorizationPolicy reached the node"
+    );
 
     // Signing: only for identities running on the caller's node.
     let mut client = k

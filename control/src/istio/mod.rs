@@ -9,7 +9,9 @@ mod networking;
 mod security;
 
 use anyhow::{Result, anyhow, bail};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::{
     CustomResourceExt,
     api::{ApiResource, GroupVersionKind},
@@ -81,16 +83,57 @@ pub const CRDS_FILE: &str = "deploy/crds/istio-subset.yaml";
 
 /// The CustomResourceDefinitions for the accepted subset, as one multi-document YAML file. Their
 /// schemas come from the same types that validate objects, so the API server rejects what
-/// control would.
+/// control would: wrong types, missing required fields. Unknown fields it must keep: an API
+/// server prunes what a schema does not name, so an AuthorizationPolicy with an unsupported
+/// field (`requestPrincipals`) would be stored without it, and an ALLOW rule would widen.
+/// Every object in the schemas preserves unknown fields instead, and control refuses them.
 fn crds() -> [CustomResourceDefinition; 6] {
-    [
+    let mut crds = [
         VirtualService::crd(),
         DestinationRule::crd(),
         ServiceEntry::crd(),
         Gateway::crd(),
         AuthorizationPolicy::crd(),
         PeerAuthentication::crd(),
-    ]
+    ];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            if let Some(spec) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+                .and_then(|root| root.properties.as_mut())
+                .and_then(|p| p.get_mut("spec"))
+            {
+                preserve_unknown_fields(spec);
+            }
+        }
+    }
+    crds
+}
+
+/// Marks every object below and including `schema` to keep fields it does not name.
+fn preserve_unknown_fields(schema: &mut JSONSchemaProps) {
+    if let Some(props) = schema.properties.as_mut() {
+        schema.x_kubernetes_preserve_unknown_fields = Some(true);
+        props.values_mut().for_each(preserve_unknown_fields);
+    }
+    match schema.items.as_mut() {
+        Some(JSONSchemaPropsOrArray::Schema(s)) => preserve_unknown_fields(s),
+        Some(JSONSchemaPropsOrArray::Schemas(list)) => {
+            list.iter_mut().for_each(preserve_unknown_fields)
+        }
+        None => {}
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(s)) = schema.additional_properties.as_mut() {
+        preserve_unknown_fields(s);
+    }
+    for list in [&mut schema.any_of, &mut schema.one_of, &mut schema.all_of]
+        .into_iter()
+        .flatten()
+    {
+        list.iter_mut().for_each(preserve_unknown_fields);
+    }
 }
 
 /// Each mesh kind's API resource as its CRD defines it (group, version, kind and plural: the
@@ -132,6 +175,20 @@ mod tests {
             "{plurals:?}"
         );
         assert_eq!(plurals.len(), super::KINDS.len());
+    }
+
+    #[test]
+    fn crds_keep_unknown_fields_for_control_to_refuse() {
+        let yaml = super::crds_yaml().unwrap();
+        let authz = yaml
+            .split("---\n")
+            .find(|d| d.contains("kind: AuthorizationPolicy"))
+            .unwrap();
+        // spec, rules[], from[], source, to[], operation, when[], selector, provider at least.
+        let marked = authz
+            .matches("x-kubernetes-preserve-unknown-fields: true")
+            .count();
+        assert!(marked >= 9, "{marked} objects marked:\n{authz}");
     }
 
     #[test]
