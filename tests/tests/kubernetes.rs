@@ -532,6 +532,99 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
     );
     measured.push(format!("canary 80/20: {v2} of 200 requests to v2"));
 
+    // An AuthorizationPolicy and REGISTRY_ONLY, with kubectl: the CRD, control's kube watch and
+    // both agents' enforcement on a real node.
+    apply(
+        &node,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: catalog-private, namespace: shop}\n\
+         spec: {selector: {matchLabels: {app: catalog}}, action: DENY, rules: [{to: [{operation: {paths: [\"/private*\"]}}]}]}\n",
+    );
+    let private = format!("{catalog}private");
+    let denied = || {
+        exec(
+            &node,
+            "shop",
+            "deploy/client",
+            &["trellis-demo-app", "get", &private],
+        )
+        .is_err_and(|e| format!("{e:#}").contains("403"))
+    };
+    let took = wait("the DENY in force", Duration::from_secs(10), denied);
+    assert!(client_reaches(&node, &catalog), "only /private is denied");
+    measured.push(format!(
+        "AuthorizationPolicy applied with kubectl in force after {:.1} s",
+        took.as_secs_f64()
+    ));
+    kubectl(
+        &node,
+        &[
+            "delete",
+            "authorizationpolicy",
+            "-n",
+            "shop",
+            "catalog-private",
+        ],
+    );
+    wait("the DENY gone", Duration::from_secs(10), || {
+        client_reaches(&node, &private)
+    });
+    let stranger = format!(
+        "{}:9000",
+        kubectl(
+            &node,
+            &[
+                "get",
+                "pod",
+                "stranger",
+                "-n",
+                "plain",
+                "-o",
+                "jsonpath={.status.podIP}"
+            ]
+        )
+    );
+    let connect = |to: &str| {
+        exec(
+            &node,
+            "shop",
+            "deploy/client",
+            &["trellis-testpod", "connect", to, "x"],
+        )
+        .unwrap_or_else(|e| format!("{e:#}"))
+    };
+    let out = connect(&stranger);
+    assert!(out.contains("\"banner\""), "ALLOW_ANY: {out}");
+    kubectl(
+        &node,
+        &[
+            "label",
+            "ns",
+            "shop",
+            "trellis.dev/outbound-traffic-policy=REGISTRY_ONLY",
+        ],
+    );
+    let took = wait("REGISTRY_ONLY in force", Duration::from_secs(10), || {
+        connect(&stranger).contains("not permitted")
+    });
+    assert!(client_reaches(&node, &catalog), "Services stay reachable");
+    measured.push(format!(
+        "REGISTRY_ONLY (namespace label) in force after {:.1} s: an unregistered pod refused in the kernel",
+        took.as_secs_f64()
+    ));
+    kubectl(
+        &node,
+        &[
+            "label",
+            "ns",
+            "shop",
+            "trellis.dev/outbound-traffic-policy-",
+        ],
+    );
+    wait("ALLOW_ANY back", Duration::from_secs(10), || {
+        connect(&stranger).contains("\"banner\"")
+    });
+
     // Without kube-proxy, meshed pods still reach Services: the agent resolves their addresses.
     // (Nothing unmeshed may try a Service address meanwhile: it would be routed off the machine.)
     let web_ip = service_ip(&node, "shop", "web");

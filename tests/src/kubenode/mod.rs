@@ -642,18 +642,21 @@ pub fn import_image(state: &State, tar: &Path) -> Result<()> {
         .with_context(|| format!("importing {}", tar.display()))
 }
 
-/// Runs a command; its stdout, or an error with its stderr.
+/// Runs a command; its stdout, or an error with what it printed on both streams.
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {:?}", cmd.get_program()))?;
     if !out.status.success() {
+        // What a failing command printed on stdout says why as often as its stderr does (a
+        // tool run with `kubectl exec` reports its error as JSON there).
         bail!(
-            "{:?} failed ({}): {}",
+            "{:?} failed ({}): {} {}",
             cmd.get_program(),
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
