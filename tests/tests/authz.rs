@@ -6,7 +6,7 @@ mod shop;
 use std::{
     net::SocketAddr,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use shop::*;
@@ -24,20 +24,6 @@ fn policy(name: &str, spec: &str) -> String {
 /// Whether an echo through `to` from `pod` came back.
 fn echoes(pod: &Pod, to: SocketAddr) -> bool {
     pod.connect(to, "hi")["echo"] == "hi"
-}
-
-/// Waits (at most 10 s) until `ok` holds: policy changes reach the proxies asynchronously.
-fn eventually(shop: &Shop, what: &str, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{what}: not within 10 s\n{}",
-            shop.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
 }
 
 /// `curl` from `pod` (as its app): (status, body).
@@ -86,7 +72,7 @@ fn tcp_policies_deny_beats_allow_allow_nothing_and_open_connections_close() {
             "{selector: {matchLabels: {app: server}}, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]}",
         ),
     );
-    eventually(&shop, "plaintext refused by the ALLOW policy", || {
+    shop.eventually("plaintext refused by the ALLOW policy", || {
         !echoes(&shop.outsider, direct)
     });
     assert!(echoes(&shop.client, echo), "{}", shop.logs());
@@ -107,9 +93,7 @@ fn tcp_policies_deny_beats_allow_allow_nothing_and_open_connections_close() {
             ),
         ),
     );
-    eventually(&shop, "the ipBlocks ALLOW", || {
-        echoes(&shop.outsider, direct)
-    });
+    shop.eventually("the ipBlocks ALLOW", || echoes(&shop.outsider, direct));
 
     // Open connections from the client, then DENY its namespace on the bulk echo port: DENY
     // beats ALLOW, and the open connections are closed, not left running.
@@ -166,10 +150,10 @@ fn tcp_policies_deny_beats_allow_allow_nothing_and_open_connections_close() {
     for f in ["deny.yaml", "allow.yaml", "allow-ip.yaml"] {
         shop.control.remove(f);
     }
-    eventually(&shop, "policies removed", || echoes(&shop.client, echo));
+    shop.eventually("policies removed", || echoes(&shop.client, echo));
     shop.control
         .write("nothing.yaml", &policy("allow-nothing", "{}"));
-    eventually(&shop, "allow-nothing", || {
+    shop.eventually("allow-nothing", || {
         !echoes(&shop.client, echo) && !echoes(&shop.outsider, direct)
     });
     let out = blast(&shop.client, bulk, 1000);
@@ -183,7 +167,7 @@ fn tcp_policies_deny_beats_allow_allow_nothing_and_open_connections_close() {
             "{rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]}",
         ),
     );
-    eventually(&shop, "the refusal in control's log", || {
+    shop.eventually("the refusal in control's log", || {
         shop.control.log_text().contains(
             "spec.rules[0].from[0].source.requestPrincipals: unknown field `requestPrincipals`",
         )
@@ -235,7 +219,7 @@ fn http_rules_on_http1_h2c_and_grpc() {
             Err(text(&out.stderr))
         }
     };
-    eventually(&shop, "the gRPC service", || grpc("hello").is_ok());
+    shop.eventually("the gRPC service", || grpc("hello").is_ok());
     assert_eq!(curl(&shop.client, &[&format!("{web}/admin")]).0, 200);
 
     // DENY: /admin (and below) for everyone, POST from anyone but shop/client, and any request
@@ -250,7 +234,7 @@ fn http_rules_on_http1_h2c_and_grpc() {
                {when: [{key: \"request.headers[x-user]\", values: [mallory]}]}]}",
         ),
     );
-    let took = eventually(&shop, "the DENY in force", || {
+    let took = shop.eventually("the DENY in force", || {
         curl(&shop.client, &[&format!("{web}/admin")]).0 == 403
     });
     println!("L7 DENY in force {took:?} after it was written");
@@ -335,7 +319,7 @@ fn http_rules_on_http1_h2c_and_grpc() {
             "{action: AUDIT, rules: [{to: [{operation: {paths: [/audited]}}]}]}",
         ),
     );
-    eventually(&shop, "the audit line", || {
+    shop.eventually("the audit line", || {
         curl(&shop.client, &[&format!("{web}/audited")]).0 == 200
             && shop.agents[1].logs().iter().any(|v| {
                 v["message"] == "AuthorizationPolicy audit" && v["policy"] == "shop/audit-all"

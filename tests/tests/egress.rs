@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, AtomicU32, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use shop::*;
@@ -38,19 +38,6 @@ fn udp(pod: &Pod, to: SocketAddr) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("udp-send: {e}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
-fn wait(shop: &Shop, what: &str, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{what}: not within 10 s\n{}",
-            shop.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
-}
-
 #[test]
 fn registry_only_refuses_unregistered_destinations_in_the_kernel_and_survives_a_restart() {
     let mut shop = Shop::start();
@@ -67,7 +54,7 @@ fn registry_only_refuses_unregistered_destinations_in_the_kernel_and_survives_a_
     std::thread::sleep(Duration::from_millis(1000));
     shop.control
         .write("ns-shop.yaml", &shop_namespace("REGISTRY_ONLY"));
-    let took = wait(&shop, "REGISTRY_ONLY in force", || {
+    let took = shop.eventually("REGISTRY_ONLY in force", || {
         refused_in_kernel(&shop.client.connect(unregistered, "hi"))
     });
     println!("REGISTRY_ONLY in force {took:?} after the namespace label was written");
@@ -118,7 +105,7 @@ fn registry_only_refuses_unregistered_destinations_in_the_kernel_and_survives_a_
             && v["pod"] == "shop/client"
     });
     // Read by the agent every half second: the fourth refusal may not be counted yet.
-    wait(&shop, "the refusals on /pods", || {
+    shop.eventually("the refusals on /pods", || {
         shop.agents[0].pods().iter().any(|p| {
             p["name"] == "client"
                 && p["registry_only"] == true
@@ -143,12 +130,12 @@ fn registry_only_refuses_unregistered_destinations_in_the_kernel_and_survives_a_
             shop.outsider.ip4, shop.outsider.ip4
         ),
     );
-    wait(&shop, "the ServiceEntry's address registered", || {
+    shop.eventually("the ServiceEntry's address registered", || {
         shop.client.connect(unregistered, "se")["echo"] == "se"
     });
     assert!(refused_in_kernel(&shop.client.connect(unregistered6, "hi")));
     shop.control.remove("se.yaml");
-    wait(&shop, "the ServiceEntry gone", || {
+    shop.eventually("the ServiceEntry gone", || {
         refused_in_kernel(&shop.client.connect(unregistered, "hi"))
     });
 
@@ -184,7 +171,7 @@ fn registry_only_refuses_unregistered_destinations_in_the_kernel_and_survives_a_
     // Off again: ALLOW_ANY.
     shop.control
         .write("ns-shop.yaml", &shop_namespace("ALLOW_ANY"));
-    wait(&shop, "ALLOW_ANY back", || {
+    shop.eventually("ALLOW_ANY back", || {
         shop.client.connect(unregistered, "free")["echo"] == "free"
     });
     assert_eq!(udp(&shop.client, unregistered)["send_to"], "ok");

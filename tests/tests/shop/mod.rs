@@ -138,6 +138,21 @@ impl Shop {
     pub fn vip(&self, port: u16) -> SocketAddr {
         addr(VIP.parse::<IpAddr>().unwrap(), port)
     }
+
+    /// Waits (at most 10 s) until `ok` holds, as config changes reach the proxies
+    /// asynchronously; how long it took.
+    pub fn eventually(&self, what: &str, mut ok: impl FnMut() -> bool) -> Duration {
+        let start = Instant::now();
+        while !ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: not within 10 s\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    }
 }
 
 pub fn serve_bulk(pod: &Pod) {
