@@ -158,6 +158,15 @@ fn tcp_policies_deny_beats_allow_allow_nothing_and_open_connections_close() {
     });
     let out = blast(&shop.client, bulk, 1000);
     assert_ne!(out["ok"], true, "{out}");
+    // Except for the server's own node (kubelet's health probes), as under STRICT: another
+    // node's plaintext is denied.
+    let out = shop.cluster.nodes[1].connect(direct, "probe");
+    assert_eq!(out["echo"], "probe", "{out}\n{}", shop.logs());
+    let out = shop.cluster.nodes[0].connect(direct, "probe");
+    assert!(
+        out.get("banner").is_none(),
+        "another node got through: {out}"
+    );
 
     // A policy with an unsupported field is refused with its path; the last good one stays.
     shop.control.write(

@@ -22,6 +22,9 @@ pub struct Caller {
     /// The verified SPIFFE ID; None for a plaintext caller.
     pub identity: Option<String>,
     pub ip: IpAddr,
+    /// Opened by the node itself (kubelet's probes): no policy applies, or an ALLOW policy
+    /// would fail the pod's health checks.
+    pub from_node: bool,
 }
 
 impl Caller {
@@ -47,7 +50,8 @@ pub fn connection(
     port: u16,
     labels: &TcpLabels,
 ) -> Result<(), String> {
-    let Some(policies) = shared.state.borrow().authz(&pod.uid) else {
+    let policies = shared.state.borrow().authz(&pod.uid);
+    let Some(policies) = policies.filter(|_| !caller.from_node) else {
         return Ok(());
     };
     let decision = policies.evaluate(&caller.conn(port), None);
@@ -70,8 +74,8 @@ pub async fn revoked(
     port: u16,
 ) -> String {
     loop {
-        if state.changed().await.is_err() {
-            // The config follower is gone (the agent is stopping): nothing will change.
+        if caller.from_node || state.changed().await.is_err() {
+            // Exempt, or the config follower is gone (the agent is stopping): nothing applies.
             return std::future::pending().await;
         }
         let Some(policies) = state.borrow_and_update().authz(&uid) else {
@@ -92,6 +96,9 @@ pub fn request<B>(
     port: u16,
     req: &Request<B>,
 ) -> Option<Response<http::Body>> {
+    if caller.from_node {
+        return None;
+    }
     let policies = shared.state.borrow().authz(&pod.uid)?;
     let path = normalize_path(req.uri().path());
     let host = req

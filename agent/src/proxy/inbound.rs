@@ -45,18 +45,22 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         }
         return;
     }
-    let (strict, source, destination, http) = {
+    let (strict, authz, source, destination, http) = {
         let state = shared.state.borrow();
         (
             state.peer_auth(&pod.uid).refuses_plaintext(dst.port()),
+            state.authz(&pod.uid).is_some(),
             state.workloads.get(&peer.ip()).cloned(),
             pod.workload(&state),
             state.http_ports.contains(&dst),
         )
     };
-    // Only a socket in the node's own netns (kubelet's probes) may pass STRICT in plaintext;
+    // Only a socket in the node's own netns (kubelet's probes) may pass STRICT in plaintext, and
+    // AuthorizationPolicy does not apply to it (as Istio exempts kubelet's probes from both);
     // the kernel recorded who opened the connection, and forwarded traffic has no record.
-    if strict && shared.maps.node_conns.take(peer, dst) != Some(shared.node_netns) {
+    let from_node =
+        (strict || authz) && shared.maps.node_conns.take(peer, dst) == Some(shared.node_netns);
+    if strict && !from_node {
         reset(&client);
         if let Some(suppressed) = shared.fail(Failure::strict) {
             info!(direction = "inbound", pod = %pod.name, client = %peer, orig_dst = %dst, suppressed, "plaintext refused: PeerAuthentication is STRICT");
@@ -75,6 +79,7 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
     let caller = Caller {
         identity: None,
         ip: peer.ip(),
+        from_node,
     };
     let _ = client.set_nodelay(true);
     if http {
@@ -291,6 +296,7 @@ async fn tunnel(
     let caller = Caller {
         identity: Some(client_id.to_owned()),
         ip: peer.ip(),
+        from_node: false,
     };
     if !http
         && let Err(policy) = authorize::connection(&shared, &pod, &caller, target.port(), &labels)
