@@ -448,32 +448,27 @@ impl Rule {
             || self.from.iter().any(|s| {
                 s.principals.matches(principal, Pattern::matches)
                     && s.namespaces.matches(namespace, Pattern::matches)
-                    && s.ip_blocks
-                        .matches(Some(&conn.ip), |n: &IpNet, ip: &IpAddr| n.contains(ip))
+                    && s.ip_blocks.matches(Some(&conn.ip), in_net)
             });
         if !from {
             return false;
         }
-        // An HTTP-only field: decided by the request, or by `tcp_default` without one.
-        let l7 = |field: &Field<Pattern>, value: for<'h> fn(&Http<'h>) -> &'h str| {
-            !field.is_set()
-                || http.map_or(tcp_default, |h| {
-                    field.matches(Some(value(h)), Pattern::matches)
-                })
-        };
         let to = self.to.is_empty()
             || self.to.iter().any(|o| {
-                o.ports.matches(Some(&conn.port), |p, v| p == v)
-                    && l7(&o.methods, |h| h.method)
-                    && l7(&o.paths, |h| h.path)
-                    && (!o.hosts.is_set()
-                        || http.map_or(tcp_default, |h| host_matches(&o.hosts, h.host)))
+                o.ports.matches(Some(&conn.port), u16::eq)
+                    && l7(&o.methods, http, tcp_default, |h| {
+                        o.methods.matches(Some(h.method), Pattern::matches)
+                    })
+                    && l7(&o.paths, http, tcp_default, |h| {
+                        o.paths.matches(Some(h.path), Pattern::matches)
+                    })
+                    && l7(&o.hosts, http, tcp_default, |h| {
+                        host_matches(&o.hosts, h.host)
+                    })
             });
         to && self.when.iter().all(|c| match (&c.key, &c.values) {
-            (Key::SourceIp, Values::Ips(f)) => {
-                f.matches(Some(&conn.ip), |n: &IpNet, ip: &IpAddr| n.contains(ip))
-            }
-            (Key::DestinationPort, Values::Ports(f)) => f.matches(Some(&conn.port), |p, v| p == v),
+            (Key::SourceIp, Values::Ips(f)) => f.matches(Some(&conn.ip), in_net),
+            (Key::DestinationPort, Values::Ports(f)) => f.matches(Some(&conn.port), u16::eq),
             (Key::SourceNamespace, Values::Strings(f)) => f.matches(namespace, Pattern::matches),
             (Key::SourcePrincipal, Values::Strings(f)) => f.matches(principal, Pattern::matches),
             (Key::Header(name), Values::Strings(f)) => http.map_or(tcp_default, |h| {
@@ -487,6 +482,20 @@ impl Rule {
     }
 }
 
+/// An HTTP-only field: decided by the request (`hit`), or by `tcp_default` without one.
+fn l7<T>(
+    field: &Field<T>,
+    http: Option<&Http>,
+    tcp_default: bool,
+    hit: impl Fn(&Http) -> bool,
+) -> bool {
+    !field.is_set() || http.map_or(tcp_default, hit)
+}
+
+fn in_net(net: &IpNet, ip: &IpAddr) -> bool {
+    net.contains(ip)
+}
+
 fn strings(yes: &[String], no: &[String]) -> Result<Values> {
     Ok(Values::Strings(Field::compile(yes, no, pattern)?))
 }
@@ -498,8 +507,9 @@ fn host_matches(field: &Field<Pattern>, authority: &str) -> bool {
         Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
         _ => &full,
     };
-    let hit = |list: &[Pattern]| list.iter().any(|p| p.matches(&full) || p.matches(bare));
-    (field.yes.is_empty() || hit(&field.yes)) && !hit(&field.no)
+    field.matches(Some(&(full.as_str(), bare)), |p, (full, bare)| {
+        p.matches(full) || p.matches(bare)
+    })
 }
 
 /// Istio's principal form: the SPIFFE ID without `spiffe://`.

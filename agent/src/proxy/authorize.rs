@@ -69,8 +69,8 @@ pub fn connection(
 /// open connection from `caller` to `port`.
 pub async fn revoked(
     mut state: watch::Receiver<Arc<MeshState>>,
-    uid: String,
-    caller: Caller,
+    uid: &str,
+    caller: &Caller,
     port: u16,
 ) -> String {
     loop {
@@ -78,7 +78,7 @@ pub async fn revoked(
             // Exempt, or the config follower is gone (the agent is stopping): nothing applies.
             return std::future::pending().await;
         }
-        let Some(policies) = state.borrow_and_update().authz(&uid) else {
+        let Some(policies) = state.borrow_and_update().authz(uid) else {
             continue;
         };
         if let Some(by) = policies.evaluate(&caller.conn(port), None).denied_by() {

@@ -49,7 +49,7 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         let state = shared.state.borrow();
         (
             state.peer_auth(&pod.uid).refuses_plaintext(dst.port()),
-            state.authz(&pod.uid).is_some(),
+            state.authz.contains_key(&pod.uid),
             state.workloads.get(&peer.ip()).cloned(),
             pod.workload(&state),
             state.http_ports.contains(&dst),
@@ -128,12 +128,11 @@ async fn guarded_splice<C, A>(
     C: AsyncRead + AsyncWrite + Unpin,
     A: AsyncRead + AsyncWrite + Unpin,
 {
-    let ip = caller.ip;
-    let revoked = authorize::revoked(shared.state.clone(), pod.uid.clone(), caller, dst.port());
+    let revoked = authorize::revoked(shared.state.clone(), &pod.uid, &caller, dst.port());
     tokio::select! {
         _ = splice(client, app) => {}
         policy = revoked => {
-            info!(direction = "inbound", pod = %pod.name, client = %ip, orig_dst = %dst, policy, "open connection closed: an AuthorizationPolicy now denies it");
+            info!(direction = "inbound", pod = %pod.name, client = %caller.ip, orig_dst = %dst, policy, "open connection closed: an AuthorizationPolicy now denies it");
         }
     }
 }

@@ -316,23 +316,8 @@ impl Redirect {
     /// Makes `REGISTRY` hold exactly `nets`, adding before removing so that nothing still
     /// registered is refused in between.
     pub fn sync_registry(&mut self, nets: &BTreeSet<IpNet>) -> Result<()> {
-        let plain = |k: Key<[u8; 16]>| (k.prefix_len(), k.data());
-        let want: HashSet<(u32, [u8; 16])> = nets.iter().map(|n| plain(registry_key(*n))).collect();
-        let have: HashSet<(u32, [u8; 16])> = self
-            .registry
-            .keys()
-            .filter_map(Result::ok)
-            .map(plain)
-            .collect();
-        for (len, data) in want.difference(&have) {
-            self.registry
-                .insert(&Key::new(*len, *data), 1, 0)
-                .context("adding to the egress registry (is it full? 65,536 entries)")?;
-        }
-        for (len, data) in have.difference(&want) {
-            let _ = self.registry.remove(&Key::new(*len, *data)); // absent is fine
-        }
-        Ok(())
+        sync_trie(&mut self.registry, nets.iter().map(|n| registry_key(*n)))
+            .context("updating the egress registry (65,536 entries at most)")
     }
 
     /// How many connects and UDP sends REGISTRY_ONLY has refused a pod (by its cgroup id).
@@ -444,27 +429,35 @@ fn sync_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<()> {
         IpNet::V4(n) => Some(Key::new(u32::from(n.prefix_len()), n.network().octets())),
         IpNet::V6(_) => None,
     });
-    sync_trie(map_mut(ebpf, "EXCLUDE_V4")?, v4)?;
+    let mut trie: LpmTrie<&mut MapData, [u8; 4], u8> =
+        LpmTrie::try_from(map_mut(ebpf, "EXCLUDE_V4")?)?;
+    sync_trie(&mut trie, v4).context("excluding CIDRs")?;
     let v6 = cfg.exclude_cidrs.iter().filter_map(|n| match n {
         IpNet::V6(n) => Some(Key::new(u32::from(n.prefix_len()), n.network().octets())),
         IpNet::V4(_) => None,
     });
-    sync_trie(map_mut(ebpf, "EXCLUDE_V6")?, v6)?;
+    let mut trie: LpmTrie<&mut MapData, [u8; 16], u8> =
+        LpmTrie::try_from(map_mut(ebpf, "EXCLUDE_V6")?)?;
+    sync_trie(&mut trie, v6).context("excluding CIDRs")?;
     Ok(())
 }
 
-/// Makes an LPM trie hold exactly `keys`.
-fn sync_trie<K: aya::Pod>(
-    map: &mut aya::maps::Map,
-    keys: impl Iterator<Item = Key<K>>,
-) -> Result<()> {
-    let mut trie: LpmTrie<&mut MapData, K, u8> = LpmTrie::try_from(map)?;
-    let old: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
-    for k in old {
-        trie.remove(&k)?;
+/// Makes an LPM trie hold exactly `keys`, adding before removing, so that nothing wanted both
+/// before and after is ever missing.
+fn sync_trie<T, K>(trie: &mut LpmTrie<T, K, u8>, keys: impl Iterator<Item = Key<K>>) -> Result<()>
+where
+    T: std::borrow::BorrowMut<MapData>,
+    K: aya::Pod + Eq + std::hash::Hash,
+{
+    let plain = |k: Key<K>| (k.prefix_len(), k.data());
+    let want: HashSet<(u32, K)> = keys.map(plain).collect();
+    let have: HashSet<(u32, K)> = trie.keys().filter_map(Result::ok).map(plain).collect();
+    for (len, data) in want.difference(&have) {
+        trie.insert(&Key::new(*len, *data), 1, 0)
+            .context("adding a CIDR (is the map full?)")?;
     }
-    for k in keys {
-        trie.insert(&k, 1, 0).context("adding an excluded CIDR")?;
+    for (len, data) in have.difference(&want) {
+        let _ = trie.remove(&Key::new(*len, *data)); // absent is fine
     }
     Ok(())
 }
