@@ -4,6 +4,7 @@ pub mod authz;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod http_route;
 pub mod identity;
 pub mod metrics;

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use hyper::{Request, StatusCode, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::{EncodeLabelSet, EncodeLabelValue, text::encode},
     metrics::{
         counter::Counter,
         family::Family,
@@ -78,6 +78,27 @@ struct PodLabels {
     pod: String,
 }
 
+/// What became of one DNS query from a pod.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DnsAnswer {
+    /// A mesh name, answered by the agent.
+    mesh,
+    /// Forwarded to the pod's resolver, which answered.
+    forwarded,
+    /// Forwarded, and the resolver did not answer (the pod got SERVFAIL).
+    failed,
+    /// Not a DNS query (FORMERR, or nothing when it had no id).
+    malformed,
+    /// Dropped: too many of the pod's queries were already being forwarded.
+    dropped,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DnsLabels {
+    answer: DnsAnswer,
+}
+
 pub struct Metrics {
     requests: Family<HttpLabels, Counter>,
     duration: Histograms,
@@ -89,6 +110,7 @@ pub struct Metrics {
     received: Family<TcpLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     egress_refused: Family<PodLabels, Counter>,
+    dns: Family<DnsLabels, Counter>,
     registry: Registry,
 }
 
@@ -111,6 +133,7 @@ impl Metrics {
             received: Family::default(),
             failures: Family::default(),
             egress_refused: Family::default(),
+            dns: Family::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -160,6 +183,11 @@ impl Metrics {
             "trellis_egress_refused",
             "Connects and UDP sends the kernel refused a REGISTRY_ONLY pod, by pod",
             m.egress_refused.clone(),
+        );
+        registry.register(
+            "trellis_dns_queries",
+            "DNS queries from enrolled pods, by what became of them",
+            m.dns.clone(),
         );
         m.registry = registry;
         Arc::new(m)
@@ -213,6 +241,11 @@ impl Metrics {
                 pod: pod.to_owned(),
             })
             .inc_by(n);
+    }
+
+    /// One DNS query from a pod.
+    pub fn dns(&self, answer: DnsAnswer) {
+        self.dns.get_or_create(&DnsLabels { answer }).inc();
     }
 
     /// A connection refused or failed before it was proxied.

@@ -337,10 +337,14 @@ impl Reconciler {
         })?;
         let listeners = PodListeners::bind(&netns, &self.home, spec.identity.is_some())?;
         let netns_cookie = netns::netns_cookie(std::os::fd::AsFd::as_fd(&listeners.inbound))?;
-        if let Err(e) =
-            self.redirect
-                .enroll(&spec.uid, cgroup_id, &spec.ips, &netns, &listeners.inbound)
-        {
+        if let Err(e) = self.redirect.enroll(
+            &spec.uid,
+            cgroup_id,
+            &spec.ips,
+            &netns,
+            &listeners.inbound,
+            listeners.dns_flags(),
+        ) {
             let _ = self
                 .redirect
                 .unenroll(&spec.uid, Some(cgroup_id), &spec.ips);
@@ -349,6 +353,7 @@ impl Reconciler {
         let ctx = Arc::new(PodCtx {
             uid: spec.uid.clone(),
             name: format!("{}/{}", spec.namespace, spec.name),
+            namespace: spec.namespace.clone(),
             ips: spec.ips.clone(),
             identity: spec.identity.clone(),
             netns,

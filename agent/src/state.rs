@@ -227,6 +227,8 @@ pub struct MeshState {
     pub registry: BTreeSet<IpNet>,
     /// Local pods' addresses and ports that a service declares HTTP/1 (served at L7 inbound).
     pub http_ports: HashSet<SocketAddr>,
+    /// Service and ServiceEntry host names and their virtual addresses (the agent's DNS).
+    pub dns: crate::dns::Names,
 }
 
 impl MeshState {
@@ -372,6 +374,13 @@ impl MeshState {
                     .flat_map(|p| service_entry_nets(&p.spec_json)),
             )
             .collect();
+        let mut dns = crate::dns::Names::new();
+        for (vip, svc) in &services {
+            let ips = dns.entry(svc.host()).or_default();
+            if !ips.contains(&vip.ip()) {
+                ips.push(vip.ip());
+            }
+        }
         Self {
             version: cfg.version,
             trust_domain: cfg.trust_domain.clone(),
@@ -383,6 +392,7 @@ impl MeshState {
             registry_only,
             registry,
             http_ports,
+            dns,
         }
     }
 

@@ -209,6 +209,10 @@ fn sigkill_restart_adopts_pins_and_cleanup_removes_them() {
         [
             "trellis_connect4",
             "trellis_connect6",
+            "trellis_getpeername4",
+            "trellis_getpeername6",
+            "trellis_recvmsg4",
+            "trellis_recvmsg6",
             "trellis_sendmsg4",
             "trellis_sendmsg6",
             "trellis_sock_ops"
@@ -223,7 +227,7 @@ fn sigkill_restart_adopts_pins_and_cleanup_removes_them() {
         out["error"].as_str().is_some_and(|e| e.contains("refused")),
         "capture lapsed with the agent dead: {out}"
     );
-    assert_eq!(attached(&node).len(), 5);
+    assert_eq!(attached(&node).len(), 9);
 
     agent.restart();
     agent.wait_pod_state(&client, "enrolled");
@@ -233,7 +237,7 @@ fn sigkill_restart_adopts_pins_and_cleanup_removes_them() {
     capture_line(&agent, "outbound", dst, port);
     assert_eq!(
         attached(&node).len(),
-        5,
+        9,
         "restart duplicated attachments: {:?}",
         attached(&node)
     );

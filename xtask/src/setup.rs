@@ -15,7 +15,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the demo use: `ip` (netns, veth, bridges), bpftool (tests
 /// inspect attachments independently of the agent), tcpdump (tests check the wire between nodes
 /// holds no plaintext), iptables (tests set up kube-proxy's NodePort NAT); iperf3 and haproxy
-/// (the L7 reference proxy) for `cargo xtask bench`.
+/// (the L7 reference proxy) for `cargo xtask bench`; dnsmasq (the real resolver outside the mesh)
+/// and dig for the DNS tests (`dnsmasq-base`: the binary alone, no system service).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -24,6 +25,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("tcpdump", "tcpdump"),
     ("iptables", "iptables"),
+    ("dnsmasq-base", "dnsmasq"),
+    ("bind9-dnsutils", "dig"),
 ];
 
 pub fn run() -> Result<()> {

@@ -1,6 +1,7 @@
 //! The node proxy. Each enrolled pod gets, inside its own netns, 127.0.0.1:15001 and [::1]:15001
 //! (outbound capture), [::]:15006 (inbound plaintext capture) and, once it has an identity,
-//! [::]:15008 (inbound HBONE). One agent process serves every pod on the node.
+//! [::]:15008 (inbound HBONE), and UDP 127.0.0.1:15053 and [::1]:15053 (DNS). One agent process
+//! serves every pod on the node.
 mod authorize;
 mod balance;
 mod copy;
@@ -34,13 +35,16 @@ use tokio::{
     task::JoinHandle,
 };
 use tracing::warn;
-use trellis_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_PORTS};
+use trellis_common::{
+    DNS_CAPTURE_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, POD_DNS4, POD_DNS6, PROXY_PORTS,
+};
 
 pub use guard::{ConnLimits, Failure, HttpLimits, LogThrottle, open_file_budget};
 pub use inbound::{Refused, connect_target};
 pub use pool::Pool;
 
 use crate::{
+    dns,
     metrics::{ByteCounters, Metrics, TcpLabels},
     netns::Netns,
     redirect::ProxyMaps,
@@ -87,6 +91,8 @@ pub struct PodCtx {
     pub uid: String,
     /// `namespace/name`, for logs.
     pub name: String,
+    /// The pod's namespace: a Service's short DNS name is looked up in it.
+    pub namespace: String,
     pub ips: Vec<IpAddr>,
     /// The pod's SPIFFE ID; None for pods that are captured but have no identity (pods file).
     pub identity: Option<String>,
@@ -99,7 +105,7 @@ pub struct PodCtx {
 
 impl PodCtx {
     /// A socket in the pod's netns, so the pod's own address is the source on the wire.
-    fn socket_for(&self, dst: SocketAddr) -> io::Result<TcpSocket> {
+    pub(crate) fn socket_for(&self, dst: SocketAddr) -> io::Result<TcpSocket> {
         self.netns.run_in(&self.home, || {
             if dst.is_ipv4() {
                 TcpSocket::new_v4()
@@ -121,6 +127,8 @@ pub struct PodListeners {
     outbound: Vec<std::net::TcpListener>,
     pub inbound: std::net::TcpListener,
     hbone: Option<std::net::TcpListener>,
+    /// UDP DNS on 127.0.0.1:15053 and, where the pod has IPv6, [::1]:15053.
+    dns: Vec<std::net::UdpSocket>,
 }
 
 impl PodListeners {
@@ -138,13 +146,48 @@ impl PodListeners {
             }
             let inbound = listen_any(INBOUND_PORT)?;
             let hbone = with_hbone.then(|| listen_any(HBONE_PORT)).transpose()?;
+            let mut dns = Vec::new();
+            for ip in [
+                IpAddr::from(Ipv4Addr::LOCALHOST),
+                IpAddr::from(Ipv6Addr::LOCALHOST),
+            ] {
+                // Without it the pod's DNS for that family is simply not steered (see dns_flags).
+                match udp(SocketAddr::new(ip, DNS_CAPTURE_PORT)) {
+                    Ok(s) => dns.push(s),
+                    Err(e) => warn!("no DNS listener on {ip} in this pod: {e:#}"),
+                }
+            }
             Ok(Self {
                 outbound,
                 inbound,
                 hbone,
+                dns,
             })
         })?
     }
+
+    /// `POD_DNS4`/`POD_DNS6` for the DNS listeners bound: the kernel steers only to those.
+    pub fn dns_flags(&self) -> u32 {
+        self.dns
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .map(|a| if a.is_ipv4() { POD_DNS4 } else { POD_DNS6 })
+            .fold(0, |f, b| f | b)
+    }
+}
+
+fn udp(addr: SocketAddr) -> Result<std::net::UdpSocket> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM.nonblocking().cloexec(),
+        None,
+    )?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())
+        .with_context(|| format!("binding {addr} in the pod's network namespace"))?;
+    Ok(sock.into())
 }
 
 /// Dual-stack where the pod has IPv6, so one socket serves both of its addresses.
@@ -195,6 +238,14 @@ pub fn spawn(pod: Arc<PodCtx>, listeners: PodListeners, shared: Arc<Shared>) -> 
     )?);
     if let Some(l) = listeners.hbone {
         tasks.push(accept_loop(l, &pod, &shared, inbound::hbone)?);
+    }
+    for s in listeners.dns {
+        let sock = tokio::net::UdpSocket::from_std(s)?;
+        tasks.push(tokio::spawn(dns::serve_udp(
+            sock,
+            pod.clone(),
+            shared.clone(),
+        )));
     }
     Ok(PodProxy { tasks })
 }
@@ -255,7 +306,7 @@ fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
-async fn connect(sock: TcpSocket, dst: SocketAddr) -> io::Result<TcpStream> {
+pub(crate) async fn connect(sock: TcpSocket, dst: SocketAddr) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(dst))
         .await
         .map_err(|_| {

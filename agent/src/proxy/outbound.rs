@@ -9,7 +9,9 @@ use super::{
     Failure, Metered, PodCtx, Shared, connect, hbone, http_outbound, labels, proxy_port, reset,
     splice,
 };
-use crate::state::Route;
+use trellis_common::DNS_PORT;
+
+use crate::{dns, state::Route};
 
 pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
     let Some(dst) = shared.maps.orig_dst.take(pod.netns_cookie, peer) else {
@@ -25,6 +27,10 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
         return;
     }
     let _ = client.set_nodelay(true);
+    if dst.port() == DNS_PORT {
+        debug!(pod = %pod.name, client = %peer, resolver = %dst, "DNS over TCP captured");
+        return dns::serve_tcp(client, dst, pod, shared).await;
+    }
     let (http, source) = {
         let state = shared.state.borrow();
         let http = state.services.get(&dst).filter(|s| s.http).map(|s| {

@@ -30,11 +30,15 @@ pub use pins::PinDir;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trellis"));
 
 /// The cgroup programs, by program name and link pin name.
-const CGROUP_PROGRAMS: [(&str, &str); 5] = [
+const CGROUP_PROGRAMS: [(&str, &str); 9] = [
     ("trellis_connect4", "connect4"),
     ("trellis_connect6", "connect6"),
     ("trellis_sendmsg4", "sendmsg4"),
     ("trellis_sendmsg6", "sendmsg6"),
+    ("trellis_recvmsg4", "recvmsg4"),
+    ("trellis_recvmsg6", "recvmsg6"),
+    ("trellis_getpeername4", "getpeername4"),
+    ("trellis_getpeername6", "getpeername6"),
     ("trellis_sock_ops", "sockops"),
 ];
 const SK_LOOKUP: &str = "trellis_sk_lookup";
@@ -101,10 +105,24 @@ impl NodeConnTable {
     }
 }
 
+/// The proxy's view of `DNS_RESOLVER`: the resolver each pod last sent a UDP query to.
+pub struct ResolverTable {
+    map: Mutex<HashMap<MapData, u64, OrigDst>>,
+}
+
+impl ResolverTable {
+    /// The resolver the pod in the netns with `netns_cookie` last asked (the entry stays).
+    pub fn get(&self, netns_cookie: u64) -> Option<SocketAddr> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&netns_cookie, 0).ok().map(|d| to_socket_addr(&d))
+    }
+}
+
 /// The kernel tables the proxy reads on its accept paths.
 pub struct ProxyMaps {
     pub orig_dst: OrigDstTable,
     pub node_conns: NodeConnTable,
+    pub dns_resolver: ResolverTable,
 }
 
 /// The `ORIG_DST` key of a connection from `client` accepted in the netns with `netns_cookie`.
@@ -215,6 +233,9 @@ impl Redirect {
             node_conns: NodeConnTable {
                 map: Mutex::new(HashMap::try_from(take_map(&mut ebpf, "NODE_CONNS")?)?),
             },
+            dns_resolver: ResolverTable {
+                map: Mutex::new(HashMap::try_from(take_map(&mut ebpf, "DNS_RESOLVER")?)?),
+            },
         };
         Ok((
             Self {
@@ -233,7 +254,7 @@ impl Redirect {
 
     /// Starts capturing a pod: its inbound listener serves its addresses, sk_lookup is attached
     /// to its netns, and its cgroup is marked enrolled (last, so capture never finds the proxy
-    /// missing).
+    /// missing). `dns` is `POD_DNS4`/`POD_DNS6` for the DNS sockets the agent has in the pod.
     pub fn enroll(
         &mut self,
         uid: &str,
@@ -241,6 +262,7 @@ impl Redirect {
         ips: &[IpAddr],
         netns: &Netns,
         inbound_listener: &std::net::TcpListener,
+        dns: u32,
     ) -> Result<()> {
         for ip in ips {
             self.listeners
@@ -270,7 +292,8 @@ impl Redirect {
             flags: self
                 .enrolled
                 .get(&cgroup_id, 0)
-                .map_or(0, |old| old.flags & POD_REGISTRY_ONLY),
+                .map_or(0, |old| old.flags & POD_REGISTRY_ONLY)
+                | dns,
             ..PodInfo::default()
         };
         for ip in ips {

@@ -31,8 +31,16 @@ pub const POD_HAS_IP6: u32 = 2;
 /// addresses outside `REGISTRY` fail with EPERM.
 pub const POD_REGISTRY_ONLY: u32 = 4;
 
-/// Under REGISTRY_ONLY, UDP to this port still goes anywhere: it is DNS, to the pod's resolver.
+/// The agent answers this pod's DNS on `127.0.0.1:15053` (IPv4 resolvers) and `[::1]:15053`
+/// (IPv6 resolvers) in its netns: UDP to port 53 is rewritten there.
+pub const POD_DNS4: u32 = 8;
+pub const POD_DNS6: u32 = 16;
+
+/// DNS. Under REGISTRY_ONLY it still goes anywhere (the agent answers or forwards it to the
+/// pod's resolver).
 pub const DNS_PORT: u16 = 53;
+/// Where the agent answers an enrolled pod's UDP DNS, on loopback in the pod's netns.
+pub const DNS_CAPTURE_PORT: u16 = 15053;
 
 /// An IPv4 address stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), so one 16-byte key serves both.
 pub const fn v4_mapped(ip: [u8; 4]) -> [u8; 16] {

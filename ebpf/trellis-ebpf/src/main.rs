@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod dns;
 mod inbound;
 mod maps;
 mod outbound;
@@ -27,7 +28,7 @@ pub fn trellis_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 /// `cgroup/sendmsg4`: an enrolled REGISTRY_ONLY pod's UDP datagrams to unregistered addresses
-/// fail (EPERM); DNS is let through.
+/// fail (EPERM); DNS goes to the agent (as for UDP connects).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn trellis_sendmsg4(ctx: SockAddrContext) -> i32 {
     i32::from(outbound::sendmsg4(&ctx))
@@ -37,6 +38,34 @@ pub fn trellis_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn trellis_sendmsg6(ctx: SockAddrContext) -> i32 {
     i32::from(outbound::sendmsg6(&ctx))
+}
+
+/// `cgroup/recvmsg4`: a DNS answer from the agent shows the pod's resolver as its source.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn trellis_recvmsg4(ctx: SockAddrContext) -> i32 {
+    dns::restore4(&ctx);
+    1
+}
+
+/// `cgroup/recvmsg6`: the same for IPv6 sockets.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn trellis_recvmsg6(ctx: SockAddrContext) -> i32 {
+    dns::restore6(&ctx);
+    1
+}
+
+/// `cgroup/getpeername4`: a DNS socket connected to its resolver still names the resolver.
+#[cgroup_sock_addr(getpeername4)]
+pub fn trellis_getpeername4(ctx: SockAddrContext) -> i32 {
+    dns::restore4(&ctx);
+    1
+}
+
+/// `cgroup/getpeername6`: the same for IPv6 sockets.
+#[cgroup_sock_addr(getpeername6)]
+pub fn trellis_getpeername6(ctx: SockAddrContext) -> i32 {
+    dns::restore6(&ctx);
+    1
 }
 
 /// `sockops`: once a captured connection is established, re-key its original destination by

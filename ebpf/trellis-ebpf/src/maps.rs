@@ -56,3 +56,13 @@ pub static EGRESS_REFUSED: LruPerCpuHashMap<u64, u64> = LruPerCpuHashMap::pinned
 /// connection. LRU: entries of connections that never arrive age out.
 #[map]
 pub static NODE_CONNS: LruHashMap<FlowKey, u64> = LruHashMap::pinned(16384, 0);
+
+/// The resolver each captured DNS socket asked for, by socket cookie: restored as the answer's
+/// source (recvmsg) and the socket's peer (getpeername), so the app's resolver accepts it.
+#[map]
+pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(16384, 0);
+
+/// The resolver each enrolled pod last asked, by netns cookie: where the agent forwards the
+/// pod's UDP queries for names outside the mesh.
+#[map]
+pub static DNS_RESOLVER: LruHashMap<u64, OrigDst> = LruHashMap::pinned(4096, 0);

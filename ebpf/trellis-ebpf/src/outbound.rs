@@ -13,20 +13,23 @@ use trellis_common::{
     POD_HAS_IP4, POD_HAS_IP6, POD_REGISTRY_ONLY, PROXY_PORTS, Pending, PodInfo, v4_mapped,
 };
 
-use crate::maps::{
-    EGRESS_REFUSED, ENROLLED, EXCLUDE_PORTS, EXCLUDE_V4, EXCLUDE_V6, NODE_CONNS, ORIG_DST, PENDING,
-    POD_ADDRS, REGISTRY,
+use crate::{
+    dns,
+    maps::{
+        EGRESS_REFUSED, ENROLLED, EXCLUDE_PORTS, EXCLUDE_V4, EXCLUDE_V6, NODE_CONNS, ORIG_DST,
+        PENDING, POD_ADDRS, REGISTRY,
+    },
 };
 
 const SOCK_STREAM: u32 = 1;
 const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// An enrolled pod: its cgroup id (`ENROLLED`'s key) and what the kernel knows of it.
-type Pod = Option<(u64, PodInfo)>;
+pub(crate) type Pod = Option<(u64, PodInfo)>;
 
 /// The pod whose cgroup contains the calling task, if it is enrolled. Containers sit in
 /// sub-cgroups of the pod cgroup, so walk the ancestors from the top.
-fn enrolled_pod() -> Pod {
+pub(crate) fn enrolled_pod() -> Pod {
     for level in 1..=MAX_CGROUP_DEPTH {
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
@@ -41,12 +44,12 @@ fn enrolled_pod() -> Pod {
 
 /// Whether REGISTRY_ONLY refuses the calling pod this destination (`ip` IPv4-mapped for IPv4);
 /// counted when it does. Loopback, the pod itself, excluded destinations (the operator's
-/// explicit bypass) and, for UDP, DNS stay reachable.
-fn egress_refused(pod: Pod, ip: &[u8; 16], port: u16, udp: bool) -> bool {
+/// explicit bypass) and DNS (answered or forwarded by the agent) stay reachable.
+fn egress_refused(pod: Pod, ip: &[u8; 16], port: u16) -> bool {
     let Some((id, pod)) = pod else {
         return false;
     };
-    if pod.flags & POD_REGISTRY_ONLY == 0 || (udp && port == DNS_PORT) || port_excluded(port) {
+    if pod.flags & POD_REGISTRY_ONLY == 0 || port == DNS_PORT || port_excluded(port) {
         return false;
     }
     let v4 = v4_in_v6(ip);
@@ -106,13 +109,13 @@ fn refused(pod: Pod, port: u16) -> bool {
     PROXY_PORTS.contains(&port) && pod.is_some()
 }
 
-fn dst4(sa: *const bpf_sock_addr) -> ([u8; 4], u16) {
+pub(crate) fn dst4(sa: *const bpf_sock_addr) -> ([u8; 4], u16) {
     let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
     let port = u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16);
     (ip, port)
 }
 
-fn dst6(sa: *const bpf_sock_addr) -> ([u8; 16], u16) {
+pub(crate) fn dst6(sa: *const bpf_sock_addr) -> ([u8; 16], u16) {
     let mut ip = [0u8; 16];
     for i in 0..4 {
         let word = unsafe { read_volatile(addr_of!((*sa).user_ip6[i])) }.to_ne_bytes();
@@ -128,9 +131,13 @@ pub fn connect4(ctx: &SockAddrContext) -> bool {
     let (ip, port) = dst4(sa);
     let pod = enrolled_pod();
     if !stream_socket(sa) {
-        return !egress_refused(pod, &v4_mapped(ip), port, true);
+        if egress_refused(pod, &v4_mapped(ip), port) {
+            return false;
+        }
+        dns::steer4(ctx, pod);
+        return true;
     }
-    if refused(pod, port) || egress_refused(pod, &v4_mapped(ip), port, false) {
+    if refused(pod, port) || egress_refused(pod, &v4_mapped(ip), port) {
         return false;
     }
     if !capture_v4(pod, ip, port) || !remember(ctx, v4_dst(ip, port)) {
@@ -158,9 +165,13 @@ pub fn connect6(ctx: &SockAddrContext) -> bool {
     let (ip, port) = dst6(sa);
     let pod = enrolled_pod();
     if !stream_socket(sa) {
-        return !egress_refused(pod, &ip, port, true);
+        if egress_refused(pod, &ip, port) {
+            return false;
+        }
+        dns::steer6(ctx, pod);
+        return true;
     }
-    if refused(pod, port) || egress_refused(pod, &ip, port, false) {
+    if refused(pod, port) || egress_refused(pod, &ip, port) {
         return false;
     }
     let dst = match v4_in_v6(&ip) {
@@ -188,13 +199,23 @@ pub fn connect6(ctx: &SockAddrContext) -> bool {
 /// False when the datagram must not be sent (UDP without a prior connect).
 pub fn sendmsg4(ctx: &SockAddrContext) -> bool {
     let (ip, port) = dst4(ctx.sock_addr);
-    !egress_refused(enrolled_pod(), &v4_mapped(ip), port, true)
+    let pod = enrolled_pod();
+    if egress_refused(pod, &v4_mapped(ip), port) {
+        return false;
+    }
+    dns::steer4(ctx, pod);
+    true
 }
 
 /// False when the datagram must not be sent.
 pub fn sendmsg6(ctx: &SockAddrContext) -> bool {
     let (ip, port) = dst6(ctx.sock_addr);
-    !egress_refused(enrolled_pod(), &ip, port, true)
+    let pod = enrolled_pod();
+    if egress_refused(pod, &ip, port) {
+        return false;
+    }
+    dns::steer6(ctx, pod);
+    true
 }
 
 fn v4_dst(ip: [u8; 4], port: u16) -> OrigDst {
@@ -205,7 +226,7 @@ fn v4_dst(ip: [u8; 4], port: u16) -> OrigDst {
     }
 }
 
-fn v4_in_v6(ip: &[u8; 16]) -> Option<[u8; 4]> {
+pub(crate) fn v4_in_v6(ip: &[u8; 16]) -> Option<[u8; 4]> {
     if ip[..10].iter().all(|b| *b == 0) && ip[10] == 0xff && ip[11] == 0xff {
         Some([ip[12], ip[13], ip[14], ip[15]])
     } else {
@@ -213,7 +234,7 @@ fn v4_in_v6(ip: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
-fn capture_v4(pod: Pod, ip: [u8; 4], port: u16) -> bool {
+pub(crate) fn capture_v4(pod: Pod, ip: [u8; 4], port: u16) -> bool {
     if ip[0] == 127 {
         return false;
     }
@@ -226,7 +247,7 @@ fn capture_v4(pod: Pod, ip: [u8; 4], port: u16) -> bool {
     !port_excluded(port) && EXCLUDE_V4.get(Key::new(32, ip)).is_none()
 }
 
-fn capture_v6(pod: Pod, ip: &[u8; 16], port: u16) -> bool {
+pub(crate) fn capture_v6(pod: Pod, ip: &[u8; 16], port: u16) -> bool {
     if *ip == LOOPBACK_V6 {
         return false;
     }

@@ -25,6 +25,10 @@
 //!
 //! - `udp-send ADDR`: one datagram with `sendto` on an unconnected socket, and one with
 //!   `connect` then `send`; prints each outcome (`ok`, or the error).
+//! - `dns-query ADDR --name NAME [--aaaa]`: one DNS query with `sendto` on an unconnected socket (as
+//!   musl's resolver sends them); prints the answer's source address, rcode and addresses.
+//! - `dns-junk ADDR [--count N]`: N malformed DNS datagrams (truncated, oversized names, random
+//!   bytes, responses), then one good query; prints whether the good one was answered.
 //!
 //! Each prints one JSON line. Every loop is bounded in time and in count.
 use std::{
@@ -38,6 +42,8 @@ use std::{
 
 use serde_json::json;
 
+#[path = "loadgen/dns.rs"]
+mod dns;
 #[path = "loadgen/http.rs"]
 mod http;
 #[path = "loadgen/timer.rs"]
@@ -49,6 +55,8 @@ const USAGE: &str = "usage: trellis-loadgen echo-serve ADDR
        trellis-loadgen blast ADDR --bytes N [--seed 1] [--skip-banner] [--timeout-secs 120]
        trellis-loadgen churn ADDR [--conns 4] [--duration-secs 10]
        trellis-loadgen udp-send ADDR
+       trellis-loadgen dns-query ADDR --name NAME [--aaaa]
+       trellis-loadgen dns-junk ADDR [--count 1000]
        trellis-loadgen http-serve ADDR [--size 1024]
        trellis-loadgen http-probe ADDR [--h2] [--header NAME:VALUE]...
        trellis-loadgen http-latency ADDR [--h2] [--rate 1000] [--conns 4] [--size 1024] [--duration-secs 10] [--header NAME:VALUE]...
@@ -82,6 +90,8 @@ fn main() -> ExitCode {
         "blast" => resolve(addr).and_then(|a| blast(a, &opts)),
         "churn" => resolve(addr).and_then(|a| churn(a, &opts)),
         "udp-send" => resolve(addr).and_then(udp_send),
+        "dns-query" => resolve(addr).and_then(|a| dns::query(a, &opts)),
+        "dns-junk" => resolve(addr).and_then(|a| dns::junk(a, &opts)),
         "http-serve" => resolve(addr).and_then(|a| http::serve(a, &opts)),
         "http-probe" => resolve(addr).and_then(|a| http::probe(a, &opts)),
         "http-latency" => resolve(addr).and_then(|a| http::latency(a, &opts)),
@@ -122,6 +132,11 @@ struct Opts {
     headers: Vec<(String, String)>,
     /// http-rate: requests in flight.
     concurrency: usize,
+    /// dns-query: the name asked for, and whether for AAAA (else A).
+    name: String,
+    aaaa: bool,
+    /// dns-junk: how many malformed datagrams.
+    count: u64,
 }
 
 impl Opts {
@@ -139,6 +154,9 @@ impl Opts {
             h2: false,
             headers: Vec::new(),
             concurrency: 32,
+            name: String::new(),
+            aaaa: false,
+            count: 1000,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -149,6 +167,10 @@ impl Opts {
                 }
                 "--h2" => {
                     o.h2 = true;
+                    continue;
+                }
+                "--aaaa" => {
+                    o.aaaa = true;
                     continue;
                 }
                 _ => {}
@@ -178,6 +200,8 @@ impl Opts {
                 "--timeout-secs" => o.timeout = secs(value)?,
                 "--bytes" => o.bytes = Some(num(value)?),
                 "--seed" => o.seed = num(value)?,
+                "--name" => o.name = value.clone(),
+                "--count" => o.count = num(value)?.clamp(1, 1_000_000),
                 "--concurrency" => o.concurrency = num(value)?.clamp(1, 4096) as usize,
                 "--header" => {
                     let (k, v) = value

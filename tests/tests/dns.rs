@@ -1,0 +1,264 @@
+//! The agent's DNS for enrolled pods, on the real kernel: queries to the pod's resolver (a real
+//! dnsmasq outside the mesh) are steered to the agent, which answers mesh names itself and
+//! forwards the rest from the pod's own network namespace; the answers look as if the resolver
+//! sent them, to dig, to glibc and to an unconnected `sendto` socket.
+mod shop;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use shop::{Shop, addr, metrics, sample};
+use trellis_e2e::{Pod, node::binary};
+
+/// dnsmasq in the outsider's namespace (outside the mesh), authoritative for
+/// `external.example` and answering NXDOMAIN for anything in `cluster.local` itself, so a mesh
+/// answer can only have come from the agent.
+struct Dnsmasq {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Dnsmasq {
+    fn start(pod: &Pod) -> Self {
+        let dir = std::env::temp_dir().join(format!("trellis-dnsmasq-{}", pod.netns));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("dnsmasq.log");
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={}", pod.ip4),
+            &format!("--listen-address={}", pod.ip6),
+            "--address=/external.example/192.0.2.10",
+            "--address=/external.example/2001:db8::10",
+            "--local=/cluster.local/",
+            "--log-queries",
+            "--log-facility=-",
+            "--user=root",
+            &format!("--pid-file={}", dir.join("pid").display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+        let child = pod
+            .spawn_app(&mut cmd)
+            .expect("starting dnsmasq (cargo xtask setup installs it)");
+        let d = Self { child, log };
+        let start = Instant::now();
+        while dig(pod, &[&format!("@{}", pod.ip4), "external.example"]) != "192.0.2.10" {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "dnsmasq did not start: {}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `dig +short` from `pod` (as its app); its output, trimmed.
+fn dig(pod: &Pod, args: &[&str]) -> String {
+    let mut cmd = Command::new("dig");
+    cmd.args(["+short", "+tries=1", "+time=3"]).args(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn loadgen(pod: &Pod, args: &[&str]) -> serde_json::Value {
+    let mut cmd = Command::new(binary("trellis-loadgen"));
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "loadgen {args:?}: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// glibc's resolver (`getent ahostsv4`) in `pod`, with `resolv_conf` mounted over
+/// /etc/resolv.conf in a private mount namespace, as a container runtime would give it.
+fn getent(pod: &Pod, resolv_conf: &str, name: &str) -> String {
+    let file = std::env::temp_dir().join(format!("trellis-resolv-{}", pod.netns));
+    std::fs::write(&file, resolv_conf).unwrap();
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec getent ahostsv4 {name}",
+        file.display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&file);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn enrolled_pods_get_mesh_names_from_the_agent_and_the_rest_from_their_resolver() {
+    let shop = Shop::start();
+    let dns = Dnsmasq::start(&shop.outsider);
+    let (c, r4, r6) = (
+        &shop.client,
+        shop.outsider.ip4.to_string(),
+        shop.outsider.ip6.to_string(),
+    );
+    let at4 = format!("@{r4}");
+    let at6 = format!("@{r6}");
+
+    // Outside the mesh, the resolver knows no Service names.
+    assert_eq!(
+        dig(&shop.outsider, &[&at4, "server.shop.svc.cluster.local"]),
+        ""
+    );
+
+    // Every form of the Service's name, from the client's namespace, over UDP to an IPv4 and
+    // an IPv6 resolver and over TCP: answered by the agent with the VIP.
+    for name in [
+        "server",
+        "server.shop",
+        "server.shop.svc",
+        "server.shop.svc.cluster.local.",
+    ] {
+        for args in [
+            vec![&at4[..], name],
+            vec![&at6[..], name],
+            vec![&at4[..], "+tcp", name],
+        ] {
+            assert_eq!(dig(c, &args), shop::VIP, "{args:?}\n{}", shop.logs());
+        }
+    }
+    // Names outside the mesh are forwarded, over UDP and TCP, from the pod's own address.
+    assert_eq!(dig(c, &[&at4, "external.example"]), "192.0.2.10");
+    assert_eq!(dig(c, &[&at6, "AAAA", "external.example"]), "2001:db8::10");
+    assert_eq!(
+        dig(c, &[&at4, "+tcp", "www.external.example"]),
+        "192.0.2.10"
+    );
+    let log = dns.log();
+    assert!(
+        log.contains(&format!("query[A] external.example from {}", c.ip4))
+            && log.contains(&format!("query[AAAA] external.example from {}", c.ip6))
+            && log.contains(&format!("query[A] www.external.example from {}", c.ip4)),
+        "dnsmasq did not see the forwarded queries from the client pod:\n{log}"
+    );
+    let leaked = |ip: String| {
+        log.lines()
+            .any(|l| l.contains("server.shop") && l.ends_with(&ip))
+    };
+    assert!(
+        !leaked(c.ip4.to_string()) && !leaked(c.ip6.to_string()),
+        "a mesh name reached the resolver:\n{log}"
+    );
+
+    // musl-style sendto on an unconnected socket: the answer's source is the resolver itself.
+    let resolver = addr(shop.outsider.ip4, 53).to_string();
+    let out = loadgen(c, &["dns-query", &resolver, "--name", "server.shop"]);
+    assert_eq!(out["from"], resolver.as_str(), "{out}");
+    assert_eq!(out["answers"], serde_json::json!([shop::VIP]), "{out}");
+    let resolver6 = addr(shop.outsider.ip6, 53).to_string();
+    let out = loadgen(
+        c,
+        &[
+            "dns-query",
+            &resolver6,
+            "--name",
+            "external.example",
+            "--aaaa",
+        ],
+    );
+    assert_eq!(out["from"], resolver6.as_str(), "{out}");
+    assert_eq!(out["answers"], serde_json::json!(["2001:db8::10"]), "{out}");
+
+    // glibc (connected socket, checks the answer's source) with a Kubernetes search path.
+    let conf = format!(
+        "nameserver {r4}\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 attempts:1 timeout:3\n"
+    );
+    assert_eq!(getent(c, &conf, "server"), shop::VIP);
+    assert_eq!(getent(c, &conf, "external.example"), "192.0.2.10");
+
+    // Counted.
+    let m = metrics(&shop.cluster.nodes[0]);
+    let mesh = sample(&m, "trellis_dns_queries_total", &[("answer", "mesh")]).unwrap_or(0.0);
+    let forwarded =
+        sample(&m, "trellis_dns_queries_total", &[("answer", "forwarded")]).unwrap_or(0.0);
+    assert!(mesh >= 14.0 && forwarded >= 5.0, "{m}");
+}
+
+#[test]
+fn malformed_and_flooding_queries_leave_the_agent_answering_with_bounded_memory() {
+    let shop = Shop::start();
+    let _dns = Dnsmasq::start(&shop.outsider);
+    let resolver = addr(shop.outsider.ip4, 53).to_string();
+    let rss = || {
+        let pid = shop.agents[0].pid().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = rss();
+    for seed in ["1", "2", "3"] {
+        let out = loadgen(
+            &shop.client,
+            &[
+                "dns-junk",
+                &resolver,
+                "--count",
+                "3000",
+                "--seed",
+                seed,
+                "--name",
+                "server.shop",
+            ],
+        );
+        assert_eq!(out["good_answered"], true, "{out}\n{}", shop.logs());
+    }
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 30 * 1024,
+        "the agent grew by {grown} KiB on malformed DNS"
+    );
+    // Still answering, both ways.
+    assert_eq!(
+        dig(
+            &shop.client,
+            &[&format!("@{}", shop.outsider.ip4), "server.shop"]
+        ),
+        shop::VIP
+    );
+    assert_eq!(
+        dig(
+            &shop.client,
+            &[&format!("@{}", shop.outsider.ip4), "external.example"]
+        ),
+        "192.0.2.10"
+    );
+    let m = metrics(&shop.cluster.nodes[0]);
+    let malformed =
+        sample(&m, "trellis_dns_queries_total", &[("answer", "malformed")]).unwrap_or(0.0);
+    assert!(malformed >= 3.0 * 1800.0, "{m}");
+}
