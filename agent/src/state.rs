@@ -52,6 +52,8 @@ pub struct Endpoint {
 pub struct ServicePort {
     pub namespace: String,
     pub name: String,
+    /// The DNS name: `<name>.<namespace>.svc.cluster.local`, or a ServiceEntry's host.
+    fqdn: String,
     pub port: u16,
     /// Declared HTTP/1 (appProtocol or port name): proxied per request on the client's node.
     pub http: bool,
@@ -60,14 +62,19 @@ pub struct ServicePort {
     /// From the service's DestinationRule.
     pub traffic: TrafficPolicy,
     pub endpoints: Vec<Endpoint>,
+    /// ServiceEntry endpoints named by host (resolution DNS), with their ports.
+    pub resolve: Vec<(String, u16)>,
+    /// ServiceEntry resolution NONE: connections go where the app sent them.
+    pub original_destination: bool,
     #[serde(skip)]
     next: AtomicUsize,
 }
 
 impl ServicePort {
-    /// `<name>.<namespace>.svc.cluster.local`, as Istio's `destination_service`.
+    /// `<name>.<namespace>.svc.cluster.local` or the ServiceEntry host, as Istio's
+    /// `destination_service`.
     pub fn host(&self) -> String {
-        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+        self.fqdn.clone()
     }
 }
 
@@ -201,6 +208,14 @@ pub enum Route {
         workload: Option<Arc<Workload>>,
         service: Option<String>,
     },
+    /// Plain TCP to `host` (a ServiceEntry endpoint with resolution DNS), resolved now in
+    /// `dst`'s family by the pod's resolver.
+    Resolve {
+        host: String,
+        port: u16,
+        v4: bool,
+        service: String,
+    },
     /// A service with no endpoint for this address family.
     NoEndpoints { service: String },
 }
@@ -257,25 +272,35 @@ impl MeshState {
         let mut services = HashMap::new();
         let mut by_name = HashMap::new();
         for s in cfg.services() {
+            // A ServiceEntry's endpoints are no pods: metrics name them "unknown", as Istio does.
+            let external = !s.host.is_empty();
             let eps: Vec<(Arc<Workload>, &api::Endpoint)> = s
                 .endpoints
                 .iter()
                 .map(|e| {
+                    let name = if external { "unknown" } else { &e.pod_name };
                     let info = Arc::new(Workload {
-                        name: e.pod_name.clone(),
-                        namespace: s.namespace.clone(),
+                        name: name.to_owned(),
+                        namespace: if external { "unknown" } else { &s.namespace }.to_owned(),
                         identity: e.in_mesh.then(|| e.identity.clone()),
                         node: e.node.clone(),
-                        app: label(&e.labels, "app", &e.pod_name),
+                        app: label(&e.labels, "app", name),
                         version: label(&e.labels, "version", "unknown"),
                         labels: e.labels.clone().into_iter().collect(),
                     });
-                    for ip in e.ips.iter().filter_map(|ip| ip.parse().ok()) {
-                        workloads.entry(ip).or_insert_with(|| info.clone());
+                    if !external {
+                        for ip in e.ips.iter().filter_map(|ip| ip.parse().ok()) {
+                            workloads.entry(ip).or_insert_with(|| info.clone());
+                        }
                     }
                     (info, e)
                 })
                 .collect();
+            let fqdn = if external {
+                s.host.clone()
+            } else {
+                format!("{}.{}.svc.cluster.local", s.name, s.namespace)
+            };
             for p in &s.ports {
                 let Ok(port) = u16::try_from(p.port) else {
                     continue;
@@ -293,6 +318,14 @@ impl MeshState {
                         })
                     })
                     .collect();
+                let resolve = eps
+                    .iter()
+                    .filter(|(_, e)| !e.hostname.is_empty())
+                    .filter_map(|(_, e)| {
+                        let target = e.ports.get(&p.name).copied().unwrap_or(p.target_port);
+                        Some((e.hostname.clone(), u16::try_from(target).ok()?))
+                    })
+                    .collect();
                 let http = api::Protocol::try_from(p.protocol).is_ok_and(api::Protocol::is_http);
                 if http {
                     http_ports.extend(
@@ -305,6 +338,7 @@ impl MeshState {
                 let sp = Arc::new(ServicePort {
                     namespace: s.namespace.clone(),
                     name: s.name.clone(),
+                    fqdn: fqdn.clone(),
                     port,
                     http,
                     // NodeConfig::apply checked that these compile.
@@ -315,6 +349,8 @@ impl MeshState {
                         .collect(),
                     traffic: TrafficPolicy::compile(p.traffic_policy.as_ref()),
                     endpoints,
+                    resolve,
+                    original_destination: s.original_destination,
                     next: AtomicUsize::new(0),
                 });
                 for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
@@ -399,6 +435,23 @@ impl MeshState {
     /// Where a connection to `dst` goes; services are balanced round robin.
     pub fn route(&self, dst: SocketAddr) -> Route {
         if let Some(svc) = self.services.get(&dst) {
+            if svc.original_destination {
+                return Route::Passthrough {
+                    addr: dst,
+                    workload: None,
+                    service: Some(svc.host()),
+                };
+            }
+            if !svc.resolve.is_empty() {
+                let (host, port) =
+                    &svc.resolve[svc.next.fetch_add(1, Ordering::Relaxed) % svc.resolve.len()];
+                return Route::Resolve {
+                    host: host.clone(),
+                    port: *port,
+                    v4: dst.is_ipv4(),
+                    service: svc.host(),
+                };
+            }
             let family: Vec<&Endpoint> = svc
                 .endpoints
                 .iter()
@@ -664,6 +717,35 @@ mod tests {
                 endpoint("reviews-v1", "10.244.2.10", true),
                 endpoint("legacy", "10.244.2.11", false),
             ],
+            ..Default::default()
+        };
+        let port = |n: u32| api::ServicePort {
+            name: "tcp".into(),
+            port: n,
+            target_port: n,
+            ..Default::default()
+        };
+        // ServiceEntry hosts: resolution DNS at an allocated address, and resolution NONE.
+        let redis = api::Service {
+            namespace: "shop".into(),
+            name: "redis.example".into(),
+            host: "redis.example".into(),
+            vips: vec!["240.240.0.9".into()],
+            ports: vec![port(6379)],
+            endpoints: vec![api::Endpoint {
+                hostname: "redis.example".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let any = api::Service {
+            namespace: "shop".into(),
+            name: "db.example".into(),
+            host: "db.example".into(),
+            vips: vec!["192.0.2.5".into()],
+            ports: vec![port(5432)],
+            original_destination: true,
+            ..Default::default()
         };
         cfg.apply(&api::ConfigUpdate {
             version: 1,
@@ -675,11 +757,50 @@ mod tests {
                 api::Resource {
                     resource: Some(Resource::Service(svc)),
                 },
+                api::Resource {
+                    resource: Some(Resource::Service(redis)),
+                },
+                api::Resource {
+                    resource: Some(Resource::Service(any)),
+                },
             ],
             ..Default::default()
         })
         .unwrap();
         cfg
+    }
+
+    #[test]
+    fn service_entry_hosts_resolve_or_pass_through_and_answer_dns() {
+        let state = MeshState::build(&config(), "n1");
+        match state.route("240.240.0.9:6379".parse().unwrap()) {
+            Route::Resolve {
+                host,
+                port,
+                v4,
+                service,
+            } => assert_eq!(
+                (host.as_str(), port, v4, service.as_str()),
+                ("redis.example", 6379, true, "redis.example")
+            ),
+            other => panic!("{other:?}"),
+        }
+        match state.route("192.0.2.5:5432".parse().unwrap()) {
+            Route::Passthrough { addr, service, .. } => {
+                assert_eq!(addr, "192.0.2.5:5432".parse().unwrap());
+                assert_eq!(service.as_deref(), Some("db.example"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            state.dns["redis.example"],
+            ["240.240.0.9".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            state.dns["reviews.shop.svc.cluster.local"],
+            ["10.96.0.20".parse::<IpAddr>().unwrap()]
+        );
+        assert!(state.registry.contains(&"240.240.0.9/32".parse().unwrap()));
     }
 
     #[test]

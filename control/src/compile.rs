@@ -64,6 +64,14 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
             api::resource::Resource::Service(svc),
         );
     }
+    for svc in crate::service_entries::services(cluster, trust_domain) {
+        insert(
+            &mut out,
+            api::Kind::Service,
+            format!("{}/{}", svc.namespace, svc.name),
+            api::resource::Resource::Service(svc),
+        );
+    }
     for (key, p) in &cluster.policies {
         let security = matches!(p.kind, "AuthorizationPolicy" | "PeerAuthentication");
         // Server-side policies matter only where their namespace has workloads (or mesh-wide).
@@ -156,6 +164,7 @@ fn service(
                         Some((port.name.clone(), target))
                     })
                     .collect(),
+                hostname: String::new(),
             })
             .collect(),
         None => Vec::new(),
@@ -184,6 +193,8 @@ fn service(
             })
             .collect(),
         endpoints,
+        host: String::new(),
+        original_destination: false,
     }
 }
 

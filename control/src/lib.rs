@@ -12,4 +12,5 @@ pub mod names;
 pub mod routes;
 pub mod run;
 pub mod server;
+pub mod service_entries;
 pub mod source;

@@ -22,6 +22,11 @@ struct Dnsmasq {
 
 impl Dnsmasq {
     fn start(pod: &Pod) -> Self {
+        Self::start_with(pod, &[])
+    }
+
+    /// With more dnsmasq options (more `--address=` records).
+    fn start_with(pod: &Pod, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("trellis-dnsmasq-{}", pod.netns));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("dnsmasq.log");
@@ -42,6 +47,7 @@ impl Dnsmasq {
             "--user=root",
             &format!("--pid-file={}", dir.join("pid").display()),
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
         let child = pod
@@ -261,4 +267,113 @@ fn malformed_and_flooding_queries_leave_the_agent_answering_with_bounded_memory(
     let malformed =
         sample(&m, "trellis_dns_queries_total", &[("answer", "malformed")]).unwrap_or(0.0);
     assert!(malformed >= 3.0 * 1800.0, "{m}");
+}
+
+/// The shop namespace, in the mesh, with its outbound traffic policy.
+fn registry_only_shop() -> String {
+    "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {trellis.dev/mesh: enabled, \
+     trellis.dev/outbound-traffic-policy: REGISTRY_ONLY}}\n"
+        .to_owned()
+}
+
+#[test]
+fn service_entry_hosts_get_virtual_addresses_and_reach_their_endpoints_under_registry_only() {
+    let shop = Shop::start();
+    // The "managed Redis" outside the mesh: the outsider's echo server on 6379, named by the
+    // resolver as redis.memorystore.example.
+    shop.outsider.serve(6379);
+    let dns = Dnsmasq::start_with(
+        &shop.outsider,
+        &[
+            &format!("--address=/redis.memorystore.example/{}", shop.outsider.ip4),
+            &format!("--address=/redis.memorystore.example/{}", shop.outsider.ip6),
+        ],
+    );
+    let at = format!("@{}", shop.outsider.ip4);
+    shop.control.write("ns-shop.yaml", &registry_only_shop());
+    shop.control.write(
+        "se.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: memorystore, namespace: shop}\n\
+         spec: {hosts: [redis.memorystore.example], location: MESH_EXTERNAL, resolution: DNS, \
+         ports: [{number: 6379, name: tcp-redis, protocol: TCP}]}\n",
+    );
+    let mut vip = String::new();
+    shop.eventually(
+        "the ServiceEntry host answered with a virtual address",
+        || {
+            vip = dig(&shop.client, &[&at, "redis.memorystore.example"]);
+            vip.starts_with("240.240.")
+        },
+    );
+    let vip6 = dig(&shop.client, &[&at, "AAAA", "redis.memorystore.example"]);
+    assert!(vip6.starts_with("2001:2::"), "{vip6}");
+
+    // By name (its virtual address): through the agent, which resolves the host with the pod's
+    // resolver and connects from the pod's own address.
+    for to in [
+        addr(vip.parse::<std::net::Ipv4Addr>().unwrap(), 6379),
+        addr(vip6.parse::<std::net::Ipv6Addr>().unwrap(), 6379),
+    ] {
+        let out = shop.client.connect(to, "PING");
+        assert_eq!(
+            out["echo"],
+            "PING",
+            "{to}: {out}\n{}\n{}",
+            shop.logs(),
+            dns.log()
+        );
+        assert_eq!(out["banner"]["server"], "outsider", "{out}");
+        let peer = out["banner"]["peer"].as_str().unwrap();
+        assert!(
+            peer.contains(&shop.client.ip4.to_string())
+                || peer.contains(&shop.client.ip6.to_string()),
+            "{out}"
+        );
+    }
+    // Straight to the address behind the name: not in the registry, refused in the kernel.
+    let out = shop.client.connect(addr(shop.outsider.ip4, 6379), "PING");
+    assert!(
+        out["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not permitted")),
+        "{out}"
+    );
+
+    let m = metrics(&shop.cluster.nodes[0]);
+    let opened = sample(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("destination_service", "redis.memorystore.example"),
+            ("source_workload", "client"),
+        ],
+    );
+    assert!(opened.is_some_and(|n| n >= 2.0), "{m}");
+
+    // STATIC endpoints at an allocated address; the entry removed, its name is the resolver's
+    // again (NXDOMAIN here) and its address routes nowhere.
+    shop.control.write(
+        "se.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: memorystore, namespace: shop}}\n\
+             spec: {{hosts: [cache.internal.example], location: MESH_EXTERNAL, resolution: STATIC, \
+             ports: [{{number: 7379, name: tcp-redis, targetPort: 6379}}], endpoints: [{{address: \"{}\"}}]}}\n",
+            shop.outsider.ip4
+        ),
+    );
+    let mut static_vip = String::new();
+    shop.eventually("the STATIC entry's host answered", || {
+        static_vip = dig(&shop.client, &[&at, "cache.internal.example"]);
+        static_vip.starts_with("240.240.")
+    });
+    let out = shop.client.connect(
+        addr(static_vip.parse::<std::net::Ipv4Addr>().unwrap(), 7379),
+        "GET",
+    );
+    assert_eq!(out["echo"], "GET", "{out}");
+    shop.control.remove("se.yaml");
+    shop.eventually("the removed entry's name left the mesh", || {
+        dig(&shop.client, &[&at, "cache.internal.example"]).is_empty()
+    });
 }

@@ -13,7 +13,7 @@ use hickory_proto::{
     },
 };
 
-pub use serve::{serve_tcp, serve_udp};
+pub use serve::{resolve, serve_tcp, serve_udp};
 
 /// How long a pod may cache a mesh answer: short, so a changed VIP is seen soon.
 const TTL: u32 = 30;

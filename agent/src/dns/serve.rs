@@ -3,12 +3,15 @@
 //! leave from the pod's own netns, so they reach the pod's resolver as the pod would.
 use std::{
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
 
-use hickory_proto::op::{Message, OpCode, ResponseCode};
+use hickory_proto::{
+    op::{Message, OpCode, Query, ResponseCode},
+    rr::{Name, RData, RecordType},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
@@ -143,6 +146,43 @@ fn settle(
                 .ok()
         }
     }
+}
+
+/// `host`'s first address in one family, asked of the pod's resolver from the pod's netns (a
+/// ServiceEntry endpoint with resolution DNS is found as the pod would find it).
+pub async fn resolve(pod: &PodCtx, shared: &Shared, host: &str, v4: bool) -> io::Result<IpAddr> {
+    let resolver = shared
+        .maps
+        .dns_resolver
+        .get(pod.netns_cookie)
+        .ok_or_else(|| {
+            io::Error::other("the pod has sent no DNS query yet, so its resolver is unknown")
+        })?;
+    let name = Name::from_ascii(format!("{host}.")).map_err(io::Error::other)?;
+    let mut query = Message::query();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(
+        name,
+        if v4 { RecordType::A } else { RecordType::AAAA },
+    ));
+    let bytes = query.to_vec().map_err(io::Error::other)?;
+    let answer = forward_udp(pod, resolver, &bytes).await?;
+    let answer = Message::from_vec(&answer).map_err(io::Error::other)?;
+    answer
+        .answers
+        .iter()
+        .find_map(|r| match &r.data {
+            RData::A(a) if v4 => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) if !v4 => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "{resolver} has no {} address for {host} ({})",
+                if v4 { "IPv4" } else { "IPv6" },
+                answer.metadata.response_code
+            ))
+        })
 }
 
 async fn forward_udp(pod: &PodCtx, to: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {

@@ -104,17 +104,30 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
             );
             info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, target = %addr, "connection captured");
             let upstream = async { connect(pod.socket_for(addr)?, addr).await }.await;
-            match upstream {
-                Ok(mut upstream) => {
-                    let mut client = Metered::new(client, shared.metrics.opened(&labels));
-                    let result = splice(&mut client, &mut upstream).await;
-                    finish(&shared, &labels, &pod, dst, result);
-                }
-                Err(e) => {
-                    warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e}");
-                    shared.metrics.failed(&mut labels, "UF");
-                }
+            relay(client, upstream, &mut labels, &shared, &pod, dst).await;
+        }
+        Route::Resolve {
+            host,
+            port,
+            v4,
+            service,
+        } => {
+            let mut labels = labels(
+                "source",
+                source,
+                pod.identity.as_deref(),
+                None,
+                Some(&service),
+                false,
+            );
+            let upstream = async {
+                let ip = dns::resolve(&pod, &shared, &host, v4).await?;
+                let addr = SocketAddr::new(ip, port);
+                info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %host, target = %addr, "connection captured");
+                connect(pod.socket_for(addr)?, addr).await
             }
+            .await;
+            relay(client, upstream, &mut labels, &shared, &pod, dst).await;
         }
         Route::NoEndpoints { service } => {
             warn!(pod = %pod.name, orig_dst = %dst, service, "the service has no endpoint for this address family; closing the connection");
@@ -127,6 +140,28 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 false,
             );
             shared.metrics.failed(&mut labels, "UH");
+        }
+    }
+}
+
+/// Splices the client to a plain TCP upstream, or counts the failure to reach it.
+async fn relay(
+    client: TcpStream,
+    upstream: std::io::Result<TcpStream>,
+    labels: &mut crate::metrics::TcpLabels,
+    shared: &Shared,
+    pod: &PodCtx,
+    dst: SocketAddr,
+) {
+    match upstream {
+        Ok(mut upstream) => {
+            let mut client = Metered::new(client, shared.metrics.opened(labels));
+            let result = splice(&mut client, &mut upstream).await;
+            finish(shared, labels, pod, dst, result);
+        }
+        Err(e) => {
+            warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e}");
+            shared.metrics.failed(labels, "UF");
         }
     }
 }

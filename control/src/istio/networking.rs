@@ -584,11 +584,16 @@ pub struct ServiceEntryPort {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadEntry {
+    /// An IP address (resolution STATIC) or a host name (resolution DNS).
     pub address: String,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ports: BTreeMap<String, u32>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// MESH_INTERNAL: the service account the endpoint runs as; it is then reached over HBONE
+    /// mTLS and must present `spiffe://<td>/ns/<entry's namespace>/sa/<this>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
 }
 
 pub const PORT_PROTOCOLS: [&str; 6] = ["HTTP", "HTTP2", "GRPC", "TCP", "TLS", "HTTPS"];
@@ -622,8 +627,44 @@ impl Validate for ServiceEntrySpec {
                 ));
             }
         }
+        let resolution = self.resolution.as_deref().unwrap_or("NONE");
+        for (i, h) in self.hosts.iter().enumerate() {
+            let name = h.strip_prefix("*.").unwrap_or(h);
+            names::dns1123_subdomain(name).map_err(|e| format!("hosts[{i}]: {e}"))?;
+            if h.starts_with("*.") && resolution == "DNS" {
+                return Err(format!(
+                    "hosts[{i}]: {h:?}: a wildcard host cannot be resolved (resolution DNS)"
+                ));
+            }
+        }
         for (i, e) in self.endpoints.iter().enumerate() {
             names::labels(&format!("endpoints[{i}].labels"), &e.labels)?;
+            let ip = e.address.parse::<std::net::IpAddr>().is_ok();
+            match resolution {
+                "STATIC" if !ip => {
+                    return Err(format!(
+                        "endpoints[{i}].address: {:?} is not an IP address (resolution STATIC)",
+                        e.address
+                    ));
+                }
+                "DNS" if !ip => names::dns1123_subdomain(&e.address)
+                    .map_err(|m| format!("endpoints[{i}].address: {m}"))?,
+                "NONE" => {
+                    return Err(format!(
+                        "endpoints[{i}]: resolution NONE takes no endpoints (traffic goes where the app sent it)"
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(sa) = &e.service_account {
+                names::dns1123_subdomain(sa)
+                    .map_err(|m| format!("endpoints[{i}].serviceAccount: {m}"))?;
+                if self.location.as_deref() != Some("MESH_INTERNAL") {
+                    return Err(format!(
+                        "endpoints[{i}].serviceAccount: only a MESH_INTERNAL entry's endpoints have mesh identities"
+                    ));
+                }
+            }
             for (name, port) in &e.ports {
                 check_port(&format!("endpoints[{i}].ports.{name}"), *port)?;
             }

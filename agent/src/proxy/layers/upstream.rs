@@ -152,6 +152,9 @@ impl Upstream {
             Route::Hbone { target, .. } => *target,
             Route::Passthrough { addr, .. } => *addr,
             Route::NoEndpoints { service } => bail!("{service} has no endpoint"),
+            Route::Resolve { service, .. } => {
+                bail!("{service} is resolved by DNS, not routed per request")
+            }
         };
         let key = (target, version);
         {
