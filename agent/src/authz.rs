@@ -70,6 +70,9 @@ pub enum Verdict {
 pub struct Decision {
     pub verdict: Verdict,
     pub audited: Vec<String>,
+    /// When no ALLOW policy matched: the ALLOW policies that did not (comma-separated), so the
+    /// log names what would have let the caller in.
+    pub unmatched_allow: String,
 }
 
 impl Decision {
@@ -121,16 +124,28 @@ impl PodPolicies {
                 .filter(|p| p.matches(conn, http))
         };
         let audited = matched(Action::Audit).map(|p| p.name.clone()).collect();
+        let mut unmatched_allow = String::new();
         let verdict = if let Some(p) = matched(Action::Deny).next() {
             Verdict::Deny(Some(p.name.clone()))
         } else if self.0.iter().any(|p| p.action == Action::Allow)
             && matched(Action::Allow).next().is_none()
         {
+            unmatched_allow = self
+                .0
+                .iter()
+                .filter(|p| p.action == Action::Allow)
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(",");
             Verdict::Deny(None)
         } else {
             Verdict::Allow
         };
-        Decision { verdict, audited }
+        Decision {
+            verdict,
+            audited,
+            unmatched_allow,
+        }
     }
 }
 

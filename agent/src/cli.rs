@@ -152,6 +152,10 @@ struct RunArgs {
     /// Destination CIDRs never captured outbound, comma-separated (e.g. 169.254.0.0/16,fd00::/8).
     #[arg(long, value_delimiter = ',')]
     exclude_cidrs: Vec<IpNet>,
+    /// Resolver (ADDR:PORT) for ServiceEntry hosts with resolution DNS when the pod has asked
+    /// none itself (a gateway pod). Default: the first nameserver in /etc/resolv.conf.
+    #[arg(long)]
+    dns_upstream: Option<SocketAddr>,
     #[command(flatten)]
     limits: LimitArgs,
     /// The DaemonSet running this agent (NAMESPACE/NAME). On SIGTERM the agent asks the API
@@ -307,6 +311,7 @@ async fn run(args: RunArgs) -> Result<()> {
             max_concurrent_streams: limits.http_max_concurrent_streams,
         },
         throttle: LogThrottle::default(),
+        dns_upstream: args.dns_upstream.or_else(crate::dns::system_resolver),
     });
     let mut reconciler = Reconciler::new(redirect, cgroup_root, home, shared);
     let mut source = match (args.pods, &args.control.control_url) {

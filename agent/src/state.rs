@@ -26,6 +26,9 @@ use crate::{
 /// (as Istio's root namespace).
 pub const ROOT_NAMESPACE: &str = "trellis-system";
 
+/// How many `tcp` routes one connection may follow (a route to a service with its own route).
+const MAX_ROUTE_HOPS: u8 = 4;
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Workload {
     pub name: String,
@@ -66,8 +69,63 @@ pub struct ServicePort {
     pub resolve: Vec<(String, u16)>,
     /// ServiceEntry resolution NONE: connections go where the app sent them.
     pub original_destination: bool,
+    /// A mesh-bound VirtualService `tcp` route for this port: connections go to its
+    /// destinations instead of this service's endpoints.
+    pub tcp_route: Option<TcpRoute>,
     #[serde(skip)]
     next: AtomicUsize,
+}
+
+/// A VirtualService `tcp` route: destination services (`namespace/name`, port or 0 for the
+/// port connected to, weight).
+#[derive(Debug, Serialize)]
+pub struct TcpRoute {
+    pub name: String,
+    pub destinations: Vec<(String, u16, u32)>,
+}
+
+impl TcpRoute {
+    fn compile(r: &api::TcpRoute) -> Self {
+        Self {
+            name: r.name.clone(),
+            destinations: r
+                .destinations
+                .iter()
+                .map(|d| {
+                    (
+                        d.service.clone(),
+                        u16::try_from(d.port).unwrap_or(0),
+                        d.weight,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// A destination by weight; None when every weight is 0.
+    fn pick(&self) -> Option<(&str, u16)> {
+        let total: u64 = self.destinations.iter().map(|d| u64::from(d.2)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut at = fastrand::u64(0..total);
+        self.destinations.iter().find_map(|(svc, port, w)| {
+            if at < u64::from(*w) {
+                return Some((svc.as_str(), *port));
+            }
+            at -= u64::from(*w);
+            None
+        })
+    }
+}
+
+/// A server port of a Gateway that selects a local pod: where connections to it go.
+#[derive(Debug, Serialize)]
+pub struct GatewayPort {
+    /// `namespace/name` of the Gateway.
+    pub gateway: String,
+    /// None: no VirtualService bound to the Gateway routes this port.
+    pub route: Option<TcpRoute>,
 }
 
 impl ServicePort {
@@ -220,6 +278,18 @@ pub enum Route {
     NoEndpoints { service: String },
 }
 
+impl Route {
+    /// The destination service's host name, `unknown` when the destination is no service.
+    pub fn service(&self) -> &str {
+        match self {
+            Self::Hbone { service, .. } | Self::Passthrough { service, .. } => {
+                service.as_deref().unwrap_or("unknown")
+            }
+            Self::Resolve { service, .. } | Self::NoEndpoints { service } => service,
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct MeshState {
     pub version: u64,
@@ -244,6 +314,8 @@ pub struct MeshState {
     pub http_ports: HashSet<SocketAddr>,
     /// Service and ServiceEntry host names and their virtual addresses (the agent's DNS).
     pub dns: crate::dns::Names,
+    /// Local gateway pods' server ports, by pod address and port.
+    pub gateways: HashMap<SocketAddr, GatewayPort>,
 }
 
 impl MeshState {
@@ -351,6 +423,7 @@ impl MeshState {
                     endpoints,
                     resolve,
                     original_destination: s.original_destination,
+                    tcp_route: p.tcp_route.as_ref().map(TcpRoute::compile),
                     next: AtomicUsize::new(0),
                 });
                 for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
@@ -410,6 +483,24 @@ impl MeshState {
                     .flat_map(|p| service_entry_nets(&p.spec_json)),
             )
             .collect();
+        let gateways = local
+            .iter()
+            .flat_map(|w| {
+                let ips: Vec<IpAddr> = w.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+                w.gateway_ports.iter().flat_map(move |g| {
+                    let port = u16::try_from(g.port).ok();
+                    ips.clone().into_iter().filter_map(move |ip| {
+                        Some((
+                            SocketAddr::new(ip, port?),
+                            GatewayPort {
+                                gateway: g.gateway.clone(),
+                                route: g.route.as_ref().map(TcpRoute::compile),
+                            },
+                        ))
+                    })
+                })
+            })
+            .collect();
         let mut dns = crate::dns::Names::new();
         for (vip, svc) in &services {
             let ips = dns.entry(svc.host()).or_default();
@@ -429,47 +520,89 @@ impl MeshState {
             registry,
             http_ports,
             dns,
+            gateways,
         }
     }
 
     /// Where a connection to `dst` goes; services are balanced round robin.
     pub fn route(&self, dst: SocketAddr) -> Route {
-        if let Some(svc) = self.services.get(&dst) {
-            if svc.original_destination {
-                return Route::Passthrough {
-                    addr: dst,
-                    workload: None,
-                    service: Some(svc.host()),
-                };
-            }
-            if !svc.resolve.is_empty() {
-                let (host, port) =
-                    &svc.resolve[svc.next.fetch_add(1, Ordering::Relaxed) % svc.resolve.len()];
-                return Route::Resolve {
-                    host: host.clone(),
-                    port: *port,
-                    v4: dst.is_ipv4(),
-                    service: svc.host(),
-                };
-            }
-            let family: Vec<&Endpoint> = svc
-                .endpoints
-                .iter()
-                .filter(|e| e.ip.is_ipv4() == dst.is_ipv4())
-                .collect();
-            if family.is_empty() {
-                return Route::NoEndpoints {
-                    service: svc.host(),
-                };
-            }
-            let e = family[svc.next.fetch_add(1, Ordering::Relaxed) % family.len()];
-            return to(
-                SocketAddr::new(e.ip, e.port),
-                Some(e.workload.clone()),
-                Some(svc.host()),
-            );
+        match self.services.get(&dst) {
+            Some(svc) => self.route_service(svc, dst, MAX_ROUTE_HOPS),
+            None => to(dst, self.workloads.get(&dst.ip()).cloned(), None),
         }
-        to(dst, self.workloads.get(&dst.ip()).cloned(), None)
+    }
+
+    /// Where a connection to a local gateway pod's server port `target` goes: None when
+    /// `target` is no gateway port (the connection is for the pod's app).
+    pub fn gateway_route(&self, target: SocketAddr) -> Option<Route> {
+        let g = self.gateways.get(&target)?;
+        Some(match &g.route {
+            // The gateway's own routes only: the mesh's route for the destination (the one
+            // that sent the client here) does not apply at the gateway.
+            Some(r) => self.follow(r, target, 0),
+            None => Route::NoEndpoints {
+                service: format!("gateway {} port {}", g.gateway, target.port()),
+            },
+        })
+    }
+
+    /// A `tcp` route's destination, picked by weight, then (while `hops` allow) that service's
+    /// own route.
+    fn follow(&self, r: &TcpRoute, dst: SocketAddr, hops: u8) -> Route {
+        let Some((service, port)) = r.pick() else {
+            return Route::NoEndpoints {
+                service: format!("route {} (every weight 0)", r.name),
+            };
+        };
+        let port = if port == 0 { dst.port() } else { port };
+        match self.by_name.get(&(service.to_owned(), port)) {
+            Some(next) => self.route_service(next, dst, hops),
+            None => Route::NoEndpoints {
+                service: format!("{service} port {port}"),
+            },
+        }
+    }
+
+    /// `hops` bounds chains of routes (a route to a service that has its own route).
+    fn route_service(&self, svc: &ServicePort, dst: SocketAddr, hops: u8) -> Route {
+        if let Some(r) = &svc.tcp_route
+            && hops > 0
+        {
+            return self.follow(r, dst, hops - 1);
+        }
+        if svc.original_destination {
+            return Route::Passthrough {
+                addr: dst,
+                workload: None,
+                service: Some(svc.host()),
+            };
+        }
+        if !svc.resolve.is_empty() {
+            let (host, port) =
+                &svc.resolve[svc.next.fetch_add(1, Ordering::Relaxed) % svc.resolve.len()];
+            return Route::Resolve {
+                host: host.clone(),
+                port: *port,
+                v4: dst.is_ipv4(),
+                service: svc.host(),
+            };
+        }
+        let family: Vec<&Endpoint> = svc
+            .endpoints
+            .iter()
+            .filter(|e| e.ip.is_ipv4() == dst.is_ipv4())
+            .collect();
+        if family.is_empty() {
+            return Route::NoEndpoints {
+                service: svc.host(),
+            };
+        }
+        let e = family[svc.next.fetch_add(1, Ordering::Relaxed) % family.len()];
+        to(
+            SocketAddr::new(e.ip, e.port),
+            Some(e.workload.clone()),
+            Some(svc.host()),
+        )
     }
 
     /// Where one HTTP request to the service port `vip` may go: the first matching route, a

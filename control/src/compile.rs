@@ -8,6 +8,7 @@ use trellis_api as api;
 use crate::{
     model::{Cluster, PodInfo, ServiceInfo, TargetPort},
     routes::{self, Policies},
+    tcp_routes,
 };
 
 /// Namespace whose security policies apply mesh-wide (Istio's root namespace).
@@ -30,6 +31,7 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
         .values()
         .filter(|p| p.node == node && p.running && cluster.in_mesh(p))
         .collect();
+    let policies = Policies::new(cluster);
     for p in cluster
         .pods
         .values()
@@ -45,6 +47,11 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
             identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
             node: p.node.clone(),
             registry_only: p.node == node && cluster.registry_only(&p.namespace),
+            gateway_ports: if p.node == node {
+                tcp_routes::gateway_ports(cluster, &policies, p)
+            } else {
+                Vec::new()
+            },
         };
         let (kind, resource) = if p.node == node {
             (api::Kind::Workload, api::resource::Resource::Workload(w))
@@ -53,7 +60,6 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
         };
         insert(&mut out, kind, p.uid.clone(), resource);
     }
-    let policies = Policies::new(cluster);
     let by_label = PodsByLabel::new(cluster);
     for s in cluster.services.values() {
         let svc = service(cluster, &policies, &by_label, s, trust_domain);
@@ -64,7 +70,7 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
             api::resource::Resource::Service(svc),
         );
     }
-    for svc in crate::service_entries::services(cluster, trust_domain) {
+    for svc in crate::service_entries::services(cluster, &policies, trust_domain) {
         insert(
             &mut out,
             api::Kind::Service,
@@ -190,6 +196,16 @@ fn service(
                     Vec::new()
                 },
                 traffic_policy: routes::traffic_policy(cluster, policies, s),
+                tcp_route: if protocol(p.app_protocol.as_deref(), &p.name).is_http() {
+                    None
+                } else {
+                    tcp_routes::mesh_route(
+                        cluster,
+                        policies,
+                        &format!("{}/{}", s.namespace, s.name),
+                        p.port,
+                    )
+                },
             })
             .collect(),
         endpoints,

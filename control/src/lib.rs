@@ -14,3 +14,4 @@ pub mod run;
 pub mod server;
 pub mod service_entries;
 pub mod source;
+pub mod tcp_routes;

@@ -16,7 +16,7 @@ use crate::{
 /// The cluster's VirtualServices and DestinationRules, parsed once per compile rather than once
 /// per service port (a large VirtualService made that the cost of a whole compile).
 pub struct Policies<'a> {
-    virtual_services: Vec<(&'a PolicyObject, VirtualServiceSpec)>,
+    pub(crate) virtual_services: Vec<(&'a PolicyObject, VirtualServiceSpec)>,
     destination_rules: Vec<(&'a PolicyObject, DestinationRuleSpec)>,
 }
 

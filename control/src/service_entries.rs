@@ -12,6 +12,8 @@ use crate::{
     compile::spiffe_id,
     istio::{ServiceEntrySpec, WorkloadEntry},
     model::Cluster,
+    routes::Policies,
+    tcp_routes,
 };
 
 /// Auto-allocated addresses: Istio's ranges (class E for IPv4, a documentation-like /48 for
@@ -22,7 +24,7 @@ const AUTO_V6: [u16; 3] = [0x2001, 0x2, 0];
 const SLOTS: u32 = 65534;
 
 /// One service per ServiceEntry host (wildcard hosts have no address and are not routed).
-pub fn services(cluster: &Cluster, trust_domain: &str) -> Vec<api::Service> {
+pub fn services(cluster: &Cluster, policies: &Policies, trust_domain: &str) -> Vec<api::Service> {
     let entries: Vec<(&str, ServiceEntrySpec)> = cluster
         .policies
         .values()
@@ -54,7 +56,12 @@ pub fn services(cluster: &Cluster, trust_domain: &str) -> Vec<api::Service> {
                     .map(|ip| ip.to_string())
                     .collect(),
             };
-            out.push(service(ns, host, vips, se, trust_domain));
+            let mut svc = service(ns, host, vips, se, trust_domain);
+            for p in &mut svc.ports {
+                p.tcp_route =
+                    tcp_routes::mesh_route(cluster, policies, &format!("{ns}/{host}"), p.port);
+            }
+            out.push(svc);
         }
     }
     out
@@ -124,6 +131,7 @@ fn service(
             protocol: api::Protocol::Tcp as i32,
             http_routes: Vec::new(),
             traffic_policy: None,
+            tcp_route: None,
         })
         .collect();
     let endpoint = |e: &WorkloadEntry| {
@@ -194,7 +202,8 @@ mod tests {
     fn hosts_without_addresses_get_stable_virtual_addresses() {
         let redis = serde_json::json!({"hosts": ["redis.memorystore.example"], "resolution": "DNS",
             "ports": [{"number": 6379, "name": "tcp-redis", "protocol": "TCP"}]});
-        let one = services(&cluster(&[("shop", "redis", redis.clone())]), "td");
+        let c1 = cluster(&[("shop", "redis", redis.clone())]);
+        let one = services(&c1, &Policies::new(&c1), "td");
         assert_eq!(one.len(), 1);
         let s = &one[0];
         assert_eq!(
@@ -208,10 +217,8 @@ mod tests {
         // Another entry does not move it.
         let other = serde_json::json!({"hosts": ["api.example", "*.wild.example"], "resolution": "DNS",
             "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]});
-        let two = services(
-            &cluster(&[("shop", "redis", redis), ("shop", "api", other)]),
-            "td",
-        );
+        let c2 = cluster(&[("shop", "redis", redis), ("shop", "api", other)]);
+        let two = services(&c2, &Policies::new(&c2), "td");
         assert_eq!(two.len(), 2, "the wildcard host is not routed");
         let again = two
             .iter()
@@ -241,7 +248,7 @@ mod tests {
                 "ports": [{"number": 80, "name": "http"}]}),
             ),
         ]);
-        let out = services(&c, "td");
+        let out = services(&c, &Policies::new(&c), "td");
         let pg = out.iter().find(|s| s.host == "pg.internal").unwrap();
         assert_eq!(pg.vips, ["10.1.0.5"]);
         assert_eq!(pg.ports[0].target_port, 6432);

@@ -269,6 +269,12 @@ impl Agent {
         self.wait_ready();
     }
 
+    /// Starts the agent again with `more` arguments too.
+    pub fn restart_with(&mut self, more: &[&str]) {
+        self.extra.extend(more.iter().map(|s| s.to_string()));
+        self.restart();
+    }
+
     /// `trellis-agent cleanup` for this node.
     pub fn cleanup(&self) -> std::process::Output {
         Command::new(binary("trellis-agent"))

@@ -136,55 +136,11 @@ fn bytes_are_counted_while_a_connection_is_still_open() {
     child.wait().unwrap();
 }
 
-/// Captures the link between node 2 and the fabric while `f` runs; returns the raw capture.
-fn capture_link(shop: &Shop, f: impl FnOnce()) -> Vec<u8> {
-    let file = std::env::temp_dir().join(format!("{}.pcap", sys::unique_name()));
-    let mut tcpdump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            shop.cluster.fabric(),
-            "tcpdump",
-            "-i",
-            "n2",
-            "--immediate-mode",
-            "-U",
-            "-s",
-            "0",
-            "-w",
-        ])
-        .arg(&file)
-        .args(["tcp"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting tcpdump (cargo xtask setup installs it)");
-    // tcpdump says "listening on" once the capture is live.
-    let mut err = std::io::BufReader::new(tcpdump.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(line.contains("listening"), "tcpdump: {line}");
-    f();
-    std::thread::sleep(Duration::from_millis(300));
-    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
-    let _ = tcpdump.wait();
-    let mut rest = String::new();
-    let _ = std::io::Read::read_to_string(&mut err, &mut rest);
-    eprintln!("{line}{rest}");
-    let bytes = std::fs::read(&file).unwrap();
-    let _ = std::fs::remove_file(&file);
-    bytes
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn the_wire_between_nodes_carries_tls_not_plaintext() {
     let shop = Shop::start();
     let marker = format!("TRELLIS-SECRET-{}", sys::unique_name());
-    let pcap = capture_link(&shop, || {
+    let pcap = capture_link(&shop, "tcp", || {
         let out = shop.client.connect(shop.vip(80), &marker);
         assert_eq!(out["echo"], marker.as_str(), "{out}\n{}", shop.logs());
     });
@@ -203,7 +159,7 @@ fn the_wire_between_nodes_carries_tls_not_plaintext() {
         "nothing to port 15008"
     );
     // The capture does see plaintext when there is some: the outsider is not in the mesh.
-    let pcap = capture_link(&shop, || {
+    let pcap = capture_link(&shop, "tcp", || {
         let out = shop.outsider.connect(addr(shop.server.ip4, 8080), &marker);
         assert_eq!(out["echo"], marker.as_str(), "{out}");
     });

@@ -10,13 +10,14 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd;
 
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "istio_yaml",
     "config_apply",
     "http_route",
     "authz",
     "hbone_connect",
     "orig_dst",
+    "dns_answer",
 ];
 
 /// How long each target runs.

@@ -40,7 +40,7 @@ enum Task {
     /// Run the fuzz targets in fuzz/ (cargo-fuzz, libFuzzer) from their committed corpora and
     /// print how many inputs each executed. See docs/fuzzing.md.
     Fuzz {
-        /// One target (istio_yaml, config_apply, http_route, hbone_connect, orig_dst); default:
+        /// One target (istio_yaml, config_apply, http_route, hbone_connect, orig_dst, authz, dns_answer); default:
         /// all of them, one after the other.
         target: Option<String>,
         /// Seconds per target (the default: 10).

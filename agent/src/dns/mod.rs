@@ -80,6 +80,15 @@ pub fn answer(query: &[u8], ns: &str, names: &Names) -> Reply {
     out.to_vec().map_or(Reply::Drop, Reply::Answer)
 }
 
+/// The first nameserver of this host's /etc/resolv.conf, on port 53.
+pub fn system_resolver() -> Option<std::net::SocketAddr> {
+    let conf = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    conf.lines().find_map(|l| {
+        let ip: IpAddr = l.strip_prefix("nameserver")?.trim().parse().ok()?;
+        Some((ip, 53).into())
+    })
+}
+
 /// A name as a pod in `ns` may write it: the host itself, or a Service's short forms (`name`,
 /// `name.ns`, `name.ns.svc`), which a resolver without the cluster's search path sends as is.
 fn lookup<'a>(name: &str, ns: &str, names: &'a Names) -> Option<&'a Vec<IpAddr>> {

@@ -148,15 +148,19 @@ fn settle(
     }
 }
 
-/// `host`'s first address in one family, asked of the pod's resolver from the pod's netns (a
-/// ServiceEntry endpoint with resolution DNS is found as the pod would find it).
+/// `host`'s first address in one family, asked of the pod's resolver (else the agent's) from
+/// the pod's netns (a ServiceEntry endpoint with resolution DNS is found as the pod would
+/// find it).
 pub async fn resolve(pod: &PodCtx, shared: &Shared, host: &str, v4: bool) -> io::Result<IpAddr> {
     let resolver = shared
         .maps
         .dns_resolver
         .get(pod.netns_cookie)
+        .or(shared.dns_upstream)
         .ok_or_else(|| {
-            io::Error::other("the pod has sent no DNS query yet, so its resolver is unknown")
+            io::Error::other(
+                "the pod has asked no resolver yet and the agent has none (--dns-upstream)",
+            )
         })?;
     let name = Name::from_ascii(format!("{host}.")).map_err(io::Error::other)?;
     let mut query = Message::query();

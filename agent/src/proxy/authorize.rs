@@ -152,6 +152,7 @@ fn record(shared: &Shared, pod: &PodCtx, caller: &Caller, decision: &Decision, w
     if let Some(policy) = decision.denied_by()
         && let Some(suppressed) = shared.fail(Failure::authz)
     {
-        info!(pod = %pod.name, client = %caller.ip, client_identity, policy, what, suppressed, "denied by AuthorizationPolicy");
+        let allow_policies = decision.unmatched_allow.as_str();
+        info!(pod = %pod.name, client = %caller.ip, client_identity, policy, allow_policies, what, suppressed, "denied by AuthorizationPolicy");
     }
 }

@@ -29,7 +29,7 @@ use super::{
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
     http_inbound, labels, proxy_port, reset, splice,
 };
-use crate::{proxy::HttpLimits, tls};
+use crate::{proxy::HttpLimits, state::Route, tls};
 
 /// Plaintext captured by sk_lookup for one of the pod's app ports.
 pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
@@ -270,7 +270,7 @@ async fn tunnel(
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let (source, destination, http) = {
+    let (source, destination, http, gateway) = {
         let state = shared.state.borrow();
         // The tunnel comes from the client pod's own address; trust that only if the identity agrees.
         let source = state
@@ -278,10 +278,12 @@ async fn tunnel(
             .get(&peer.ip())
             .filter(|w| w.identity.as_deref() == Some(client_id))
             .cloned();
+        let gateway = state.gateway_route(target);
         (
             source,
             pod.workload(&state),
-            state.http_ports.contains(&target),
+            gateway.is_none() && state.http_ports.contains(&target),
+            gateway,
         )
     };
     let labels = labels(
@@ -289,7 +291,7 @@ async fn tunnel(
         source.as_deref(),
         Some(client_id),
         destination.as_deref(),
-        None,
+        gateway.as_ref().map(Route::service),
         true,
     );
     let caller = Caller {
@@ -303,8 +305,17 @@ async fn tunnel(
         debug!(pod = %pod.name, client_identity = client_id, %target, policy, "HBONE stream refused");
         return status(StatusCode::FORBIDDEN);
     }
-    info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream");
-    let mut app = match to_app(&pod, target).await {
+    let app = match gateway {
+        None => {
+            info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream");
+            to_app(&pod, target).await
+        }
+        Some(route) => {
+            info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, destination = route.service(), "HBONE stream to a gateway port");
+            super::outbound::plain(&pod, &shared, route).await
+        }
+    };
+    let mut app = match app {
         Ok(app) => app,
         Err(e) => {
             warn!(pod = %pod.name, %target, "connecting to the app: {e}");

@@ -69,6 +69,8 @@ pub struct Shared {
     pub limits: ConnLimits,
     pub http: HttpLimits,
     pub throttle: LogThrottle,
+    /// Where ServiceEntry hosts are resolved for a pod that has asked no resolver itself.
+    pub dns_upstream: Option<SocketAddr>,
 }
 
 impl Shared {

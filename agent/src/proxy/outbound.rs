@@ -144,6 +144,30 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
     }
 }
 
+/// A plain TCP connection from the pod's netns to where `route` goes: how a gateway forwards
+/// out of the mesh (mesh destinations are not reached this way yet).
+pub(super) async fn plain(
+    pod: &PodCtx,
+    shared: &Shared,
+    route: Route,
+) -> std::io::Result<TcpStream> {
+    let addr = match route {
+        Route::Passthrough { addr, .. } => addr,
+        Route::Resolve { host, port, v4, .. } => {
+            SocketAddr::new(dns::resolve(pod, shared, &host, v4).await?, port)
+        }
+        Route::Hbone { target, .. } => {
+            return Err(std::io::Error::other(format!(
+                "{target} is in the mesh: a gateway forwards only out of it for now"
+            )));
+        }
+        Route::NoEndpoints { service } => {
+            return Err(std::io::Error::other(format!("{service} has no endpoint")));
+        }
+    };
+    connect(pod.socket_for(addr)?, addr).await
+}
+
 /// Splices the client to a plain TCP upstream, or counts the failure to reach it.
 async fn relay(
     client: TcpStream,

@@ -181,6 +181,9 @@ pub struct TcpRoute {
 pub struct TcpMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u32>,
+    /// Only for these of the VirtualService's gateways (`mesh`, a Gateway); empty: all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
@@ -196,10 +199,19 @@ impl Validate for VirtualServiceSpec {
         if self.hosts.is_empty() {
             return Err("hosts: at least one host is required".into());
         }
-        if let Some(g) = self.gateways.iter().find(|g| *g != "mesh") {
-            return Err(format!(
-                "gateways: {g:?} is not supported (only \"mesh\": Trellis routes in the node proxy)"
-            ));
+        for (i, g) in self.gateways.iter().enumerate() {
+            if g == "mesh" {
+                continue;
+            }
+            let (ns, name) = g.split_once('/').unwrap_or(("default", g));
+            names::dns1123_label(ns)
+                .and_then(|()| names::dns1123_subdomain(name))
+                .map_err(|e| format!("gateways[{i}]: {g:?} is not \"mesh\", <gateway> or <namespace>/<gateway>: {e}"))?;
+        }
+        if !self.http.is_empty() && self.gateways.iter().any(|g| g != "mesh") {
+            return Err(
+                "http: routes on a Gateway are not supported yet (gateways take tcp routes)".into(),
+            );
         }
         for (i, r) in self.http.iter().enumerate() {
             let at = format!("http[{i}]");
@@ -710,10 +722,11 @@ impl Validate for GatewaySpec {
         names::labels("selector", &self.selector)?;
         for (i, s) in self.servers.iter().enumerate() {
             check_port(&format!("servers[{i}].port.number"), s.port.number)?;
+            // The gateway forwards connections by port; HTTP and TLS servers are not built yet.
             check_enum(
                 &format!("servers[{i}].port.protocol"),
                 &Some(s.port.protocol.clone()),
-                &PORT_PROTOCOLS,
+                &["TCP"],
             )?;
             if s.hosts.is_empty() {
                 return Err(format!("servers[{i}].hosts: at least one host is required"));
