@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use shop::{
     Shop, addr,
-    dns::{Dnsmasq, dig},
+    dns::{Dnsmasq, dig, resolv_conf, with_resolv_conf},
     metrics, sample,
 };
 use trellis_e2e::{Pod, node::binary};
@@ -25,20 +25,9 @@ fn loadgen(pod: &Pod, args: &[&str]) -> serde_json::Value {
     })
 }
 
-/// glibc's resolver (`getent ahostsv4`) in `pod`, with `resolv_conf` mounted over
-/// /etc/resolv.conf in a private mount namespace, as a container runtime would give it.
+/// glibc's resolver (`getent ahostsv4`) in `pod` with `resolv_conf`: the first address.
 fn getent(pod: &Pod, resolv_conf: &str, name: &str) -> String {
-    let file = std::env::temp_dir().join(format!("trellis-resolv-{}", pod.netns));
-    std::fs::write(&file, resolv_conf).unwrap();
-    let script = format!(
-        "mount --bind {} /etc/resolv.conf && exec getent ahostsv4 {name}",
-        file.display()
-    );
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let out = pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap();
-    let _ = std::fs::remove_file(&file);
+    let out = with_resolv_conf(pod, resolv_conf, &format!("getent ahostsv4 {name}"));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
@@ -124,9 +113,7 @@ fn enrolled_pods_get_mesh_names_from_the_agent_and_the_rest_from_their_resolver(
     assert_eq!(out["answers"], serde_json::json!(["2001:db8::10"]), "{out}");
 
     // glibc (connected socket, checks the answer's source) with a Kubernetes search path.
-    let conf = format!(
-        "nameserver {r4}\nsearch shop.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 attempts:1 timeout:3\n"
-    );
+    let conf = resolv_conf(&r4, "shop");
     assert_eq!(getent(c, &conf, "server"), shop::VIP);
     assert_eq!(getent(c, &conf, "external.example"), "192.0.2.10");
 

@@ -16,7 +16,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// inspect attachments independently of the agent), tcpdump (tests check the wire between nodes
 /// holds no plaintext), iptables (tests set up kube-proxy's NodePort NAT); iperf3 and haproxy
 /// (the L7 reference proxy) for `cargo xtask bench`; dnsmasq (the real resolver outside the mesh)
-/// and dig for the DNS tests (`dnsmasq-base`: the binary alone, no system service).
+/// and dig for the DNS tests (`dnsmasq-base`: the binary alone, no system service); redis-server
+/// (the "managed Redis" of the egress scenario; its service is not started in a container).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -27,6 +28,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("dnsmasq-base", "dnsmasq"),
     ("bind9-dnsutils", "dig"),
+    ("redis-server", "redis-server"),
 ];
 
 pub fn run() -> Result<()> {

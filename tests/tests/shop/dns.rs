@@ -81,3 +81,28 @@ pub fn dig(pod: &Pod, args: &[&str]) -> String {
     let out = pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// Runs the shell command `cmd` in `pod` (as its app) with `resolv_conf` mounted over
+/// /etc/resolv.conf in a private mount namespace, as a container runtime gives a pod its own.
+pub fn with_resolv_conf(pod: &Pod, resolv_conf: &str, cmd: &str) -> std::process::Output {
+    let file = std::env::temp_dir().join(format!("trellis-resolv-{}", pod.netns));
+    std::fs::write(&file, resolv_conf).unwrap();
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec {cmd}",
+        file.display()
+    );
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = pod.spawn_app(&mut c).unwrap().wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&file);
+    out
+}
+
+/// A pod's resolv.conf naming `resolver`, with the Kubernetes search path of namespace `ns`.
+pub fn resolv_conf(resolver: impl std::fmt::Display, ns: &str) -> String {
+    format!(
+        "nameserver {resolver}\nsearch {ns}.svc.cluster.local svc.cluster.local cluster.local\n\
+         options ndots:5 attempts:2 timeout:2\n"
+    )
+}
