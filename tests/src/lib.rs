@@ -10,6 +10,7 @@ pub mod images;
 pub mod kubenode;
 pub mod node;
 pub mod oci;
+pub mod outside;
 pub mod sys;
 
 pub use agent::Agent;

@@ -6,11 +6,8 @@ mod shop;
 
 use std::process::{Command, Stdio};
 
-use shop::{
-    Shop, addr,
-    dns::{Dnsmasq, dig, resolv_conf, with_resolv_conf},
-    metrics, sample,
-};
+use shop::{Shop, addr, metrics, sample};
+use trellis_e2e::outside::{Dnsmasq, dig, resolv_conf, with_resolv_conf};
 use trellis_e2e::{Pod, node::binary};
 
 fn loadgen(pod: &Pod, args: &[&str]) -> serde_json::Value {

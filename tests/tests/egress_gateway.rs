@@ -7,17 +7,11 @@
 //! gateway's AuthorizationPolicy lets only shop/client through; shop is REGISTRY_ONLY.
 mod shop;
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use trellis_e2e::outside::{Dnsmasq, Redis, contains, redis_cli, resolv_conf};
 
 use shop::{
-    Shop, addr, capture_link, contains,
-    dns::{Dnsmasq, resolv_conf, with_resolv_conf},
-    metrics, namespace, pod_yaml, sample, spiffe, wait_certificate,
+    Shop, addr, capture_link, metrics, namespace, pod_yaml, sample, spiffe, wait_certificate,
 };
-use trellis_e2e::Pod;
 
 const GATEWAY_VIP: &str = "10.96.0.30";
 const HOST: &str = "redis.memorystore.example";
@@ -41,70 +35,6 @@ fn config() -> Vec<(&'static str, String)> {
           spec: {{selector: {{matchLabels: {{app: egressgateway}}}}, action: ALLOW, rules: [{{from: [{{source: {{principals: [\"{}\"]}}}}]}}]}}\n",
           spiffe("shop", "client").trim_start_matches("spiffe://"))),
     ]
-}
-
-/// Debian's redis-server on both of `pod`'s addresses, without persistence; killed on drop.
-struct Redis(Child);
-
-impl Redis {
-    fn start(pod: &Pod) -> Self {
-        let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--bind",
-            &pod.ip4.to_string(),
-            &pod.ip6.to_string(),
-            "--port",
-            "6379",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let redis = Self(
-            pod.spawn_app(&mut cmd)
-                .expect("starting redis-server (cargo xtask setup installs it)"),
-        );
-        let start = Instant::now();
-        while redis_cli(pod, None, &["-h", &pod.ip4.to_string(), "PING"]) != "PONG" {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        redis
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `redis-cli ARGS` as `pod`'s app (with `resolv_conf` as its /etc/resolv.conf, if given): what
-/// it printed, stdout and stderr, trimmed.
-fn redis_cli(pod: &Pod, resolv: Option<&str>, args: &[&str]) -> String {
-    let out = match resolv {
-        Some(conf) => with_resolv_conf(pod, conf, &format!("redis-cli {}", args.join(" "))),
-        None => {
-            let mut cmd = Command::new("redis-cli");
-            cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-            pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap()
-        }
-    };
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-    .trim()
-    .to_owned()
 }
 
 #[test]

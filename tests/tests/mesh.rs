@@ -10,7 +10,7 @@ use std::{
 };
 
 use shop::*;
-use trellis_e2e::{node::binary, sys};
+use trellis_e2e::{node::binary, outside::contains, sys};
 
 #[test]
 fn cross_node_traffic_is_mutual_tls_with_true_identities_both_ways() {

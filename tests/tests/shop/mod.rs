@@ -2,7 +2,6 @@
 //! and a server in the mesh namespace `shop` and an outsider in `legacy`; with helpers to drive
 //! and observe it. Shared by several test crates, each of which uses part of it.
 #![allow(dead_code)]
-pub mod dns;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -160,46 +159,7 @@ impl Shop {
 /// Captures the link between node 2 and the fabric (tcpdump `filter`) while `f` runs; returns
 /// the raw capture.
 pub fn capture_link(shop: &Shop, filter: &str, f: impl FnOnce()) -> Vec<u8> {
-    let file = std::env::temp_dir().join(format!("{}.pcap", sys::unique_name()));
-    let mut tcpdump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            shop.cluster.fabric(),
-            "tcpdump",
-            "-i",
-            "n2",
-            "--immediate-mode",
-            "-U",
-            "-s",
-            "0",
-            "-w",
-        ])
-        .arg(&file)
-        .args(filter.split_whitespace())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting tcpdump (cargo xtask setup installs it)");
-    // tcpdump says "listening on" once the capture is live.
-    let mut err = std::io::BufReader::new(tcpdump.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
-    assert!(line.contains("listening"), "tcpdump: {line}");
-    f();
-    std::thread::sleep(Duration::from_millis(300));
-    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
-    let _ = tcpdump.wait();
-    let mut rest = String::new();
-    let _ = std::io::Read::read_to_string(&mut err, &mut rest);
-    eprintln!("{line}{rest}");
-    let bytes = std::fs::read(&file).unwrap();
-    let _ = std::fs::remove_file(&file);
-    bytes
-}
-
-pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    trellis_e2e::outside::capture(shop.cluster.fabric(), "n2", filter, f)
 }
 
 pub fn serve_bulk(pod: &Pod) {
