@@ -3,6 +3,8 @@
 //! addresses; every hop is captured by eBPF and carried over HBONE (mutual TLS) by the node
 //! proxies. The summary shows who called whom, with which identities, and the bytes, read from
 //! the agents' own Istio metrics; each app reports the caller identity the mesh vouched for.
+//! Act two routes reviews by weight and by header; act three (`demo/egress.rs`) sends `cart` to a
+//! Redis outside the mesh through an egress gateway.
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -15,6 +17,8 @@ use trellis_e2e::serde_json::{self, Value};
 use trellis_e2e::{Agent, Cluster, Node, Pod, control::Control, node::binary, sys};
 
 use crate::{cmd, setup};
+
+mod egress;
 
 const NS: &str = "shop";
 const REQUESTS: usize = 8;
@@ -123,7 +127,7 @@ pub fn run(once: bool) -> Result<()> {
         .collect();
     eprintln!("demo: starting trellis-control (dir mode) and one trellis-agent per node");
     let control = Control::start(&cluster, &refs);
-    let agents: Vec<Agent> = cluster
+    let mut agents: Vec<Agent> = cluster
         .nodes
         .iter()
         .map(|n| Agent::start_with_control(n, &control))
@@ -262,6 +266,7 @@ pub fn run(once: bool) -> Result<()> {
     );
 
     canary_and_header_route(&control, &user, &mut failures);
+    egress::act_three(&cluster, &control, &mut agents, &pods[0].0, &mut failures);
 
     if !failures.is_empty() {
         for f in &failures {
