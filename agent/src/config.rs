@@ -67,6 +67,8 @@ impl ControlEndpoint {
 pub struct NodeConfig {
     pub version: u64,
     pub trust_domain: String,
+    /// Istio's root namespace, as control names it.
+    pub root_namespace: String,
     pub resources: BTreeMap<(i32, String), api::Resource>,
 }
 
@@ -87,6 +89,7 @@ impl NodeConfig {
         self.resources = next;
         self.version = update.version;
         self.trust_domain = update.trust_domain.clone();
+        self.root_namespace = update.root_namespace.clone();
         Ok(())
     }
 

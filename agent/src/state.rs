@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// The namespace whose selector-less PeerAuthentication and AuthorizationPolicy apply mesh-wide
-/// (as Istio's root namespace).
+/// (as Istio's root namespace), when control names none.
 pub const ROOT_NAMESPACE: &str = "trellis-system";
 
 /// How many `tcp` routes one connection may follow (a route to a service with its own route).
@@ -320,6 +320,11 @@ pub struct MeshState {
 
 impl MeshState {
     pub fn build(cfg: &NodeConfig, node: &str) -> Self {
+        let root = if cfg.root_namespace.is_empty() {
+            ROOT_NAMESPACE
+        } else {
+            &cfg.root_namespace
+        };
         let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
         let local: Vec<&api::Workload> = cfg.workloads().collect();
         for w in cfg.workloads().chain(cfg.peers()) {
@@ -447,7 +452,7 @@ impl MeshState {
             .map(|w| {
                 (
                     w.uid.clone(),
-                    peer_auth_for(&policies, &w.namespace, &w.labels),
+                    peer_auth_for(&policies, root, &w.namespace, &w.labels),
                 )
             })
             .collect();
@@ -461,8 +466,7 @@ impl MeshState {
         let authz = local
             .iter()
             .map(|w| {
-                let selected =
-                    PodPolicies::select(&authz_policies, ROOT_NAMESPACE, &w.namespace, &w.labels);
+                let selected = PodPolicies::select(&authz_policies, root, &w.namespace, &w.labels);
                 (w.uid.clone(), Arc::new(selected))
             })
             .filter(|(_, p)| !p.is_empty())
@@ -759,6 +763,7 @@ struct ModeSpec {
 /// then the mesh-wide one; UNSET defers to the next level; PERMISSIVE when none decides.
 fn peer_auth_for(
     policies: &[(String, PeerAuthSpec)],
+    root: &str,
     namespace: &str,
     labels: &std::collections::HashMap<String, String>,
 ) -> PeerAuth {
@@ -777,7 +782,7 @@ fn peer_auth_for(
         .map(|(_, p)| p);
     let mesh = policies
         .iter()
-        .find(|(ns, p)| ns == ROOT_NAMESPACE && p.selector.is_none())
+        .find(|(ns, p)| ns == root && p.selector.is_none())
         .map(|(_, p)| p);
     let decided = |p: Option<&PeerAuthSpec>| {
         p.and_then(|p| p.mtls.as_ref())

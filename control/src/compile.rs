@@ -11,8 +11,31 @@ use crate::{
     tcp_routes,
 };
 
-/// Namespace whose security policies apply mesh-wide (Istio's root namespace).
+/// Namespace whose security policies apply mesh-wide (Istio's root namespace), by default.
 pub const ROOT_NAMESPACE: &str = "trellis-system";
+
+/// Mesh-wide settings (what Istio keeps in meshConfig), from control's flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mesh {
+    pub trust_domain: String,
+    /// Whose selector-less security policies apply mesh-wide, and whose outbound-policy label
+    /// is every namespace's default.
+    pub root_namespace: String,
+    /// The outbound traffic policy of namespaces that (and whose root namespace) say nothing:
+    /// REGISTRY_ONLY when true, else ALLOW_ANY.
+    pub registry_only: bool,
+}
+
+impl Mesh {
+    /// The defaults: root namespace `trellis-system`, ALLOW_ANY.
+    pub fn new(trust_domain: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            root_namespace: ROOT_NAMESPACE.to_owned(),
+            registry_only: false,
+        }
+    }
+}
 
 /// A resource's kind and name (as in `api::ResourceKey`).
 pub type Key = (i32, String);
@@ -24,7 +47,8 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
-pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeConfig {
+pub fn node_config(cluster: &Cluster, node: &str, mesh: &Mesh) -> NodeConfig {
+    let trust_domain = mesh.trust_domain.as_str();
     let mut out = NodeConfig::new();
     let local: Vec<&PodInfo> = cluster
         .pods
@@ -46,7 +70,7 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
             labels: p.labels.clone().into_iter().collect(),
             identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
             node: p.node.clone(),
-            registry_only: p.node == node && cluster.registry_only(&p.namespace),
+            registry_only: p.node == node && cluster.registry_only(&p.namespace, mesh),
             gateway_ports: if p.node == node {
                 tcp_routes::gateway_ports(cluster, &policies, p)
             } else {
@@ -82,7 +106,7 @@ pub fn node_config(cluster: &Cluster, node: &str, trust_domain: &str) -> NodeCon
         let security = matches!(p.kind, "AuthorizationPolicy" | "PeerAuthentication");
         // Server-side policies matter only where their namespace has workloads (or mesh-wide).
         if security
-            && p.namespace != ROOT_NAMESPACE
+            && p.namespace != mesh.root_namespace
             && !local.iter().any(|w| w.namespace == p.namespace)
         {
             continue;
@@ -309,7 +333,7 @@ mod tests {
 
     #[test]
     fn a_node_gets_its_enrolled_workloads_and_all_services() {
-        let cfg = node_config(&cluster(), "n1", "cluster.local");
+        let cfg = node_config(&cluster(), "n1", &Mesh::new("cluster.local"));
         let workloads: Vec<&str> = cfg
             .keys()
             .filter(|(k, _)| *k == api::Kind::Workload as i32)
@@ -347,7 +371,7 @@ mod tests {
         if let Some(p) = c.pods.values_mut().find(|p| p.uid == "a") {
             p.terminating = true;
         }
-        let cfg = node_config(&c, "n1", "cluster.local");
+        let cfg = node_config(&c, "n1", &Mesh::new("cluster.local"));
         assert!(
             cfg.contains_key(&(api::Kind::Workload as i32, "a".into())),
             "its containers still run: STRICT must still hold for them"
@@ -391,7 +415,7 @@ mod tests {
             "other",
             serde_json::json!({"hosts": ["ratings"], "http": [{"route": [{"destination": {"host": "ratings"}}]}]}),
         ));
-        let cfg = node_config(&c, "n1", "cluster.local");
+        let cfg = node_config(&c, "n1", &Mesh::new("cluster.local"));
         let svc = match &cfg[&(api::Kind::Service as i32, "shop/reviews".into())].resource {
             Some(api::resource::Resource::Service(s)) => s.clone(),
             other => panic!("{other:?}"),
@@ -417,12 +441,66 @@ mod tests {
     }
 
     #[test]
+    fn the_mesh_wide_outbound_policy_and_root_namespace_come_from_control() {
+        use crate::model::OUTBOUND_LABEL;
+        let registry_only = |c: &Cluster, mesh: &Mesh| match &node_config(c, "n1", mesh)
+            [&(api::Kind::Workload as i32, "a".into())]
+            .resource
+        {
+            Some(api::resource::Resource::Workload(w)) => w.registry_only,
+            other => panic!("{other:?}"),
+        };
+        let mut c = cluster();
+        let mut mesh = Mesh::new("td");
+        assert!(!registry_only(&c, &mesh), "ALLOW_ANY by default");
+        mesh.registry_only = true;
+        assert!(registry_only(&c, &mesh), "the mesh-wide default");
+        let ns = |name: &str, outbound: &str| Object::Namespace {
+            name: name.into(),
+            labels: [
+                (MESH_LABEL.into(), "enabled".into()),
+                (OUTBOUND_LABEL.into(), outbound.into()),
+            ]
+            .into(),
+        };
+        c.insert(ns("shop", "ALLOW_ANY"));
+        assert!(!registry_only(&c, &mesh), "the namespace's own label wins");
+        // A root namespace of the operator's choosing: its label, and its policies mesh-wide.
+        let mut c = cluster();
+        let mesh = Mesh {
+            root_namespace: "mesh-root".into(),
+            ..Mesh::new("td")
+        };
+        c.insert(ns("mesh-root", "REGISTRY_ONLY"));
+        c.insert(Object::Policy(crate::istio::PolicyObject {
+            kind: "AuthorizationPolicy",
+            namespace: "mesh-root".into(),
+            name: "deny-all".into(),
+            spec: serde_json::json!({}),
+        }));
+        assert!(registry_only(&c, &mesh), "the root namespace's label");
+        let cfg = node_config(&c, "n1", &mesh);
+        assert!(
+            cfg.contains_key(&(
+                api::Kind::Policy as i32,
+                "AuthorizationPolicy/mesh-root/deny-all".into()
+            )),
+            "the root namespace's security policies reach every node"
+        );
+        let other_root = node_config(&c, "n1", &Mesh::new("td"));
+        assert!(!other_root.contains_key(&(
+            api::Kind::Policy as i32,
+            "AuthorizationPolicy/mesh-root/deny-all".into()
+        )));
+    }
+
+    #[test]
     fn diff_reports_upserts_and_removals() {
         let c = cluster();
-        let old = node_config(&c, "n1", "td");
+        let old = node_config(&c, "n1", &Mesh::new("td"));
         let mut c2 = c.clone();
         c2.pods.remove("a");
-        let new = node_config(&c2, "n1", "td");
+        let new = node_config(&c2, "n1", &Mesh::new("td"));
         let (ups, rm) = diff(&old, &new);
         assert_eq!(
             rm,

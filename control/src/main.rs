@@ -41,6 +41,14 @@ struct Cli {
     /// SPIFFE trust domain: identities are spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
+    /// Istio's root namespace: its selector-less PeerAuthentication and AuthorizationPolicies
+    /// apply mesh-wide, and its outbound-traffic-policy label is every namespace's default.
+    #[arg(long, default_value = trellis_control::compile::ROOT_NAMESPACE, value_parser = dns_label)]
+    root_namespace: String,
+    /// The mesh-wide outbound traffic policy (Istio's meshConfig.outboundTrafficPolicy.mode), for
+    /// namespaces whose label (and the root namespace's) says nothing.
+    #[arg(long, value_enum, default_value_t = Outbound::AllowAny)]
+    outbound_traffic_policy: Outbound,
     /// Dir mode: directory holding the mesh root CA (ca.pem, ca-key.pem). Created on first
     /// start and reused after; put your own root there to supply one.
     #[arg(long, default_value = "/var/lib/trellis-control")]
@@ -79,6 +87,18 @@ enum Command {
         #[arg(long, default_value_t = install::Values::default().trust_domain)]
         trust_domain: String,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+enum Outbound {
+    #[value(name = "ALLOW_ANY")]
+    AllowAny,
+    #[value(name = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
+
+fn dns_label(s: &str) -> Result<String, String> {
+    trellis_control::names::dns1123_label(s).map(|()| s.to_owned())
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -182,6 +202,8 @@ async fn run(cli: Cli) -> Result<()> {
         listen: cli.listen,
         metrics_listen: Some(cli.metrics_addr),
         trust_domain: cli.trust_domain,
+        root_namespace: cli.root_namespace,
+        registry_only: cli.outbound_traffic_policy == Outbound::RegistryOnly,
         server_names: cli.server_names,
         workload_cert_ttl: ttl,
     })

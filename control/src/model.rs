@@ -139,15 +139,18 @@ impl Cluster {
     }
 
     /// Whether pods in `namespace` may reach only what the mesh knows: the namespace's own
-    /// label decides, else the root namespace's.
-    pub fn registry_only(&self, namespace: &str) -> bool {
+    /// label decides, else the root namespace's, else the mesh-wide default.
+    pub fn registry_only(&self, namespace: &str, mesh: &crate::compile::Mesh) -> bool {
         let mode = |ns: &str| {
             self.namespaces
                 .get(ns)
                 .and_then(|l| l.get(OUTBOUND_LABEL))
                 .map(String::as_str)
         };
-        mode(namespace).or(mode(crate::compile::ROOT_NAMESPACE)) == Some("REGISTRY_ONLY")
+        match mode(namespace).or(mode(&mesh.root_namespace)) {
+            Some(m) => m == "REGISTRY_ONLY",
+            None => mesh.registry_only,
+        }
     }
 }
 
@@ -412,10 +415,12 @@ mod tests {
         c.insert(ns("shop", Some("REGISTRY_ONLY")));
         c.insert(ns("open", Some("ALLOW_ANY")));
         c.insert(ns("plain", None));
-        assert!(c.registry_only("shop"));
-        assert!(!c.registry_only("open") && !c.registry_only("plain"));
+        let mesh = crate::compile::Mesh::new("td");
+        let ro = |c: &Cluster, ns: &str| c.registry_only(ns, &mesh);
+        assert!(ro(&c, "shop"));
+        assert!(!ro(&c, "open") && !ro(&c, "plain"));
         c.insert(ns("trellis-system", Some("REGISTRY_ONLY")));
-        assert!(c.registry_only("plain") && !c.registry_only("open"));
+        assert!(ro(&c, "plain") && !ro(&c, "open"));
         let e = err(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": "x", "labels": {OUTBOUND_LABEL: "registry_only"}}}));
         assert!(

@@ -42,6 +42,10 @@ pub struct ControlConfig {
     pub mode: Mode,
     pub listen: SocketAddr,
     pub trust_domain: String,
+    /// Istio's root namespace (mesh-wide security policies and outbound-policy label).
+    pub root_namespace: String,
+    /// The mesh-wide outbound traffic policy is REGISTRY_ONLY (else ALLOW_ANY).
+    pub registry_only: bool,
     /// DNS names and IPs in control's serving certificate.
     pub server_names: Vec<String>,
     pub workload_cert_ttl: Duration,
@@ -138,7 +142,12 @@ pub async fn start(cfg: ControlConfig) -> Result<Control> {
     };
 
     let (cert, key) = ca.serving_cert(&cfg.server_names)?;
-    let state = ControlState::new(model_rx, ready_rx, ca, auth, metrics.clone());
+    let mesh = crate::compile::Mesh {
+        trust_domain: cfg.trust_domain.clone(),
+        root_namespace: cfg.root_namespace.clone(),
+        registry_only: cfg.registry_only,
+    };
+    let state = ControlState::new(model_rx, ready_rx, ca, auth, mesh, metrics.clone());
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {} (set --listen)", cfg.listen))?;

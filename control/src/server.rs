@@ -44,6 +44,8 @@ pub struct ControlState {
     ready: watch::Receiver<bool>,
     pub ca: Ca,
     pub auth: Authenticator,
+    /// Mesh-wide settings every node's config is compiled with.
+    pub mesh: compile::Mesh,
     metrics: Arc<Metrics>,
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
 }
@@ -54,6 +56,7 @@ impl ControlState {
         ready: watch::Receiver<bool>,
         ca: Ca,
         auth: Authenticator,
+        mesh: compile::Mesh,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -61,6 +64,7 @@ impl ControlState {
             ready,
             ca,
             auth,
+            mesh,
             metrics,
             nodes: Mutex::new(BTreeMap::new()),
         })
@@ -199,13 +203,13 @@ async fn stream_updates(
         return;
     }
     let mut model = state.model.clone();
-    let trust_domain = state.ca.trust_domain().to_owned();
+    let mesh = state.mesh.clone();
     // What the node holds: what was compiled for it, less what could not be delivered.
     let mut sent: Option<NodeConfig> = None;
     let mut reported: Vec<Oversized> = Vec::new();
     loop {
         let cluster = model.borrow_and_update().clone();
-        let mut delivered = compile::node_config(&cluster, node, &trust_domain);
+        let mut delivered = compile::node_config(&cluster, node, &mesh);
         let (mut upserts, removals, snapshot) = match &sent {
             None => (delivered.clone().into_iter().collect(), Vec::new(), true),
             Some(old) => {
@@ -229,7 +233,8 @@ async fn stream_updates(
             let header = api::ConfigUpdate {
                 version: state.next_version(node),
                 snapshot,
-                trust_domain: trust_domain.clone(),
+                trust_domain: mesh.trust_domain.clone(),
+                root_namespace: mesh.root_namespace.clone(),
                 ..Default::default()
             };
             let upserts = upserts.into_iter().map(|(_, r)| r).collect();

@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     for node in ["node-1", "node-2"] {
-        let compiled = compile::node_config(&cluster, node, "cluster.local");
+        let compiled = compile::node_config(&cluster, node, &compile::Mesh::new("cluster.local"));
         let update = api::ConfigUpdate {
             version: 1,
             snapshot: true,

@@ -49,6 +49,8 @@ impl Fixture {
             },
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             trust_domain: "cluster.local".into(),
+            root_namespace: "trellis-system".into(),
+            registry_only: false,
             server_names: vec!["trellis-control".into()],
             workload_cert_ttl,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),

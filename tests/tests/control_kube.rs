@@ -166,6 +166,8 @@ impl Cluster {
             },
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             trust_domain: "cluster.local".into(),
+            root_namespace: "trellis-system".into(),
+            registry_only: false,
             server_names: vec!["trellis-control".into()],
             workload_cert_ttl: Duration::from_secs(24 * 3600),
             metrics_listen: None,

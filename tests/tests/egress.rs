@@ -176,3 +176,40 @@ fn registry_only_refuses_unregistered_destinations_in_the_kernel_and_survives_a_
     });
     assert_eq!(udp(&shop.client, unregistered)["send_to"], "ok");
 }
+
+#[test]
+fn the_mesh_wide_outbound_policy_and_root_namespace_are_control_flags() {
+    let shop = Shop::start_on(
+        2,
+        &[
+            "--outbound-traffic-policy",
+            "REGISTRY_ONLY",
+            "--root-namespace",
+            "mesh-root",
+        ],
+    );
+    // No label anywhere: the flag's REGISTRY_ONLY holds.
+    shop.eventually("REGISTRY_ONLY from the flag", || {
+        refused_in_kernel(&shop.client.connect(addr(shop.outsider.ip4, 8080), "hi"))
+    });
+    let out = shop.client.connect(shop.vip(80), "ok");
+    assert_eq!(out["echo"], "ok", "{out}");
+    // The root namespace's label overrides the flag for every namespace without one.
+    shop.outsider.serve(8080);
+    shop.control.write(
+        "ns-root.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: mesh-root, labels: {trellis.dev/outbound-traffic-policy: ALLOW_ANY}}\n",
+    );
+    shop.eventually("ALLOW_ANY from the root namespace's label", || {
+        shop.client.connect(addr(shop.outsider.ip4, 8080), "hi")["echo"] == "hi"
+    });
+    // A selector-less policy in the root namespace applies mesh-wide.
+    shop.control.write(
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-echo, namespace: mesh-root}\n\
+         spec: {action: DENY, rules: [{to: [{operation: {ports: [\"8080\"]}}]}]}\n",
+    );
+    shop.eventually("the root namespace's DENY", || {
+        shop.client.connect(shop.vip(80), "ok")["echo"] != "ok"
+    });
+}
