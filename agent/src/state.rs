@@ -20,6 +20,7 @@ use crate::{
     authz::{PodPolicies, Policy as AuthzPolicy},
     config::NodeConfig,
     http_route::{Destination, HttpRoute, Policy, TrafficPolicy},
+    proxy::TlsOrigination,
 };
 
 /// The namespace whose selector-less PeerAuthentication and AuthorizationPolicy apply mesh-wide
@@ -72,6 +73,8 @@ pub struct ServicePort {
     /// A mesh-bound VirtualService `tcp` route for this port: connections go to its
     /// destinations instead of this service's endpoints.
     pub tcp_route: Option<TcpRoute>,
+    /// TLS to originate to endpoints outside the mesh (DestinationRule `tls.mode: SIMPLE`).
+    pub tls: Option<Arc<TlsOrigination>>,
     #[serde(skip)]
     next: AtomicUsize,
 }
@@ -236,6 +239,7 @@ impl Candidate {
             self.addr,
             Some(self.workload.clone()),
             Some(service.to_owned()),
+            None,
         )
     }
 }
@@ -260,11 +264,13 @@ pub enum Route {
         workload: Arc<Workload>,
         service: Option<String>,
     },
-    /// Plain TCP to `addr` (a pod outside the mesh, or a destination outside the cluster).
+    /// Plain TCP to `addr` (a pod outside the mesh, or a destination outside the cluster),
+    /// with TLS originated when the destination's DestinationRule says so.
     Passthrough {
         addr: SocketAddr,
         workload: Option<Arc<Workload>>,
         service: Option<String>,
+        tls: Option<Arc<TlsOrigination>>,
     },
     /// Plain TCP to `host` (a ServiceEntry endpoint with resolution DNS), resolved now in
     /// `dst`'s family by the pod's resolver.
@@ -273,6 +279,7 @@ pub enum Route {
         port: u16,
         v4: bool,
         service: String,
+        tls: Option<Arc<TlsOrigination>>,
     },
     /// A service with no endpoint for this address family.
     NoEndpoints { service: String },
@@ -429,6 +436,11 @@ impl MeshState {
                     resolve,
                     original_destination: s.original_destination,
                     tcp_route: p.tcp_route.as_ref().map(TcpRoute::compile),
+                    tls: p
+                        .traffic_policy
+                        .as_ref()
+                        .and_then(|t| t.tls.as_ref())
+                        .map(|t| Arc::new(TlsOrigination::compile(t))),
                     next: AtomicUsize::new(0),
                 });
                 for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
@@ -532,7 +544,7 @@ impl MeshState {
     pub fn route(&self, dst: SocketAddr) -> Route {
         match self.services.get(&dst) {
             Some(svc) => self.route_service(svc, dst, MAX_ROUTE_HOPS),
-            None => to(dst, self.workloads.get(&dst.ip()).cloned(), None),
+            None => to(dst, self.workloads.get(&dst.ip()).cloned(), None, None),
         }
     }
 
@@ -579,6 +591,7 @@ impl MeshState {
                 addr: dst,
                 workload: None,
                 service: Some(svc.host()),
+                tls: svc.tls.clone(),
             };
         }
         if !svc.resolve.is_empty() {
@@ -589,6 +602,7 @@ impl MeshState {
                 port: *port,
                 v4: dst.is_ipv4(),
                 service: svc.host(),
+                tls: svc.tls.clone(),
             };
         }
         let family: Vec<&Endpoint> = svc
@@ -606,6 +620,7 @@ impl MeshState {
             SocketAddr::new(e.ip, e.port),
             Some(e.workload.clone()),
             Some(svc.host()),
+            svc.tls.clone(),
         )
     }
 
@@ -682,7 +697,12 @@ impl MeshState {
     }
 }
 
-fn to(addr: SocketAddr, workload: Option<Arc<Workload>>, service: Option<String>) -> Route {
+fn to(
+    addr: SocketAddr,
+    workload: Option<Arc<Workload>>,
+    service: Option<String>,
+    tls: Option<Arc<TlsOrigination>>,
+) -> Route {
     match workload {
         Some(w) if w.identity.is_some() => Route::Hbone {
             hbone: SocketAddr::new(addr.ip(), HBONE_PORT),
@@ -695,6 +715,7 @@ fn to(addr: SocketAddr, workload: Option<Arc<Workload>>, service: Option<String>
             addr,
             workload,
             service,
+            tls,
         },
     }
 }
@@ -917,6 +938,7 @@ mod tests {
                 port,
                 v4,
                 service,
+                ..
             } => assert_eq!(
                 (host.as_str(), port, v4, service.as_str()),
                 ("redis.example", 6379, true, "redis.example")

@@ -23,7 +23,7 @@ use crate::identity::{Svid, Svids};
 /// HBONE's ALPN: HTTP/2 only.
 const ALPN_H2: &[u8] = b"h2";
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -17,7 +17,7 @@ use crate::{
 /// per service port (a large VirtualService made that the cost of a whole compile).
 pub struct Policies<'a> {
     pub(crate) virtual_services: Vec<(&'a PolicyObject, VirtualServiceSpec)>,
-    destination_rules: Vec<(&'a PolicyObject, DestinationRuleSpec)>,
+    pub(crate) destination_rules: Vec<(&'a PolicyObject, DestinationRuleSpec)>,
 }
 
 impl<'a> Policies<'a> {
@@ -248,7 +248,7 @@ fn subset_of(
     }
 }
 
-fn compile_policy(tp: &TrafficPolicy) -> api::TrafficPolicy {
+pub(crate) fn compile_policy(tp: &TrafficPolicy) -> api::TrafficPolicy {
     use api::load_balancer::Simple;
     let ms = |d: &Option<String>| {
         d.as_deref()
@@ -297,6 +297,14 @@ fn compile_policy(tp: &TrafficPolicy) -> api::TrafficPolicy {
                 max_ejection_percent: od
                     .max_ejection_percent
                     .map_or(10, |v| v.clamp(0, 100) as u32),
+            }),
+        tls: tp
+            .tls
+            .as_ref()
+            .filter(|t| t.mode == "SIMPLE")
+            .map(|t| api::TlsOrigination {
+                sni: t.sni.clone().unwrap_or_default(),
+                ca_file: t.ca_certificates.clone().unwrap_or_default(),
             }),
     }
 }

@@ -57,7 +57,16 @@ pub fn services(cluster: &Cluster, policies: &Policies, trust_domain: &str) -> V
                     .collect(),
             };
             let mut svc = service(ns, host, vips, se, trust_domain);
+            // A DestinationRule for the host (by its exact name): its trafficPolicy, TLS
+            // origination included.
+            let traffic = policies
+                .destination_rules
+                .iter()
+                .find(|(_, dr)| dr.host == *host)
+                .and_then(|(_, dr)| dr.traffic_policy.as_ref())
+                .map(crate::routes::compile_policy);
             for p in &mut svc.ports {
+                p.traffic_policy = traffic.clone();
                 p.tcp_route =
                     tcp_routes::mesh_route(cluster, policies, &format!("{ns}/{host}"), p.port);
             }

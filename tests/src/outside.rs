@@ -159,6 +159,11 @@ pub struct Redis(Child);
 
 impl Redis {
     pub fn start(pod: &Pod) -> Self {
+        Self::start_with(pod, &[])
+    }
+
+    /// With more redis-server options (a `--tls-port`, say); port 6379 is always served.
+    pub fn start_with(pod: &Pod, extra: &[&str]) -> Self {
         let mut cmd = Command::new("redis-server");
         cmd.args([
             "--bind",
@@ -173,6 +178,7 @@ impl Redis {
             "--protected-mode",
             "no",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         let redis = Self(

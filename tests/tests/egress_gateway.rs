@@ -7,6 +7,8 @@
 //! gateway's AuthorizationPolicy lets only shop/client through; shop is REGISTRY_ONLY.
 mod shop;
 
+use std::path::{Path, PathBuf};
+
 use trellis_e2e::outside::{Dnsmasq, Redis, contains, redis_cli, resolv_conf};
 
 use shop::{
@@ -15,8 +17,36 @@ use shop::{
 
 const GATEWAY_VIP: &str = "10.96.0.30";
 const HOST: &str = "redis.memorystore.example";
+/// The same Redis's TLS port, under a name whose DestinationRule originates TLS at the gateway.
+const TLS_HOST: &str = "secure.memorystore.example";
 
-fn config() -> Vec<(&'static str, String)> {
+/// A CA and a certificate for `TLS_HOST` it signed, as redis-server and the gateway read them:
+/// (CA file, certificate file, key file).
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "memorystore test CA");
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![TLS_HOST.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let files = (
+        dir.join("ca.pem"),
+        dir.join("redis.pem"),
+        dir.join("redis-key.pem"),
+    );
+    std::fs::write(&files.0, ca_pem).unwrap();
+    std::fs::write(&files.1, cert.pem()).unwrap();
+    std::fs::write(&files.2, key.serialize_pem()).unwrap();
+    files
+}
+
+fn config(ca_file: &Path) -> Vec<(&'static str, String)> {
     vec![
         ("ns-shop.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {trellis.dev/mesh: enabled, \
           trellis.dev/outbound-traffic-policy: REGISTRY_ONLY}}\n".into()),
@@ -24,9 +54,20 @@ fn config() -> Vec<(&'static str, String)> {
           spec: {{hosts: [{HOST}], location: MESH_EXTERNAL, resolution: DNS, \
           ports: [{{number: 6379, name: tcp-redis, protocol: TCP}}]}}\n")),
         ("gw-svc.yaml", format!("apiVersion: v1\nkind: Service\nmetadata: {{name: egressgateway, namespace: trellis-system}}\n\
-          spec: {{clusterIP: {GATEWAY_VIP}, selector: {{app: egressgateway}}, ports: [{{name: tcp-redis, port: 16379, targetPort: 16379}}]}}\n")),
+          spec: {{clusterIP: {GATEWAY_VIP}, selector: {{app: egressgateway}}, ports: [{{name: tcp-redis, port: 16379, targetPort: 16379}}, \
+          {{name: tcp-redis-tls, port: 16380, targetPort: 16380}}]}}\n")),
         ("gw.yaml", format!("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: egressgateway, namespace: trellis-system}}\n\
-          spec: {{selector: {{app: egressgateway}}, servers: [{{port: {{number: 16379, name: tcp-redis, protocol: TCP}}, hosts: [{HOST}]}}]}}\n")),
+          spec: {{selector: {{app: egressgateway}}, servers: [{{port: {{number: 16379, name: tcp-redis, protocol: TCP}}, hosts: [{HOST}]}}, \
+          {{port: {{number: 16380, name: tcp-redis-tls, protocol: TCP}}, hosts: [{TLS_HOST}]}}]}}\n")),
+        ("se-tls.yaml", format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: memorystore-tls, namespace: shop}}\n\
+          spec: {{hosts: [{TLS_HOST}], location: MESH_EXTERNAL, resolution: DNS, \
+          ports: [{{number: 6380, name: tcp-redis-tls, protocol: TCP}}]}}\n")),
+        ("vs-tls.yaml", format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: redis-tls-through-egress, namespace: shop}}\n\
+          spec: {{hosts: [{TLS_HOST}], gateways: [mesh, trellis-system/egressgateway], tcp: [\
+          {{match: [{{gateways: [mesh], port: 6380}}], route: [{{destination: {{host: egressgateway.trellis-system.svc.cluster.local, port: {{number: 16380}}}}}}]}}, \
+          {{match: [{{gateways: [trellis-system/egressgateway], port: 16380}}], route: [{{destination: {{host: {TLS_HOST}, port: {{number: 6380}}}}}}]}}]}}\n")),
+        ("dr-tls.yaml", format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: memorystore-tls, namespace: shop}}\n\
+          spec: {{host: {TLS_HOST}, trafficPolicy: {{tls: {{mode: SIMPLE, caCertificates: {}}}}}}}\n", ca_file.display())),
         ("vs.yaml", format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: redis-through-egress, namespace: shop}}\n\
           spec: {{hosts: [{HOST}], gateways: [mesh, trellis-system/egressgateway], tcp: [\
           {{match: [{{gateways: [mesh], port: 6379}}], route: [{{destination: {{host: egressgateway.trellis-system.svc.cluster.local, port: {{number: 16379}}}}}}]}}, \
@@ -42,12 +83,31 @@ fn cart_reaches_memorystore_only_through_the_egress_gateway() {
     let mut shop = Shop::start();
     // The gateway pod, in the mesh on node 2 (Redis, the outsider, is on node 1).
     let gw = shop.cluster.nodes[1].add_pod("egressgateway");
-    let _redis = Redis::start(&shop.outsider);
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(dir.path());
+    let path = |p: &PathBuf| p.display().to_string();
+    let _redis = Redis::start_with(
+        &shop.outsider,
+        &[
+            "--tls-port",
+            "6380",
+            "--tls-cert-file",
+            &path(&cert),
+            "--tls-key-file",
+            &path(&key),
+            "--tls-ca-cert-file",
+            &path(&ca),
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
     let dns = Dnsmasq::start_with(
         &shop.outsider,
         &[
             &format!("--address=/{HOST}/{}", shop.outsider.ip4),
             &format!("--address=/{HOST}/{}", shop.outsider.ip6),
+            &format!("--address=/{TLS_HOST}/{}", shop.outsider.ip4),
+            &format!("--address=/{TLS_HOST}/{}", shop.outsider.ip6),
         ],
     );
     // The gateway pod never asks a resolver itself: its node resolves external hosts here.
@@ -65,7 +125,7 @@ fn cart_reaches_memorystore_only_through_the_egress_gateway() {
             "egressgateway",
         ),
     );
-    for (name, yaml) in config() {
+    for (name, yaml) in config(&ca) {
         shop.control.write(name, &yaml);
     }
     shop.agents[1].wait_pod_state(&gw, "enrolled");
@@ -150,4 +210,40 @@ fn cart_reaches_memorystore_only_through_the_egress_gateway() {
         contains(&outside, b"hidden-basket"),
         "the gateway's upstream leg was not captured"
     );
+
+    // 5. TLS origination at the gateway: cart speaks plain Redis to the TLS-only port's name;
+    //    the gateway speaks TLS to Redis, checking its certificate against the rule's CA.
+    let tls = |args: &[&str]| {
+        let mut all = vec!["-h", TLS_HOST, "-p", "6380"];
+        all.extend(args);
+        cart(&all)
+    };
+    shop.eventually("cart's PING through the gateway's TLS", || {
+        tls(&["PING"]) == "PONG"
+    });
+    let leg = capture_link(&shop, "tcp port 6380", || {
+        assert_eq!(tls(&["SET", "cart-45", "tls-basket"]), "OK");
+    });
+    assert!(
+        contains(&leg, &6380u16.to_be_bytes()),
+        "the TLS leg was not captured"
+    );
+    assert!(
+        !contains(&leg, b"tls-basket"),
+        "the gateway's leg to Redis is not TLS"
+    );
+    assert_eq!(cart(&["-h", HOST, "GET", "cart-45"]), "tls-basket");
+    // A CA file that is not there: no connection, and the gateway's log says why.
+    let gone = dir.path().join("gone.pem");
+    let rule = config(&gone)
+        .into_iter()
+        .find(|(n, _)| *n == "dr-tls.yaml")
+        .unwrap();
+    shop.control.write(rule.0, &rule.1);
+    shop.eventually("the broken rule in force", || tls(&["PING"]) != "PONG");
+    shop.agents[1].wait_log("the CA file's error", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reading the CA file"))
+    });
 }

@@ -305,20 +305,23 @@ async fn tunnel(
         debug!(pod = %pod.name, client_identity = client_id, %target, policy, "HBONE stream refused");
         return status(StatusCode::FORBIDDEN);
     }
+    // The pod's app, or (a gateway port) the gateway route's destination outside the mesh.
     let app = match gateway {
         None => {
             info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream");
-            to_app(&pod, target).await
+            to_app(&pod, target).await.map(Upstream::App)
         }
         Some(route) => {
             info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, destination = route.service(), "HBONE stream to a gateway port");
-            super::outbound::plain(&pod, &shared, route).await
+            super::outbound::plain(&pod, &shared, route)
+                .await
+                .map(|(out, _)| Upstream::Out(out))
         }
     };
-    let mut app = match app {
+    let app = match app {
         Ok(app) => app,
         Err(e) => {
-            warn!(pod = %pod.name, %target, "connecting to the app: {e}");
+            warn!(pod = %pod.name, %target, "connecting to the app (or the gateway's destination): {e}");
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -328,27 +331,33 @@ async fn tunnel(
             Ok(up) => {
                 let mut client =
                     Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
-                if http {
-                    // The peer is another node's proxy, which closes idle keep-alive
-                    // connections itself at `header_read_timeout`: waiting twice that here
-                    // means this side never closes one the peer is about to reuse.
-                    let limits = HttpLimits {
-                        header_read_timeout: shared.http.header_read_timeout * 2,
-                        ..shared.http
-                    };
-                    http_inbound::serve(
-                        client,
-                        Some(app),
-                        pod.clone(),
-                        target,
-                        caller,
-                        &labels,
-                        &shared,
-                        &limits,
-                    )
-                    .await;
-                } else {
-                    guarded_splice(&mut client, &mut app, &pod, &shared, caller, target).await;
+                match app {
+                    Upstream::App(app) if http => {
+                        // The peer is another node's proxy, which closes idle keep-alive
+                        // connections itself at `header_read_timeout`: waiting twice that here
+                        // means this side never closes one the peer is about to reuse.
+                        let limits = HttpLimits {
+                            header_read_timeout: shared.http.header_read_timeout * 2,
+                            ..shared.http
+                        };
+                        http_inbound::serve(
+                            client,
+                            Some(app),
+                            pod.clone(),
+                            target,
+                            caller,
+                            &labels,
+                            &shared,
+                            &limits,
+                        )
+                        .await;
+                    }
+                    Upstream::App(mut app) => {
+                        guarded_splice(&mut client, &mut app, &pod, &shared, caller, target).await
+                    }
+                    Upstream::Out(mut out) => {
+                        guarded_splice(&mut client, &mut out, &pod, &shared, caller, target).await
+                    }
                 }
                 shared.metrics.closed(&labels);
             }
@@ -357,6 +366,14 @@ async fn tunnel(
         drop(admission);
     });
     status(StatusCode::OK)
+}
+
+/// Where an HBONE stream goes once accepted.
+enum Upstream {
+    /// The pod's app.
+    App(TcpStream),
+    /// Out of the mesh, for a gateway pod's server port.
+    Out(Box<dyn super::Io>),
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {

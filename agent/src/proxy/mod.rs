@@ -12,6 +12,7 @@ mod http_inbound;
 mod http_outbound;
 mod inbound;
 mod layers;
+mod originate;
 mod outbound;
 mod pool;
 mod trace;
@@ -41,6 +42,7 @@ use trellis_common::{
 
 pub use guard::{ConnLimits, Failure, HttpLimits, LogThrottle, open_file_budget};
 pub use inbound::{Refused, connect_target};
+pub use originate::TlsOrigination;
 pub use pool::Pool;
 
 use crate::{
@@ -320,6 +322,11 @@ pub(crate) async fn connect(sock: TcpSocket, dst: SocketAddr) -> io::Result<TcpS
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+/// A byte stream the proxy splices: a TCP connection, or TLS over one.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Copies both ways until both sides close; returns (bytes from `a`, bytes from `b`).
 async fn splice<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>

@@ -6,7 +6,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::{
-    Failure, Metered, PodCtx, Shared, connect, hbone, http_outbound, labels, proxy_port, reset,
+    Failure, Io, Metered, PodCtx, Shared, connect, hbone, http_outbound, labels, proxy_port, reset,
     splice,
 };
 use trellis_common::DNS_PORT;
@@ -89,46 +89,6 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 }
             }
         }
-        Route::Passthrough {
-            addr,
-            workload,
-            service,
-        } => {
-            let mut labels = labels(
-                "source",
-                source,
-                pod.identity.as_deref(),
-                workload.as_deref(),
-                service.as_deref(),
-                false,
-            );
-            info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, target = %addr, "connection captured");
-            let upstream = async { connect(pod.socket_for(addr)?, addr).await }.await;
-            relay(client, upstream, &mut labels, &shared, &pod, dst).await;
-        }
-        Route::Resolve {
-            host,
-            port,
-            v4,
-            service,
-        } => {
-            let mut labels = labels(
-                "source",
-                source,
-                pod.identity.as_deref(),
-                None,
-                Some(&service),
-                false,
-            );
-            let upstream = async {
-                let ip = dns::resolve(&pod, &shared, &host, v4).await?;
-                let addr = SocketAddr::new(ip, port);
-                info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %host, target = %addr, "connection captured");
-                connect(pod.socket_for(addr)?, addr).await
-            }
-            .await;
-            relay(client, upstream, &mut labels, &shared, &pod, dst).await;
-        }
         Route::NoEndpoints { service } => {
             warn!(pod = %pod.name, orig_dst = %dst, service, "the service has no endpoint for this address family; closing the connection");
             let mut labels = labels(
@@ -141,20 +101,51 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
             );
             shared.metrics.failed(&mut labels, "UH");
         }
+        // Plain TCP (maybe TLS originated) to a pod outside the mesh or a host outside the
+        // cluster.
+        outside => {
+            let workload = match &outside {
+                Route::Passthrough { workload, .. } => workload.clone(),
+                _ => None,
+            };
+            let mut labels = labels(
+                "source",
+                source,
+                pod.identity.as_deref(),
+                workload.as_deref(),
+                Some(outside.service()),
+                false,
+            );
+            let upstream = plain(&pod, &shared, outside).await.map(|(stream, addr)| {
+                info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, target = %addr, "connection captured");
+                stream
+            });
+            relay(client, upstream, &mut labels, &shared, &pod, dst).await;
+        }
     }
 }
 
-/// A plain TCP connection from the pod's netns to where `route` goes: how a gateway forwards
-/// out of the mesh (mesh destinations are not reached this way yet).
+/// A connection from the pod's netns to where `route` goes outside the mesh (TLS when the
+/// destination's rule originates it), and the address it reached: how outbound passthrough and
+/// gateways leave the mesh (mesh destinations are not reached this way).
 pub(super) async fn plain(
     pod: &PodCtx,
     shared: &Shared,
     route: Route,
-) -> std::io::Result<TcpStream> {
-    let addr = match route {
-        Route::Passthrough { addr, .. } => addr,
-        Route::Resolve { host, port, v4, .. } => {
-            SocketAddr::new(dns::resolve(pod, shared, &host, v4).await?, port)
+) -> std::io::Result<(Box<dyn Io>, SocketAddr)> {
+    let (addr, host, tls) = match route {
+        Route::Passthrough {
+            addr, service, tls, ..
+        } => (addr, service.unwrap_or_else(|| addr.ip().to_string()), tls),
+        Route::Resolve {
+            host,
+            port,
+            v4,
+            tls,
+            ..
+        } => {
+            let ip = dns::resolve(pod, shared, &host, v4).await?;
+            (SocketAddr::new(ip, port), host, tls)
         }
         Route::Hbone { target, .. } => {
             return Err(std::io::Error::other(format!(
@@ -165,13 +156,18 @@ pub(super) async fn plain(
             return Err(std::io::Error::other(format!("{service} has no endpoint")));
         }
     };
-    connect(pod.socket_for(addr)?, addr).await
+    let tcp = connect(pod.socket_for(addr)?, addr).await?;
+    let stream: Box<dyn Io> = match tls {
+        Some(tls) => Box::new(tls.connect(tcp, &host).await?),
+        None => Box::new(tcp),
+    };
+    Ok((stream, addr))
 }
 
-/// Splices the client to a plain TCP upstream, or counts the failure to reach it.
+/// Splices the client to an upstream outside the mesh, or counts the failure to reach it.
 async fn relay(
     client: TcpStream,
-    upstream: std::io::Result<TcpStream>,
+    upstream: std::io::Result<Box<dyn Io>>,
     labels: &mut crate::metrics::TcpLabels,
     shared: &Shared,
     pod: &PodCtx,

@@ -414,6 +414,21 @@ pub struct TrafficPolicy {
     pub connection_pool: Option<ConnectionPool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClientTls>,
+}
+
+/// Istio's ClientTLSSettings, the part Trellis does: TLS origination to hosts outside the mesh.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTls {
+    /// DISABLE or SIMPLE.
+    pub mode: String,
+    /// Absolute path, on every node, of a PEM file with the CAs to trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
@@ -514,6 +529,30 @@ impl TrafficPolicy {
                     "{at}.connectionPool.{name}: {} must be at least 1",
                     v.unwrap_or(0)
                 ));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            check_enum(
+                &format!("{at}.tls.mode"),
+                &Some(tls.mode.clone()),
+                &["DISABLE", "SIMPLE"],
+            )?;
+            match tls.ca_certificates.as_deref() {
+                Some(path) if path.starts_with('/') => {}
+                Some(path) => {
+                    return Err(format!(
+                        "{at}.tls.caCertificates: {path:?} is not an absolute path"
+                    ));
+                }
+                None if tls.mode == "SIMPLE" => {
+                    return Err(format!(
+                        "{at}.tls.caCertificates: required for SIMPLE (the system's roots are not used)"
+                    ));
+                }
+                None => {}
+            }
+            if let Some(sni) = &tls.sni {
+                names::dns1123_subdomain(sni).map_err(|e| format!("{at}.tls.sni: {e}"))?;
             }
         }
         if let Some(od) = &self.outlier_detection {
@@ -739,6 +778,39 @@ impl Validate for GatewaySpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_origination_needs_simple_an_absolute_ca_file_and_a_dns_sni() {
+        let dr = |tls: serde_json::Value| -> Result<(), String> {
+            serde_json::from_value::<DestinationRuleSpec>(
+                serde_json::json!({"host": "db.example", "trafficPolicy": {"tls": tls}}),
+            )
+            .map_err(|e| e.to_string())?
+            .validate()
+        };
+        assert_eq!(
+            dr(
+                serde_json::json!({"mode": "SIMPLE", "caCertificates": "/etc/ca.pem", "sni": "db.example"})
+            ),
+            Ok(())
+        );
+        assert_eq!(dr(serde_json::json!({"mode": "DISABLE"})), Ok(()));
+        let e = dr(serde_json::json!({"mode": "ISTIO_MUTUAL"})).unwrap_err();
+        assert!(
+            e.starts_with("trafficPolicy.tls.mode: \"ISTIO_MUTUAL\" is not supported"),
+            "{e}"
+        );
+        let e = dr(serde_json::json!({"mode": "SIMPLE"})).unwrap_err();
+        assert!(
+            e.starts_with("trafficPolicy.tls.caCertificates: required"),
+            "{e}"
+        );
+        let e = dr(serde_json::json!({"mode": "SIMPLE", "caCertificates": "ca.pem"})).unwrap_err();
+        assert!(e.contains("is not an absolute path"), "{e}");
+        let e = dr(serde_json::json!({"mode": "SIMPLE", "caCertificates": "/ca.pem", "credentialName": "x"}))
+            .unwrap_err();
+        assert!(e.contains("credentialName"), "{e}");
+    }
 
     #[test]
     fn weights_are_bounded_before_they_are_added() {
