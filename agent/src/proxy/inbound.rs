@@ -45,14 +45,18 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         }
         return;
     }
-    let (strict, authz, source, destination, http) = {
+    let (strict, authz, source, destination, http, gateway) = {
         let state = shared.state.borrow();
+        let gateway = state.gateway_route(dst);
         (
-            state.peer_auth(&pod.uid).refuses_plaintext(dst.port()),
+            // A gateway's server ports take traffic from outside the mesh: that is what they
+            // are for, so STRICT does not refuse it there.
+            gateway.is_none() && state.peer_auth(&pod.uid).refuses_plaintext(dst.port()),
             state.authz.contains_key(&pod.uid),
             state.workloads.get(&peer.ip()).cloned(),
             pod.workload(&state),
-            state.http_ports.contains(&dst),
+            gateway.is_none() && state.http_ports.contains(&dst),
+            gateway,
         )
     };
     // Only a socket in the node's own netns (kubelet's probes) may pass STRICT in plaintext, and
@@ -73,7 +77,7 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         source.as_deref(),
         None,
         destination.as_deref(),
-        None,
+        gateway.as_ref().map(Route::service),
         false,
     );
     let caller = Caller {
@@ -103,16 +107,31 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
     if authorize::connection(&shared, &pod, &caller, dst.port(), &labels).is_err() {
         return reset(&client);
     }
-    match to_app(&pod, dst).await {
-        Ok(mut app) => {
-            let mut client = Metered::new(client, shared.metrics.opened(&labels));
-            guarded_splice(&mut client, &mut app, &pod, &shared, caller, dst).await;
-            shared.metrics.closed(&labels);
+    let app = match gateway {
+        None => to_app(&pod, dst).await.map(Upstream::App),
+        Some(route) => {
+            info!(direction = "inbound", pod = %pod.name, client = %peer, orig_dst = %dst, destination = route.service(), "connection to a gateway port");
+            super::outbound::from_gateway(&pod, &shared, route)
+                .await
+                .map(Upstream::Out)
         }
+    };
+    let app = match app {
+        Ok(app) => app,
         Err(e) => {
-            warn!(direction = "inbound", pod = %pod.name, orig_dst = %dst, "connection failed: {e}")
+            return warn!(direction = "inbound", pod = %pod.name, orig_dst = %dst, "connection failed: {e}");
+        }
+    };
+    let mut client = Metered::new(client, shared.metrics.opened(&labels));
+    match app {
+        Upstream::App(mut app) => {
+            guarded_splice(&mut client, &mut app, &pod, &shared, caller, dst).await
+        }
+        Upstream::Out(mut out) => {
+            guarded_splice(&mut client, &mut out, &pod, &shared, caller, dst).await
         }
     }
+    shared.metrics.closed(&labels);
 }
 
 /// Splices a TCP connection until it ends, or until a config change makes the pod's
@@ -313,9 +332,9 @@ async fn tunnel(
         }
         Some(route) => {
             info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, destination = route.service(), "HBONE stream to a gateway port");
-            super::outbound::plain(&pod, &shared, route)
+            super::outbound::from_gateway(&pod, &shared, route)
                 .await
-                .map(|(out, _)| Upstream::Out(out))
+                .map(Upstream::Out)
         }
     };
     let app = match app {

@@ -125,6 +125,33 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
     }
 }
 
+/// A connection to where a gateway's route goes, as the gateway pod: HBONE with the pod's
+/// identity to a mesh destination, else [`plain`].
+pub(super) async fn from_gateway(
+    pod: &PodCtx,
+    shared: &Shared,
+    route: Route,
+) -> std::io::Result<Box<dyn Io>> {
+    let Route::Hbone {
+        hbone,
+        target,
+        identity,
+        ..
+    } = route
+    else {
+        return plain(pod, shared, route).await.map(|(stream, _)| stream);
+    };
+    let tls = pod
+        .identity
+        .as_deref()
+        .and_then(|id| shared.tls.get(id))
+        .ok_or_else(|| std::io::Error::other("the gateway pod has no certificate yet"))?;
+    let tunnel = hbone::open(&shared.pool, pod, &tls, hbone, target, &identity)
+        .await
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    Ok(Box::new(tunnel))
+}
+
 /// A connection from the pod's netns to where `route` goes outside the mesh (TLS when the
 /// destination's rule originates it), and the address it reached: how outbound passthrough and
 /// gateways leave the mesh (mesh destinations are not reached this way).

@@ -1,0 +1,95 @@
+//! The ingress gateway for TCP on the real kernel: a process outside the mesh connects to a
+//! gateway pod's server port in plaintext; the gateway pod's node proxy routes it by the
+//! Gateway's VirtualService to a mesh Service over HBONE, as the gateway's identity, so the
+//! destination's AuthorizationPolicy can name the gateway.
+mod shop;
+
+use shop::{Shop, addr, metrics, namespace, pod_yaml, sample, spiffe, wait_certificate};
+
+const PORT: u16 = 7000;
+
+#[test]
+fn outside_traffic_enters_through_the_gateway_as_the_gateways_identity() {
+    let shop = Shop::start();
+    let gw = shop.cluster.nodes[1].add_pod("ingressgateway");
+    shop.control
+        .write("ns-system.yaml", &namespace("trellis-system", true));
+    shop.control.write(
+        "gw-pod.yaml",
+        &pod_yaml(
+            &gw,
+            "trellis-system",
+            &shop.cluster.nodes[1],
+            "ingressgateway",
+            "ingressgateway",
+        ),
+    );
+    shop.control.write(
+        "gw.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: ingressgateway, namespace: trellis-system}}\n\
+             spec: {{selector: {{app: ingressgateway}}, servers: [{{port: {{number: {PORT}, name: tcp-echo, protocol: TCP}}, hosts: [\"*\"]}}]}}\n"
+        ),
+    );
+    shop.control.write(
+        "vs.yaml",
+        &format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: echo-in, namespace: shop}}\n\
+             spec: {{hosts: [server.shop.svc.cluster.local], gateways: [trellis-system/ingressgateway], \
+             tcp: [{{match: [{{port: {PORT}}}], route: [{{destination: {{host: server.shop.svc.cluster.local, port: {{number: 80}}}}}}]}}]}}\n"
+        ),
+    );
+    // The server takes its echo port only from the gateway.
+    shop.control.write(
+        "server-authz.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: only-gateway, namespace: shop}}\n\
+             spec: {{selector: {{matchLabels: {{app: server}}}}, action: ALLOW, rules: [{{from: [{{source: {{principals: [\"{}\"]}}}}], \
+             to: [{{operation: {{ports: [\"8080\"]}}}}]}}]}}\n",
+            spiffe("trellis-system", "ingressgateway").trim_start_matches("spiffe://")
+        ),
+    );
+    shop.agents[1].wait_pod_state(&gw, "enrolled");
+    wait_certificate(&shop.agents[1], &spiffe("trellis-system", "ingressgateway"));
+
+    // From outside the mesh (the legacy outsider), in plaintext, to the gateway's address.
+    let mut out = serde_json::Value::Null;
+    shop.eventually("the way in through the gateway", || {
+        out = shop.outsider.connect(addr(gw.ip4, PORT), "hello");
+        out["echo"] == "hello"
+    });
+    assert_eq!(out["banner"]["server"], "server", "{out}");
+    // Straight to the server, and from a mesh pod of another identity: refused by its policy.
+    let direct = shop.outsider.connect(addr(shop.server.ip4, 8080), "hello");
+    assert_ne!(direct["echo"], "hello", "{direct}");
+    let other = shop.client.connect(shop.vip(80), "hello");
+    assert_ne!(other["echo"], "hello", "{other}");
+
+    // The server's node saw the gateway's identity on the mesh leg.
+    let m = metrics(&shop.cluster.nodes[1]);
+    let via = sample(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            (
+                "source_principal",
+                &spiffe("trellis-system", "ingressgateway"),
+            ),
+            ("destination_workload", "server"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    assert!(via.is_some_and(|n| n >= 1.0), "{m}");
+    // The gateway's own node counted the outside connection, destined for the service.
+    let entered = sample(
+        &m,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("destination_workload", "ingressgateway"),
+            ("destination_service", "server.shop.svc.cluster.local"),
+        ],
+    );
+    assert!(entered.is_some_and(|n| n >= 1.0), "{m}");
+}
