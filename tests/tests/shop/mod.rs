@@ -127,6 +127,22 @@ impl Shop {
         shop
     }
 
+    /// A gateway pod `name` (app and service account `name`) in the mesh namespace
+    /// `trellis-system` on node 2, enrolled and with its certificate.
+    pub fn add_gateway(&self, name: &str) -> Pod {
+        let node = &self.cluster.nodes[1];
+        let gw = node.add_pod(name);
+        self.control
+            .write("ns-system.yaml", &namespace("trellis-system", true));
+        self.control.write(
+            &format!("{name}-pod.yaml"),
+            &pod_yaml(&gw, "trellis-system", node, name, name),
+        );
+        self.agents[1].wait_pod_state(&gw, "enrolled");
+        wait_certificate(&self.agents[1], &spiffe("trellis-system", name));
+        gw
+    }
+
     pub fn logs(&self) -> String {
         format!(
             "node 1 agent:\n{}\nnode 2 agent:\n{}\ncontrol:\n{}",
