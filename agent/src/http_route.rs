@@ -293,7 +293,7 @@ impl Matcher {
     }
 }
 
-fn destination(d: &api::WeightedDestination) -> Destination {
+pub(crate) fn destination(d: &api::WeightedDestination) -> Destination {
     Destination {
         service: d.service.clone(),
         port: u16::try_from(d.port).unwrap_or(0),
@@ -416,22 +416,28 @@ impl HttpRoute {
 
     /// A destination chosen at random in proportion to the weights; None if all are zero.
     pub fn pick(&self) -> Option<&Destination> {
-        // Summed as u64: control sends weights of 0-100, but the agent checks no total, and u32
-        // weights overflow a u32 sum (found by fuzzing, fuzz/ http_route).
-        let total: u64 = self.destinations.iter().map(|d| u64::from(d.weight)).sum();
-        if total == 0 {
-            return None;
-        }
-        let mut r = fastrand::u64(0..total);
-        self.destinations.iter().find(|d| {
-            let w = u64::from(d.weight);
-            if r < w {
-                return true;
-            }
-            r -= w;
-            false
-        })
+        pick(&self.destinations)
     }
+}
+
+/// One of `destinations` (an HTTP or a TCP route's) chosen at random in proportion to the
+/// weights; None if all are zero.
+pub fn pick(destinations: &[Destination]) -> Option<&Destination> {
+    // Summed as u64: control sends weights of 0-100, but the agent checks no total, and u32
+    // weights overflow a u32 sum (found by fuzzing, fuzz/ http_route).
+    let total: u64 = destinations.iter().map(|d| u64::from(d.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = fastrand::u64(0..total);
+    destinations.iter().find(|d| {
+        let w = u64::from(d.weight);
+        if r < w {
+            return true;
+        }
+        r -= w;
+        false
+    })
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use trellis_common::HBONE_PORT;
 use crate::{
     authz::{PodPolicies, Policy as AuthzPolicy},
     config::NodeConfig,
-    http_route::{Destination, HttpRoute, Policy, TrafficPolicy},
+    http_route::{self, Destination, HttpRoute, Policy, TrafficPolicy},
     proxy::TlsOrigination,
 };
 
@@ -79,46 +79,19 @@ pub struct ServicePort {
     next: AtomicUsize,
 }
 
-/// A VirtualService `tcp` route: destination services (`namespace/name`, port or 0 for the
-/// port connected to, weight).
+/// A VirtualService `tcp` route: destination services by weight (subsets are not applied).
 #[derive(Debug, Serialize)]
 pub struct TcpRoute {
     pub name: String,
-    pub destinations: Vec<(String, u16, u32)>,
+    pub destinations: Vec<Destination>,
 }
 
 impl TcpRoute {
     fn compile(r: &api::TcpRoute) -> Self {
         Self {
             name: r.name.clone(),
-            destinations: r
-                .destinations
-                .iter()
-                .map(|d| {
-                    (
-                        d.service.clone(),
-                        u16::try_from(d.port).unwrap_or(0),
-                        d.weight,
-                    )
-                })
-                .collect(),
+            destinations: r.destinations.iter().map(http_route::destination).collect(),
         }
-    }
-
-    /// A destination by weight; None when every weight is 0.
-    fn pick(&self) -> Option<(&str, u16)> {
-        let total: u64 = self.destinations.iter().map(|d| u64::from(d.2)).sum();
-        if total == 0 {
-            return None;
-        }
-        let mut at = fastrand::u64(0..total);
-        self.destinations.iter().find_map(|(svc, port, w)| {
-            if at < u64::from(*w) {
-                return Some((svc.as_str(), *port));
-            }
-            at -= u64::from(*w);
-            None
-        })
     }
 }
 
@@ -499,24 +472,19 @@ impl MeshState {
                     .flat_map(|p| service_entry_nets(&p.spec_json)),
             )
             .collect();
-        let gateways = local
-            .iter()
-            .flat_map(|w| {
-                let ips: Vec<IpAddr> = w.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
-                w.gateway_ports.iter().flat_map(move |g| {
-                    let port = u16::try_from(g.port).ok();
-                    ips.clone().into_iter().filter_map(move |ip| {
-                        Some((
-                            SocketAddr::new(ip, port?),
-                            GatewayPort {
-                                gateway: g.gateway.clone(),
-                                route: g.route.as_ref().map(TcpRoute::compile),
-                            },
-                        ))
-                    })
-                })
-            })
-            .collect();
+        let mut gateways = HashMap::new();
+        for w in &local {
+            for g in &w.gateway_ports {
+                let Ok(port) = u16::try_from(g.port) else {
+                    continue;
+                };
+                for ip in w.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
+                    let route = g.route.as_ref().map(TcpRoute::compile);
+                    let gateway = g.gateway.clone();
+                    gateways.insert(SocketAddr::new(ip, port), GatewayPort { gateway, route });
+                }
+            }
+        }
         let mut dns = crate::dns::Names::new();
         for (vip, svc) in &services {
             let ips = dns.entry(svc.host()).or_default();
@@ -565,13 +533,13 @@ impl MeshState {
     /// A `tcp` route's destination, picked by weight, then (while `hops` allow) that service's
     /// own route.
     fn follow(&self, r: &TcpRoute, dst: SocketAddr, hops: u8) -> Route {
-        let Some((service, port)) = r.pick() else {
+        let Some(d) = http_route::pick(&r.destinations) else {
             return Route::NoEndpoints {
                 service: format!("route {} (every weight 0)", r.name),
             };
         };
-        let port = if port == 0 { dst.port() } else { port };
-        match self.by_name.get(&(service.to_owned(), port)) {
+        let (service, port) = (&d.service, if d.port == 0 { dst.port() } else { d.port });
+        match self.by_name.get(&(service.clone(), port)) {
             Some(next) => self.route_service(next, dst, hops),
             None => Route::NoEndpoints {
                 service: format!("{service} port {port}"),

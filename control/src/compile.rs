@@ -206,30 +206,30 @@ fn service(
         ports: s
             .ports
             .iter()
-            .map(|p| api::ServicePort {
-                name: p.name.clone(),
-                port: p.port,
-                target_port: match p.target {
-                    TargetPort::Number(n) => n,
-                    TargetPort::Name(_) => 0,
-                },
-                protocol: protocol(p.app_protocol.as_deref(), &p.name) as i32,
-                http_routes: if protocol(p.app_protocol.as_deref(), &p.name).is_http() {
-                    routes::http_routes(cluster, policies, s, p)
-                } else {
-                    Vec::new()
-                },
-                traffic_policy: routes::traffic_policy(cluster, policies, s),
-                tcp_route: if protocol(p.app_protocol.as_deref(), &p.name).is_http() {
-                    None
-                } else {
-                    tcp_routes::mesh_route(
-                        cluster,
-                        policies,
-                        &format!("{}/{}", s.namespace, s.name),
-                        p.port,
-                    )
-                },
+            .map(|p| {
+                let proto = protocol(p.app_protocol.as_deref(), &p.name);
+                let http = proto.is_http();
+                api::ServicePort {
+                    name: p.name.clone(),
+                    port: p.port,
+                    target_port: match p.target {
+                        TargetPort::Number(n) => n,
+                        TargetPort::Name(_) => 0,
+                    },
+                    protocol: proto as i32,
+                    http_routes: if http {
+                        routes::http_routes(cluster, policies, s, p)
+                    } else {
+                        Vec::new()
+                    },
+                    traffic_policy: routes::traffic_policy(cluster, policies, s),
+                    tcp_route: if http {
+                        None
+                    } else {
+                        let key = format!("{}/{}", s.namespace, s.name);
+                        tcp_routes::mesh_route(cluster, policies, &key, p.port)
+                    },
+                }
             })
             .collect(),
         endpoints,

@@ -7,17 +7,22 @@ use trellis_api as api;
 
 use crate::{
     istio::{
-        DestinationRuleSpec, HeaderOperations, PolicyObject, StringMatch, TrafficPolicy,
-        VirtualServiceSpec, parse_duration,
+        DestinationRuleSpec, GatewaySpec, HeaderOperations, PolicyObject, ServiceEntrySpec,
+        StringMatch, TrafficPolicy, VirtualServiceSpec, parse_duration,
     },
     model::{Cluster, PortInfo, ServiceInfo},
 };
 
-/// The cluster's VirtualServices and DestinationRules, parsed once per compile rather than once
-/// per service port (a large VirtualService made that the cost of a whole compile).
+/// The cluster's VirtualServices, DestinationRules, ServiceEntries and Gateways, parsed once per
+/// compile rather than once per service port or pod (a large VirtualService made that the cost
+/// of a whole compile).
 pub struct Policies<'a> {
     pub(crate) virtual_services: Vec<(&'a PolicyObject, VirtualServiceSpec)>,
     pub(crate) destination_rules: Vec<(&'a PolicyObject, DestinationRuleSpec)>,
+    pub(crate) service_entries: Vec<(&'a PolicyObject, ServiceEntrySpec)>,
+    pub(crate) gateways: Vec<(&'a PolicyObject, GatewaySpec)>,
+    /// Each ServiceEntry host's namespace (the first entry naming it, in key order).
+    pub(crate) service_entry_hosts: HashMap<String, &'a str>,
 }
 
 impl<'a> Policies<'a> {
@@ -34,9 +39,22 @@ impl<'a> Policies<'a> {
                 .filter_map(|p| Some((p, T::deserialize(&p.spec).ok()?)))
                 .collect()
         }
+        let service_entries: Vec<(&PolicyObject, ServiceEntrySpec)> =
+            parsed(cluster, "ServiceEntry");
+        let mut service_entry_hosts = HashMap::new();
+        for (p, se) in &service_entries {
+            for h in &se.hosts {
+                service_entry_hosts
+                    .entry(h.clone())
+                    .or_insert(p.namespace.as_str());
+            }
+        }
         Self {
             virtual_services: parsed(cluster, "VirtualService"),
             destination_rules: parsed(cluster, "DestinationRule"),
+            service_entries,
+            gateways: parsed(cluster, "Gateway"),
+            service_entry_hosts,
         }
     }
 }
@@ -52,6 +70,16 @@ pub fn resolve<'a>(cluster: &'a Cluster, host: &str, namespace: &str) -> Option<
     let host = host.strip_suffix(".svc.cluster.local").unwrap_or(host);
     let (name, ns) = host.split_once('.').unwrap_or((host, namespace));
     cluster.services.get(&format!("{ns}/{name}"))
+}
+
+/// A route destination's weight: as given (negatives as 0), else all of it for a route's only
+/// destination and none otherwise (Istio's defaults).
+pub(crate) fn weight(given: Option<i32>, single: bool) -> u32 {
+    match given {
+        Some(w) => w.max(0) as u32,
+        None if single => 100,
+        None => 0,
+    }
 }
 
 fn same(a: &ServiceInfo, b: &ServiceInfo) -> bool {
@@ -110,11 +138,7 @@ pub fn http_routes(
                         subset_labels,
                         subset_traffic_policy,
                         subset,
-                        weight: match d.weight {
-                            Some(w) => w.max(0) as u32,
-                            None if single => 100,
-                            None => 0,
-                        },
+                        weight: weight(d.weight, single),
                     })
                 })
                 .collect();

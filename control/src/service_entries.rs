@@ -25,17 +25,10 @@ const SLOTS: u32 = 65534;
 
 /// One service per ServiceEntry host (wildcard hosts have no address and are not routed).
 pub fn services(cluster: &Cluster, policies: &Policies, trust_domain: &str) -> Vec<api::Service> {
-    let entries: Vec<(&str, ServiceEntrySpec)> = cluster
-        .policies
-        .values()
-        .filter(|p| p.kind == "ServiceEntry")
-        // Validated when it was stored; a spec that no longer parses is not routed.
-        .filter_map(|p| {
-            Some((
-                p.namespace.as_str(),
-                serde_json::from_value(p.spec.clone()).ok()?,
-            ))
-        })
+    let entries: Vec<(&str, &ServiceEntrySpec)> = policies
+        .service_entries
+        .iter()
+        .map(|(p, se)| (p.namespace.as_str(), se))
         .collect();
     let wanted: BTreeSet<(&str, &str)> = entries
         .iter()

@@ -4,27 +4,24 @@
 use trellis_api as api;
 
 use crate::{
-    istio::{GatewaySpec, PolicyObject, TcpRoute, VirtualServiceSpec},
+    istio::{PolicyObject, TcpRoute, VirtualServiceSpec},
     model::{Cluster, PodInfo},
     routes::{self, Policies},
 };
 
 /// A destination host as written in an object in `namespace`, as the `namespace/name` key the
 /// agent knows services by: a Service (any form `routes::resolve` takes) or a ServiceEntry host.
-pub fn destination_key(cluster: &Cluster, host: &str, namespace: &str) -> Option<String> {
+pub fn destination_key(
+    cluster: &Cluster,
+    policies: &Policies,
+    host: &str,
+    namespace: &str,
+) -> Option<String> {
     if let Some(s) = routes::resolve(cluster, host, namespace) {
         return Some(format!("{}/{}", s.namespace, s.name));
     }
-    cluster
-        .policies
-        .values()
-        .filter(|p| p.kind == "ServiceEntry")
-        .find(|p| {
-            p.spec["hosts"]
-                .as_array()
-                .is_some_and(|hs| hs.iter().any(|h| h.as_str() == Some(host)))
-        })
-        .map(|p| format!("{}/{host}", p.namespace))
+    let ns = policies.service_entry_hosts.get(host)?;
+    Some(format!("{ns}/{host}"))
 }
 
 /// The first mesh-bound `tcp` route for port `port` of the service known as `key`.
@@ -37,13 +34,14 @@ pub fn mesh_route(
     policies
         .virtual_services
         .iter()
+        .filter(|(_, vs)| !vs.tcp.is_empty())
         .filter(|(_, vs)| vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh"))
         .filter(|(p, vs)| {
-            vs.hosts
-                .iter()
-                .any(|h| destination_key(cluster, h, &p.namespace).as_deref() == Some(key))
+            vs.hosts.iter().any(|h| {
+                destination_key(cluster, policies, h, &p.namespace).as_deref() == Some(key)
+            })
         })
-        .find_map(|(p, vs)| first_for_port(cluster, p, vs, port, |g| g == "mesh"))
+        .find_map(|(p, vs)| first_for_port(cluster, policies, p, vs, port, |g| g == "mesh"))
 }
 
 /// The server ports of every Gateway whose selector matches `pod`, each with the first `tcp`
@@ -54,10 +52,7 @@ pub fn gateway_ports(
     pod: &PodInfo,
 ) -> Vec<api::GatewayPort> {
     let mut out = Vec::new();
-    for g in cluster.policies.values().filter(|p| p.kind == "Gateway") {
-        let Ok(spec) = serde_json::from_value::<GatewaySpec>(g.spec.clone()) else {
-            continue;
-        };
+    for (g, spec) in &policies.gateways {
         let selects = !spec.selector.is_empty()
             && spec
                 .selector
@@ -68,18 +63,12 @@ pub fn gateway_ports(
         }
         let name = format!("{}/{}", g.namespace, g.name);
         for server in &spec.servers {
-            let route = policies
-                .virtual_services
-                .iter()
-                .filter(|(p, vs)| {
-                    vs.gateways
-                        .iter()
-                        .any(|r| *r == name || (*r == g.name && p.namespace == g.namespace))
-                })
-                .find_map(|(p, vs)| {
-                    let bound = |r: &str| r == name || (r == g.name && p.namespace == g.namespace);
-                    first_for_port(cluster, p, vs, server.port.number, bound)
-                });
+            let route = policies.virtual_services.iter().find_map(|(p, vs)| {
+                // As a VirtualService in `p`'s namespace may name this Gateway.
+                let bound = |r: &str| r == name || (r == g.name && p.namespace == g.namespace);
+                vs.gateways.iter().any(|r| bound(r)).then_some(())?;
+                first_for_port(cluster, policies, p, vs, server.port.number, bound)
+            });
             out.push(api::GatewayPort {
                 port: server.port.number,
                 gateway: name.clone(),
@@ -94,6 +83,7 @@ pub fn gateway_ports(
 /// or a Gateway, as a VirtualService in `p`'s namespace may write it).
 fn first_for_port(
     cluster: &Cluster,
+    policies: &Policies,
     p: &PolicyObject,
     vs: &VirtualServiceSpec,
     port: u32,
@@ -106,10 +96,16 @@ fn first_for_port(
                     && (m.gateways.is_empty() || m.gateways.iter().any(|g| bound(g)))
             })
     })?;
-    Some(compile(cluster, p, i, r))
+    Some(compile(cluster, policies, p, i, r))
 }
 
-fn compile(cluster: &Cluster, p: &PolicyObject, i: usize, r: &TcpRoute) -> api::TcpRoute {
+fn compile(
+    cluster: &Cluster,
+    policies: &Policies,
+    p: &PolicyObject,
+    i: usize,
+    r: &TcpRoute,
+) -> api::TcpRoute {
     let single = r.route.len() == 1;
     api::TcpRoute {
         name: format!("{}/{}/tcp/{i}", p.namespace, p.name),
@@ -119,13 +115,9 @@ fn compile(cluster: &Cluster, p: &PolicyObject, i: usize, r: &TcpRoute) -> api::
             // A destination that names nothing known is left out (its weight goes nowhere).
             .filter_map(|d| {
                 Some(api::WeightedDestination {
-                    service: destination_key(cluster, &d.destination.host, &p.namespace)?,
+                    service: destination_key(cluster, policies, &d.destination.host, &p.namespace)?,
                     port: d.destination.port.as_ref().map_or(0, |p| p.number),
-                    weight: match d.weight {
-                        Some(w) => w.max(0) as u32,
-                        None if single => 100,
-                        None => 0,
-                    },
+                    weight: routes::weight(d.weight, single),
                     ..Default::default()
                 })
             })

@@ -50,8 +50,7 @@ pub async fn serve_udp(sock: UdpSocket, pod: Arc<PodCtx>, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let query = buf[..n].to_vec();
-        match local(&query, &pod, &shared) {
+        match local(&buf[..n], &pod, &shared) {
             Reply::Answer(a) | Reply::FormErr(a) => {
                 let _ = sock.send_to(&a, client).await;
             }
@@ -62,6 +61,8 @@ pub async fn serve_udp(sock: UdpSocket, pod: Arc<PodCtx>, shared: Arc<Shared>) {
                     continue;
                 };
                 let (sock, pod, shared) = (sock.clone(), pod.clone(), shared.clone());
+                // Only a forwarded query outlives the receive buffer.
+                let query = buf[..n].to_vec();
                 tokio::spawn(async move {
                     let upstream = shared.maps.dns_resolver.get(pod.netns_cookie);
                     let answer = match upstream {

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, Re
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{CONNECT_TIMEOUT, PodCtx, connect, pool};
+use super::{CONNECT_TIMEOUT, PodCtx, Shared, connect, pool};
 use crate::tls::{self, WorkloadTls};
 
 /// HTTP/2 flow-control windows: big enough that one stream fills a fast link.
@@ -25,15 +25,19 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 /// Pings on idle pooled connections, so a peer that vanished is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
-/// Opens a tunnel from `pod` to `target` through `hbone`, whose server must prove `identity`.
+/// Opens a tunnel from `pod`, with its current certificate, to `target` through `hbone`, whose
+/// server must prove `identity`.
 pub async fn open(
-    pool: &pool::Pool,
+    shared: &Shared,
     pod: &PodCtx,
-    tls: &WorkloadTls,
     hbone: SocketAddr,
     target: SocketAddr,
     identity: &str,
 ) -> Result<Stream> {
+    let Some(tls) = pod.identity.as_deref().and_then(|id| shared.tls.get(id)) else {
+        bail!("no certificate for this pod yet; a mesh endpoint cannot be reached without one");
+    };
+    let (pool, tls) = (&shared.pool, &*tls);
     let key = pool::Key {
         source: pod.uid.clone(),
         hbone,

@@ -181,17 +181,23 @@ impl PodListeners {
 }
 
 fn udp(addr: SocketAddr) -> Result<std::net::UdpSocket> {
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::DGRAM.nonblocking().cloexec(),
-        None,
-    )?;
+    Ok(bind(addr, Type::DGRAM, true)?.into())
+}
+
+/// A non-blocking socket of type `ty` bound to `addr` (IPv6 only, or dual-stack).
+fn bind(addr: SocketAddr, ty: Type, v6_only: bool) -> Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), ty.nonblocking().cloexec(), None)?;
     if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
+        sock.set_only_v6(v6_only)?;
+    }
+    // A listener rebinds over connections of an earlier agent left in TIME_WAIT; a UDP socket
+    // must not let another share its port.
+    if ty == Type::STREAM {
+        sock.set_reuse_address(true)?;
     }
     sock.bind(&addr.into())
         .with_context(|| format!("binding {addr} in the pod's network namespace"))?;
-    Ok(sock.into())
+    Ok(sock)
 }
 
 /// Dual-stack where the pod has IPv6, so one socket serves both of its addresses.
@@ -201,17 +207,7 @@ fn listen_any(port: u16) -> Result<std::net::TcpListener> {
 }
 
 fn listen(addr: SocketAddr, v6_only: bool) -> Result<std::net::TcpListener> {
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(v6_only)?;
-    }
-    sock.set_reuse_address(true)?;
-    sock.bind(&addr.into())
-        .with_context(|| format!("binding {addr} in the pod's network namespace"))?;
+    let sock = bind(addr, Type::STREAM, v6_only)?;
     sock.listen(1024)?;
     Ok(sock.into())
 }

@@ -72,12 +72,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 service.as_deref(),
                 true,
             );
-            let Some(tls) = pod.identity.as_deref().and_then(|id| shared.tls.get(id)) else {
-                warn!(pod = %pod.name, orig_dst = %dst, "no certificate for this pod yet; cannot reach a mesh endpoint without one");
-                return shared.metrics.failed(&mut labels, "UF");
-            };
             info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %target, peer_identity = identity, "connection captured");
-            match hbone::open(&shared.pool, &pod, &tls, hbone, target, &identity).await {
+            match hbone::open(&shared, &pod, hbone, target, &identity).await {
                 Ok(mut tunnel) => {
                     let mut client = Metered::new(client, shared.metrics.opened(&labels));
                     let result = splice(&mut client, &mut tunnel).await;
@@ -141,12 +137,7 @@ pub(super) async fn from_gateway(
     else {
         return plain(pod, shared, route).await.map(|(stream, _)| stream);
     };
-    let tls = pod
-        .identity
-        .as_deref()
-        .and_then(|id| shared.tls.get(id))
-        .ok_or_else(|| std::io::Error::other("the gateway pod has no certificate yet"))?;
-    let tunnel = hbone::open(&shared.pool, pod, &tls, hbone, target, &identity)
+    let tunnel = hbone::open(shared, pod, hbone, target, &identity)
         .await
         .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
     Ok(Box::new(tunnel))

@@ -2,18 +2,16 @@
 //! pod's netns; answers come back looking as if the pod's own resolver sent them.
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use core::ptr::{addr_of_mut, write_volatile};
 use trellis_common::{
     AF_INET, AF_INET6, DNS_CAPTURE_PORT, DNS_PORT, OrigDst, POD_DNS4, POD_DNS6, v4_mapped,
 };
 
 use crate::{
     maps::{DNS_ORIG, DNS_RESOLVER},
-    outbound::{Pod, capture_v4, capture_v6, dst4, dst6, v4_in_v6},
+    outbound::{Pod, capture_v4, capture_v6, dst4, dst6, set_ip4, set_ip6, set_port, v4_in_v6},
 };
 
 const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
@@ -23,18 +21,6 @@ fn remember(ctx: &SockAddrContext, dst: &OrigDst) -> bool {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // Without the socket's record the answer could not be given the resolver's address.
     DNS_ORIG.insert(&cookie, dst, 0).is_ok() && DNS_RESOLVER.insert(&netns, dst, 0).is_ok()
-}
-
-fn set_port(sa: *mut bpf_sock_addr, port: u16) {
-    unsafe { write_volatile(addr_of_mut!((*sa).user_port), u32::from(port.to_be())) };
-}
-
-fn set_ip6(sa: *mut bpf_sock_addr, ip: &[u8; 16]) {
-    // Separate 32-bit stores: the verifier rejects wider writes to user_ip6.
-    for i in 0..4 {
-        let word = u32::from_ne_bytes([ip[i * 4], ip[i * 4 + 1], ip[i * 4 + 2], ip[i * 4 + 3]]);
-        unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[i]), word) };
-    }
 }
 
 /// An enrolled pod's UDP connect or send to an IPv4 resolver: steered to 127.0.0.1:15053.
@@ -51,7 +37,7 @@ pub fn steer4(ctx: &SockAddrContext, pod: Pod) {
         family: AF_INET,
     };
     if remember(ctx, &dst) {
-        unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(LOOPBACK4)) };
+        set_ip4(sa, LOOPBACK4);
         set_port(sa, DNS_CAPTURE_PORT);
     }
 }
@@ -110,7 +96,7 @@ pub fn restore4(ctx: &SockAddrContext) {
     let Some(v4) = v4_in_v6(&orig.addr) else {
         return;
     };
-    unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(v4)) };
+    set_ip4(sa, v4);
     set_port(sa, orig.port);
 }
 

@@ -93,13 +93,20 @@ fn stream_socket(sa: *const bpf_sock_addr) -> bool {
     unsafe { read_volatile(addr_of!((*sa).type_)) == SOCK_STREAM }
 }
 
-fn rewrite_port(sa: *mut bpf_sock_addr) {
-    unsafe {
-        write_volatile(
-            addr_of_mut!((*sa).user_port),
-            u32::from(OUTBOUND_PORT.to_be()),
-        )
-    };
+pub(crate) fn set_ip4(sa: *mut bpf_sock_addr, ip: [u8; 4]) {
+    unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(ip)) };
+}
+
+pub(crate) fn set_port(sa: *mut bpf_sock_addr, port: u16) {
+    unsafe { write_volatile(addr_of_mut!((*sa).user_port), u32::from(port.to_be())) };
+}
+
+pub(crate) fn set_ip6(sa: *mut bpf_sock_addr, ip: &[u8; 16]) {
+    // Separate 32-bit stores: the verifier rejects wider writes to user_ip6.
+    for i in 0..4 {
+        let word = u32::from_ne_bytes([ip[i * 4], ip[i * 4 + 1], ip[i * 4 + 2], ip[i * 4 + 3]]);
+        unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[i]), word) };
+    }
 }
 
 /// An enrolled pod's connect to one of the proxy's own listeners is refused (the app gets
@@ -143,13 +150,8 @@ pub fn connect4(ctx: &SockAddrContext) -> bool {
     if !capture_v4(pod, ip, port) || !remember(ctx, v4_dst(ip, port)) {
         return true;
     }
-    unsafe {
-        write_volatile(
-            addr_of_mut!((*sa).user_ip4),
-            u32::from_ne_bytes([127, 0, 0, 1]),
-        )
-    };
-    rewrite_port(sa);
+    set_ip4(sa, [127, 0, 0, 1]);
+    set_port(sa, OUTBOUND_PORT);
     debug!(
         ctx,
         "connect4 captured {:i}:{}",
@@ -187,11 +189,8 @@ pub fn connect6(ctx: &SockAddrContext) -> bool {
     if !remember(ctx, dst) {
         return true;
     }
-    // Separate 32-bit stores: the verifier rejects wider writes to user_ip6.
-    for (i, word) in [0u32, 0, 0, u32::from_be(1)].iter().enumerate() {
-        unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[i]), *word) };
-    }
-    rewrite_port(sa);
+    set_ip6(sa, &LOOPBACK_V6);
+    set_port(sa, OUTBOUND_PORT);
     debug!(ctx, "connect6 captured [{:i}]:{}", ip, port);
     true
 }

@@ -185,10 +185,7 @@ impl Upstream {
                 identity,
                 ..
             } => {
-                let Some(tls) = pod.identity.as_deref().and_then(|id| shared.tls.get(id)) else {
-                    bail!("no certificate for this pod yet");
-                };
-                let tunnel = hbone::open(&shared.pool, pod, &tls, hbone, target, &identity).await?;
+                let tunnel = hbone::open(shared, pod, hbone, target, &identity).await?;
                 Sender::handshake(TokioIo::new(tunnel), version).await?
             }
             _ => {
