@@ -169,6 +169,16 @@ fn key_of(r: &api::Resource) -> Result<(i32, String)> {
     Ok(match &r.resource {
         Some(Resource::Workload(w)) => {
             ips(&w.ips, &format!("workload {}/{}", w.namespace, w.name))?;
+            for g in &w.gateway_ports {
+                for r in g.virtual_hosts.iter().flat_map(|v| &v.routes) {
+                    crate::http_route::HttpRoute::compile(r).with_context(|| {
+                        format!(
+                            "gateway {} port {} (pod {}/{})",
+                            g.gateway, g.port, w.namespace, w.name
+                        )
+                    })?;
+                }
+            }
             (api::Kind::Workload as i32, w.uid.clone())
         }
         Some(Resource::Peer(w)) => {

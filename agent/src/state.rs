@@ -20,7 +20,7 @@ use crate::{
     authz::{PodPolicies, Policy as AuthzPolicy},
     config::NodeConfig,
     http_route::{self, Destination, HttpRoute, Policy, TrafficPolicy},
-    proxy::TlsOrigination,
+    proxy::{ServerTls, TlsOrigination, best_host},
 };
 
 /// The namespace whose selector-less PeerAuthentication and AuthorizationPolicy apply mesh-wide
@@ -100,8 +100,101 @@ impl TcpRoute {
 pub struct GatewayPort {
     /// `namespace/name` of the Gateway.
     pub gateway: String,
-    /// None: no VirtualService bound to the Gateway routes this port.
+    pub mode: GatewayMode,
+    /// TCP: None when no VirtualService bound to the Gateway routes this port.
     pub route: Option<TcpRoute>,
+    /// TLS to terminate first (HTTPS, TLS `mode: SIMPLE`).
+    pub tls: Option<Arc<ServerTls>>,
+    /// HTTP: routes by the request's Host.
+    pub virtual_hosts: Vec<VirtualHost>,
+    /// TLS passed through: routes by SNI.
+    pub sni_routes: Vec<SniRoute>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum GatewayMode {
+    Tcp,
+    Http,
+    TlsPassthrough,
+}
+
+impl GatewayPort {
+    fn compile(g: &api::GatewayPort) -> Self {
+        let mode = match api::GatewayMode::try_from(g.mode) {
+            Ok(api::GatewayMode::Http) => GatewayMode::Http,
+            Ok(api::GatewayMode::TlsPassthrough) => GatewayMode::TlsPassthrough,
+            _ => GatewayMode::Tcp,
+        };
+        Self {
+            gateway: g.gateway.clone(),
+            mode,
+            route: g.route.as_ref().map(TcpRoute::compile),
+            tls: (!g.certificates.is_empty()).then(|| {
+                Arc::new(ServerTls::compile(
+                    &g.certificates,
+                    mode == GatewayMode::Http,
+                ))
+            }),
+            virtual_hosts: g
+                .virtual_hosts
+                .iter()
+                .map(|v| VirtualHost {
+                    hosts: v.hosts.clone(),
+                    // NodeConfig::apply checked that these compile.
+                    routes: v
+                        .routes
+                        .iter()
+                        .filter_map(|r| HttpRoute::compile(r).ok())
+                        .collect(),
+                })
+                .collect(),
+            sni_routes: g
+                .sni_routes
+                .iter()
+                .filter_map(|r| {
+                    Some(SniRoute {
+                        hosts: r.sni_hosts.clone(),
+                        route: TcpRoute::compile(r.route.as_ref()?),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Connections are spliced as they come (no TLS to terminate, no request to route).
+    pub fn plain_tcp(&self) -> bool {
+        self.mode == GatewayMode::Tcp && self.tls.is_none()
+    }
+}
+
+/// A gateway's `http` routes for some hosts.
+#[derive(Debug, Serialize)]
+pub struct VirtualHost {
+    pub hosts: Vec<String>,
+    pub routes: Vec<HttpRoute>,
+}
+
+/// A gateway's `tls` route for some SNI names.
+#[derive(Debug, Serialize)]
+pub struct SniRoute {
+    pub hosts: Vec<String>,
+    pub route: TcpRoute,
+}
+
+/// Where an HTTP request came in: to a service port (its VIP and port), or to a local gateway
+/// pod's server port (the pod's address and port).
+#[derive(Debug, Clone, Copy)]
+pub enum HttpEntry {
+    Service(SocketAddr),
+    Gateway(SocketAddr),
+}
+
+impl HttpEntry {
+    pub fn addr(self) -> SocketAddr {
+        match self {
+            Self::Service(a) | Self::Gateway(a) => a,
+        }
+    }
 }
 
 impl ServicePort {
@@ -295,7 +388,7 @@ pub struct MeshState {
     /// Service and ServiceEntry host names and their virtual addresses (the agent's DNS).
     pub dns: crate::dns::Names,
     /// Local gateway pods' server ports, by pod address and port.
-    pub gateways: HashMap<SocketAddr, GatewayPort>,
+    pub gateways: HashMap<SocketAddr, Arc<GatewayPort>>,
 }
 
 impl MeshState {
@@ -478,10 +571,9 @@ impl MeshState {
                 let Ok(port) = u16::try_from(g.port) else {
                     continue;
                 };
+                let compiled = Arc::new(GatewayPort::compile(g));
                 for ip in w.ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()) {
-                    let route = g.route.as_ref().map(TcpRoute::compile);
-                    let gateway = g.gateway.clone();
-                    gateways.insert(SocketAddr::new(ip, port), GatewayPort { gateway, route });
+                    gateways.insert(SocketAddr::new(ip, port), compiled.clone());
                 }
             }
         }
@@ -528,6 +620,26 @@ impl MeshState {
                 service: format!("gateway {} port {}", g.gateway, target.port()),
             },
         })
+    }
+
+    /// Where a connection to a local gateway pod's TLS passthrough port `target` goes, by the
+    /// SNI it asked for.
+    pub fn gateway_sni_route(&self, target: SocketAddr, sni: Option<&str>) -> Route {
+        let g = self.gateways.get(&target);
+        match g
+            .zip(sni)
+            .and_then(|(g, sni)| best_host(&g.sni_routes, |r| &r.hosts, sni))
+        {
+            Some(r) => self.follow(&r.route, target, 0),
+            None => Route::NoEndpoints {
+                service: format!(
+                    "{} port {}: no tls route for SNI {}",
+                    g.map_or("no gateway", |g| &g.gateway),
+                    target.port(),
+                    sni.unwrap_or("(none)")
+                ),
+            },
+        }
     }
 
     /// A `tcp` route's destination, picked by weight, then (while `hops` allow) that service's
@@ -592,30 +704,51 @@ impl MeshState {
         )
     }
 
-    /// Where one HTTP request to the service port `vip` may go: the first matching route, a
-    /// destination by weight, and that destination's endpoints (its subset, `vip`'s family);
-    /// the proxy picks one with the traffic policy and what it knows of their health.
+    /// Where one HTTP request may go: the first matching route (of the service, or of the
+    /// gateway's virtual host for `host`), a destination by weight, and that destination's
+    /// endpoints (its subset, the entry's family); the proxy picks one with the traffic policy
+    /// and what it knows of their health.
     pub fn route_http(
         &self,
-        vip: SocketAddr,
+        entry: HttpEntry,
+        host: &str,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
     ) -> Result<HttpDecision, HttpRefusal> {
-        let svc = self
-            .services
-            .get(&vip)
-            .ok_or_else(|| HttpRefusal::NoUpstream(format!("{vip} is not a service")))?;
-        if svc.routes.is_empty() {
-            return Ok(HttpDecision {
-                target: Arc::new(Target::of(svc, "", &BTreeMap::new(), None, vip)?),
-                policy: Policy::default(),
-                matched_prefix: None,
-                mirror: None,
-            });
-        }
-        let (route, matched_prefix) = svc
-            .routes
+        let vip = entry.addr();
+        let routes = match entry {
+            HttpEntry::Service(vip) => {
+                let svc = self
+                    .services
+                    .get(&vip)
+                    .ok_or_else(|| HttpRefusal::NoUpstream(format!("{vip} is not a service")))?;
+                if svc.routes.is_empty() {
+                    return Ok(HttpDecision {
+                        target: Arc::new(Target::of(svc, "", &BTreeMap::new(), None, vip)?),
+                        policy: Policy::default(),
+                        matched_prefix: None,
+                        mirror: None,
+                    });
+                }
+                &svc.routes
+            }
+            // A Host no VirtualService bound to the gateway serves: 404, as Istio's gateway.
+            HttpEntry::Gateway(addr) => {
+                let g = self.gateways.get(&addr).ok_or(HttpRefusal::NoRoute)?;
+                let host = host.rsplit_once(':').map_or(host, |(h, port)| {
+                    if port.bytes().all(|b| b.is_ascii_digit()) {
+                        h
+                    } else {
+                        host
+                    }
+                });
+                &best_host(&g.virtual_hosts, |v| &v.hosts, host)
+                    .ok_or(HttpRefusal::NoRoute)?
+                    .routes
+            }
+        };
+        let (route, matched_prefix) = routes
             .iter()
             .find_map(|r| Some((r, r.matched(method, path, headers)?)))
             .ok_or(HttpRefusal::NoRoute)?;

@@ -72,7 +72,7 @@ pub fn node_config(cluster: &Cluster, node: &str, mesh: &Mesh) -> NodeConfig {
             node: p.node.clone(),
             registry_only: p.node == node && cluster.registry_only(&p.namespace, mesh),
             gateway_ports: if p.node == node {
-                tcp_routes::gateway_ports(cluster, &policies, p)
+                crate::gateways::ports(cluster, &policies, p)
             } else {
                 Vec::new()
             },

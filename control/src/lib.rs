@@ -4,6 +4,7 @@ pub mod auth;
 pub mod ca;
 pub mod chunks;
 pub mod compile;
+pub mod gateways;
 pub mod install;
 pub mod istio;
 pub mod metrics;

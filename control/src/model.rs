@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, Service},
+    api::core::v1::{Namespace, Pod, Secret, Service},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use serde_json::Value;
@@ -72,6 +72,23 @@ pub struct ServiceInfo {
     pub ports: Vec<PortInfo>,
 }
 
+/// A `kubernetes.io/tls` Secret: a certificate chain and its key, in PEM, both checked to parse.
+/// Gateways name them in `credentialName`.
+#[derive(Clone, PartialEq)]
+pub struct TlsSecret {
+    pub namespace: String,
+    pub name: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsSecret {
+    /// Never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TlsSecret({}/{})", self.namespace, self.name)
+    }
+}
+
 /// One object from a source.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
@@ -82,6 +99,7 @@ pub enum Object {
     Pod(PodInfo),
     Service(ServiceInfo),
     Policy(PolicyObject),
+    Secret(TlsSecret),
 }
 
 impl Object {
@@ -92,6 +110,7 @@ impl Object {
             Object::Pod(p) => format!("Pod {}/{}", p.namespace, p.name),
             Object::Service(s) => format!("Service {}/{}", s.namespace, s.name),
             Object::Policy(p) => format!("{} {}/{}", p.kind, p.namespace, p.name),
+            Object::Secret(s) => format!("Secret {}/{}", s.namespace, s.name),
         }
     }
 }
@@ -105,6 +124,8 @@ pub struct Cluster {
     pub services: BTreeMap<String, ServiceInfo>,
     /// By `kind/namespace/name`.
     pub policies: BTreeMap<String, PolicyObject>,
+    /// TLS Secrets, by `namespace/name`.
+    pub secrets: BTreeMap<String, TlsSecret>,
 }
 
 impl Cluster {
@@ -123,6 +144,10 @@ impl Cluster {
             Object::Policy(p) => {
                 self.policies
                     .insert(format!("{}/{}/{}", p.kind, p.namespace, p.name), p);
+            }
+            Object::Secret(s) => {
+                self.secrets
+                    .insert(format!("{}/{}", s.namespace, s.name), s);
             }
         }
     }
@@ -169,9 +194,10 @@ pub fn parse_object(doc: &Value) -> Result<Object> {
         ("", "Namespace") if api_version == "v1" => namespace(typed(doc)?),
         ("", "Pod") if api_version == "v1" => pod(typed(doc)?),
         ("", "Service") if api_version == "v1" => service(typed(doc)?),
+        ("", "Secret") if api_version == "v1" => secret(typed(doc)?),
         ("networking.istio.io", _) | ("security.istio.io", _) => policy(api_version, kind, doc),
         _ => bail!(
-            "unsupported kind {kind} (apiVersion {api_version}); Trellis reads v1 Namespace, Pod, Service and \
+            "unsupported kind {kind} (apiVersion {api_version}); Trellis reads v1 Namespace, Pod, Service, Secret (kubernetes.io/tls) and \
              the Istio kinds {}",
             istio::KINDS.map(|(_, k)| k).join(", ")
         ),
@@ -218,6 +244,47 @@ fn namespace(ns: Namespace) -> Result<Object> {
         name: name_of(&ns.metadata, names::dns1123_label)?,
         labels,
     })
+}
+
+/// Only `kubernetes.io/tls` Secrets are read (kube mode watches only those); both halves must
+/// parse, so a gateway never gets a certificate it cannot serve.
+fn secret(s: Secret) -> Result<Object> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+    let name = name_of(&s.metadata, names::dns1123_subdomain)?;
+    let ty = s.type_.as_deref().unwrap_or("Opaque");
+    if ty != "kubernetes.io/tls" {
+        bail!("type: {ty:?} is not supported (Trellis reads only kubernetes.io/tls Secrets)");
+    }
+    let field = |key: &str| -> Result<String> {
+        let bytes = s
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                s.string_data
+                    .as_ref()
+                    .and_then(|d| d.get(key))
+                    .map(|v| v.clone().into_bytes())
+            })
+            .with_context(|| format!("data.{key}: missing"))?;
+        String::from_utf8(bytes).map_err(|_| anyhow!("data.{key}: not PEM text"))
+    };
+    let (cert_pem, key_pem) = (field("tls.crt")?, field("tls.key")?);
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("data.tls.crt: {e}"))?;
+    if certs.is_empty() {
+        bail!("data.tls.crt: no PEM certificate in it");
+    }
+    PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| anyhow!("data.tls.key: no usable PEM private key: {e}"))?;
+    Ok(Object::Secret(TlsSecret {
+        namespace: s.metadata.namespace.unwrap_or_else(|| "default".into()),
+        name,
+        cert_pem,
+        key_pem,
+    }))
 }
 
 fn pod(p: Pod) -> Result<Object> {
@@ -623,5 +690,68 @@ mod tests {
             panic!()
         };
         assert_eq!((p.kind, p.namespace.as_str()), ("DestinationRule", "shop"));
+    }
+
+    #[test]
+    fn tls_secrets_are_read_and_checked() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["shop.example".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let doc = |ty: &str, crt: &str, k: &str| {
+            json!({"apiVersion": "v1", "kind": "Secret", "type": ty,
+                "metadata": {"name": "shop-cert", "namespace": "trellis-system"},
+                "stringData": {"tls.crt": crt, "tls.key": k}})
+        };
+        let Object::Secret(s) =
+            parse_object(&doc("kubernetes.io/tls", &cert.pem(), &key.serialize_pem())).unwrap()
+        else {
+            panic!("not a Secret")
+        };
+        assert_eq!(
+            (s.namespace.as_str(), s.name.as_str()),
+            ("trellis-system", "shop-cert")
+        );
+        assert!(
+            !format!("{s:?}").contains("PRIVATE KEY"),
+            "the key is never printed"
+        );
+        // `data` is base64, as the API server serves it.
+        let mut b64 = doc("kubernetes.io/tls", "", "");
+        b64["stringData"] = json!(null);
+        b64["data"] = json!({"tls.crt": base64(cert.pem().as_bytes()), "tls.key": base64(key.serialize_pem().as_bytes())});
+        assert!(matches!(parse_object(&b64), Ok(Object::Secret(_))));
+        assert_eq!(
+            err(doc("Opaque", &cert.pem(), &key.serialize_pem())),
+            "type: \"Opaque\" is not supported (Trellis reads only kubernetes.io/tls Secrets)"
+        );
+        assert_eq!(
+            err(doc("kubernetes.io/tls", "junk", &key.serialize_pem())),
+            "data.tls.crt: no PEM certificate in it"
+        );
+        assert!(
+            err(doc("kubernetes.io/tls", &cert.pem(), "junk"))
+                .starts_with("data.tls.key: no usable PEM private key"),
+        );
+    }
+
+    fn base64(bytes: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for c in bytes.chunks(3) {
+            let n = c
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+            for i in 0..4 {
+                out.push(if i <= c.len() {
+                    A[(n >> (18 - 6 * i) & 63) as usize] as char
+                } else {
+                    '='
+                });
+            }
+        }
+        out
     }
 }

@@ -86,133 +86,147 @@ fn same(a: &ServiceInfo, b: &ServiceInfo) -> bool {
     a.namespace == b.namespace && a.name == b.name
 }
 
-/// The routes of `svc`'s HTTP port `port`, from every VirtualService naming `svc` (ordered by
-/// namespace and name; first match wins).
+/// The routes of `svc`'s HTTP port `port`, from every VirtualService bound to the mesh naming
+/// `svc` (ordered by namespace and name; first match wins).
 pub fn http_routes(
     cluster: &Cluster,
     policies: &Policies,
     svc: &ServiceInfo,
     port: &PortInfo,
 ) -> Vec<api::HttpRoute> {
-    let mut out = Vec::new();
-    for (p, vs) in &policies.virtual_services {
-        if !vs
-            .hosts
-            .iter()
-            .any(|h| resolve(cluster, h, &p.namespace).is_some_and(|s| same(s, svc)))
-        {
-            continue;
-        }
-        for (i, route) in vs.http.iter().enumerate() {
-            let matches: Vec<api::HttpMatch> = route
-                .matches
+    policies
+        .virtual_services
+        .iter()
+        .filter(|(_, vs)| vs.binds_mesh())
+        .filter(|(p, vs)| {
+            vs.hosts
                 .iter()
-                .filter(|m| m.port.is_none_or(|n| n == port.port))
-                .map(|m| api::HttpMatch {
-                    uri: m.uri.as_ref().map(string_match),
-                    headers: m
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.to_ascii_lowercase(), string_match(v)))
-                        .collect(),
-                    method: m.method.as_ref().map(string_match),
-                    port: m.port.unwrap_or(0),
-                })
-                .collect();
-            // Every match was for another port: the route does not apply here.
-            if !route.matches.is_empty() && matches.is_empty() {
-                continue;
-            }
-            let single = route.route.len() == 1;
-            let destinations = route
-                .route
+                .any(|h| resolve(cluster, h, &p.namespace).is_some_and(|s| same(s, svc)))
+        })
+        .flat_map(|(p, vs)| {
+            (0..vs.http.len()).filter_map(|i| compile_http(cluster, policies, p, vs, i, port.port))
+        })
+        .collect()
+}
+
+/// Route `i` of `vs` (in `p`'s namespace) for requests that came to `port` (a service port, or
+/// a gateway's server port); None when its every match is for another port. A destination
+/// without a port goes to the port the request came to.
+pub(crate) fn compile_http(
+    cluster: &Cluster,
+    policies: &Policies,
+    p: &PolicyObject,
+    vs: &VirtualServiceSpec,
+    i: usize,
+    port: u32,
+) -> Option<api::HttpRoute> {
+    let route = &vs.http[i];
+    let matches: Vec<api::HttpMatch> = route
+        .matches
+        .iter()
+        .filter(|m| m.port.is_none_or(|n| n == port))
+        .map(|m| api::HttpMatch {
+            uri: m.uri.as_ref().map(string_match),
+            headers: m
+                .headers
                 .iter()
-                .filter_map(|d| {
-                    let dst = resolve(cluster, &d.destination.host, &p.namespace)?;
-                    let subset = d.destination.subset.clone().unwrap_or_default();
-                    let (subset_labels, subset_traffic_policy) =
-                        subset_of(cluster, policies, dst, &subset, &p.namespace);
-                    Some(api::WeightedDestination {
-                        service: format!("{}/{}", dst.namespace, dst.name),
-                        port: d.destination.port.as_ref().map_or(0, |p| p.number),
-                        subset_labels,
-                        subset_traffic_policy,
-                        subset,
-                        weight: weight(d.weight, single),
-                    })
-                })
-                .collect();
-            let ms = |d: &Option<String>| {
-                d.as_deref()
-                    .and_then(parse_duration)
-                    .map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32)
-            };
-            out.push(api::HttpRoute {
-                name: format!("{}/{}/{i}", p.namespace, p.name),
-                matches,
-                destinations,
-                timeout_ms: ms(&route.timeout),
-                retries: route.retries.as_ref().map(|r| api::HttpRetry {
-                    attempts: r.attempts.max(0) as u32,
-                    per_try_timeout_ms: ms(&r.per_try_timeout),
-                    retry_on: r
-                        .retry_on
-                        .as_deref()
-                        .unwrap_or("connect-failure,reset")
-                        .split(',')
-                        .map(|c| c.trim().to_owned())
-                        .filter(|c| !c.is_empty())
-                        .collect(),
-                }),
-                mirror: route.mirror.as_ref().and_then(|m| {
-                    let dst = resolve(cluster, &m.host, &p.namespace)?;
-                    let subset = m.subset.clone().unwrap_or_default();
-                    let (subset_labels, subset_traffic_policy) =
-                        subset_of(cluster, policies, dst, &subset, &p.namespace);
-                    Some(api::WeightedDestination {
-                        service: format!("{}/{}", dst.namespace, dst.name),
-                        port: m.port.as_ref().map_or(0, |p| p.number),
-                        subset_labels,
-                        subset_traffic_policy,
-                        subset,
-                        weight: 100,
-                    })
-                }),
-                // Istio mirrors every request when no percentage is given.
-                mirror_percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
-                rewrite: route.rewrite.as_ref().map(|r| api::HttpRewrite {
-                    uri: r.uri.clone().unwrap_or_default(),
-                    authority: r.authority.clone().unwrap_or_default(),
-                }),
-                request_headers: route
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.request.as_ref())
-                    .map(header_ops),
-                response_headers: route
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.response.as_ref())
-                    .map(header_ops),
-                fault: route.fault.as_ref().map(|f| api::HttpFault {
-                    delay_ms: f
-                        .delay
-                        .as_ref()
-                        .map_or(0, |d| ms(&Some(d.fixed_delay.clone()))),
-                    delay_percent: f
-                        .delay
-                        .as_ref()
-                        .map_or(0.0, |d| d.percentage.as_ref().map_or(100.0, |p| p.value)),
-                    abort_status: f.abort.as_ref().map_or(0, |a| a.http_status.max(0) as u32),
-                    abort_percent: f
-                        .abort
-                        .as_ref()
-                        .map_or(0.0, |a| a.percentage.as_ref().map_or(100.0, |p| p.value)),
-                }),
-            });
-        }
+                .map(|(k, v)| (k.to_ascii_lowercase(), string_match(v)))
+                .collect(),
+            method: m.method.as_ref().map(string_match),
+            port: m.port.unwrap_or(0),
+        })
+        .collect();
+    // Every match was for another port: the route does not apply here.
+    if !route.matches.is_empty() && matches.is_empty() {
+        return None;
     }
-    out
+    let single = route.route.len() == 1;
+    let destinations = route
+        .route
+        .iter()
+        .filter_map(|d| {
+            let dst = resolve(cluster, &d.destination.host, &p.namespace)?;
+            let subset = d.destination.subset.clone().unwrap_or_default();
+            let (subset_labels, subset_traffic_policy) =
+                subset_of(cluster, policies, dst, &subset, &p.namespace);
+            Some(api::WeightedDestination {
+                service: format!("{}/{}", dst.namespace, dst.name),
+                port: d.destination.port.as_ref().map_or(0, |p| p.number),
+                subset_labels,
+                subset_traffic_policy,
+                subset,
+                weight: weight(d.weight, single),
+            })
+        })
+        .collect();
+    let ms = |d: &Option<String>| {
+        d.as_deref()
+            .and_then(parse_duration)
+            .map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32)
+    };
+    Some(api::HttpRoute {
+        name: format!("{}/{}/{i}", p.namespace, p.name),
+        matches,
+        destinations,
+        timeout_ms: ms(&route.timeout),
+        retries: route.retries.as_ref().map(|r| api::HttpRetry {
+            attempts: r.attempts.max(0) as u32,
+            per_try_timeout_ms: ms(&r.per_try_timeout),
+            retry_on: r
+                .retry_on
+                .as_deref()
+                .unwrap_or("connect-failure,reset")
+                .split(',')
+                .map(|c| c.trim().to_owned())
+                .filter(|c| !c.is_empty())
+                .collect(),
+        }),
+        mirror: route.mirror.as_ref().and_then(|m| {
+            let dst = resolve(cluster, &m.host, &p.namespace)?;
+            let subset = m.subset.clone().unwrap_or_default();
+            let (subset_labels, subset_traffic_policy) =
+                subset_of(cluster, policies, dst, &subset, &p.namespace);
+            Some(api::WeightedDestination {
+                service: format!("{}/{}", dst.namespace, dst.name),
+                port: m.port.as_ref().map_or(0, |p| p.number),
+                subset_labels,
+                subset_traffic_policy,
+                subset,
+                weight: 100,
+            })
+        }),
+        // Istio mirrors every request when no percentage is given.
+        mirror_percent: route.mirror_percentage.as_ref().map_or(100.0, |p| p.value),
+        rewrite: route.rewrite.as_ref().map(|r| api::HttpRewrite {
+            uri: r.uri.clone().unwrap_or_default(),
+            authority: r.authority.clone().unwrap_or_default(),
+        }),
+        request_headers: route
+            .headers
+            .as_ref()
+            .and_then(|h| h.request.as_ref())
+            .map(header_ops),
+        response_headers: route
+            .headers
+            .as_ref()
+            .and_then(|h| h.response.as_ref())
+            .map(header_ops),
+        fault: route.fault.as_ref().map(|f| api::HttpFault {
+            delay_ms: f
+                .delay
+                .as_ref()
+                .map_or(0, |d| ms(&Some(d.fixed_delay.clone()))),
+            delay_percent: f
+                .delay
+                .as_ref()
+                .map_or(0.0, |d| d.percentage.as_ref().map_or(100.0, |p| p.value)),
+            abort_status: f.abort.as_ref().map_or(0, |a| a.http_status.max(0) as u32),
+            abort_percent: f
+                .abort
+                .as_ref()
+                .map_or(0.0, |a| a.percentage.as_ref().map_or(100.0, |p| p.value)),
+        }),
+    })
 }
 
 /// The DestinationRules for `dst`: the client's namespace first, then the service's, then any.

@@ -13,13 +13,14 @@ use tower::ServiceExt as _;
 use tracing::debug;
 
 use super::{PodCtx, Shared, http, layers};
+use crate::state::HttpEntry;
 
 /// Serves one captured connection to the HTTP service port `vip`.
 pub async fn serve<C>(client: C, vip: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>)
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let stack = layers::stack(vip, pod, shared.clone());
+    let stack = layers::stack(HttpEntry::Service(vip), pod, shared.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         stack.clone().oneshot(req.map(BodyExt::boxed))
     });

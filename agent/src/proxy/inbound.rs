@@ -25,11 +25,25 @@ use tracing::{debug, info, warn};
 use super::{
     CONNECT_TIMEOUT, Failure, Metered, PodCtx, Shared,
     authorize::{self, Caller},
-    canonical, connect,
+    canonical, connect, gateway,
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
     http_inbound, labels, proxy_port, reset, splice,
 };
-use crate::{proxy::HttpLimits, state::Route, tls};
+use crate::{
+    proxy::HttpLimits,
+    state::{GatewayMode, MeshState, Route},
+    tls,
+};
+
+/// How a local gateway pod's server port that does more than splice (TLS, HTTP) takes
+/// connections; None for other ports.
+fn l7_gateway(state: &MeshState, target: SocketAddr) -> Option<GatewayMode> {
+    state
+        .gateways
+        .get(&target)
+        .filter(|g| !g.plain_tcp())
+        .map(|g| g.mode)
+}
 
 /// Plaintext captured by sk_lookup for one of the pod's app ports.
 pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
@@ -45,9 +59,10 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         }
         return;
     }
-    let (strict, authz, source, destination, http, gateway) = {
+    let (strict, authz, source, destination, http, gateway, l7) = {
         let state = shared.state.borrow();
         let gateway = state.gateway_route(dst);
+        let l7 = l7_gateway(&state, dst);
         (
             // A gateway's server ports take traffic from outside the mesh: that is what they
             // are for, so STRICT does not refuse it there.
@@ -57,6 +72,7 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
             pod.workload(&state),
             gateway.is_none() && state.http_ports.contains(&dst),
             gateway,
+            l7,
         )
     };
     // Only a socket in the node's own netns (kubelet's probes) may pass STRICT in plaintext, and
@@ -86,6 +102,17 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         from_node,
     };
     let _ = client.set_nodelay(true);
+    if let Some(mode) = l7 {
+        // HTTP is authorized request by request.
+        if mode != GatewayMode::Http
+            && authorize::connection(&shared, &pod, &caller, dst.port(), &labels).is_err()
+        {
+            return reset(&client);
+        }
+        let client = Metered::new(client, shared.metrics.opened(&labels));
+        gateway::serve(client, dst, caller, pod.clone(), shared.clone(), &labels).await;
+        return shared.metrics.closed(&labels);
+    }
     if http {
         // Served at L7 to decide each request's authorization and to strip any forged client
         // identity header; the app connection is made for the first request, not for a client
@@ -136,7 +163,7 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
 
 /// Splices a TCP connection until it ends, or until a config change makes the pod's
 /// AuthorizationPolicies deny it.
-async fn guarded_splice<C, A>(
+pub(super) async fn guarded_splice<C, A>(
     client: &mut C,
     app: &mut A,
     pod: &PodCtx,
@@ -289,7 +316,7 @@ async fn tunnel(
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let (source, destination, http, gateway) = {
+    let (source, destination, http, gateway, l7) = {
         let state = shared.state.borrow();
         // The tunnel comes from the client pod's own address; trust that only if the identity agrees.
         let source = state
@@ -303,6 +330,7 @@ async fn tunnel(
             pod.workload(&state),
             gateway.is_none() && state.http_ports.contains(&target),
             gateway,
+            l7_gateway(&state, target),
         )
     };
     let labels = labels(
@@ -319,10 +347,29 @@ async fn tunnel(
         from_node: false,
     };
     if !http
+        && l7 != Some(GatewayMode::Http)
         && let Err(policy) = authorize::connection(&shared, &pod, &caller, target.port(), &labels)
     {
         debug!(pod = %pod.name, client_identity = client_id, %target, policy, "HBONE stream refused");
         return status(StatusCode::FORBIDDEN);
+    }
+    if l7.is_some() {
+        info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream to a gateway port");
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(up) => {
+                    let client =
+                        Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
+                    gateway::serve(client, target, caller, pod.clone(), shared.clone(), &labels)
+                        .await;
+                    shared.metrics.closed(&labels);
+                }
+                Err(e) => warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
+            }
+            drop(admission);
+        });
+        return status(StatusCode::OK);
     }
     // The pod's app, or (a gateway port) the gateway route's destination outside the mesh.
     let app = match gateway {

@@ -5,6 +5,7 @@
 mod authorize;
 mod balance;
 mod copy;
+mod gateway;
 mod guard;
 mod hbone;
 mod http;
@@ -15,6 +16,7 @@ mod layers;
 mod originate;
 mod outbound;
 mod pool;
+mod terminate;
 mod trace;
 
 use std::{
@@ -44,6 +46,7 @@ pub use guard::{ConnLimits, Failure, HttpLimits, LogThrottle, open_file_budget};
 pub use inbound::{Refused, connect_target};
 pub use originate::TlsOrigination;
 pub use pool::Pool;
+pub use terminate::{ServerTls, best as best_host};
 
 use crate::{
     dns,

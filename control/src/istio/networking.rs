@@ -22,13 +22,23 @@ use crate::names::{self, dns1123_label};
 pub struct VirtualServiceSpec {
     /// Short name, FQDN or service VIP the rules apply to.
     pub hosts: Vec<String>,
-    /// Only `mesh` (sidecar-less proxies of the mesh) is supported.
+    /// `mesh` (the node proxies, the default) and Gateways (`<name>` or `<namespace>/<name>`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http: Vec<HttpRoute>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp: Vec<TcpRoute>,
+    /// By SNI, at gateways whose server passes TLS through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<TlsRoute>,
+}
+
+impl VirtualServiceSpec {
+    /// Whether the node proxies apply it (no `gateways`, or `mesh` among them).
+    pub fn binds_mesh(&self) -> bool {
+        self.gateways.is_empty() || self.gateways.iter().any(|g| g == "mesh")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
@@ -188,6 +198,25 @@ pub struct TcpMatch {
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsRoute {
+    #[serde(rename = "match")]
+    pub matches: Vec<TlsMatch>,
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsMatch {
+    /// `*`, `*.example.com` or a name.
+    pub sni_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteDestination {
     pub destination: Destination,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,9 +237,10 @@ impl Validate for VirtualServiceSpec {
                 .and_then(|()| names::dns1123_subdomain(name))
                 .map_err(|e| format!("gateways[{i}]: {g:?} is not \"mesh\", <gateway> or <namespace>/<gateway>: {e}"))?;
         }
-        if !self.http.is_empty() && self.gateways.iter().any(|g| g != "mesh") {
+        if !self.tls.is_empty() && self.gateways.iter().all(|g| g == "mesh") {
             return Err(
-                "http: routes on a Gateway are not supported yet (gateways take tcp routes)".into(),
+                "tls: routes by SNI are served at gateways only: bind the VirtualService to a Gateway"
+                    .into(),
             );
         }
         for (i, r) in self.http.iter().enumerate() {
@@ -311,8 +341,43 @@ impl Validate for VirtualServiceSpec {
                 }
             }
         }
+        for (i, r) in self.tls.iter().enumerate() {
+            let at = format!("tls[{i}]");
+            if r.route.is_empty() {
+                return Err(format!("{at}.route: at least one destination is required"));
+            }
+            if r.matches.is_empty() {
+                return Err(format!("{at}.match: at least one match is required"));
+            }
+            check_weights(&at, r.route.iter().map(|d| d.weight))?;
+            for (j, d) in r.route.iter().enumerate() {
+                check_destination(&format!("{at}.route[{j}].destination"), &d.destination)?;
+            }
+            for (j, m) in r.matches.iter().enumerate() {
+                let at = format!("{at}.match[{j}]");
+                if m.sni_hosts.is_empty() {
+                    return Err(format!("{at}.sniHosts: at least one host is required"));
+                }
+                for (k, h) in m.sni_hosts.iter().enumerate() {
+                    check_host_pattern(&format!("{at}.sniHosts[{k}]"), h)?;
+                }
+                if let Some(p) = m.port {
+                    check_port(&format!("{at}.port"), p)?;
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// A host as Gateways and SNI matches write it: `*`, `*.<name>` or a DNS name.
+fn check_host_pattern(at: &str, host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if host == "*" {
+        return Ok(());
+    }
+    names::dns1123_subdomain(&name.to_ascii_lowercase())
+        .map_err(|e| format!("{at}: {host:?} is not `*`, `*.<domain>` or a host name: {e}"))
 }
 
 /// Weights are optional, but each given is 0 to 100 (as Istio requires), and with more than one
@@ -745,7 +810,47 @@ pub struct GatewaySpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayServer {
     pub port: GatewayPort,
+    /// `*`, `*.example.com`, a name, or `<namespace>/<host>` (the namespace part is ignored).
     pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl GatewayServer {
+    /// The server's hosts without Istio's optional `<namespace>/` prefix.
+    pub fn host_names(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .map(|h| h.rsplit_once('/').map_or(h.as_str(), |(_, h)| h).to_owned())
+            .collect()
+    }
+
+    /// How the server takes connections: TCP, HTTP (maybe over TLS) or TLS passed through.
+    pub fn mode(&self) -> &'static str {
+        match self.port.protocol.as_str() {
+            "HTTP" | "HTTPS" | "HTTP2" | "GRPC" => "HTTP",
+            "TLS" if self.tls.as_ref().is_some_and(|t| t.mode == "PASSTHROUGH") => "PASSTHROUGH",
+            _ => "TCP",
+        }
+    }
+}
+
+/// A server's TLS: terminated here (SIMPLE) with a Secret's or files' certificate, or passed
+/// through to the destination chosen by SNI (PASSTHROUGH).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerTls {
+    pub mode: String,
+    /// A `kubernetes.io/tls` Secret in the Gateway's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
+    /// Absolute paths on the gateway's node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
@@ -759,19 +864,88 @@ pub struct GatewayPort {
 impl Validate for GatewaySpec {
     fn validate(&self) -> Result<(), String> {
         names::labels("selector", &self.selector)?;
+        let mut seen: BTreeMap<u32, (usize, &str, bool)> = BTreeMap::new();
         for (i, s) in self.servers.iter().enumerate() {
-            check_port(&format!("servers[{i}].port.number"), s.port.number)?;
-            // The gateway forwards connections by port; HTTP and TLS servers are not built yet.
+            let at = format!("servers[{i}]");
+            check_port(&format!("{at}.port.number"), s.port.number)?;
             check_enum(
-                &format!("servers[{i}].port.protocol"),
+                &format!("{at}.port.protocol"),
                 &Some(s.port.protocol.clone()),
-                &["TCP"],
+                &["HTTP", "HTTPS", "HTTP2", "GRPC", "TCP", "TLS"],
             )?;
             if s.hosts.is_empty() {
-                return Err(format!("servers[{i}].hosts: at least one host is required"));
+                return Err(format!("{at}.hosts: at least one host is required"));
+            }
+            for (j, h) in s.host_names().iter().enumerate() {
+                check_host_pattern(&format!("{at}.hosts[{j}]"), h)?;
+            }
+            check_server_tls(&at, s)?;
+            // One port is one listener: its servers differ by host only.
+            let terminates = s.tls.as_ref().is_some_and(|t| t.mode == "SIMPLE");
+            let (first, mode, tls) =
+                *seen
+                    .entry(s.port.number)
+                    .or_insert((i, s.mode(), terminates));
+            if (mode, tls) != (s.mode(), terminates) {
+                return Err(format!(
+                    "{at}.port: port {} is also servers[{first}]'s, which takes {mode}{}; servers \
+                     sharing a port must take the same protocol and TLS mode",
+                    s.port.number,
+                    if tls { " over TLS" } else { "" }
+                ));
             }
         }
         Ok(())
+    }
+}
+
+fn check_server_tls(at: &str, s: &GatewayServer) -> Result<(), String> {
+    let protocol = s.port.protocol.as_str();
+    let Some(tls) = &s.tls else {
+        if matches!(protocol, "HTTPS" | "TLS") {
+            return Err(format!("{at}.tls: protocol {protocol} needs tls settings"));
+        }
+        return Ok(());
+    };
+    let at = format!("{at}.tls");
+    let modes: &[&str] = match protocol {
+        "HTTPS" => &["SIMPLE"],
+        "TLS" => &["SIMPLE", "PASSTHROUGH"],
+        _ => {
+            return Err(format!(
+                "{at}: protocol {protocol} takes no tls settings (use HTTPS or TLS)"
+            ));
+        }
+    };
+    check_enum(&format!("{at}.mode"), &Some(tls.mode.clone()), modes)?;
+    let files = [&tls.server_certificate, &tls.private_key];
+    if tls.mode == "PASSTHROUGH" {
+        if tls.credential_name.is_some() || files.iter().any(|f| f.is_some()) {
+            return Err(format!(
+                "{at}: mode PASSTHROUGH takes no certificate (the destination terminates TLS)"
+            ));
+        }
+        return Ok(());
+    }
+    match (
+        &tls.credential_name,
+        &tls.server_certificate,
+        &tls.private_key,
+    ) {
+        (Some(name), None, None) => {
+            names::dns1123_subdomain(name).map_err(|e| format!("{at}.credentialName: {e}"))
+        }
+        (None, Some(cert), Some(key)) => {
+            for (field, path) in [("serverCertificate", cert), ("privateKey", key)] {
+                if !path.starts_with('/') {
+                    return Err(format!("{at}.{field}: {path:?} is not an absolute path"));
+                }
+            }
+            Ok(())
+        }
+        _ => Err(format!(
+            "{at}: mode SIMPLE needs either credentialName or both serverCertificate and privateKey"
+        )),
     }
 }
 
@@ -902,6 +1076,121 @@ mod tests {
                 .validate()
                 .unwrap_err()
                 .starts_with("http[0].match[0].headers")
+        );
+    }
+
+    #[test]
+    fn gateway_servers_say_what_tls_they_need() {
+        let gw = |servers: serde_json::Value| -> Result<(), String> {
+            serde_json::from_value::<GatewaySpec>(
+                serde_json::json!({"selector": {"app": "gw"}, "servers": servers}),
+            )
+            .map_err(|e| e.to_string())?
+            .validate()
+        };
+        let server = |protocol: &str, tls: serde_json::Value| {
+            let mut s = serde_json::json!({"port": {"number": 443, "name": "p", "protocol": protocol}, "hosts": ["shop.example"]});
+            if !tls.is_null() {
+                s["tls"] = tls;
+            }
+            s
+        };
+        let simple = serde_json::json!({"mode": "SIMPLE", "credentialName": "shop-cert"});
+        assert_eq!(
+            gw(serde_json::json!([server("HTTPS", simple.clone())])),
+            Ok(())
+        );
+        assert_eq!(
+            gw(serde_json::json!([server(
+                "TLS",
+                serde_json::json!({"mode": "PASSTHROUGH"})
+            )])),
+            Ok(())
+        );
+        assert_eq!(
+            gw(serde_json::json!([server(
+                "HTTPS",
+                serde_json::json!({"mode": "SIMPLE",
+                "serverCertificate": "/etc/gw/tls.crt", "privateKey": "/etc/gw/tls.key"})
+            )])),
+            Ok(())
+        );
+        for (servers, want) in [
+            (
+                serde_json::json!([server("HTTPS", serde_json::Value::Null)]),
+                "servers[0].tls: protocol HTTPS needs tls settings",
+            ),
+            (
+                serde_json::json!([server("HTTP", simple.clone())]),
+                "servers[0].tls: protocol HTTP takes no tls settings (use HTTPS or TLS)",
+            ),
+            (
+                serde_json::json!([server(
+                    "HTTPS",
+                    serde_json::json!({"mode": "MUTUAL", "credentialName": "c"})
+                )]),
+                "servers[0].tls.mode: \"MUTUAL\" is not supported (supported: SIMPLE)",
+            ),
+            (
+                serde_json::json!([server("HTTPS", serde_json::json!({"mode": "SIMPLE"}))]),
+                "servers[0].tls: mode SIMPLE needs either credentialName or both serverCertificate and privateKey",
+            ),
+            (
+                serde_json::json!([server(
+                    "HTTPS",
+                    serde_json::json!({"mode": "SIMPLE", "serverCertificate": "tls.crt", "privateKey": "/k"})
+                )]),
+                "servers[0].tls.serverCertificate: \"tls.crt\" is not an absolute path",
+            ),
+            (
+                serde_json::json!([server(
+                    "TLS",
+                    serde_json::json!({"mode": "PASSTHROUGH", "credentialName": "c"})
+                )]),
+                "servers[0].tls: mode PASSTHROUGH takes no certificate (the destination terminates TLS)",
+            ),
+            (
+                serde_json::json!([
+                    server("HTTPS", simple.clone()),
+                    server("TCP", serde_json::Value::Null)
+                ]),
+                "servers[1].port: port 443 is also servers[0]'s, which takes HTTP over TLS; servers sharing a port must take the same protocol and TLS mode",
+            ),
+            (
+                serde_json::json!([server("UDP", serde_json::Value::Null)]),
+                "servers[0].port.protocol: \"UDP\" is not supported (supported: HTTP, HTTPS, HTTP2, GRPC, TCP, TLS)",
+            ),
+        ] {
+            assert_eq!(gw(servers), Err(want.to_owned()));
+        }
+    }
+
+    #[test]
+    fn tls_routes_need_a_gateway_and_sni_hosts() {
+        let vs = |v: serde_json::Value| -> Result<(), String> {
+            serde_json::from_value::<VirtualServiceSpec>(v)
+                .map_err(|e| e.to_string())?
+                .validate()
+        };
+        let route = serde_json::json!([{"destination": {"host": "db"}}]);
+        assert_eq!(
+            vs(
+                serde_json::json!({"hosts": ["db.example"], "gateways": ["gw"],
+                "tls": [{"match": [{"sniHosts": ["db.example"]}], "route": route}]})
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            vs(serde_json::json!({"hosts": ["db.example"],
+                "tls": [{"match": [{"sniHosts": ["db.example"]}], "route": route}]})),
+            Err("tls: routes by SNI are served at gateways only: bind the VirtualService to a Gateway".into())
+        );
+        assert_eq!(
+            vs(
+                serde_json::json!({"hosts": ["db.example"], "gateways": ["gw"],
+                "tls": [{"match": [{"sniHosts": []}], "route": route}]})
+            ),
+            Err("tls[0].match[0].sniHosts: at least one host is required".into())
         );
     }
 }

@@ -1,4 +1,5 @@
-//! `--source kube`: watches Namespaces, Pods, Services and the Istio kinds through the API server
+//! `--source kube`: watches Namespaces, Pods, Services, TLS Secrets (gateways' `credentialName`)
+//! and the Istio kinds through the API server
 //! (kube-rs watchers, which re-list and resume by themselves after errors and server restarts).
 //! Objects are watched untyped and parsed with the same code as dir mode, so one bad object is
 //! reported and skipped (its last good version kept) instead of breaking a whole watch.
@@ -6,7 +7,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::Result;
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject},
@@ -23,15 +24,26 @@ use crate::{
 };
 
 /// The kinds watched: the three core kinds must list before control serves; a mesh CRD that is
-/// not installed is reported and retried, and does not hold control up.
+/// not installed, or Secrets control may not read, are reported and retried, and do not hold
+/// control up.
 fn kinds() -> Vec<(ApiResource, bool)> {
     let mut kinds = vec![
         (ApiResource::erase::<Namespace>(&()), true),
         (ApiResource::erase::<Pod>(&()), true),
         (ApiResource::erase::<Service>(&()), true),
+        (ApiResource::erase::<Secret>(&()), false),
     ];
     kinds.extend(istio::api_resources().into_iter().map(|r| (r, false)));
     kinds
+}
+
+/// Only TLS Secrets: control has no use for (and should not hold) any other.
+fn watch_config(resource: &ApiResource) -> watcher::Config {
+    let config = watcher::Config::default();
+    if resource.kind == "Secret" {
+        return config.fields("type=kubernetes.io/tls");
+    }
+    config
 }
 
 #[derive(Default)]
@@ -75,10 +87,9 @@ pub async fn run(client: Client, out: Arc<Outputs>) -> Result<()> {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.resource);
         let tx = tx.clone();
         let name = kind.resource.kind.clone();
+        let config = watch_config(&kind.resource);
         tokio::spawn(async move {
-            let mut stream = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .boxed();
+            let mut stream = watcher(api, config).default_backoff().boxed();
             while let Some(ev) = stream.next().await {
                 let msg = match ev {
                     Ok(ev) => Msg::Event(i, Box::new(ev)),

@@ -9,13 +9,13 @@
 //! Every layer is a `Service<Req, Response = Resp, Error = Infallible>`: failures are answers
 //! (503, 504, …) that carry an [`Outcome`] in their extensions, which outer layers read (retry
 //! decides on it, observe reports its flags).
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, sync::Arc};
 
 use hyper::{Request, Response};
 use tower::{Layer, ServiceBuilder, ServiceExt as _, util::BoxCloneSyncService};
 
 use super::{PodCtx, Shared, http::Body};
-use crate::state::{HttpDecision, Workload};
+use crate::state::{HttpDecision, HttpEntry, Workload};
 
 mod admission;
 mod fault;
@@ -33,13 +33,13 @@ pub type Resp = Response<Body>;
 /// The rest of the stack below a layer.
 pub type Next = BoxCloneSyncService<Req, Resp, Infallible>;
 
-/// The whole stack for one downstream connection to the service port `vip`.
-pub fn stack(vip: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) -> Next {
+/// The whole stack for one downstream connection to a service port or a gateway's server port.
+pub fn stack(entry: HttpEntry, pod: Arc<PodCtx>, shared: Arc<Shared>) -> Next {
     let upstream = upstream::Upstream::new(pod.clone(), shared.clone());
     Next::new(
         ServiceBuilder::new()
             .layer(observe::layer(pod.clone(), shared.clone()))
-            .layer(route::layer(vip, pod.clone(), shared.clone()))
+            .layer(route::layer(entry, pod.clone(), shared.clone()))
             .layer(fault::layer())
             .layer(rewrite::layer())
             .layer(headers::layer())

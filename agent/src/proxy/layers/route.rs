@@ -1,7 +1,8 @@
-//! Route: matches the request against the service's VirtualService routes and picks the
-//! destination (by weight); the decision rides in the request's extensions for the layers
-//! below. No route: 404 (NR); no usable destination: 503 (UH).
-use std::{net::SocketAddr, sync::Arc};
+//! Route: matches the request against the service's VirtualService routes (at a gateway: those
+//! of the virtual host for its Host) and picks the destination (by weight); the decision rides
+//! in the request's extensions for the layers below. No route: 404 (NR); no usable
+//! destination: 503 (UH).
+use std::sync::Arc;
 
 use hyper::StatusCode;
 use tower::Layer;
@@ -10,20 +11,34 @@ use tracing::warn;
 use super::{Next, Req, around, call, local, outcome};
 use crate::{
     proxy::{PodCtx, Shared},
-    state::HttpRefusal,
+    state::{HttpEntry, HttpRefusal},
 };
 
 pub fn layer(
-    vip: SocketAddr,
+    entry: HttpEntry,
     pod: Arc<PodCtx>,
     shared: Arc<Shared>,
 ) -> impl Layer<Next, Service = Next> + Clone {
     around(move |mut req: Req, next: Next| {
-        let chosen =
-            shared
-                .state
-                .borrow()
-                .route_http(vip, req.method(), req.uri().path(), req.headers());
+        // HTTP/2 carries the host in the authority, HTTP/1.1 in the Host header.
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                req.headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or("");
+        let chosen = shared.state.borrow().route_http(
+            entry,
+            host,
+            req.method(),
+            req.uri().path(),
+            req.headers(),
+        );
+        let vip = entry.addr();
         let pod = pod.clone();
         async move {
             let decision = match chosen {
