@@ -59,8 +59,11 @@ pub struct ServicePort {
     /// The DNS name: `<name>.<namespace>.svc.cluster.local`, or a ServiceEntry's host.
     fqdn: String,
     pub port: u16,
-    /// Declared HTTP/1 (appProtocol or port name): proxied per request on the client's node.
+    /// Declared HTTP, HTTP/2 or gRPC (appProtocol or port name): proxied per request on the
+    /// client's node.
     pub http: bool,
+    /// Declared HTTP/2 or gRPC: a gateway speaks HTTP/2 to it whatever its client spoke.
+    pub http2: bool,
     /// VirtualService routes (HTTP ports); none: every request balanced over all endpoints.
     pub routes: Vec<HttpRoute>,
     /// From the service's DestinationRule.
@@ -253,6 +256,8 @@ pub struct Target {
     pub service: String,
     pub candidates: Vec<Candidate>,
     pub traffic: TrafficPolicy,
+    /// The destination port is declared HTTP/2 or gRPC.
+    pub http2: bool,
 }
 
 impl Target {
@@ -288,6 +293,7 @@ impl Target {
             service: svc.host(),
             candidates,
             traffic: subset_traffic.unwrap_or(&svc.traffic).clone(),
+            http2: svc.http2,
         })
     }
 }
@@ -476,7 +482,9 @@ impl MeshState {
                         Some((e.hostname.clone(), u16::try_from(target).ok()?))
                     })
                     .collect();
-                let http = api::Protocol::try_from(p.protocol).is_ok_and(api::Protocol::is_http);
+                let protocol = api::Protocol::try_from(p.protocol);
+                let http = protocol.is_ok_and(api::Protocol::is_http);
+                let http2 = matches!(protocol, Ok(api::Protocol::Http2 | api::Protocol::Grpc));
                 if http {
                     http_ports.extend(
                         endpoints
@@ -491,6 +499,7 @@ impl MeshState {
                     fqdn: fqdn.clone(),
                     port,
                     http,
+                    http2,
                     // NodeConfig::apply checked that these compile.
                     routes: p
                         .http_routes

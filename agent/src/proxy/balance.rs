@@ -211,6 +211,7 @@ mod tests {
                 outlier,
                 ..Default::default()
             },
+            http2: false,
         }
     }
 

@@ -145,6 +145,49 @@ where
     }
 }
 
+/// Makes `req` an HTTP/2 request (`http2`) or an HTTP/1.1 one, moving the host between the
+/// Host header (HTTP/1.1) and the URI's authority (HTTP/2).
+pub fn set_version<B>(req: &mut Request<B>, http2: bool) {
+    use hyper::{header::HOST, http::uri};
+    let want = if http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    if req.version() == want {
+        return;
+    }
+    *req.version_mut() = want;
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| uri::PathAndQuery::from_static("/"));
+    if http2 {
+        let host = req
+            .headers_mut()
+            .remove(HOST)
+            .and_then(|h| uri::Authority::try_from(h.as_bytes()).ok());
+        if let Some(authority) = host.or_else(|| req.uri().authority().cloned()) {
+            let mut parts = uri::Parts::default();
+            parts.scheme = Some(uri::Scheme::HTTP);
+            parts.authority = Some(authority);
+            parts.path_and_query = Some(path);
+            if let Ok(u) = hyper::Uri::from_parts(parts) {
+                *req.uri_mut() = u;
+            }
+        }
+    } else {
+        if let Some(a) = req.uri().authority()
+            && !req.headers().contains_key(HOST)
+            && let Ok(v) = hyper::header::HeaderValue::from_str(a.as_str())
+        {
+            req.headers_mut().insert(HOST, v);
+        }
+        *req.uri_mut() = hyper::Uri::from(path);
+    }
+}
+
 /// When the server switched protocols, splices the two upgraded connections.
 pub fn pass_upgrade(downstream: OnUpgrade, resp: &mut Response<Incoming>) {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -156,4 +199,32 @@ pub fn pass_upgrade(downstream: OnUpgrade, resp: &mut Response<Incoming>) {
             let _ = splice(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_move_the_host_between_header_and_authority() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("https://shop.example/cart?id=1")
+            .body(())
+            .unwrap();
+        set_version(&mut req, false);
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.uri(), "/cart?id=1");
+        assert_eq!(req.headers()["host"], "shop.example");
+
+        set_version(&mut req, true);
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert_eq!(req.uri(), "http://shop.example/cart?id=1");
+        assert!(!req.headers().contains_key("host"));
+
+        // Already in the version wanted: untouched.
+        let mut same = Request::builder().uri("/x").body(()).unwrap();
+        set_version(&mut same, false);
+        assert_eq!(same.uri(), "/x");
+    }
 }

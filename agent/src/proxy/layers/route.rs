@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::{Next, Req, around, call, local, outcome};
 use crate::{
-    proxy::{PodCtx, Shared},
+    proxy::{PodCtx, Shared, http},
     state::{HttpEntry, HttpRefusal},
 };
 
@@ -55,6 +55,11 @@ pub fn layer(
                     );
                 }
             };
+            // A gateway's client chose its HTTP version for the gateway, not for the service
+            // behind it: the service gets the version its port declares.
+            if matches!(entry, HttpEntry::Gateway(_)) {
+                http::set_version(&mut req, decision.target.http2);
+            }
             let service = decision.target.service.clone();
             req.extensions_mut().insert(decision.target.clone());
             req.extensions_mut().insert(decision);
