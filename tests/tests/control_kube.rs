@@ -305,6 +305,59 @@ async fn kube_mode_end_to_end() {
     })
     .await;
 
+    // A Gateway's certificate from a kubernetes.io/tls Secret, as `kubectl create secret tls`
+    // makes it, reaches the gateway pod's node; other Secrets are not watched at all (the CA's
+    // own is Opaque), so none is reported.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["shop.example".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem();
+    let (cert_file, key_file) = (k.dir.path().join("tls.crt"), k.dir.path().join("tls.key"));
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    k.kubectl(&[
+        "create",
+        "secret",
+        "tls",
+        "shop-cert",
+        "-n",
+        "shop",
+        &format!("--cert={}", cert_file.display()),
+        &format!("--key={}", key_file.display()),
+    ]);
+    k.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "other",
+        "-n",
+        "shop",
+        "--from-literal=a=b",
+    ]);
+    k.apply(
+        "gw",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: web-in, namespace: shop}\n\
+         spec: {selector: {app: web}, servers: [{port: {number: 443, name: https, protocol: HTTPS}, \
+         hosts: [shop.example], tls: {mode: SIMPLE, credentialName: shop-cert}}]}\n",
+    );
+    until(&mut n1, "the gateway's certificate from the Secret", |c| {
+        c.workloads().any(|w| {
+            w.gateway_ports.iter().any(|g| {
+                g.certificates
+                    .iter()
+                    .any(|x| x.source == "Secret shop/shop-cert" && x.cert_pem == cert)
+            })
+        })
+    })
+    .await;
+    assert!(
+        !errors.borrow().iter().any(|e| e.contains("Secret")),
+        "{:?}",
+        *errors.borrow()
+    );
+
     // An unsupported field, sent past kubectl's own check (as any API client could): the API
     // server keeps it (the CRDs preserve unknown fields, where pruning would have widened the
     // rule) and control refuses the policy with the field's path.
