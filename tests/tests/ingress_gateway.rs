@@ -365,6 +365,41 @@ fn https_is_terminated_at_the_gateway_split_there_and_passed_through_by_sni() {
     );
     assert_eq!(answer, "403");
 
+    // The gateway's own AuthorizationPolicy, decided per request: /admin is denied from outside.
+    // (On the TLS passthrough port its path is not seen, so, as Istio does, the DENY would apply
+    // to every connection there: it names port 443 only.)
+    shop.control.write(
+        "gw-authz.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: trellis-system}\n\
+         spec: {selector: {matchLabels: {app: ingressgateway}}, action: DENY, rules: [{to: [{operation: {ports: [\"443\"], paths: [\"/admin*\"]}}]}]}\n",
+    );
+    let mut answer = (0, String::new());
+    shop.eventually("the gateway's policy in force", || {
+        answer = curl(
+            &shop.outsider,
+            &ca,
+            "shop.example",
+            https,
+            "https://shop.example/admin/x",
+            &[],
+        );
+        answer.1 == "RBAC: access denied"
+    });
+    let (code, answer) = curl(
+        &shop.outsider,
+        &ca,
+        "shop.example",
+        https,
+        "https://shop.example/v2/ok",
+        &[],
+    );
+    assert!(code == 0 && answer.contains("server-v2"), "{answer}");
+    assert!(
+        shop.agents[1]
+            .log_text()
+            .contains("trellis-system/no-admin")
+    );
+
     // Certificate rotation, without a restart: the Secret rewritten, then the files.
     shop.control.write(
         "shop-cert.yaml",
