@@ -20,6 +20,7 @@ use trellis_e2e::{
 
 const SHOP: &str = include_str!("../kube/shop.yaml");
 const CANARY: &str = include_str!("../kube/canary.yaml");
+const INGRESS: &str = include_str!("../kube/ingress.yaml");
 const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
     metadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n";
 /// The agent's admin and metrics endpoints: it runs in the node's network namespace.
@@ -657,6 +658,36 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
         service_rules,
     );
     measured.push("Services through the mesh with kube-proxy stopped and its rules removed".into());
+
+    // An ingress gateway Deployment: from the node (outside the mesh), through the gateway's
+    // Service, to web (its identity the gateway's) and, by a prefix route, to catalog.
+    apply(
+        &node,
+        &INGRESS.replace(":TAG", &format!(":{}", images::TAG)),
+    );
+    rollout_status(&node, "shop", "deploy/ingressgateway", "60s").unwrap();
+    let gateway = format!("{}:80", service_ip(&node, "shop", "ingressgateway"));
+    let mut answer = (0, String::new());
+    let took = wait(
+        "web through the ingress gateway",
+        Duration::from_secs(30),
+        || {
+            answer = http_get(&gateway, "/").unwrap_or_default();
+            answer.0 == 200
+        },
+    );
+    let body: Value = serde_json::from_str(&answer.1).unwrap();
+    assert_eq!(body["service"], "web", "{body}");
+    assert_eq!(
+        body["client_identity"], "spiffe://cluster.local/ns/shop/sa/ingressgateway",
+        "{body}"
+    );
+    let (code, body) = http_get(&gateway, "/catalog/count").unwrap();
+    assert_eq!(code, 200, "{body}");
+    measured.push(format!(
+        "ingress gateway Deployment serving {:.1} s after its rollout",
+        took.as_secs_f64()
+    ));
 
     // 5. A rollout gives catalog-v1 a new pod; the new one is enrolled, nothing of the old stays.
     let old = enrolled()
