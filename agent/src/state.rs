@@ -78,6 +78,8 @@ pub struct ServicePort {
     pub tcp_route: Option<TcpRoute>,
     /// TLS to originate to endpoints outside the mesh (DestinationRule `tls.mode: SIMPLE`).
     pub tls: Option<Arc<TlsOrigination>>,
+    /// ServiceEntry `exportTo`: the namespaces whose pods see it; empty: all.
+    pub export_to: Vec<String>,
     #[serde(skip)]
     next: AtomicUsize,
 }
@@ -205,6 +207,11 @@ impl ServicePort {
     /// `destination_service`.
     pub fn host(&self) -> String {
         self.fqdn.clone()
+    }
+
+    /// Whether pods in `ns` see it (ServiceEntry `exportTo`).
+    pub fn visible_to(&self, ns: &str) -> bool {
+        self.export_to.is_empty() || self.export_to.iter().any(|n| n == ns)
     }
 }
 
@@ -516,6 +523,7 @@ impl MeshState {
                         .as_ref()
                         .and_then(|t| t.tls.as_ref())
                         .map(|t| Arc::new(TlsOrigination::compile(t))),
+                    export_to: s.export_to.clone(),
                     next: AtomicUsize::new(0),
                 });
                 for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
@@ -586,12 +594,10 @@ impl MeshState {
                 }
             }
         }
-        let mut dns = crate::dns::Names::new();
+        let mut dns = crate::dns::Names::default();
         for (vip, svc) in &services {
-            let ips = dns.entry(svc.host()).or_default();
-            if !ips.contains(&vip.ip()) {
-                ips.push(vip.ip());
-            }
+            dns.add(&svc.fqdn, vip.ip());
+            dns.export(&svc.fqdn, &svc.export_to);
         }
         Self {
             version: cfg.version,
@@ -609,9 +615,15 @@ impl MeshState {
         }
     }
 
-    /// Where a connection to `dst` goes; services are balanced round robin.
-    pub fn route(&self, dst: SocketAddr) -> Route {
-        match self.services.get(&dst) {
+    /// The service at `dst` as pods in `ns` see it (a ServiceEntry not exported to `ns` is
+    /// not there for them).
+    pub fn service(&self, dst: SocketAddr, ns: &str) -> Option<&Arc<ServicePort>> {
+        self.services.get(&dst).filter(|s| s.visible_to(ns))
+    }
+
+    /// Where a connection from a pod in `ns` to `dst` goes; services are balanced round robin.
+    pub fn route(&self, dst: SocketAddr, ns: &str) -> Route {
+        match self.service(dst, ns) {
             Some(svc) => self.route_service(svc, dst, MAX_ROUTE_HOPS),
             None => to(dst, self.workloads.get(&dst.ip()).cloned(), None, None),
         }
@@ -1042,7 +1054,7 @@ mod tests {
     #[test]
     fn service_entry_hosts_resolve_or_pass_through_and_answer_dns() {
         let state = MeshState::build(&config(), "n1");
-        match state.route("240.240.0.9:6379".parse().unwrap()) {
+        match state.route("240.240.0.9:6379".parse().unwrap(), "shop") {
             Route::Resolve {
                 host,
                 port,
@@ -1055,7 +1067,7 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        match state.route("192.0.2.5:5432".parse().unwrap()) {
+        match state.route("192.0.2.5:5432".parse().unwrap(), "shop") {
             Route::Passthrough { addr, service, .. } => {
                 assert_eq!(addr, "192.0.2.5:5432".parse().unwrap());
                 assert_eq!(service.as_deref(), Some("db.example"));
@@ -1063,11 +1075,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            state.dns["redis.example"],
+            *state.dns.get("redis.example", "shop").unwrap(),
             ["240.240.0.9".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(
-            state.dns["reviews.shop.svc.cluster.local"],
+            *state
+                .dns
+                .get("reviews.shop.svc.cluster.local", "shop")
+                .unwrap(),
             ["10.96.0.20".parse::<IpAddr>().unwrap()]
         );
         assert!(state.registry.contains(&"240.240.0.9/32".parse().unwrap()));
@@ -1079,7 +1094,7 @@ mod tests {
         let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
         let mut seen = Vec::new();
         for _ in 0..4 {
-            match state.route(vip) {
+            match state.route(vip, "shop") {
                 Route::Hbone {
                     hbone,
                     target,
@@ -1103,15 +1118,15 @@ mod tests {
         assert_eq!(seen, ["mesh", "plain", "mesh", "plain"]);
         // A pod IP directly: HBONE when in the mesh; unknown addresses pass through.
         assert!(matches!(
-            state.route("10.244.2.10:9080".parse().unwrap()),
+            state.route("10.244.2.10:9080".parse().unwrap(), "shop"),
             Route::Hbone { .. }
         ));
         assert!(matches!(
-            state.route("192.0.2.1:443".parse().unwrap()),
+            state.route("192.0.2.1:443".parse().unwrap(), "shop"),
             Route::Passthrough { workload: None, .. }
         ));
         assert!(matches!(
-            state.route("[fd00:96::20]:80".parse().unwrap()),
+            state.route("[fd00:96::20]:80".parse().unwrap(), "shop"),
             Route::Passthrough { .. }
         ));
     }

@@ -235,6 +235,7 @@ fn service(
         endpoints,
         host: String::new(),
         original_destination: false,
+        export_to: Vec::new(),
     }
 }
 

@@ -179,6 +179,7 @@ fn service(
         endpoints,
         host: host.to_owned(),
         original_destination: resolution == "NONE",
+        export_to: se.exported_to(ns),
     }
 }
 
@@ -264,6 +265,42 @@ mod tests {
         assert!(
             any.vips.is_empty(),
             "a CIDR is no single address to route by"
+        );
+    }
+
+    #[test]
+    fn export_to_names_the_namespaces_that_see_a_host() {
+        let se = |export: serde_json::Value| {
+            serde_json::json!({"hosts": ["db.example"], "resolution": "DNS", "exportTo": export,
+                "ports": [{"number": 5432, "name": "tcp"}]})
+        };
+        let c = cluster(&[
+            (
+                "billing",
+                "own",
+                se(serde_json::json!([".", "shop", "shop"])),
+            ),
+            ("billing", "all", se(serde_json::json!(["*", "."]))),
+        ]);
+        let out = services(&c, &Policies::new(&c), "cluster.local");
+        let exported: Vec<&[String]> = out.iter().map(|s| s.export_to.as_slice()).collect();
+        assert!(exported.contains(&&["billing".to_owned(), "shop".to_owned()][..]));
+        assert!(exported.contains(&&[][..]), "* is every namespace");
+        let check = |export: serde_json::Value| {
+            serde_json::from_value::<ServiceEntrySpec>(se(export))
+                .unwrap()
+                .validate()
+        };
+        use crate::istio::Validate as _;
+        assert_eq!(check(serde_json::json!(["~"])), Ok(()));
+        assert_eq!(
+            check(serde_json::json!(["~", "shop"])),
+            Err("exportTo: \"~\" (no namespace) cannot be listed with others".into())
+        );
+        assert!(
+            check(serde_json::json!(["Shop!"]))
+                .unwrap_err()
+                .starts_with("exportTo[0]: \"Shop!\" is not \".\", \"*\", \"~\" or a namespace")
         );
     }
 }

@@ -288,4 +288,41 @@ fn service_entry_hosts_get_virtual_addresses_and_reach_their_endpoints_under_reg
     shop.eventually("the removed entry's name left the mesh", || {
         dig(&shop.client, &[&at, "cache.internal.example"]).is_empty()
     });
+
+    // exportTo: another namespace's entry, exported only to its own, is neither answered nor
+    // reachable from shop (REGISTRY_ONLY: refused by the proxy, as the kernel's registry is the
+    // node's); exported to shop as well, it is both.
+    let hidden = |export: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: hidden, namespace: billing}}\n\
+             spec: {{hosts: [hidden.internal.example], addresses: [240.240.250.1], location: MESH_EXTERNAL, \
+             resolution: STATIC, ports: [{{number: 7380, name: tcp-redis, targetPort: 6379}}], \
+             endpoints: [{{address: \"{}\"}}], exportTo: [{export}]}}\n",
+            shop.outsider.ip4
+        )
+    };
+    let to = addr("240.240.250.1".parse::<std::net::Ipv4Addr>().unwrap(), 7380);
+    shop.control.write("se-hidden.yaml", &hidden("\".\""));
+    shop.eventually("the entry's address known to the node", || {
+        shop.logs().contains("not exported to the pod's namespace")
+            || shop.client.connect(to, "x")["echo"] == "x"
+    });
+    let out = shop.client.connect(to, "PING");
+    assert!(
+        out["echo"].is_null(),
+        "reached a host not exported to shop: {out}"
+    );
+    assert!(
+        shop.agents[0]
+            .log_text()
+            .contains("not exported to the pod's namespace"),
+        "{}",
+        shop.logs()
+    );
+    assert_eq!(dig(&shop.client, &[&at, "hidden.internal.example"]), "");
+    shop.control.write("se-hidden.yaml", &hidden("\".\", shop"));
+    shop.eventually("the entry exported to shop", || {
+        dig(&shop.client, &[&at, "hidden.internal.example"]) == "240.240.250.1"
+            && shop.client.connect(to, "PING")["echo"] == "PING"
+    });
 }

@@ -21,8 +21,48 @@ const TTL: u32 = 30;
 /// The Kubernetes cluster domain that Service host names end in.
 const CLUSTER_SUFFIX: &str = "svc.cluster.local";
 
-/// Mesh host names (lower case, no trailing dot) and their virtual addresses.
-pub type Names = HashMap<String, Vec<IpAddr>>;
+/// Mesh host names (lower case, no trailing dot) and their virtual addresses, with the
+/// namespaces a ServiceEntry host is exported to (none listed: every namespace).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Names {
+    ips: HashMap<String, Vec<IpAddr>>,
+    export_to: HashMap<String, Vec<String>>,
+}
+
+impl Names {
+    /// Adds `ip` to `host`'s addresses.
+    pub fn add(&mut self, host: &str, ip: IpAddr) {
+        let ips = self.ips.entry(host.to_owned()).or_default();
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+
+    /// Only pods in `namespaces` see `host` (empty: all do).
+    pub fn export(&mut self, host: &str, namespaces: &[String]) {
+        if !namespaces.is_empty() {
+            self.export_to.insert(host.to_owned(), namespaces.to_vec());
+        }
+    }
+
+    /// `host`'s addresses, if a pod in `ns` sees it.
+    pub fn get(&self, host: &str, ns: &str) -> Option<&Vec<IpAddr>> {
+        let visible = self
+            .export_to
+            .get(host)
+            .is_none_or(|to| to.iter().any(|n| n == ns));
+        self.ips.get(host).filter(|_| visible)
+    }
+}
+
+impl<const N: usize> From<[(String, Vec<IpAddr>); N]> for Names {
+    fn from(names: [(String, Vec<IpAddr>); N]) -> Self {
+        Self {
+            ips: names.into(),
+            export_to: HashMap::new(),
+        }
+    }
+}
 
 /// What to do with one DNS message from a pod.
 #[derive(Debug, PartialEq)]
@@ -92,7 +132,7 @@ pub fn system_resolver() -> Option<std::net::SocketAddr> {
 /// A name as a pod in `ns` may write it: the host itself, or a Service's short forms (`name`,
 /// `name.ns`, `name.ns.svc`), which a resolver without the cluster's search path sends as is.
 fn lookup<'a>(name: &str, ns: &str, names: &'a Names) -> Option<&'a Vec<IpAddr>> {
-    if let Some(ips) = names.get(name) {
+    if let Some(ips) = names.get(name, ns) {
         return Some(ips);
     }
     let full = match name.split('.').count() {
@@ -101,7 +141,7 @@ fn lookup<'a>(name: &str, ns: &str, names: &'a Names) -> Option<&'a Vec<IpAddr>>
         3 if name.ends_with(".svc") => format!("{name}.cluster.local"),
         _ => return None,
     };
-    names.get(&full)
+    names.get(&full, ns)
 }
 
 #[cfg(test)]
@@ -219,5 +259,30 @@ mod tests {
             RecordType::A,
         ));
         assert_eq!(answer(&resp.to_vec().unwrap(), "shop", &n), Reply::Drop);
+    }
+
+    #[test]
+    fn a_host_exported_to_some_namespaces_is_answered_only_there() {
+        let mut n = names();
+        n.export("redis.memorystore.example", &["billing".to_owned()]);
+        assert_eq!(
+            ips(answer(
+                &query("redis.memorystore.example", RecordType::A),
+                "billing",
+                &n
+            )),
+            ["240.240.0.1"]
+        );
+        assert_eq!(
+            answer(
+                &query("redis.memorystore.example", RecordType::A),
+                "shop",
+                &n
+            ),
+            Reply::Forward
+        );
+        // No list: every namespace.
+        n.export("web.shop.svc.cluster.local", &[]);
+        assert!(!ips(answer(&query("web.shop", RecordType::A), "billing", &n)).is_empty());
     }
 }

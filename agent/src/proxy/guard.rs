@@ -39,9 +39,12 @@ pub enum Failure {
     accept,
     /// An AuthorizationPolicy denied the connection or request.
     authz,
+    /// A REGISTRY_ONLY pod connected to a ServiceEntry address not exported to its namespace
+    /// (the kernel's registry is the node's; the proxy refuses what the pod may not see).
+    not_exported,
 }
 
-const FAILURES: usize = 7;
+const FAILURES: usize = 8;
 
 /// At most this many log lines per failure kind per window; the rest are counted only.
 const LOG_BURST: u64 = 10;

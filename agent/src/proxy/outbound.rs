@@ -31,14 +31,27 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
         debug!(pod = %pod.name, client = %peer, resolver = %dst, "DNS over TCP captured");
         return dns::serve_tcp(client, dst, pod, shared).await;
     }
-    let (http, source) = {
+    let (http, source, hidden) = {
         let state = shared.state.borrow();
-        let http = state.services.get(&dst).filter(|s| s.http).map(|s| {
-            let mtls = s.endpoints.iter().all(|e| e.workload.identity.is_some());
-            (s.host(), mtls)
-        });
-        (http, pod.workload(&state))
+        let hidden = state.registry_only.contains(&pod.uid)
+            && state.services.contains_key(&dst)
+            && state.service(dst, &pod.namespace).is_none();
+        let http = state
+            .service(dst, &pod.namespace)
+            .filter(|s| s.http)
+            .map(|s| {
+                let mtls = s.endpoints.iter().all(|e| e.workload.identity.is_some());
+                (s.host(), mtls)
+            });
+        (http, pod.workload(&state), hidden)
     };
+    if hidden {
+        reset(&client);
+        if let Some(suppressed) = shared.fail(Failure::not_exported) {
+            warn!(pod = %pod.name, client = %peer, orig_dst = %dst, suppressed, "connection refused: REGISTRY_ONLY, and the ServiceEntry at this address is not exported to the pod's namespace");
+        }
+        return;
+    }
     if let Some((service, mtls)) = http {
         // Balanced per request, so the endpoint is chosen later, request by request.
         let labels = labels(
@@ -54,7 +67,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
         http_outbound::serve(client, dst, pod.clone(), shared.clone()).await;
         return shared.metrics.closed(&labels);
     }
-    let route = shared.state.borrow().route(dst);
+    let route = shared.state.borrow().route(dst, &pod.namespace);
     let source = source.as_deref();
     match route {
         Route::Hbone {

@@ -684,6 +684,26 @@ pub struct ServiceEntrySpec {
     pub resolution: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<WorkloadEntry>,
+    /// `.` (the entry's namespace), `*` (all, the default), `~` (none) or namespace names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_to: Vec<String>,
+}
+
+impl ServiceEntrySpec {
+    /// The namespaces that see the entry (`namespace` is its own); empty: all of them.
+    pub fn exported_to(&self, namespace: &str) -> Vec<String> {
+        if self.export_to.is_empty() || self.export_to.iter().any(|n| n == "*") {
+            return Vec::new();
+        }
+        let mut out: Vec<String> = self
+            .export_to
+            .iter()
+            .map(|n| if n == "." { namespace } else { n }.to_owned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
@@ -725,6 +745,16 @@ impl Validate for ServiceEntrySpec {
             &["MESH_EXTERNAL", "MESH_INTERNAL"],
         )?;
         check_enum("resolution", &self.resolution, &["NONE", "STATIC", "DNS"])?;
+        for (i, n) in self.export_to.iter().enumerate() {
+            if !matches!(n.as_str(), "." | "*" | "~") {
+                dns1123_label(n).map_err(|e| {
+                    format!("exportTo[{i}]: {n:?} is not \".\", \"*\", \"~\" or a namespace: {e}")
+                })?;
+            }
+        }
+        if self.export_to.len() > 1 && self.export_to.iter().any(|n| n == "~") {
+            return Err("exportTo: \"~\" (no namespace) cannot be listed with others".into());
+        }
         for (i, p) in self.ports.iter().enumerate() {
             check_enum(
                 &format!("ports[{i}].protocol"),
