@@ -107,7 +107,8 @@ fn shaped(s: Spec) -> String {
     let action = ["ALLOW", "DENY", "AUDIT", "CUSTOM"][usize::from(s.action) % 4];
     let mut spec = json!({"action": action, "rules": rules});
     if let Some(sel) = s.selector {
-        spec["selector"] = json!({"matchLabels": sel.into_iter().collect::<std::collections::BTreeMap<_, _>>()});
+        spec["selector"] =
+            json!({"matchLabels": sel.into_iter().collect::<std::collections::BTreeMap<_, _>>()});
     }
     spec.to_string()
 }
@@ -137,7 +138,8 @@ fuzz_target!(|input: Input| {
     let (method, path, host) = match &input.http {
         Some((m, p, h, hs)) => {
             for (k, v) in hs {
-                if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v)) {
+                if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::from_str(v))
+                {
                     headers.append(k, v);
                 }
             }
@@ -168,5 +170,8 @@ fuzz_target!(|input: Input| {
         .expect("a catch-all DENY compiles");
     compiled.push(Arc::new(catch_all));
     let denied = PodPolicies(compiled).evaluate(&conn, http.as_ref());
-    assert!(matches!(denied.verdict, Verdict::Deny(Some(_))), "{denied:?}");
+    assert!(
+        matches!(denied.verdict, Verdict::Deny(Some(_))),
+        "{denied:?}"
+    );
 });

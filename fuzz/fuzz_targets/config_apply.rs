@@ -1,7 +1,7 @@
 //! The agent applying control's updates (agent/src/config.rs, agent/src/state.rs): the input
 //! is a stream of length-delimited `ConfigUpdate` messages, gathered by the agent's assembler,
 //! applied, and turned into the proxy's `MeshState`, which then routes a connection and a
-//! request to each service. A rejected update leaves the config exactly as it was.
+//! request to each service and gateway port. A rejected update leaves the config exactly as it was.
 #![no_main]
 
 use hyper::{HeaderMap, Method};
@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 use trellis_agent::{
     config::{Assembler, NodeConfig},
-    state::MeshState,
+    state::{HttpEntry, MeshState},
 };
 use trellis_api as api;
 
@@ -42,10 +42,24 @@ fuzz_target!(|data: &[u8]| {
         }
         let state = MeshState::build(&config, "n1");
         for (vip, svc) in &state.services {
-            let _ = state.route(*vip);
+            let _ = state.route(*vip, "shop");
             if svc.http {
-                let _ = state.route_http(*vip, &Method::GET, "/", &HeaderMap::new());
+                let entry = HttpEntry::Service(*vip);
+                let _ = state.route_http(entry, "", &Method::GET, "/", &HeaderMap::new());
             }
+        }
+        // Gateway ports (their certificates, from the update, parsed too), by every route kind.
+        for addr in state.gateways.keys() {
+            let _ = state.gateway_route(*addr);
+            let _ = state.gateway_sni_route(*addr, Some("shop.example"));
+            let entry = HttpEntry::Gateway(*addr);
+            let _ = state.route_http(
+                entry,
+                "shop.example:443",
+                &Method::GET,
+                "/",
+                &HeaderMap::new(),
+            );
         }
     }
 });

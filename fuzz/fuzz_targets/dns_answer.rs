@@ -17,7 +17,10 @@ fuzz_target!(|data: &[u8]| {
         Reply::Drop => {
             if data.len() >= 12 {
                 // Only a response (or an unparsable message too short for a header) is dropped.
-                assert_eq!(query.map(|q| q.metadata.message_type), Some(MessageType::Response));
+                assert_eq!(
+                    query.map(|q| q.metadata.message_type),
+                    Some(MessageType::Response)
+                );
             }
         }
         Reply::Forward => {
