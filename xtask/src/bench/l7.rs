@@ -1,9 +1,8 @@
 //! The L7 section of `cargo xtask bench`: HTTP/1.1 and HTTP/2 (h2c prior knowledge) from the
-//! client pod to an HTTP server in the server pod, directly, through haproxy, and through
-//! Trellis with a VirtualService route on the port. Each: latency at a fixed rate, then the
-//! maximum request rate with the proxies' CPU. See docs/benchmarks.md.
+//! client pod to an HTTP server in the server pod, directly, through one haproxy, through the
+//! haproxy mTLS pair, and through Trellis with a VirtualService route on the port. Each: latency
+//! at a fixed rate, then the maximum request rate with the proxies' CPU. See docs/benchmarks.md.
 pub mod authz;
-mod haproxy;
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -17,18 +16,17 @@ use trellis_e2e::{
     serde_json::{Value, json},
 };
 
-pub use self::haproxy::HaProxy;
-use super::{NAMESPACE, Server, cpu_secs, f, loadgen, run_in, start_app};
+use super::{NAMESPACE, Server, cpu_secs, f, haproxy, loadgen, pair::Pair, run_in, start_app};
 
 /// The server pod's HTTP port, and the Service in front of it: port 80 named `http`, so the mesh
 /// proxies it per request.
-const HTTP_PORT: u16 = 8080;
+pub const HTTP_PORT: u16 = 8080;
 const SERVICE: &str = "bench-http";
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 71);
 const SERVICE_PORT: u16 = 80;
 /// The route both proxies apply: requests with MATCH go on with SET added; others get 404.
-const MATCH: (&str, &str) = ("x-bench", "l7");
-const SET: (&str, &str) = ("x-bench-route", "l7");
+pub const MATCH: (&str, &str) = ("x-bench", "l7");
+pub const SET: (&str, &str) = ("x-bench-route", "l7");
 /// The latency run: 1 KB answers at 1000 requests/s; the max-rate run: 32 requests in flight.
 const RATE: u32 = 1000;
 const SIZE: u32 = 1024;
@@ -107,7 +105,7 @@ impl Path {
         }
     }
 
-    pub fn haproxy(pod: &Pod, proxy: &HaProxy) -> Self {
+    pub fn haproxy(pod: &Pod, proxy: &haproxy::HaProxy) -> Self {
         let at = |port| SocketAddr::new(IpAddr::V4(pod.ip4), port);
         Self {
             name: "haproxy",
@@ -115,6 +113,18 @@ impl Path {
             h2: at(haproxy::H2_PORT),
             routed: true,
             proxies: vec![("haproxy".into(), proxy.pid)],
+        }
+    }
+
+    /// To the client side of the haproxy mTLS pair.
+    pub fn pair(pair: &Pair) -> Self {
+        let at = |port| SocketAddr::new(pair.at, port);
+        Self {
+            name: "haproxy mTLS pair",
+            h1: at(haproxy::H1_PORT),
+            h2: at(haproxy::H2_PORT),
+            routed: true,
+            proxies: pair.procs(),
         }
     }
 
@@ -138,11 +148,7 @@ impl Path {
     }
 }
 
-pub fn require_haproxy() -> Result<()> {
-    haproxy::binary().map(drop)
-}
-
-pub fn haproxy_upstream(server: &Pod) -> SocketAddr {
+pub fn upstream(server: &Pod) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(server.ip4), HTTP_PORT)
 }
 
@@ -353,8 +359,8 @@ fn check_routed(client: &Pod, proto: Proto, target: SocketAddr, routed: bool) ->
 // ---------------------------------------------------------------- report
 
 /// The section's JSON: its load, each phase, and the summary against the targets.
-pub fn report(direct: Value, haproxy: Value, trellis: Value) -> Value {
-    let summary = summary(&direct, &haproxy, &trellis);
+pub fn report(direct: Value, haproxy: Value, pair: Value, trellis: Value) -> Value {
+    let summary = summary(&direct, &pair, &trellis);
     json!({
         "load": {
             "rate": RATE,
@@ -366,16 +372,17 @@ pub fn report(direct: Value, haproxy: Value, trellis: Value) -> Value {
         },
         "direct": direct,
         "haproxy": haproxy,
+        "pair": pair,
         "trellis": trellis,
         "summary": summary,
     })
 }
 
-fn summary(direct: &Value, haproxy: &Value, trellis: &Value) -> Value {
+fn summary(direct: &Value, pair: &Value, trellis: &Value) -> Value {
     let mut out = json!({
         "targets": {
             "added_p99_ms_max": TARGET_ADDED_P99_MS,
-            "rps_per_core_min": "haproxy's",
+            "rps_per_core_min": "the haproxy mTLS pair's",
         }
     });
     for proto in PROTOS {
@@ -383,11 +390,11 @@ fn summary(direct: &Value, haproxy: &Value, trellis: &Value) -> Value {
         let p99 = |p: &Value| f(&p[k]["latency"]["p99_ms"]);
         let per_core = |p: &Value| f(&p[k]["proxy"]["rps_per_core"]);
         let added = |p: &Value| p99(p).zip(p99(direct)).map(|(a, d)| a - d);
-        let (t, h) = (per_core(trellis), per_core(haproxy));
+        let (t, h) = (per_core(trellis), per_core(pair));
         out[k] = json!({
             "added_p99_ms": added(trellis),
-            "haproxy_added_p99_ms": added(haproxy),
-            "rps_per_core": { "trellis": t, "haproxy": h },
+            "pair_added_p99_ms": added(pair),
+            "rps_per_core": { "trellis": t, "pair": h },
             "met": {
                 "added_p99": added(trellis).map(|a| a <= TARGET_ADDED_P99_MS),
                 "rps_per_core": t.zip(h).map(|(t, h)| t >= h),
@@ -397,9 +404,10 @@ fn summary(direct: &Value, haproxy: &Value, trellis: &Value) -> Value {
     out
 }
 
-/// The section's table rows: metric, direct, haproxy, trellis, trellis against direct, target.
+/// The section's table rows: metric, direct, haproxy, the pair, trellis, trellis against
+/// direct, target.
 pub fn rows(l7: &Value) -> Vec<Vec<String>> {
-    let phases = [&l7["direct"], &l7["haproxy"], &l7["trellis"]];
+    let phases = [&l7["direct"], &l7["haproxy"], &l7["pair"], &l7["trellis"]];
     let num = |v: &Value, digits: usize| f(v).map_or("-".into(), |x| format!("{x:.digits$}"));
     let verdict = |met: &Value, target: &str| match met.as_bool() {
         Some(true) => format!("{target} (met)"),
@@ -411,6 +419,7 @@ pub fn rows(l7: &Value) -> Vec<Vec<String>> {
             "metric",
             "direct",
             "haproxy",
+            "haproxy mTLS pair",
             "trellis",
             "trellis vs direct",
             "target",
@@ -430,7 +439,7 @@ pub fn rows(l7: &Value) -> Vec<Vec<String>> {
             ("max_ms", "max"),
         ] {
             let v = phases.map(|p| &p[k]["latency"][key]);
-            let delta = f(v[2])
+            let delta = f(v[3])
                 .zip(f(v[0]))
                 .map_or("-".into(), |(t, d)| format!("{:+.3} ms", t - d));
             let target = if key == "p99_ms" {
@@ -463,7 +472,7 @@ pub fn rows(l7: &Value) -> Vec<Vec<String>> {
             proto.rate_conns()
         )];
         row.extend(rps.map(|x| num(x, 0)));
-        row.push(match (f(rps[0]), f(rps[2])) {
+        row.push(match (f(rps[0]), f(rps[3])) {
             (Some(d), Some(t)) if d > 0.0 => format!("{:.0}%", t / d * 100.0),
             _ => "-".into(),
         });
@@ -495,11 +504,11 @@ pub fn rows(l7: &Value) -> Vec<Vec<String>> {
         let per_core = phases.map(|p| &p[k]["proxy"]["rps_per_core"]);
         let mut row = vec!["  req/s per proxy core".to_owned()];
         row.extend(per_core.map(|x| num(x, 0)));
-        row.push(match (f(per_core[1]), f(per_core[2])) {
-            (Some(h), Some(t)) if h > 0.0 => format!("{:.0}% of haproxy", t / h * 100.0),
+        row.push(match (f(per_core[2]), f(per_core[3])) {
+            (Some(h), Some(t)) if h > 0.0 => format!("{:.0}% of the pair", t / h * 100.0),
             _ => "-".into(),
         });
-        row.push(verdict(&met["rps_per_core"], "≥ haproxy"));
+        row.push(verdict(&met["rps_per_core"], "≥ 1.0× the pair"));
         rows.push(row);
     }
     rows
