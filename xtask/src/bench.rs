@@ -6,6 +6,7 @@
 mod haproxy;
 mod l7;
 mod pair;
+mod profile;
 
 use std::{
     fs,
@@ -48,9 +49,12 @@ const TARGET_VCPU_PER_1000: f64 = 0.06;
 const TARGET_RSS_MB: f64 = 20.0;
 const TARGET_CONNECT_RATIO: f64 = 0.5;
 
-pub fn run(json_out: Option<PathBuf>, duration_secs: u64) -> Result<()> {
+pub fn run(json_out: Option<PathBuf>, duration_secs: u64, profile: Option<PathBuf>) -> Result<()> {
     if !(1..=600).contains(&duration_secs) {
         bail!("--duration-secs must be 1..=600");
+    }
+    if let Some(dir) = profile {
+        profile::enable(dir)?;
     }
     setup::tools()?;
     cmd::require_root("cargo xtask bench")?;
@@ -292,7 +296,9 @@ fn phase(
         duration.as_secs()
     );
     let (cpu_l0, t_l0) = (cpu_secs(&pids)?, Instant::now());
-    let lat = latency(client, echo, duration)?;
+    let lat = profile::around(&format!("{name}-echo-latency"), &pids, duration, || {
+        latency(client, echo, duration)
+    })?;
     let (cpu_l1, wall_l) = (cpu_secs(&pids)?, t_l0.elapsed().as_secs_f64());
     let peaks_latency = peak_rss_mb(&pids)?;
     let rss_latency = rss_mb(&pids, "VmRSS")?;

@@ -81,6 +81,10 @@ enum Task {
         /// Seconds per measured run (throughput, latency, connection rate).
         #[arg(long, default_value_t = 10)]
         duration_secs: u64,
+        /// Record the proxies with perf during each latency and max-rate run, into this
+        /// directory (data and a flat summary per run).
+        #[arg(long, value_name = "DIR")]
+        profile: Option<std::path::PathBuf>,
     },
     /// A real single-node Kubernetes on this machine (kubelet, containerd, kube-proxy, built by
     /// setup): `up` stays up until `down` or Ctrl-C and prints how to use kubectl with it;
@@ -109,7 +113,8 @@ fn main() -> ExitCode {
         Task::Bench {
             json,
             duration_secs,
-        } => bench::run(json, duration_secs),
+            profile,
+        } => bench::run(json, duration_secs, profile),
         Task::Cluster { action } => cluster::run(action),
     };
     match result {

@@ -16,7 +16,9 @@ use trellis_e2e::{
     serde_json::{Value, json},
 };
 
-use super::{NAMESPACE, Server, cpu_secs, f, haproxy, loadgen, pair::Pair, run_in, start_app};
+use super::{
+    NAMESPACE, Server, cpu_secs, f, haproxy, loadgen, pair::Pair, profile, run_in, start_app,
+};
 
 /// The server pod's HTTP port, and the Service in front of it: port 80 named `http`, so the mesh
 /// proxies it per request.
@@ -211,8 +213,11 @@ pub fn phase(client: &Pod, path: &Path, duration: Duration) -> Result<Value> {
         );
         let pids: Vec<u32> = path.proxies.iter().map(|p| p.1).collect();
         let (cpu0, t0) = (cpu_secs(&pids)?, Instant::now());
-        let rate = loadgen_run(client, proto, target, duration, &rate_args(proto))
-            .with_context(|| step("max rate"))?;
+        let name = format!("{}-{}-max-rate", path.name, proto.key());
+        let rate = profile::around(&name, &pids, duration, || {
+            loadgen_run(client, proto, target, duration, &rate_args(proto))
+        })
+        .with_context(|| step("max rate"))?;
         let (cpu1, wall) = (cpu_secs(&pids)?, t0.elapsed().as_secs_f64());
         few_errors(&rate).with_context(|| step("max rate"))?;
 
