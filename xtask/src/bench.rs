@@ -49,7 +49,12 @@ const TARGET_VCPU_PER_1000: f64 = 0.06;
 const TARGET_RSS_MB: f64 = 20.0;
 const TARGET_CONNECT_RATIO: f64 = 0.5;
 
-pub fn run(json_out: Option<PathBuf>, duration_secs: u64, profile: Option<PathBuf>) -> Result<()> {
+pub fn run(
+    json_out: Option<PathBuf>,
+    duration_secs: u64,
+    profile: Option<PathBuf>,
+    worker_threads: Option<u16>,
+) -> Result<()> {
     if !(1..=600).contains(&duration_secs) {
         bail!("--duration-secs must be 1..=600");
     }
@@ -80,8 +85,8 @@ pub fn run(json_out: Option<PathBuf>, duration_secs: u64, profile: Option<PathBu
     eprintln!("bench: binaries from {}", bin_dir.display());
 
     let duration = Duration::from_secs(duration_secs);
-    let report = bench(duration)?;
-    print_table(&report, duration_secs);
+    let report = bench(duration, worker_threads)?;
+    print_table(&report, duration_secs, worker_threads);
     if let Some(path) = json_out {
         fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
@@ -92,7 +97,7 @@ pub fn run(json_out: Option<PathBuf>, duration_secs: u64, profile: Option<PathBu
 
 /// Brings the cluster up, runs the phases, and returns every figure. Everything made here is
 /// removed when this returns (or unwinds): agents first, then control, pods and nodes.
-fn bench(duration: Duration) -> Result<Value> {
+fn bench(duration: Duration, worker_threads: Option<u16>) -> Result<Value> {
     eprintln!(
         "bench: creating a two-node cluster; pods client, haproxy and pair-near on node 1, server \
          and pair-far on node 2"
@@ -151,8 +156,13 @@ fn bench(duration: Duration) -> Result<Value> {
     let files = control_files(n1, n2, &client, &server);
     let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
     let control = Control::start(&cluster, &files);
-    let a1 = Agent::start_with_control(n1, &control);
-    let a2 = Agent::start_with_control(n2, &control);
+    let threads = worker_threads.map(|n| n.to_string());
+    let agent_args: Vec<&str> = match &threads {
+        Some(n) => vec!["--worker-threads", n],
+        None => Vec::new(),
+    };
+    let a1 = Agent::start_with_control_and(n1, &control, &agent_args);
+    let a2 = Agent::start_with_control_and(n2, &control, &agent_args);
     a1.wait_pod_state(&client, "enrolled");
     a2.wait_pod_state(&server, "enrolled");
     wait_certificate(&a1, "bench-client")?;
@@ -205,6 +215,7 @@ fn bench(duration: Duration) -> Result<Value> {
     eprintln!("bench: removing agents, control, pods and nodes");
     Ok(json!({
         "duration_secs": duration.as_secs(),
+        "agent_worker_threads": worker_threads,
         "load": { "rate": RATE, "conns": CONNS, "size": SIZE },
         "summary": summary(&direct, &pair, &trellis),
         "direct": direct,
@@ -679,7 +690,7 @@ fn summary(direct: &Value, pair: &Value, trellis: &Value) -> Value {
     })
 }
 
-fn print_table(r: &Value, secs: u64) {
+fn print_table(r: &Value, secs: u64, worker_threads: Option<u16>) {
     let (d, p, t, s) = (&r["direct"], &r["pair"], &r["trellis"], &r["summary"]);
     let num = |v: &Value, digits: usize| f(v).map_or("-".into(), |x| format!("{x:.digits$}"));
     let int = |v: &Value| v.as_u64().map_or("-".into(), |x| x.to_string());
@@ -845,9 +856,11 @@ fn print_table(r: &Value, secs: u64) {
             String::new(),
         ));
     }
+    let threads = worker_threads.map_or("one per CPU".to_owned(), |n| n.to_string());
     println!(
         "\nTrellis benchmark: 2 nodes, client pod on node 1 -> server pod on node 2, {secs} s per \
-         run; the pair: haproxy on each node, mutual TLS 1.3 between them\n"
+         run; the pair: haproxy on each node, mutual TLS 1.3 between them; agent worker threads: \
+         {threads}\n"
     );
     print_rows(&rows);
     println!(

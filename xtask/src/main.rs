@@ -85,6 +85,9 @@ enum Task {
         /// directory (data and a flat summary per run).
         #[arg(long, value_name = "DIR")]
         profile: Option<std::path::PathBuf>,
+        /// The agents' proxy worker threads (`--worker-threads`); default one per CPU.
+        #[arg(long, value_name = "N")]
+        agent_worker_threads: Option<u16>,
     },
     /// A real single-node Kubernetes on this machine (kubelet, containerd, kube-proxy, built by
     /// setup): `up` stays up until `down` or Ctrl-C and prints how to use kubectl with it;
@@ -114,7 +117,8 @@ fn main() -> ExitCode {
             json,
             duration_secs,
             profile,
-        } => bench::run(json, duration_secs, profile),
+            agent_worker_threads,
+        } => bench::run(json, duration_secs, profile, agent_worker_threads),
         Task::Cluster { action } => cluster::run(action),
     };
     match result {
