@@ -275,6 +275,7 @@ async fn run(args: RunArgs) -> Result<()> {
         kernel_debug_log: LevelFilter::current() >= LevelFilter::DEBUG,
     };
     let (redirect, maps, logger) = Redirect::open(&cfg)?;
+    crate::memory::release_freed();
     let admin = admin::bind(args.admin_addr).await?;
     let metrics_listener = metrics::bind(args.metrics_addr).await?;
     info!(node = cfg.node, cgroup_root = %cgroup_root.display(), "capture programs attached");

@@ -276,6 +276,9 @@ async fn session(
                     "config applied"
                 );
                 on_update(config, &update);
+                if update.snapshot {
+                    crate::memory::release_freed();
+                }
                 String::new()
             }
             Err(e) => {

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dns;
 pub mod http_route;
 pub mod identity;
+pub mod memory;
 pub mod metrics;
 pub mod netns;
 pub mod pods;
