@@ -59,6 +59,70 @@ pub struct HttpLabels {
     pub response_code: u16,
 }
 
+/// One request's figures.
+#[derive(Clone, Copy)]
+pub struct RequestFigures {
+    pub took: std::time::Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// Istio's request metrics (count, duration, request and response sizes) of one label set.
+#[derive(Clone)]
+struct RequestMetrics {
+    count: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestMetrics {
+    fn record(&self, r: RequestFigures) {
+        self.count.inc();
+        self.duration.observe(r.took.as_secs_f64() * 1000.0);
+        self.request_bytes.observe(r.request_bytes as f64);
+        self.response_bytes.observe(r.response_bytes as f64);
+    }
+}
+
+/// One connection's request metrics for the label set its last request had, found by a key
+/// that is cheap to compare (what varies on the connection: status, flags, destination…).
+/// Requests on a connection mostly repeat their labels; those skip building thirteen label
+/// strings and hashing them four times.
+pub struct LastRequest<K> {
+    last: std::sync::Mutex<Option<(K, RequestMetrics)>>,
+}
+
+impl<K> Default for LastRequest<K> {
+    fn default() -> Self {
+        Self {
+            last: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<K: PartialEq> LastRequest<K> {
+    /// Records `request` under `key`'s labels, built from it by `labels` only when `key` is
+    /// not the last one.
+    pub fn record_with(
+        &self,
+        metrics: &Metrics,
+        key: K,
+        labels: impl FnOnce(&K) -> HttpLabels,
+        request: RequestFigures,
+    ) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((k, m)) if *k == key => m.record(request),
+            _ => {
+                let m = metrics.request_metrics(&labels(&key));
+                m.record(request);
+                *last = Some((key, m));
+            }
+        }
+    }
+}
+
 /// Istio's buckets for request durations (ms).
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -193,29 +257,19 @@ impl Metrics {
         Arc::new(m)
     }
 
-    /// One HTTP request answered with `code` after `took`.
-    pub fn request(
-        &self,
-        tcp: TcpLabels,
-        code: u16,
-        took: std::time::Duration,
-        request_bytes: u64,
-        response_bytes: u64,
-    ) {
-        let labels = HttpLabels {
-            tcp,
-            response_code: code,
-        };
-        self.requests.get_or_create(&labels).inc();
-        self.duration
-            .get_or_create(&labels)
-            .observe(took.as_secs_f64() * 1000.0);
-        self.request_bytes
-            .get_or_create(&labels)
-            .observe(request_bytes as f64);
-        self.response_bytes
-            .get_or_create(&labels)
-            .observe(response_bytes as f64);
+    /// One HTTP request, counted under `labels`.
+    pub fn request(&self, labels: &HttpLabels, r: RequestFigures) {
+        self.request_metrics(labels).record(r);
+    }
+
+    /// The four request metrics of one label set, to record into.
+    fn request_metrics(&self, labels: &HttpLabels) -> RequestMetrics {
+        RequestMetrics {
+            count: self.requests.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
     }
 
     /// A connection opened; its bytes are counted into the counters it gets back as they move.
@@ -318,5 +372,59 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::Cell, time::Duration};
+
+    use super::*;
+
+    fn sample<'a>(text: &'a str, metric: &str, code: u16) -> Option<&'a str> {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!("{metric}{{"))
+                    && l.contains(&format!("response_code=\"{code}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+    }
+
+    #[test]
+    fn a_repeated_label_set_is_built_once_and_every_request_counts() {
+        let metrics = Metrics::new();
+        let last = LastRequest::<u16>::default();
+        let built = Cell::new(0);
+        let figures = RequestFigures {
+            took: Duration::from_millis(2),
+            request_bytes: 10,
+            response_bytes: 1024,
+        };
+        let labels = |code: &u16| {
+            built.set(built.get() + 1);
+            HttpLabels {
+                tcp: TcpLabels {
+                    reporter: "destination",
+                    ..TcpLabels::default()
+                },
+                response_code: *code,
+            }
+        };
+        for code in [200, 200, 200, 503, 200] {
+            last.record_with(&metrics, code, labels, figures);
+        }
+        // Built for the first 200, the 503, and the 200 after it.
+        assert_eq!(built.get(), 3);
+        let text = metrics.encode();
+        assert_eq!(sample(&text, "istio_requests_total", 200), Some("4"));
+        assert_eq!(sample(&text, "istio_requests_total", 503), Some("1"));
+        for histogram in [
+            "istio_request_duration_milliseconds",
+            "istio_request_bytes",
+            "istio_response_bytes",
+        ] {
+            let count = format!("{histogram}_count");
+            assert_eq!(sample(&text, &count, 200), Some("4"), "{count}: {text}");
+        }
     }
 }

@@ -17,7 +17,7 @@ use super::{
     http, inbound, layers, outbound,
 };
 use crate::{
-    metrics::TcpLabels,
+    metrics::{HttpLabels, RequestFigures, TcpLabels},
     state::{GatewayMode, HttpEntry},
 };
 
@@ -82,9 +82,18 @@ async fn serve_http(
             } else {
                 "http"
             };
-            shared
-                .metrics
-                .request(labels, 403, std::time::Duration::ZERO, 0, 0);
+            let labels = HttpLabels {
+                tcp: labels,
+                response_code: 403,
+            };
+            shared.metrics.request(
+                &labels,
+                RequestFigures {
+                    took: std::time::Duration::ZERO,
+                    request_bytes: 0,
+                    response_bytes: 0,
+                },
+            );
         }
         let stack = stack.clone();
         async move {

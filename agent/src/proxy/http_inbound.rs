@@ -27,7 +27,7 @@ use super::{
     http::{self, Body, Sender},
     inbound::to_app,
 };
-use crate::metrics::TcpLabels;
+use crate::metrics::{HttpLabels, LastRequest, RequestFigures, TcpLabels};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -49,7 +49,25 @@ struct Target {
     xfcc: Option<HeaderValue>,
     /// The connection's metric labels (reporter `destination`).
     labels: TcpLabels,
+    /// Its request metrics by what varies per request: status, protocol, flags.
+    requests: LastRequest<(u16, &'static str, &'static str)>,
     shared: Arc<Shared>,
+}
+
+impl Target {
+    /// Counts one request in Istio's request metrics.
+    fn count(&self, protocol: &'static str, flags: &'static str, code: u16, r: RequestFigures) {
+        let labels = |_: &_| HttpLabels {
+            tcp: TcpLabels {
+                request_protocol: protocol,
+                response_flags: flags,
+                ..self.labels.clone()
+            },
+            response_code: code,
+        };
+        self.requests
+            .record_with(&self.shared.metrics, (code, protocol, flags), labels, r);
+    }
 }
 
 /// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `addr` in `pod` over `app` (a
@@ -84,6 +102,7 @@ pub async fn serve<C>(
         caller,
         xfcc,
         labels: labels.clone(),
+        requests: LastRequest::default(),
         shared: shared.clone(),
     });
     let service = service_fn(move |req| forward(req, app.clone(), target.clone()));
@@ -98,13 +117,17 @@ async fn forward(
     target: Arc<Target>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let mut labels = target.labels.clone();
-    labels.request_protocol = if http::is_grpc(req.headers()) {
+    let protocol = if http::is_grpc(req.headers()) {
         "grpc"
     } else {
         "http"
     };
     let request_bytes = req.body().size_hint().exact().unwrap_or(0);
+    let figures = |response_bytes| RequestFigures {
+        took: start.elapsed(),
+        request_bytes,
+        response_bytes,
+    };
     let resp = match authorize::request(
         &target.shared,
         &target.pod,
@@ -113,23 +136,18 @@ async fn forward(
         &req,
     ) {
         Some(denied) => {
-            labels.response_flags = DENIED_FLAG;
             // Counted as Istio does: a 403, also for gRPC (answered PERMISSION_DENIED).
-            target
-                .shared
-                .metrics
-                .request(labels, 403, start.elapsed(), request_bytes, 0);
+            target.count(protocol, DENIED_FLAG, 403, figures(0));
             return Ok(denied);
         }
         None => pass(req, &app, &target).await,
     };
     let response_bytes = resp.body().size_hint().exact().unwrap_or(0);
-    target.shared.metrics.request(
-        labels,
+    target.count(
+        protocol,
+        "-",
         resp.status().as_u16(),
-        start.elapsed(),
-        request_bytes,
-        response_bytes,
+        figures(response_bytes),
     );
     Ok(resp)
 }
