@@ -1,6 +1,8 @@
-//! Bidirectional copy with buffers that start small and grow only for bulk transfers, so ten
-//! thousand idle or chatty connections cost kilobytes each, not the 128 KiB that two fixed
-//! 64 KiB buffers (zeroed on allocation) would pin per connection.
+//! Bidirectional copy that holds no buffer while a connection is idle and grows one only for
+//! bulk transfers, so ten thousand idle or chatty connections cost little each, not the 128 KiB
+//! that two fixed 64 KiB buffers (zeroed on allocation) would pin per connection. Small reads
+//! land in a buffer on the stack and go straight out; only what the writer cannot take at once
+//! is kept, in a buffer of its size, dropped once written.
 use std::{
     future::poll_fn,
     io,
@@ -10,11 +12,11 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Every direction starts with this much.
+/// Reads of up to this much go through the stack.
 const SMALL: usize = 4 * 1024;
 /// Large enough that bulk transfers move in few syscalls.
 const LARGE: usize = 64 * 1024;
-/// Reads that fill the small buffer this many times in a row make it large.
+/// Reads that fill the stack buffer this many times in a row get a large buffer of their own.
 const GROW_AFTER: u8 = 4;
 
 /// One direction: read into the buffer, write it all out, repeat; at EOF, flush and shut the
@@ -40,7 +42,7 @@ enum State {
 impl Direction {
     fn new() -> Self {
         Self {
-            buf: vec![0; SMALL],
+            buf: Vec::new(),
             pos: 0,
             cap: 0,
             full_reads: 0,
@@ -86,18 +88,11 @@ impl Direction {
                 if self.full_reads >= GROW_AFTER && self.buf.len() < LARGE {
                     self.buf = vec![0; LARGE];
                 }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        self.full_reads = if n == self.buf.len() {
-                            self.full_reads.saturating_add(1)
-                        } else {
-                            0
-                        };
-                        (self.pos, self.cap) = (0, n);
-                        self.read_done = n == 0;
-                    }
+                let mut stack = [0u8; SMALL];
+                let on_stack = self.buf.len() < LARGE;
+                let mut rb = ReadBuf::new(if on_stack { &mut stack } else { &mut self.buf });
+                let n = match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => rb.filled().len(),
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Nothing more to read now: push out what was written.
@@ -107,22 +102,77 @@ impl Direction {
                         }
                         return Poll::Pending;
                     }
+                };
+                let filled = if on_stack { SMALL } else { self.buf.len() };
+                self.full_reads = if n == filled {
+                    self.full_reads.saturating_add(1)
+                } else {
+                    0
+                };
+                self.read_done = n == 0;
+                if on_stack {
+                    let written = match self.write_some(cx, w, &stack[..n]) {
+                        Poll::Ready(written) => written?,
+                        Poll::Pending => 0,
+                    };
+                    if written < n {
+                        // The writer is full: keep the rest (it woke us when it has room).
+                        self.buf = stack[written..n].to_vec();
+                        (self.pos, self.cap) = (0, n - written);
+                        return Poll::Pending;
+                    }
+                    (self.pos, self.cap) = (0, 0);
+                } else {
+                    (self.pos, self.cap) = (0, n);
                 }
             }
-            while self.pos < self.cap {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.cap]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            if self.pos < self.cap {
+                let (start, end) = (self.pos, self.cap);
+                let buf = std::mem::take(&mut self.buf);
+                let written = self.write_some(cx, w, &buf[start..end]);
+                self.buf = buf;
+                self.pos += ready!(written)?;
+                if self.pos < self.cap {
+                    return Poll::Pending;
                 }
-                self.pos += n;
-                self.copied += n as u64;
-                self.need_flush = true;
+                if self.buf.len() < LARGE {
+                    // A rest kept from the stack is done with.
+                    self.buf = Vec::new();
+                    (self.pos, self.cap) = (0, 0);
+                }
             }
             if self.read_done {
                 ready!(Pin::new(&mut *w).poll_flush(cx))?;
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+
+    /// Writes as much of `data` as `w` takes now; Pending only if it took none of it.
+    fn write_some<W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: &mut W,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut done = 0;
+        while done < data.len() {
+            match Pin::new(&mut *w).poll_write(cx, &data[done..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    done += n;
+                    self.copied += n as u64;
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if done == 0 && !data.is_empty() => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Ok(done))
     }
 }
 
@@ -178,15 +228,60 @@ mod tests {
         let (mut client, mut proxy) = tokio::io::duplex(1024 * 1024);
         let mut sink = tokio::io::sink();
         let mut d = Direction::new();
-        client.write_all(&[1; 100]).await.unwrap();
         let waker = futures_task_noop();
         let mut cx = Context::from_waker(&waker);
         assert!(d.poll_copy(&mut cx, &mut proxy, &mut sink).is_pending());
-        assert_eq!(d.buf.len(), SMALL, "a small message made the buffer grow");
+        assert!(d.buf.is_empty(), "an idle direction holds a buffer");
+        client.write_all(&[1; 100]).await.unwrap();
+        assert!(d.poll_copy(&mut cx, &mut proxy, &mut sink).is_pending());
+        assert!(
+            d.buf.is_empty(),
+            "a small message written at once left a buffer"
+        );
         client.write_all(&vec![2; 200_000]).await.unwrap();
         assert!(d.poll_copy(&mut cx, &mut proxy, &mut sink).is_pending());
         assert_eq!(d.buf.len(), LARGE, "a bulk transfer kept the small buffer");
         assert_eq!(d.copied, 200_100);
+    }
+
+    #[tokio::test]
+    async fn what_a_full_writer_cannot_take_is_kept_and_sent_when_it_has_room() {
+        let (mut client, mut proxy_a) = tokio::io::duplex(64 * 1024);
+        // The writer takes at most 1 KB until its reader drains it.
+        let (mut proxy_b, mut server) = tokio::io::duplex(1024);
+        let waker = futures_task_noop();
+        let mut cx = Context::from_waker(&waker);
+        let mut d = Direction::new();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
+        client.write_all(&data).await.unwrap();
+        assert!(
+            d.poll_copy(&mut cx, &mut proxy_a, &mut proxy_b)
+                .is_pending()
+        );
+        // The 3000 bytes came in one read; the writer took 1024 of them.
+        assert_eq!(
+            d.cap - d.pos,
+            1976,
+            "the rest the writer did not take is kept"
+        );
+        assert_eq!(
+            d.buf.len(),
+            1976,
+            "the kept rest is in a buffer of its size"
+        );
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            let mut chunk = [0; 1024];
+            let n = server.read(&mut chunk).await.unwrap();
+            got.extend_from_slice(&chunk[..n]);
+            let _ = d.poll_copy(&mut cx, &mut proxy_a, &mut proxy_b);
+            if got.len() == data.len() {
+                break;
+            }
+        }
+        assert!(got == data, "the bytes arrived changed or cut short");
+        assert!(d.buf.is_empty(), "the rest's buffer outlived it");
+        assert_eq!(d.copied, 3000);
     }
 
     fn futures_task_noop() -> std::task::Waker {
