@@ -5,6 +5,7 @@
 //! as JSON. See docs/benchmarks.md.
 mod haproxy;
 mod l7;
+mod memory;
 mod pair;
 mod profile;
 
@@ -47,6 +48,8 @@ const TARGET_THROUGHPUT_RATIO: f64 = 0.5;
 const TARGET_ADDED_P99_MS: f64 = 0.20;
 const TARGET_VCPU_PER_1000: f64 = 0.06;
 const TARGET_RSS_MB: f64 = 20.0;
+const TARGET_IDLE_RSS_MB: f64 = 15.0;
+const TARGET_HELD_RSS_MB: f64 = 60.0;
 const TARGET_CONNECT_RATIO: f64 = 0.5;
 
 pub fn run(
@@ -54,9 +57,13 @@ pub fn run(
     duration_secs: u64,
     profile: Option<PathBuf>,
     worker_threads: Option<u16>,
+    repeat: u32,
 ) -> Result<()> {
     if !(1..=600).contains(&duration_secs) {
         bail!("--duration-secs must be 1..=600");
+    }
+    if !(1..=20).contains(&repeat) {
+        bail!("--repeat must be 1..=20");
     }
     if let Some(dir) = profile {
         profile::enable(dir)?;
@@ -85,7 +92,7 @@ pub fn run(
     eprintln!("bench: binaries from {}", bin_dir.display());
 
     let duration = Duration::from_secs(duration_secs);
-    let report = bench(duration, worker_threads)?;
+    let report = bench(duration, worker_threads, repeat)?;
     print_table(&report, duration_secs, worker_threads);
     if let Some(path) = json_out {
         fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
@@ -97,7 +104,7 @@ pub fn run(
 
 /// Brings the cluster up, runs the phases, and returns every figure. Everything made here is
 /// removed when this returns (or unwinds): agents first, then control, pods and nodes.
-fn bench(duration: Duration, worker_threads: Option<u16>) -> Result<Value> {
+fn bench(duration: Duration, worker_threads: Option<u16>, repeat: u32) -> Result<Value> {
     eprintln!(
         "bench: creating a two-node cluster; pods client, haproxy and pair-near on node 1, server \
          and pair-far on node 2"
@@ -129,7 +136,7 @@ fn bench(duration: Duration, worker_threads: Option<u16>) -> Result<Value> {
 
     eprintln!("bench: phase direct (no mesh): client -> {target}");
     let direct = phase("direct", &client, target, &[], duration, false)?;
-    let l7_direct = l7::phase(&client, &l7::Path::direct(&server), duration)?;
+    let l7_direct = l7::phase(&client, &l7::Path::direct(&server), duration, repeat)?;
 
     eprintln!(
         "bench: phase haproxy (no mesh): client -> haproxy in pod {} -> {target}",
@@ -137,7 +144,12 @@ fn bench(duration: Duration, worker_threads: Option<u16>) -> Result<Value> {
     );
     let l7_haproxy = {
         let haproxy = haproxy::start_plain(&proxy_pod, l7::upstream(&server))?;
-        l7::phase(&client, &l7::Path::haproxy(&proxy_pod, &haproxy), duration)?
+        l7::phase(
+            &client,
+            &l7::Path::haproxy(&proxy_pod, &haproxy),
+            duration,
+            repeat,
+        )?
     };
 
     eprintln!(
@@ -146,9 +158,21 @@ fn bench(duration: Duration, worker_threads: Option<u16>) -> Result<Value> {
     );
     let (pair, l7_pair) = {
         let pair = pair::Pair::start(&near, &far, &server)?;
+        let pids: Vec<u32> = pair.procs().iter().map(|p| p.1).collect();
+        let idle = memory::resident(&pids)?;
+        let mut l4 = phase("pair", &client, pair.at, &pair.procs(), duration, false)?;
+        l4["idle_rss_mb"] = idle;
+        l4["held"] = held(
+            &client,
+            SocketAddr::new(pair.at, ECHO_PORT),
+            &pids,
+            memory::HELD_PAIR,
+            &l4["idle_rss_mb"],
+            "pair",
+        )?;
         (
-            phase("pair", &client, pair.at, &pair.procs(), duration, false)?,
-            l7::phase(&client, &l7::Path::pair(&pair), duration)?,
+            l4,
+            l7::phase(&client, &l7::Path::pair(&pair), duration, repeat)?,
         )
     };
 
@@ -177,7 +201,18 @@ fn bench(duration: Duration, worker_threads: Option<u16>) -> Result<Value> {
             ))
         })
         .collect::<Result<_>>()?;
+    let pids: Vec<u32> = agents.iter().map(|a| a.1).collect();
+    let idle = memory::resident(&pids)?;
     let mut trellis = phase("trellis", &client, target, &agents, duration, true)?;
+    trellis["idle_rss_mb"] = idle;
+    trellis["held"] = held(
+        &client,
+        SocketAddr::new(target, ECHO_PORT),
+        &pids,
+        memory::HELD,
+        &trellis["idle_rss_mb"],
+        "trellis",
+    )?;
 
     // Through the service VIP as well, if the agents serve VIPs yet.
     let vip = SocketAddr::new(IpAddr::V4(VIP), ECHO_PORT);
@@ -202,7 +237,12 @@ fn bench(duration: Duration, worker_threads: Option<u16>) -> Result<Value> {
         Ok(v) => bail!("the agents do not serve the service VIP {vip}: {v}"),
         Err(e) => bail!("the agents do not serve the service VIP {vip}: {e:#}"),
     };
-    let l7_trellis = l7::phase(&client, &l7::Path::trellis(agents.clone()), duration)?;
+    let l7_trellis = l7::phase(
+        &client,
+        &l7::Path::trellis(agents.clone()),
+        duration,
+        repeat,
+    )?;
 
     let (file, policy) = l7::authz::policy_file();
     eprintln!(
@@ -211,11 +251,12 @@ fn bench(duration: Duration, worker_threads: Option<u16>) -> Result<Value> {
     );
     control.write(file, &policy);
     l7::authz::wait_in_force(&client)?;
-    let l7_authz = l7::phase(&client, &l7::authz::path(agents), duration)?;
+    let l7_authz = l7::phase(&client, &l7::authz::path(agents), duration, 1)?;
     eprintln!("bench: removing agents, control, pods and nodes");
     Ok(json!({
         "duration_secs": duration.as_secs(),
         "agent_worker_threads": worker_threads,
+        "repeat": repeat,
         "load": { "rate": RATE, "conns": CONNS, "size": SIZE },
         "summary": summary(&direct, &pair, &trellis),
         "direct": direct,
@@ -318,19 +359,21 @@ fn phase(
         "bench: phase {name}: connection rate, 4 threads, {} s",
         duration.as_secs()
     );
-    let connect = run_in(
-        client,
-        &loadgen(),
-        &[
-            "connect-rate",
-            &echo.to_string(),
-            "--threads",
-            "4",
-            "--duration-secs",
-            &secs,
-        ],
-        duration + Duration::from_secs(30),
-    )?;
+    let connect = profile::around(&format!("{name}-connect-rate"), &pids, duration, || {
+        run_in(
+            client,
+            &loadgen(),
+            &[
+                "connect-rate",
+                &echo.to_string(),
+                "--threads",
+                "4",
+                "--duration-secs",
+                &secs,
+            ],
+            duration + Duration::from_secs(30),
+        )
+    })?;
     let cpu1 = cpu_secs(&pids)?;
     for (p, l) in peaks.iter_mut().zip(&peaks_latency) {
         *p = p.max(*l);
@@ -383,6 +426,20 @@ fn phase(
         });
     }
     Ok(out)
+}
+
+/// The proxies' memory with `conns` idle connections open through them.
+fn held(
+    client: &Pod,
+    echo: SocketAddr,
+    pids: &[u32],
+    conns: u32,
+    idle: &Value,
+    phase: &str,
+) -> Result<Value> {
+    eprintln!("bench: phase {phase}: {conns} idle connections held open to {echo}");
+    memory::with_held_connections(client, echo, pids, conns, idle)
+        .with_context(|| format!("phase {phase}: held connections"))
 }
 
 fn latency(client: &Pod, addr: SocketAddr, duration: Duration) -> Result<Value> {
@@ -661,6 +718,8 @@ fn summary(direct: &Value, pair: &Value, trellis: &Value) -> Value {
     let connect = ratio(cps(direct), cps(trellis));
     let vcpu = f(&trellis["proxies"]["vcpu_per_1000_rps"]);
     let rss = f(&trellis["proxies"]["peak_rss_mb_latency_run"]);
+    let idle = f(&trellis["idle_rss_mb"]["max"]);
+    let held = f(&trellis["held"]["rss_mb"]["max"]);
     let met = |v: Option<f64>, ok: fn(f64) -> bool| v.map(ok);
     json!({
         "throughput_ratio": vs_direct,
@@ -671,12 +730,16 @@ fn summary(direct: &Value, pair: &Value, trellis: &Value) -> Value {
         "agent_vcpu_per_1000_rps": vcpu,
         "pair_vcpu_per_1000_rps": f(&pair["proxies"]["vcpu_per_1000_rps"]),
         "agent_peak_rss_mb_at_rate": rss,
+        "agent_idle_rss_mb": idle,
+        "agent_held_rss_mb": held,
         "targets": {
             "throughput_ratio_min": TARGET_THROUGHPUT_RATIO,
             "throughput_ratio_to_pair_min": 1.0,
             "added_p99_ms_max": TARGET_ADDED_P99_MS,
             "agent_vcpu_per_1000_rps_max": TARGET_VCPU_PER_1000,
             "agent_peak_rss_mb_at_rate_max": TARGET_RSS_MB,
+            "agent_idle_rss_mb_max": TARGET_IDLE_RSS_MB,
+            "agent_held_rss_mb_max": TARGET_HELD_RSS_MB,
             "connect_ratio_min": TARGET_CONNECT_RATIO,
         },
         "met": {
@@ -685,6 +748,8 @@ fn summary(direct: &Value, pair: &Value, trellis: &Value) -> Value {
             "added_p99": met(added_p99, |d| d <= TARGET_ADDED_P99_MS),
             "agent_vcpu": met(vcpu, |v| v <= TARGET_VCPU_PER_1000),
             "agent_rss": met(rss, |m| m <= TARGET_RSS_MB),
+            "agent_idle_rss": met(idle, |m| m <= TARGET_IDLE_RSS_MB),
+            "agent_held_rss": met(held, |m| m <= TARGET_HELD_RSS_MB),
             "connect": met(connect, |r| r >= TARGET_CONNECT_RATIO),
         },
     })
@@ -846,6 +911,59 @@ fn print_table(r: &Value, secs: u64, worker_threads: Option<u16>) {
         "peak RSS over the phase, larger proxy (MB)".into(),
         [d, p, t].map(|x| proxies(x, "peak_rss_mb_phase", 1)),
         [String::new(), ratio("peak_rss_mb_phase")],
+        String::new(),
+    ));
+    let memory = |x: &Value, key: &str| {
+        let each: Vec<String> = x[key]["rss_mb"]["per_process"]
+            .as_array()
+            .or(x[key]["per_process"].as_array())
+            .map(|a| a.iter().map(|v| num(v, 1)).collect())
+            .unwrap_or_default();
+        let max = f(&x[key]["rss_mb"]["max"]).or(f(&x[key]["max"]));
+        match max {
+            Some(m) => format!("{m:.1} ({})", each.join(" + ")),
+            None => "-".into(),
+        }
+    };
+    let kb = |x: &Value| f(&x["held"]["kb_per_conn"]["max"]);
+    let proxies_kb = |x: &Value| kb(x).map_or("-".into(), |k| format!("{k:.2}"));
+    let kb_ratio = || match (kb(p), kb(t)) {
+        (Some(a), Some(b)) if a > 0.0 => format!("{:.2}×", b / a),
+        _ => "-".into(),
+    };
+    let mem_ratio = |key: &str| {
+        let max = |x: &Value| f(&x[key]["rss_mb"]["max"]).or(f(&x[key]["max"]));
+        match (max(p), max(t)) {
+            (Some(a), Some(b)) if a > 0.0 => format!("{:.2}×", b / a),
+            _ => "-".into(),
+        }
+    };
+    rows.push(row(
+        "RSS idle, busier proxy (each) (MB)".into(),
+        [d, p, t].map(|x| memory(x, "idle_rss_mb")),
+        [String::new(), mem_ratio("idle_rss_mb")],
+        verdict(
+            &s["met"]["agent_idle_rss"],
+            format!("≤ {TARGET_IDLE_RSS_MB:.0} MB"),
+        ),
+    ));
+    rows.push(row(
+        format!(
+            "RSS with idle connections open ({}k; the pair {}k), busier proxy (each) (MB)",
+            memory::HELD / 1000,
+            memory::HELD_PAIR / 1000
+        ),
+        [d, p, t].map(|x| memory(x, "held")),
+        [String::new(), String::new()],
+        verdict(
+            &s["met"]["agent_held_rss"],
+            format!("≤ {TARGET_HELD_RSS_MB:.0} MB"),
+        ),
+    ));
+    rows.push(row(
+        "  KB per idle connection, busier proxy".into(),
+        [d, p, t].map(proxies_kb),
+        [String::new(), kb_ratio()],
         String::new(),
     ));
     if let Some(p99) = f(&t["vip"]["latency"]["p99_ms"]) {

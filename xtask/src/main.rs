@@ -81,13 +81,17 @@ enum Task {
         /// Seconds per measured run (throughput, latency, connection rate).
         #[arg(long, default_value_t = 10)]
         duration_secs: u64,
-        /// Record the proxies with perf during each latency and max-rate run, into this
-        /// directory (data and a flat summary per run).
+        /// Record the proxies with perf during each latency, connection-rate and max-rate run,
+        /// into this directory (data and a flat summary per run).
         #[arg(long, value_name = "DIR")]
         profile: Option<std::path::PathBuf>,
         /// The agents' proxy worker threads (`--worker-threads`); default one per CPU.
         #[arg(long, value_name = "N")]
         agent_worker_threads: Option<u16>,
+        /// Run each L7 latency step this many times in a row (the issue's "in each of 5
+        /// consecutive runs": `--repeat 5`).
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        repeat: u32,
     },
     /// A real single-node Kubernetes on this machine (kubelet, containerd, kube-proxy, built by
     /// setup): `up` stays up until `down` or Ctrl-C and prints how to use kubectl with it;
@@ -118,7 +122,8 @@ fn main() -> ExitCode {
             duration_secs,
             profile,
             agent_worker_threads,
-        } => bench::run(json, duration_secs, profile, agent_worker_threads),
+            repeat,
+        } => bench::run(json, duration_secs, profile, agent_worker_threads, repeat),
         Task::Cluster { action } => cluster::run(action),
     };
     match result {

@@ -15,6 +15,10 @@
 //!   a fresh connection every 20 ms; reports the lost ones and each probe's outcome with its Unix
 //!   time in ms, so a test can tell when new connections worked again.
 //!
+//! - `hold ADDR [--conns C] [--duration-secs S]`: opens C connections (up to 20,000), each
+//!   echoing a byte, prints `ready`, holds them idle for S seconds, then echoes a byte on each
+//!   again and reports how many still worked (to measure a proxy's memory per open connection).
+//!
 //! - `http-serve ADDR [--size B]`: answers every request with 200 and B bytes, over HTTP/1.1 or
 //!   h2c prior knowledge on the same listener; prints `ready`.
 //! - `http-probe ADDR [--h2] [--header NAME:VALUE]...`: one request; its status and headers.
@@ -54,6 +58,7 @@ const USAGE: &str = "usage: trellis-loadgen echo-serve ADDR
        trellis-loadgen connect-rate ADDR [--threads 4] [--duration-secs 5]
        trellis-loadgen blast ADDR --bytes N [--seed 1] [--skip-banner] [--timeout-secs 120]
        trellis-loadgen churn ADDR [--conns 4] [--duration-secs 10]
+       trellis-loadgen hold ADDR [--conns 4] [--duration-secs 10]
        trellis-loadgen udp-send ADDR
        trellis-loadgen dns-query ADDR --name NAME [--aaaa]
        trellis-loadgen dns-junk ADDR [--count 1000]
@@ -69,6 +74,8 @@ const WARMUP: Duration = Duration::from_secs(1);
 /// Hard caps on loop counts, whatever the duration.
 const MAX_REQUESTS_PER_CONN: u64 = 10_000_000;
 const MAX_CONNECTS_PER_THREAD: u64 = 1_000_000;
+/// At most this many connections held at once (`--conns`).
+const MAX_CONNS: u64 = 20_000;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -89,6 +96,7 @@ fn main() -> ExitCode {
         "connect-rate" => resolve(addr).and_then(|a| connect_rate(a, &opts)),
         "blast" => resolve(addr).and_then(|a| blast(a, &opts)),
         "churn" => resolve(addr).and_then(|a| churn(a, &opts)),
+        "hold" => resolve(addr).and_then(|a| hold(a, &opts)),
         "udp-send" => resolve(addr).and_then(udp_send),
         "dns-query" => resolve(addr).and_then(|a| dns::query(a, &opts)),
         "dns-junk" => resolve(addr).and_then(|a| dns::junk(a, &opts)),
@@ -193,7 +201,7 @@ impl Opts {
                         .filter(|r| r.is_finite() && *r > 0.0 && *r <= 1e6)
                         .ok_or_else(|| bad(&"want a rate in (0, 1e6]"))?
                 }
-                "--conns" => o.conns = num(value)?.clamp(1, 1024) as usize,
+                "--conns" => o.conns = num(value)?.clamp(1, MAX_CONNS) as usize,
                 "--size" => o.size = num(value)?.clamp(1, 16 << 20) as usize,
                 "--threads" => o.threads = num(value)?.clamp(1, 256) as usize,
                 "--duration-secs" => o.duration = secs(value)?,
@@ -219,6 +227,8 @@ impl Opts {
 // ---------------------------------------------------------------- echo-serve
 
 fn echo_serve(addr: &str) -> io::Result<bool> {
+    // A thread and a descriptor per connection: `hold` opens thousands.
+    rlimit::increase_nofile_limit(u64::MAX)?;
     // Binding [::] gives a dual-stack socket (net.ipv6.bindv6only is 0 in new namespaces).
     let listener = TcpListener::bind(addr)?;
     println!("ready");
@@ -649,6 +659,53 @@ fn churn(addr: SocketAddr, o: &Opts) -> io::Result<bool> {
         json!({"held": o.conns, "lost": lost.len(), "lost_at_ms": lost, "probes": probes})
     );
     Ok(true)
+}
+
+// ---------------------------------------------------------------- hold
+
+fn hold(addr: SocketAddr, o: &Opts) -> io::Result<bool> {
+    let limit = rlimit::increase_nofile_limit(u64::MAX)?;
+    if limit < o.conns as u64 + 64 {
+        return Err(io::Error::other(format!(
+            "{} connections need more descriptors than the limit ({limit})",
+            o.conns
+        )));
+    }
+    // A few threads open them: each connection costs a round trip through the proxies.
+    let threads = 8.min(o.conns);
+    let opened: Vec<io::Result<Vec<TcpStream>>> = thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (t..o.conns)
+                        .step_by(threads)
+                        .map(|_| {
+                            let mut s = connect(addr)?;
+                            ping(&mut s)?;
+                            Ok(s)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("panicked")))
+            })
+            .collect()
+    });
+    let mut held = Vec::with_capacity(o.conns);
+    for streams in opened {
+        held.extend(streams?);
+    }
+    println!("ready");
+    io::stdout().flush()?;
+    thread::sleep(o.duration);
+    let alive = held.iter_mut().map(ping).filter(Result::is_ok).count();
+    println!("{}", json!({"held": held.len(), "alive": alive}));
+    Ok(alive == held.len())
 }
 
 #[cfg(test)]

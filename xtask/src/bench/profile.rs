@@ -1,5 +1,5 @@
 //! `--profile DIR`: `perf record` of the proxy processes during each measured step they work in
-//! (the latency and max-rate runs), and a flat summary of each (`perf report`, by process and
+//! (the latency, connection-rate and max-rate runs), and a flat summary of each (`perf report`, by process and
 //! symbol, entries over 1%) beside its data, to keep where the time goes with the figures.
 use std::{
     fs,
