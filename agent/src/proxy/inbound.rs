@@ -406,7 +406,8 @@ async fn tunnel(
                             header_read_timeout: shared.http.header_read_timeout * 2,
                             ..shared.http
                         };
-                        http_inbound::serve(
+                        // Boxed: the stream's task is only as large as a splice needs.
+                        Box::pin(http_inbound::serve(
                             client,
                             Some(app),
                             pod.clone(),
@@ -415,7 +416,7 @@ async fn tunnel(
                             &labels,
                             &shared,
                             &limits,
-                        )
+                        ))
                         .await;
                     }
                     Upstream::App(mut app) => {

@@ -29,7 +29,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
     let _ = client.set_nodelay(true);
     if dst.port() == DNS_PORT {
         debug!(pod = %pod.name, client = %peer, resolver = %dst, "DNS over TCP captured");
-        return dns::serve_tcp(client, dst, pod, shared).await;
+        return Box::pin(dns::serve_tcp(client, dst, pod, shared)).await;
     }
     let (http, source, hidden) = {
         let state = shared.state.borrow();
@@ -64,7 +64,16 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
         );
         info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, protocol = "http", "connection captured");
         let client = Metered::new(client, shared.metrics.opened(&labels));
-        http_outbound::serve(client, dst, pod.clone(), shared.clone()).await;
+        // Boxed, here and below: an async fn's future is as large as its largest state, and
+        // every connection's task would otherwise reserve room for the HTTP server and the
+        // connection set-up while it only splices bytes (thousands of idle connections).
+        Box::pin(http_outbound::serve(
+            client,
+            dst,
+            pod.clone(),
+            shared.clone(),
+        ))
+        .await;
         return shared.metrics.closed(&labels);
     }
     let route = shared.state.borrow().route(dst, &pod.namespace);
@@ -86,7 +95,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 true,
             );
             info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %target, peer_identity = identity, "connection captured");
-            match hbone::open(&shared, &pod, hbone, target, &identity).await {
+            match Box::pin(hbone::open(&shared, &pod, hbone, target, &identity)).await {
                 Ok(mut tunnel) => {
                     let mut client = Metered::new(client, shared.metrics.opened(&labels));
                     let result = splice(&mut client, &mut tunnel).await;
@@ -125,7 +134,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 Some(outside.service()),
                 false,
             );
-            let upstream = plain(&pod, &shared, outside).await.map(|(stream, addr)| {
+            let upstream = Box::pin(plain(&pod, &shared, outside)).await.map(|(stream, addr)| {
                 info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, target = %addr, "connection captured");
                 stream
             });
