@@ -626,7 +626,8 @@ fn ten_thousand_idle_connections_and_steady_traffic_for_a_minute() {
     );
     for (p, b) in peak.iter().zip(base) {
         assert!(
-            // At most 40 KiB a connection (measured: about 27 on the client's node).
+            // At most 40 KiB a connection (the release bench measures 6.5 on the client's
+            // node; these debug builds hold larger futures).
             p.rss_kib < b.rss_kib + 400 * 1024 && p.threads <= b.threads + 8,
             "an agent grew from {b:?} to {p:?} for 10,000 idle connections"
         );
