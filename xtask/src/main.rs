@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's own commands. See README.md.
 mod apiserver;
 mod bench;
+mod bench_control;
 mod cluster;
 mod cmd;
 mod demo;
@@ -73,8 +74,12 @@ enum Task {
     /// Benchmark on a two-node cluster, the same pods without the mesh (direct) and through
     /// Trellis: iperf3 throughput, 1 KB echo latency at 1000 req/s, connection rate, agent CPU
     /// and memory; and HTTP/1.1 and HTTP/2 latency and max request rate with an L7 route, also
-    /// through haproxy for reference. Prints tables. Needs root.
+    /// through haproxy for reference. Prints tables. Needs root. `bench control` measures
+    /// trellis-control at scale instead.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
+        #[command(subcommand)]
+        section: Option<BenchSection>,
         /// Also write every raw figure to this JSON file.
         #[arg(long, value_name = "FILE")]
         json: Option<std::path::PathBuf>,
@@ -102,6 +107,14 @@ enum Task {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchSection {
+    /// trellis-control with 10,000 pods, 1,000 services, 200 VirtualServices and 50 simulated
+    /// agents: how long a change takes to reach every agent, update and snapshot sizes,
+    /// control's memory and CPU. Needs `cargo xtask setup` for `--source kube`.
+    Control(bench_control::Args),
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup => setup::run(),
@@ -118,6 +131,11 @@ fn main() -> ExitCode {
         Task::Manifests => manifests::run(),
         Task::Images { debug, out } => images::run(debug, out),
         Task::Bench {
+            section: Some(BenchSection::Control(args)),
+            ..
+        } => bench_control::run(args),
+        Task::Bench {
+            section: None,
             json,
             duration_secs,
             profile,
