@@ -78,17 +78,26 @@ pub fn run(args: Args) -> Result<()> {
         Sources::Kube => &["kube"],
         Sources::Both => &["dir", "kube"],
     };
-    let work = std::env::temp_dir().join(format!("trellis-bench-control-{}", std::process::id()));
     let rt = tokio::runtime::Runtime::new()?;
     let mut reports = Vec::new();
     for source in sources {
-        let dir = work.join(source);
+        let dir = std::env::temp_dir().join(format!(
+            "trellis-bench-control-{}-{source}",
+            std::process::id()
+        ));
         fs::create_dir_all(&dir)?;
-        let report = rt.block_on(bench(source, &bin, &dir, args.changes));
+        // Kept when the run fails: control's log is there.
+        let report = rt
+            .block_on(bench(source, &bin, &dir, args.changes))
+            .with_context(|| {
+                format!(
+                    "bench control, source {source} (files in {})",
+                    dir.display()
+                )
+            })?;
         let _ = fs::remove_dir_all(&dir);
-        reports.push(report.with_context(|| format!("bench control, source {source}"))?);
+        reports.push(report);
     }
-    let _ = fs::remove_dir_all(&work);
     report::print(&reports, args.changes);
     if let Some(path) = args.json {
         let all = json!({
