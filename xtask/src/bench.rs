@@ -74,19 +74,7 @@ pub fn run(
         bail!("iperf3 is missing (cargo xtask setup installs it)");
     }
     haproxy::binary()?;
-    // Numbers come from optimized builds of everything that is measured.
-    cmd::run(cmd::cargo().args([
-        "build",
-        "--release",
-        "--bins",
-        "-p",
-        "trellis-agent",
-        "-p",
-        "trellis-control",
-        "-p",
-        "trellis-e2e",
-    ]))?;
-    let bin_dir = cmd::target_dir().join("release");
+    let bin_dir = build_release()?;
     // SAFETY: no other thread runs yet; the harness reads this to find its binaries.
     unsafe { std::env::set_var("TRELLIS_BIN_DIR", &bin_dir) };
     eprintln!("bench: binaries from {}", bin_dir.display());
@@ -100,6 +88,24 @@ pub fn run(
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Numbers come from optimized builds of everything that is measured. `bench control` builds
+/// the same set, so both share one set of features and release artifacts (another set would
+/// rebuild shared dependencies). Returns the directory of the binaries.
+pub fn build_release() -> Result<PathBuf> {
+    cmd::run(cmd::cargo().args([
+        "build",
+        "--release",
+        "--bins",
+        "-p",
+        "trellis-agent",
+        "-p",
+        "trellis-control",
+        "-p",
+        "trellis-e2e",
+    ]))?;
+    Ok(cmd::target_dir().join("release"))
 }
 
 /// Brings the cluster up, runs the phases, and returns every figure. Everything made here is

@@ -25,8 +25,6 @@ use tokio::{sync::watch, time::Instant};
 use agents::{Applied, Credentials, Expect};
 use cluster::{Change, Cluster};
 
-use crate::cmd;
-
 #[derive(clap::Args)]
 pub struct Args {
     /// Also write every raw figure to this JSON file.
@@ -59,20 +57,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--changes must be 1..=1000");
     }
     crate::setup::tools()?;
-    // The same build as `cargo xtask bench`'s: one set of packages, so one set of features and
-    // one set of release artifacts for both (another would rebuild shared dependencies).
-    cmd::run(cmd::cargo().args([
-        "build",
-        "--release",
-        "--bins",
-        "-p",
-        "trellis-agent",
-        "-p",
-        "trellis-control",
-        "-p",
-        "trellis-e2e",
-    ]))?;
-    let bin = cmd::target_dir().join("release/trellis-control");
+    let bin = crate::bench::build_release()?.join("trellis-control");
     let sources: &[&str] = match args.source {
         Sources::Dir => &["dir"],
         Sources::Kube => &["kube"],

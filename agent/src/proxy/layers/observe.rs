@@ -69,7 +69,7 @@ pub fn layer(pod: Arc<PodCtx>, shared: Arc<Shared>) -> impl Layer<Next, Service 
                 request_bytes,
                 response_bytes: resp.body().size_hint().exact().unwrap_or(0),
             };
-            let labels = |key: &Key| {
+            let label_set = |key: &Key| {
                 let mut tcp = labels(
                     "source",
                     key.source.as_deref(),
@@ -87,7 +87,7 @@ pub fn layer(pod: Arc<PodCtx>, shared: Arc<Shared>) -> impl Layer<Next, Service 
                     response_code: key.code,
                 }
             };
-            requests.record_with(&shared.metrics, key, labels, figures);
+            requests.record_with(&shared.metrics, key, label_set, figures);
             resp
         }
     })
