@@ -1,11 +1,18 @@
 //! Compiles the cluster model into what one node's agent needs: its own enrolled workloads, the
 //! enrolled pods on other nodes (peers), every service with endpoints derived from running pods,
 //! and the mesh policies that apply there.
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
 
+use tokio::sync::watch;
+use tracing::error;
 use trellis_api as api;
 
 use crate::{
+    metrics::Metrics,
     model::{Cluster, PodInfo, ServiceInfo, TargetPort},
     routes::{self, Policies},
     tcp_routes,
@@ -40,95 +47,202 @@ impl Mesh {
 /// A resource's kind and name (as in `api::ResourceKey`).
 pub type Key = (i32, String);
 
-/// A node's config, keyed so two versions can be diffed.
-pub type NodeConfig = BTreeMap<Key, api::Resource>;
+/// A node's config, keyed so two versions can be diffed. The resources are shared with the
+/// compile they came from and with every other node's config.
+pub type NodeConfig = BTreeMap<Key, Arc<api::Resource>>;
 
 pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
-pub fn node_config(cluster: &Cluster, node: &str, mesh: &Mesh) -> NodeConfig {
-    let trust_domain = mesh.trust_domain.as_str();
-    let mut out = NodeConfig::new();
-    let local: Vec<&PodInfo> = cluster
-        .pods
-        .values()
-        .filter(|p| p.node == node && p.running && cluster.in_mesh(p))
-        .collect();
-    let policies = Policies::new(cluster);
-    for p in cluster
-        .pods
-        .values()
-        .filter(|p| p.running && cluster.in_mesh(p))
-    {
-        let w = api::Workload {
-            uid: p.uid.clone(),
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
-            service_account: p.service_account.clone(),
-            ips: p.ips.iter().map(ToString::to_string).collect(),
-            labels: p.labels.clone().into_iter().collect(),
-            identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
-            node: p.node.clone(),
-            registry_only: p.node == node && cluster.registry_only(&p.namespace, mesh),
-            gateway_ports: if p.node == node {
-                crate::gateways::ports(cluster, &policies, p)
-            } else {
-                Vec::new()
-            },
-        };
-        let (kind, resource) = if p.node == node {
-            (api::Kind::Workload, api::resource::Resource::Workload(w))
-        } else {
-            (api::Kind::Peer, api::resource::Resource::Peer(w))
-        };
-        insert(&mut out, kind, p.uid.clone(), resource);
-    }
-    let by_label = PodsByLabel::new(cluster);
-    for s in cluster.services.values() {
-        let svc = service(cluster, &policies, &by_label, s, trust_domain);
-        insert(
-            &mut out,
-            api::Kind::Service,
-            format!("{}/{}", s.namespace, s.name),
-            api::resource::Resource::Service(svc),
-        );
-    }
-    for svc in crate::service_entries::services(cluster, &policies, trust_domain) {
-        insert(
-            &mut out,
-            api::Kind::Service,
-            format!("{}/{}", svc.namespace, svc.name),
-            api::resource::Resource::Service(svc),
-        );
-    }
-    for (key, p) in &cluster.policies {
-        let security = matches!(p.kind, "AuthorizationPolicy" | "PeerAuthentication");
-        // Server-side policies matter only where their namespace has workloads (or mesh-wide).
-        if security
-            && p.namespace != mesh.root_namespace
-            && !local.iter().any(|w| w.namespace == p.namespace)
-        {
-            continue;
-        }
-        let policy = api::Policy {
-            kind: p.kind.to_owned(),
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
-            spec_json: p.spec.to_string(),
-        };
-        insert(
-            &mut out,
-            api::Kind::Policy,
-            key.clone(),
-            api::resource::Resource::Policy(policy),
-        );
-    }
-    out
+/// The cluster compiled once for every node. Nodes differ only in which pods are theirs
+/// (workloads, with the fields only their own agent needs, rather than peers) and in which
+/// security policies reach them.
+#[derive(Default)]
+pub struct Compiled {
+    /// Running enrolled pods, by UID.
+    pods: BTreeMap<String, CompiledPod>,
+    /// Services, ServiceEntries and routing policies: the same on every node.
+    shared: BTreeMap<Key, Arc<api::Resource>>,
+    /// AuthorizationPolicies and PeerAuthentications, with their namespace.
+    security: BTreeMap<Key, (String, Arc<api::Resource>)>,
+    root_namespace: String,
 }
 
-fn insert(out: &mut NodeConfig, kind: api::Kind, name: String, r: api::resource::Resource) {
-    out.insert((kind as i32, name), api::Resource { resource: Some(r) });
+struct CompiledPod {
+    node: String,
+    namespace: String,
+    /// As its own node's agent gets it, and as every other node's does.
+    workload: Arc<api::Resource>,
+    peer: Arc<api::Resource>,
+}
+
+impl Compiled {
+    /// Compiles `cluster`. A resource equal to its version in `previous` is that version, so the
+    /// nodes' diffs see it unchanged without comparing it again.
+    pub fn new(cluster: &Cluster, mesh: &Mesh, previous: Option<&Compiled>) -> Self {
+        let trust_domain = mesh.trust_domain.as_str();
+        let policies = Policies::new(cluster);
+        let mut pods = BTreeMap::new();
+        for p in cluster
+            .pods
+            .values()
+            .filter(|p| p.running && cluster.in_mesh(p))
+        {
+            let peer = api::Workload {
+                uid: p.uid.clone(),
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                service_account: p.service_account.clone(),
+                ips: p.ips.iter().map(ToString::to_string).collect(),
+                labels: p.labels.clone().into_iter().collect(),
+                identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
+                node: p.node.clone(),
+                registry_only: false,
+                gateway_ports: Vec::new(),
+            };
+            let workload = api::Workload {
+                registry_only: cluster.registry_only(&p.namespace, mesh),
+                gateway_ports: crate::gateways::ports(cluster, &policies, p),
+                ..peer.clone()
+            };
+            let old = previous.and_then(|c| c.pods.get(&p.uid));
+            let compiled = CompiledPod {
+                node: p.node.clone(),
+                namespace: p.namespace.clone(),
+                workload: reuse(
+                    old.map(|o| &o.workload),
+                    api::resource::Resource::Workload(workload),
+                ),
+                peer: reuse(old.map(|o| &o.peer), api::resource::Resource::Peer(peer)),
+            };
+            pods.insert(p.uid.clone(), compiled);
+        }
+        let mut shared = BTreeMap::new();
+        let mut share = |kind: api::Kind, name: String, r: api::resource::Resource| {
+            let key = (kind as i32, name);
+            let old = previous.and_then(|c| c.shared.get(&key));
+            let r = reuse(old, r);
+            shared.insert(key, r);
+        };
+        let by_label = PodsByLabel::new(cluster);
+        for s in cluster.services.values() {
+            let svc = service(cluster, &policies, &by_label, s, trust_domain);
+            share(
+                api::Kind::Service,
+                format!("{}/{}", s.namespace, s.name),
+                api::resource::Resource::Service(svc),
+            );
+        }
+        for svc in crate::service_entries::services(cluster, &policies, trust_domain) {
+            share(
+                api::Kind::Service,
+                format!("{}/{}", svc.namespace, svc.name),
+                api::resource::Resource::Service(svc),
+            );
+        }
+        let mut security = BTreeMap::new();
+        for (key, p) in &cluster.policies {
+            let policy = api::resource::Resource::Policy(api::Policy {
+                kind: p.kind.to_owned(),
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                spec_json: p.spec.to_string(),
+            });
+            if matches!(p.kind, "AuthorizationPolicy" | "PeerAuthentication") {
+                let key = (api::Kind::Policy as i32, key.clone());
+                let old = previous.and_then(|c| c.security.get(&key)).map(|(_, r)| r);
+                security.insert(key, (p.namespace.clone(), reuse(old, policy)));
+            } else {
+                share(api::Kind::Policy, key.clone(), policy);
+            }
+        }
+        Self {
+            pods,
+            shared,
+            security,
+            root_namespace: mesh.root_namespace.clone(),
+        }
+    }
+
+    /// What `node`'s agent gets.
+    pub fn node(&self, node: &str) -> NodeConfig {
+        let mut out = NodeConfig::new();
+        let mut local_namespaces = HashSet::new();
+        for (uid, p) in &self.pods {
+            let (kind, r) = if p.node == node {
+                local_namespaces.insert(p.namespace.as_str());
+                (api::Kind::Workload, &p.workload)
+            } else {
+                (api::Kind::Peer, &p.peer)
+            };
+            out.insert((kind as i32, uid.clone()), r.clone());
+        }
+        out.extend(self.shared.iter().map(|(k, r)| (k.clone(), r.clone())));
+        // Server-side policies matter only where their namespace has workloads (or mesh-wide).
+        for (key, (namespace, r)) in &self.security {
+            if *namespace == self.root_namespace || local_namespaces.contains(namespace.as_str()) {
+                out.insert(key.clone(), r.clone());
+            }
+        }
+        out
+    }
+}
+
+/// `previous` when it equals `new`, else `new`, shared.
+fn reuse(
+    previous: Option<&Arc<api::Resource>>,
+    new: api::resource::Resource,
+) -> Arc<api::Resource> {
+    let new = api::Resource {
+        resource: Some(new),
+    };
+    match previous {
+        Some(old) if **old == new => old.clone(),
+        _ => Arc::new(new),
+    }
+}
+
+/// `node`'s config compiled from `cluster` alone (for tests and fuzzing; control keeps the
+/// compile of the previous model to share with).
+pub fn node_config(cluster: &Cluster, node: &str, mesh: &Mesh) -> NodeConfig {
+    Compiled::new(cluster, mesh, None).node(node)
+}
+
+/// Compiles every version of the model into `out`, once for all nodes, off the runtime's
+/// threads (a large cluster takes a while). `out` holds None until the source has read the
+/// whole cluster: a config compiled before would tell the agents to drop what they serve.
+pub async fn follow(
+    mut model: watch::Receiver<Arc<Cluster>>,
+    mut ready: watch::Receiver<bool>,
+    mesh: Mesh,
+    out: watch::Sender<Option<Arc<Compiled>>>,
+    metrics: Arc<Metrics>,
+) {
+    if ready.wait_for(|r| *r).await.is_err() {
+        return;
+    }
+    loop {
+        let cluster = model.borrow_and_update().clone();
+        let previous = out.borrow().clone();
+        let mesh = mesh.clone();
+        let start = Instant::now();
+        let compiled = tokio::task::spawn_blocking(move || {
+            Compiled::new(&cluster, &mesh, previous.as_deref())
+        })
+        .await;
+        match compiled {
+            Ok(c) => {
+                metrics.compiled(start.elapsed());
+                out.send_replace(Some(Arc::new(c)));
+            }
+            // The nodes keep the last good compile; the next change is compiled afresh.
+            Err(e) => error!("compiling the cluster failed: {e}"),
+        }
+        if model.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Ready pods by (namespace, label key, label value), so a service's selector looks at the pods
@@ -222,7 +336,7 @@ fn service(
                     } else {
                         Vec::new()
                     },
-                    traffic_policy: routes::traffic_policy(cluster, policies, s),
+                    traffic_policy: routes::traffic_policy(policies, s),
                     tcp_route: if http {
                         None
                     } else {
@@ -261,8 +375,8 @@ pub fn diff(
 ) -> (Vec<(Key, api::Resource)>, Vec<api::ResourceKey>) {
     let upserts = new
         .iter()
-        .filter(|(k, v)| old.get(*k) != Some(*v))
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .filter(|(k, v)| !old.get(*k).is_some_and(|o| Arc::ptr_eq(o, v) || o == *v))
+        .map(|(k, v)| (k.clone(), api::Resource::clone(v)))
         .collect();
     let removals = old
         .keys()
@@ -512,6 +626,41 @@ mod tests {
         );
         assert_eq!(ups.len(), 1, "the service lost an endpoint");
         assert_eq!(diff(&new, &new), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_recompile_shares_what_did_not_change_so_nodes_diff_by_pointer() {
+        let mesh = Mesh::new("td");
+        let c = cluster();
+        let first = Compiled::new(&c, &mesh, None);
+        let mut c2 = c.clone();
+        if let Some(p) = c2.pods.values_mut().find(|p| p.uid == "bb") {
+            p.labels.insert("version".into(), "v2".into());
+        }
+        let second = Compiled::new(&c2, &mesh, Some(&first));
+        let (old, new) = (first.node("n1"), second.node("n1"));
+        let same = |kind: api::Kind, name: &str| {
+            let key = (kind as i32, name.to_owned());
+            Arc::ptr_eq(&old[&key], &new[&key])
+        };
+        assert!(same(api::Kind::Workload, "a"), "an untouched pod");
+        assert!(!same(api::Kind::Peer, "bb"), "the relabelled pod");
+        assert!(
+            !same(api::Kind::Service, "shop/reviews"),
+            "its endpoint's labels changed"
+        );
+        let (ups, rm) = diff(&old, &new);
+        assert_eq!(ups.len(), 2, "{ups:?}");
+        assert!(rm.is_empty());
+        // Every node's config holds the same shared resource.
+        let key = (api::Kind::Service as i32, "shop/reviews".to_owned());
+        assert!(Arc::ptr_eq(&new[&key], &second.node("n2")[&key]));
+        // A pod is a workload on its own node and a peer elsewhere.
+        assert!(
+            second
+                .node("n2")
+                .contains_key(&(api::Kind::Peer as i32, "a".into()))
+        );
     }
 
     #[test]

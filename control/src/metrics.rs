@@ -12,7 +12,7 @@ use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, ser
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 use tokio::{net::TcpListener, sync::watch};
@@ -29,7 +29,6 @@ pub struct SourceLabels {
     pub source: &'static str,
 }
 
-#[derive(Default)]
 pub struct Metrics {
     messages: Family<NodeLabels, Counter>,
     bytes: Family<NodeLabels, Counter>,
@@ -37,12 +36,25 @@ pub struct Metrics {
     undeliverable: Family<NodeLabels, Gauge>,
     source_restarts: Family<SourceLabels, Counter>,
     objects_rejected: Gauge,
+    compile_seconds: Histogram,
     registry: Registry,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        let mut m = Self::default();
+        let mut m = Self {
+            messages: Family::default(),
+            bytes: Family::default(),
+            largest: Family::default(),
+            undeliverable: Family::default(),
+            source_restarts: Family::default(),
+            objects_rejected: Gauge::default(),
+            // 1 ms to about 16 s.
+            compile_seconds: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+            ),
+            registry: Registry::default(),
+        };
         let mut r = Registry::default();
         r.register(
             "trellis_control_config_messages",
@@ -73,6 +85,11 @@ impl Metrics {
             "trellis_control_objects_rejected",
             "Objects (or whole files, in dir mode) rejected now; the errors are in the log",
             m.objects_rejected.clone(),
+        );
+        r.register(
+            "trellis_control_compile_seconds",
+            "Time to compile the cluster model once for every node, after a change",
+            m.compile_seconds.clone(),
         );
         m.registry = r;
         Arc::new(m)
@@ -105,6 +122,10 @@ impl Metrics {
     pub fn set_rejected(&self, count: usize) {
         self.objects_rejected
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub fn compiled(&self, took: std::time::Duration) {
+        self.compile_seconds.observe(took.as_secs_f64());
     }
 
     pub fn encode(&self) -> String {

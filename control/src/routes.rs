@@ -23,6 +23,11 @@ pub struct Policies<'a> {
     pub(crate) gateways: Vec<(&'a PolicyObject, GatewaySpec)>,
     /// Each ServiceEntry host's namespace (the first entry naming it, in key order).
     pub(crate) service_entry_hosts: HashMap<String, &'a str>,
+    /// The VirtualServices (indices into `virtual_services`, ascending) and DestinationRules
+    /// whose hosts name each Service, by (namespace, name): resolved once per compile, not once
+    /// per service port (every port checking every object was most of a large compile).
+    vs_by_service: HashMap<(&'a str, &'a str), Vec<usize>>,
+    dr_by_service: HashMap<(&'a str, &'a str), Vec<usize>>,
 }
 
 impl<'a> Policies<'a> {
@@ -49,14 +54,64 @@ impl<'a> Policies<'a> {
                     .or_insert(p.namespace.as_str());
             }
         }
+        let virtual_services: Vec<(&PolicyObject, VirtualServiceSpec)> =
+            parsed(cluster, "VirtualService");
+        let destination_rules: Vec<(&PolicyObject, DestinationRuleSpec)> =
+            parsed(cluster, "DestinationRule");
+        let vs_by_service = by_service(
+            cluster,
+            virtual_services
+                .iter()
+                .map(|(p, vs)| (p.namespace.as_str(), vs.hosts.as_slice())),
+        );
+        let dr_by_service = by_service(
+            cluster,
+            destination_rules
+                .iter()
+                .map(|(p, dr)| (p.namespace.as_str(), std::slice::from_ref(&dr.host))),
+        );
         Self {
-            virtual_services: parsed(cluster, "VirtualService"),
-            destination_rules: parsed(cluster, "DestinationRule"),
+            virtual_services,
+            destination_rules,
             service_entries,
             gateways: parsed(cluster, "Gateway"),
             service_entry_hosts,
+            vs_by_service,
+            dr_by_service,
         }
     }
+}
+
+/// The objects (by index) whose hosts, written in their namespace, resolve to each Service.
+fn by_service<'a, 'h>(
+    cluster: &'a Cluster,
+    objects: impl Iterator<Item = (&'h str, &'h [String])>,
+) -> HashMap<(&'a str, &'a str), Vec<usize>> {
+    let mut index: HashMap<_, Vec<usize>> = HashMap::new();
+    for (i, (namespace, hosts)) in objects.enumerate() {
+        for h in hosts {
+            if let Some(s) = resolve(cluster, h, namespace) {
+                let objects = index
+                    .entry((s.namespace.as_str(), s.name.as_str()))
+                    .or_default();
+                // Two hosts of one object naming the same Service.
+                if objects.last() != Some(&i) {
+                    objects.push(i);
+                }
+            }
+        }
+    }
+    index
+}
+
+/// The indices `index` holds for `svc`, ascending.
+fn indices<'i>(
+    index: &'i HashMap<(&'i str, &'i str), Vec<usize>>,
+    svc: &'i ServiceInfo,
+) -> &'i [usize] {
+    index
+        .get(&(svc.namespace.as_str(), svc.name.as_str()))
+        .map_or(&[], Vec::as_slice)
 }
 
 /// `host` as written in an object in `namespace`, resolved to a Service.
@@ -82,10 +137,6 @@ pub(crate) fn weight(given: Option<i32>, single: bool) -> u32 {
     }
 }
 
-fn same(a: &ServiceInfo, b: &ServiceInfo) -> bool {
-    a.namespace == b.namespace && a.name == b.name
-}
-
 /// The routes of `svc`'s HTTP port `port`, from every VirtualService bound to the mesh naming
 /// `svc` (ordered by namespace and name; first match wins).
 pub fn http_routes(
@@ -94,15 +145,10 @@ pub fn http_routes(
     svc: &ServiceInfo,
     port: &PortInfo,
 ) -> Vec<api::HttpRoute> {
-    policies
-        .virtual_services
+    indices(&policies.vs_by_service, svc)
         .iter()
+        .map(|&i| &policies.virtual_services[i])
         .filter(|(_, vs)| vs.binds_mesh())
-        .filter(|(p, vs)| {
-            vs.hosts
-                .iter()
-                .any(|h| resolve(cluster, h, &p.namespace).is_some_and(|s| same(s, svc)))
-        })
         .flat_map(|(p, vs)| {
             (0..vs.http.len()).filter_map(|i| compile_http(cluster, policies, p, vs, i, port.port))
         })
@@ -148,7 +194,7 @@ pub(crate) fn compile_http(
             let dst = resolve(cluster, &d.destination.host, &p.namespace)?;
             let subset = d.destination.subset.clone().unwrap_or_default();
             let (subset_labels, subset_traffic_policy) =
-                subset_of(cluster, policies, dst, &subset, &p.namespace);
+                subset_of(policies, dst, &subset, &p.namespace);
             Some(api::WeightedDestination {
                 service: format!("{}/{}", dst.namespace, dst.name),
                 port: d.destination.port.as_ref().map_or(0, |p| p.number),
@@ -185,7 +231,7 @@ pub(crate) fn compile_http(
             let dst = resolve(cluster, &m.host, &p.namespace)?;
             let subset = m.subset.clone().unwrap_or_default();
             let (subset_labels, subset_traffic_policy) =
-                subset_of(cluster, policies, dst, &subset, &p.namespace);
+                subset_of(policies, dst, &subset, &p.namespace);
             Some(api::WeightedDestination {
                 service: format!("{}/{}", dst.namespace, dst.name),
                 port: m.port.as_ref().map_or(0, |p| p.number),
@@ -231,15 +277,13 @@ pub(crate) fn compile_http(
 
 /// The DestinationRules for `dst`: the client's namespace first, then the service's, then any.
 fn rules_for<'p>(
-    cluster: &Cluster,
     policies: &'p Policies,
     dst: &ServiceInfo,
     client_ns: &str,
 ) -> Vec<&'p DestinationRuleSpec> {
-    let mut rules: Vec<(&str, &DestinationRuleSpec)> = policies
-        .destination_rules
+    let mut rules: Vec<(&str, &DestinationRuleSpec)> = indices(&policies.dr_by_service, dst)
         .iter()
-        .filter(|(p, dr)| resolve(cluster, &dr.host, &p.namespace).is_some_and(|s| same(s, dst)))
+        .map(|&i| &policies.destination_rules[i])
         .map(|(p, dr)| (p.namespace.as_str(), dr))
         .collect();
     rules.sort_by_key(|(ns, _)| (*ns != client_ns, *ns != dst.namespace));
@@ -247,12 +291,8 @@ fn rules_for<'p>(
 }
 
 /// The service-level trafficPolicy of the first DestinationRule for `svc`.
-pub fn traffic_policy(
-    cluster: &Cluster,
-    policies: &Policies,
-    svc: &ServiceInfo,
-) -> Option<api::TrafficPolicy> {
-    rules_for(cluster, policies, svc, &svc.namespace)
+pub fn traffic_policy(policies: &Policies, svc: &ServiceInfo) -> Option<api::TrafficPolicy> {
+    rules_for(policies, svc, &svc.namespace)
         .into_iter()
         .find_map(|dr| dr.traffic_policy.as_ref())
         .map(compile_policy)
@@ -260,7 +300,6 @@ pub fn traffic_policy(
 
 /// The labels and trafficPolicy of `subset` of `dst`. A subset no rule defines selects nothing.
 fn subset_of(
-    cluster: &Cluster,
     policies: &Policies,
     dst: &ServiceInfo,
     subset: &str,
@@ -269,7 +308,7 @@ fn subset_of(
     if subset.is_empty() {
         return Default::default();
     }
-    let rules = rules_for(cluster, policies, dst, client_ns);
+    let rules = rules_for(policies, dst, client_ns);
     match rules
         .iter()
         .find_map(|dr| dr.subsets.iter().find(|s| s.name == subset))

@@ -147,7 +147,23 @@ pub async fn start(cfg: ControlConfig) -> Result<Control> {
         root_namespace: cfg.root_namespace.clone(),
         registry_only: cfg.registry_only,
     };
-    let state = ControlState::new(model_rx, ready_rx, ca, auth, mesh, metrics.clone());
+    let (compiled, compiled_rx) = watch::channel(None);
+    tasks.push(tokio::spawn(crate::compile::follow(
+        model_rx.clone(),
+        ready_rx.clone(),
+        mesh.clone(),
+        compiled,
+        metrics.clone(),
+    )));
+    let state = ControlState::new(
+        model_rx,
+        ready_rx,
+        compiled_rx,
+        ca,
+        auth,
+        mesh,
+        metrics.clone(),
+    );
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {} (set --listen)", cfg.listen))?;

@@ -19,7 +19,7 @@ use crate::{
     auth::Authenticator,
     ca::{Ca, SignError},
     chunks::{self, Oversized},
-    compile::{self, NodeConfig},
+    compile::{self, Compiled, NodeConfig},
     metrics::Metrics,
     model::Cluster,
 };
@@ -42,6 +42,8 @@ pub struct ControlState {
     pub model: watch::Receiver<Arc<Cluster>>,
     /// False until the source has read the cluster once; nothing is served before.
     ready: watch::Receiver<bool>,
+    /// The model compiled for every node (`compile::follow`); None before it is ready.
+    compiled: watch::Receiver<Option<Arc<Compiled>>>,
     pub ca: Ca,
     pub auth: Authenticator,
     /// Mesh-wide settings every node's config is compiled with.
@@ -54,6 +56,7 @@ impl ControlState {
     pub fn new(
         model: watch::Receiver<Arc<Cluster>>,
         ready: watch::Receiver<bool>,
+        compiled: watch::Receiver<Option<Arc<Compiled>>>,
         ca: Ca,
         auth: Authenticator,
         mesh: compile::Mesh,
@@ -62,6 +65,7 @@ impl ControlState {
         Arc::new(Self {
             model,
             ready,
+            compiled,
             ca,
             auth,
             mesh,
@@ -197,60 +201,81 @@ async fn stream_updates(
     node: &str,
     tx: mpsc::Sender<Result<api::ConfigUpdate, Status>>,
 ) {
-    // A snapshot before the first full read of the cluster would tell the agent to drop
-    // everything it serves.
-    if state.ready.clone().wait_for(|r| *r).await.is_err() {
-        return;
-    }
-    let mut model = state.model.clone();
-    let mesh = state.mesh.clone();
+    let mut compiled = state.compiled.clone();
     // What the node holds: what was compiled for it, less what could not be delivered.
     let mut sent: Option<NodeConfig> = None;
     let mut reported: Vec<Oversized> = Vec::new();
     loop {
-        let cluster = model.borrow_and_update().clone();
-        let mut delivered = compile::node_config(&cluster, node, &mesh);
-        let (mut upserts, removals, snapshot) = match &sent {
-            None => (delivered.clone().into_iter().collect(), Vec::new(), true),
-            Some(old) => {
-                let (u, r) = compile::diff(old, &delivered);
-                (u, r, false)
-            }
-        };
-        let oversized = chunks::withhold_oversized(&mut upserts, chunks::MAX_RESOURCE_BYTES);
-        for o in &oversized {
-            // The node keeps the version it has, if any; the diff retries it on every change.
-            match sent.as_ref().and_then(|s| s.get(&o.key)) {
-                Some(old) => delivered.insert(o.key.clone(), old.clone()),
-                None => delivered.remove(&o.key),
-            };
-        }
-        if oversized != reported {
-            report_oversized(state, node, &oversized);
-            reported = oversized;
-        }
-        if snapshot || !upserts.is_empty() || !removals.is_empty() {
-            let header = api::ConfigUpdate {
-                version: state.next_version(node),
-                snapshot,
-                trust_domain: mesh.trust_domain.clone(),
-                root_namespace: mesh.root_namespace.clone(),
-                ..Default::default()
-            };
-            let upserts = upserts.into_iter().map(|(_, r)| r).collect();
-            for msg in chunks::split(&header, upserts, removals, chunks::CHUNK_BYTES) {
-                state.metrics.message_sent(node, msg.encoded_len());
-                if tx.send(Ok(msg)).await.is_err() {
-                    return; // the agent went away
-                }
-            }
-            sent = Some(delivered);
+        // None until the source has read the whole cluster: nothing is sent before.
+        let current = compiled.borrow_and_update().clone();
+        if let Some(current) = current
+            && !send(state, node, &tx, &current, &mut sent, &mut reported).await
+        {
+            return; // the agent went away
         }
         tokio::select! {
-            changed = model.changed() => if changed.is_err() { return },
+            changed = compiled.changed() => if changed.is_err() { return },
             () = tx.closed() => return,
         }
     }
+}
+
+/// Sends `node` what changed from what it holds (`sent`) to `compiled`: a snapshot the first
+/// time. False when the agent went away.
+async fn send(
+    state: &ControlState,
+    node: &str,
+    tx: &mpsc::Sender<Result<api::ConfigUpdate, Status>>,
+    compiled: &Compiled,
+    sent: &mut Option<NodeConfig>,
+    reported: &mut Vec<Oversized>,
+) -> bool {
+    let mesh = &state.mesh;
+    let mut delivered = compiled.node(node);
+    let (mut upserts, removals, snapshot) = match &*sent {
+        None => (
+            delivered
+                .iter()
+                .map(|(k, r)| (k.clone(), api::Resource::clone(r)))
+                .collect(),
+            Vec::new(),
+            true,
+        ),
+        Some(old) => {
+            let (u, r) = compile::diff(old, &delivered);
+            (u, r, false)
+        }
+    };
+    let oversized = chunks::withhold_oversized(&mut upserts, chunks::MAX_RESOURCE_BYTES);
+    for o in &oversized {
+        // The node keeps the version it has, if any; the diff retries it on every change.
+        match sent.as_ref().and_then(|s| s.get(&o.key)) {
+            Some(old) => delivered.insert(o.key.clone(), old.clone()),
+            None => delivered.remove(&o.key),
+        };
+    }
+    if oversized != *reported {
+        report_oversized(state, node, &oversized);
+        *reported = oversized;
+    }
+    if snapshot || !upserts.is_empty() || !removals.is_empty() {
+        let header = api::ConfigUpdate {
+            version: state.next_version(node),
+            snapshot,
+            trust_domain: mesh.trust_domain.clone(),
+            root_namespace: mesh.root_namespace.clone(),
+            ..Default::default()
+        };
+        let upserts = upserts.into_iter().map(|(_, r)| r).collect();
+        for msg in chunks::split(&header, upserts, removals, chunks::CHUNK_BYTES) {
+            state.metrics.message_sent(node, msg.encoded_len());
+            if tx.send(Ok(msg)).await.is_err() {
+                return false;
+            }
+        }
+        *sent = Some(delivered);
+    }
+    true
 }
 
 fn report_oversized(state: &ControlState, node: &str, oversized: &[Oversized]) {

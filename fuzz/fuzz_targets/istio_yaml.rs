@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
         let update = api::ConfigUpdate {
             version: 1,
             snapshot: true,
-            upserts: compiled.into_values().collect(),
+            upserts: compiled.values().map(|r| api::Resource::clone(r)).collect(),
             trust_domain: "cluster.local".into(),
             ..Default::default()
         };
