@@ -61,20 +61,33 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
 #[derive(Default)]
 pub struct Compiled {
     /// Running enrolled pods, by UID.
-    pods: BTreeMap<String, CompiledPod>,
+    pub(crate) pods: BTreeMap<String, CompiledPod>,
     /// Services, ServiceEntries and routing policies: the same on every node.
-    shared: BTreeMap<Key, Arc<api::Resource>>,
+    pub(crate) shared: BTreeMap<Key, Arc<api::Resource>>,
     /// AuthorizationPolicies and PeerAuthentications, with their namespace.
-    security: BTreeMap<Key, (String, Arc<api::Resource>)>,
+    pub(crate) security: BTreeMap<Key, (String, Arc<api::Resource>)>,
+    /// The namespaces each node has pods of.
+    namespaces: HashMap<String, HashSet<String>>,
     root_namespace: String,
 }
 
-struct CompiledPod {
+pub(crate) struct CompiledPod {
     node: String,
     namespace: String,
     /// As its own node's agent gets it, and as every other node's does.
     workload: Arc<api::Resource>,
     peer: Arc<api::Resource>,
+}
+
+impl CompiledPod {
+    /// The pod's kind and resource as `node` gets it.
+    pub(crate) fn on(&self, node: &str) -> (api::Kind, &Arc<api::Resource>) {
+        if self.node == node {
+            (api::Kind::Workload, &self.workload)
+        } else {
+            (api::Kind::Peer, &self.peer)
+        }
+    }
 }
 
 impl Compiled {
@@ -157,35 +170,59 @@ impl Compiled {
                 share(api::Kind::Policy, key.clone(), policy);
             }
         }
+        let mut namespaces: HashMap<String, HashSet<String>> = HashMap::new();
+        for p in pods.values() {
+            namespaces
+                .entry(p.node.clone())
+                .or_default()
+                .insert(p.namespace.clone());
+        }
         Self {
             pods,
             shared,
             security,
+            namespaces,
             root_namespace: mesh.root_namespace.clone(),
         }
     }
 
-    /// What `node`'s agent gets.
+    /// What `node`'s agent gets, whole.
     pub fn node(&self, node: &str) -> NodeConfig {
         let mut out = NodeConfig::new();
-        let mut local_namespaces = HashSet::new();
         for (uid, p) in &self.pods {
-            let (kind, r) = if p.node == node {
-                local_namespaces.insert(p.namespace.as_str());
-                (api::Kind::Workload, &p.workload)
-            } else {
-                (api::Kind::Peer, &p.peer)
-            };
+            let (kind, r) = p.on(node);
             out.insert((kind as i32, uid.clone()), r.clone());
         }
         out.extend(self.shared.iter().map(|(k, r)| (k.clone(), r.clone())));
-        // Server-side policies matter only where their namespace has workloads (or mesh-wide).
         for (key, (namespace, r)) in &self.security {
-            if *namespace == self.root_namespace || local_namespaces.contains(namespace.as_str()) {
+            if self.reaches(namespace, node) {
                 out.insert(key.clone(), r.clone());
             }
         }
         out
+    }
+
+    /// Whether a security policy in `namespace` goes to `node`: server-side policies matter only
+    /// where their namespace has workloads (or mesh-wide).
+    pub(crate) fn reaches(&self, namespace: &str, node: &str) -> bool {
+        namespace == self.root_namespace
+            || self
+                .namespaces
+                .get(node)
+                .is_some_and(|n| n.contains(namespace))
+    }
+
+    /// What `node` gets under `key`, if anything.
+    pub fn get(&self, node: &str, key: &Key) -> Option<&Arc<api::Resource>> {
+        let (kind, name) = key;
+        if *kind == api::Kind::Workload as i32 || *kind == api::Kind::Peer as i32 {
+            let (k, r) = self.pods.get(name)?.on(node);
+            return (k as i32 == *kind).then_some(r);
+        }
+        self.shared.get(key).or_else(|| {
+            let (namespace, r) = self.security.get(key)?;
+            self.reaches(namespace, node).then_some(r)
+        })
     }
 }
 
@@ -368,31 +405,13 @@ pub fn protocol(app_protocol: Option<&str>, port_name: &str) -> api::Protocol {
         .unwrap_or(api::Protocol::Tcp)
 }
 
-/// What changed from `old` to `new`: (upserts with their keys, removals).
-pub fn diff(
-    old: &NodeConfig,
-    new: &NodeConfig,
-) -> (Vec<(Key, api::Resource)>, Vec<api::ResourceKey>) {
-    let upserts = new
-        .iter()
-        .filter(|(k, v)| !old.get(*k).is_some_and(|o| Arc::ptr_eq(o, v) || o == *v))
-        .map(|(k, v)| (k.clone(), api::Resource::clone(v)))
-        .collect();
-    let removals = old
-        .keys()
-        .filter(|k| !new.contains_key(*k))
-        .map(|(kind, name)| api::ResourceKey {
-            kind: *kind,
-            name: name.clone(),
-        })
-        .collect();
-    (upserts, removals)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{MESH_LABEL, Object, PortInfo};
+    use crate::{
+        held::Held,
+        model::{MESH_LABEL, Object, PortInfo},
+    };
 
     fn pod(uid: &str, ns: &str, node: &str, labels: &[(&str, &str)]) -> Object {
         Object::Pod(PodInfo {
@@ -610,13 +629,15 @@ mod tests {
     }
 
     #[test]
-    fn diff_reports_upserts_and_removals() {
+    fn changes_are_upserts_and_removals() {
+        let mesh = Mesh::new("td");
         let c = cluster();
-        let old = node_config(&c, "n1", &Mesh::new("td"));
+        let old = Arc::new(Compiled::new(&c, &mesh, None));
         let mut c2 = c.clone();
         c2.pods.remove("a");
-        let new = node_config(&c2, "n1", &Mesh::new("td"));
-        let (ups, rm) = diff(&old, &new);
+        let new = Compiled::new(&c2, &mesh, Some(&old));
+        let held = Held::new(old.clone(), Default::default());
+        let (ups, rm) = held.changes("n1", &new);
         assert_eq!(
             rm,
             [api::ResourceKey {
@@ -625,7 +646,57 @@ mod tests {
             }]
         );
         assert_eq!(ups.len(), 1, "the service lost an endpoint");
-        assert_eq!(diff(&new, &new), (vec![], vec![]));
+        assert_eq!(held.changes("n1", &old), (vec![], vec![]));
+        // Fresh compiles (nothing shared) compare by value: still no change.
+        let again = Compiled::new(&c, &mesh, None);
+        assert_eq!(held.changes("n1", &again), (vec![], vec![]));
+        // On another node, `a` is a peer.
+        let (_, rm) = held.changes("n2", &new);
+        assert_eq!(rm[0].kind, api::Kind::Peer as i32);
+    }
+
+    #[test]
+    fn what_a_node_kept_instead_is_compared_afresh() {
+        let mesh = Mesh::new("td");
+        let c = cluster();
+        let compiled = Arc::new(Compiled::new(&c, &mesh, None));
+        let key = (api::Kind::Service as i32, "shop/reviews".to_owned());
+        // The node never got the service (too large): it is sent until it arrives.
+        let held = Held::new(compiled.clone(), [(key.clone(), None)].into());
+        let (ups, rm) = held.changes("n1", &compiled);
+        assert_eq!((ups.len(), rm.len()), (1, 0));
+        assert_eq!(ups[0].0, key);
+        assert_eq!(held.get("n1", &key), None);
+        // Deleted meanwhile: nothing to remove on a node that never had it.
+        let mut c2 = c.clone();
+        c2.services.clear();
+        let gone = Compiled::new(&c2, &mesh, Some(&compiled));
+        let (ups, rm) = held.changes("n1", &gone);
+        assert!(ups.is_empty() && rm.is_empty(), "{ups:?} {rm:?}");
+    }
+
+    #[test]
+    fn security_policies_follow_the_namespaces_a_node_has_pods_of() {
+        let mesh = Mesh::new("td");
+        let mut c = cluster();
+        c.insert(Object::Policy(crate::istio::PolicyObject {
+            kind: "AuthorizationPolicy",
+            namespace: "shop".into(),
+            name: "deny".into(),
+            spec: serde_json::json!({}),
+        }));
+        let old = Arc::new(Compiled::new(&c, &mesh, None));
+        let key = (
+            api::Kind::Policy as i32,
+            "AuthorizationPolicy/shop/deny".to_owned(),
+        );
+        assert!(old.get("n1", &key).is_some());
+        assert!(old.get("n3", &key).is_none(), "no shop pod on n3");
+        let mut c2 = c.clone();
+        c2.insert(pod("eeeee", "shop", "n3", &[("app", "web")]));
+        let new = Compiled::new(&c2, &mesh, Some(&old));
+        let (ups, _) = Held::new(old, Default::default()).changes("n3", &new);
+        assert!(ups.iter().any(|(k, _)| *k == key), "{ups:?}");
     }
 
     #[test]
@@ -639,6 +710,7 @@ mod tests {
         }
         let second = Compiled::new(&c2, &mesh, Some(&first));
         let (old, new) = (first.node("n1"), second.node("n1"));
+        let first = Arc::new(first);
         let same = |kind: api::Kind, name: &str| {
             let key = (kind as i32, name.to_owned());
             Arc::ptr_eq(&old[&key], &new[&key])
@@ -649,7 +721,7 @@ mod tests {
             !same(api::Kind::Service, "shop/reviews"),
             "its endpoint's labels changed"
         );
-        let (ups, rm) = diff(&old, &new);
+        let (ups, rm) = Held::new(first, Default::default()).changes("n1", &second);
         assert_eq!(ups.len(), 2, "{ups:?}");
         assert!(rm.is_empty());
         // Every node's config holds the same shared resource.

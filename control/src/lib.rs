@@ -5,6 +5,7 @@ pub mod ca;
 pub mod chunks;
 pub mod compile;
 pub mod gateways;
+pub mod held;
 pub mod install;
 pub mod istio;
 pub mod metrics;

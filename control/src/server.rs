@@ -19,7 +19,8 @@ use crate::{
     auth::Authenticator,
     ca::{Ca, SignError},
     chunks::{self, Oversized},
-    compile::{self, Compiled, NodeConfig},
+    compile::{self, Compiled},
+    held::Held,
     metrics::Metrics,
     model::Cluster,
 };
@@ -202,14 +203,13 @@ async fn stream_updates(
     tx: mpsc::Sender<Result<api::ConfigUpdate, Status>>,
 ) {
     let mut compiled = state.compiled.clone();
-    // What the node holds: what was compiled for it, less what could not be delivered.
-    let mut sent: Option<NodeConfig> = None;
+    let mut held: Option<Held> = None;
     let mut reported: Vec<Oversized> = Vec::new();
     loop {
         // None until the source has read the whole cluster: nothing is sent before.
         let current = compiled.borrow_and_update().clone();
         if let Some(current) = current
-            && !send(state, node, &tx, &current, &mut sent, &mut reported).await
+            && !send(state, node, &tx, &current, &mut held, &mut reported).await
         {
             return; // the agent went away
         }
@@ -220,40 +220,37 @@ async fn stream_updates(
     }
 }
 
-/// Sends `node` what changed from what it holds (`sent`) to `compiled`: a snapshot the first
+/// Sends `node` what changed from what it holds (`held`) to `compiled`: a snapshot the first
 /// time. False when the agent went away.
 async fn send(
     state: &ControlState,
     node: &str,
     tx: &mpsc::Sender<Result<api::ConfigUpdate, Status>>,
-    compiled: &Compiled,
-    sent: &mut Option<NodeConfig>,
+    compiled: &Arc<Compiled>,
+    held: &mut Option<Held>,
     reported: &mut Vec<Oversized>,
 ) -> bool {
     let mesh = &state.mesh;
-    let mut delivered = compiled.node(node);
-    let (mut upserts, removals, snapshot) = match &*sent {
-        None => (
-            delivered
-                .iter()
-                .map(|(k, r)| (k.clone(), api::Resource::clone(r)))
-                .collect(),
-            Vec::new(),
-            true,
-        ),
-        Some(old) => {
-            let (u, r) = compile::diff(old, &delivered);
+    let (mut upserts, removals, snapshot) = match &*held {
+        None => {
+            let all = compiled.node(node).into_iter();
+            let all = all.map(|(k, r)| (k, api::Resource::clone(&r))).collect();
+            (all, Vec::new(), true)
+        }
+        Some(h) => {
+            let (u, r) = h.changes(node, compiled);
             (u, r, false)
         }
     };
     let oversized = chunks::withhold_oversized(&mut upserts, chunks::MAX_RESOURCE_BYTES);
-    for o in &oversized {
-        // The node keeps the version it has, if any; the diff retries it on every change.
-        match sent.as_ref().and_then(|s| s.get(&o.key)) {
-            Some(old) => delivered.insert(o.key.clone(), old.clone()),
-            None => delivered.remove(&o.key),
-        };
-    }
+    // The node keeps the version it has, if any; every change tries it again.
+    let kept = oversized
+        .iter()
+        .map(|o| {
+            let has = held.as_ref().and_then(|h| h.get(node, &o.key));
+            (o.key.clone(), has)
+        })
+        .collect();
     if oversized != *reported {
         report_oversized(state, node, &oversized);
         *reported = oversized;
@@ -273,8 +270,8 @@ async fn send(
                 return false;
             }
         }
-        *sent = Some(delivered);
     }
+    *held = Some(Held::new(compiled.clone(), kept));
     true
 }
 

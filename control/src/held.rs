@@ -1,0 +1,152 @@
+//! What a node's agent holds, and what changed for it from one compile to the next: the work
+//! each node's stream does per change. The two compiles' ordered maps are walked side by side,
+//! and resources the compiles share are compared by pointer, so what did not change costs
+//! neither an allocation nor a lookup.
+use std::{collections::BTreeMap, sync::Arc};
+
+use itertools::{EitherOrBoth, Itertools as _};
+use trellis_api as api;
+
+use crate::compile::{Compiled, Key};
+
+/// A node's view of the last compile it was sent, except `kept`: resources too large to send,
+/// for which the node has its previous version (Some) or nothing (None).
+pub struct Held {
+    compiled: Arc<Compiled>,
+    kept: BTreeMap<Key, Option<Arc<api::Resource>>>,
+}
+
+/// Resources to upsert (with their keys) and keys to remove.
+pub type Changes = (Vec<(Key, api::Resource)>, Vec<api::ResourceKey>);
+
+impl Held {
+    pub fn new(compiled: Arc<Compiled>, kept: BTreeMap<Key, Option<Arc<api::Resource>>>) -> Self {
+        Self { compiled, kept }
+    }
+
+    /// What the node has under `key`.
+    pub fn get(&self, node: &str, key: &Key) -> Option<Arc<api::Resource>> {
+        match self.kept.get(key) {
+            Some(kept) => kept.clone(),
+            None => self.compiled.get(node, key).cloned(),
+        }
+    }
+
+    /// What `node` needs to go from what it holds to its view of `new`.
+    pub fn changes(&self, node: &str, new: &Compiled) -> Changes {
+        let mut out = Out::default();
+        let old = &*self.compiled;
+        if !std::ptr::eq(old, new) {
+            for pair in old
+                .pods
+                .iter()
+                .merge_join_by(&new.pods, |a, b| a.0.cmp(b.0))
+            {
+                let (uid, o, n) = match pair {
+                    EitherOrBoth::Left((uid, o)) => (uid, Some(o.on(node)), None),
+                    EitherOrBoth::Right((uid, n)) => (uid, None, Some(n.on(node))),
+                    EitherOrBoth::Both((uid, o), (_, n)) => {
+                        (uid, Some(o.on(node)), Some(n.on(node)))
+                    }
+                };
+                match (o, n) {
+                    // A pod that changed node: another kind, so another key.
+                    (Some((ok, _)), Some((nk, n))) if ok != nk => {
+                        out.remove(ok as i32, uid);
+                        out.upsert((nk as i32, uid.clone()), n);
+                    }
+                    (o, n) => {
+                        let kind = o.or(n).map_or(0, |(k, _)| k as i32);
+                        out.compare(kind, uid, o.map(|(_, r)| r), n.map(|(_, r)| r));
+                    }
+                }
+            }
+            for pair in old
+                .shared
+                .iter()
+                .merge_join_by(&new.shared, |a, b| a.0.cmp(b.0))
+            {
+                let ((kind, name), o, n) = split(pair);
+                out.compare(*kind, name, o, n);
+            }
+            let (o, n) = (security(old, node), security(new, node));
+            for pair in o.merge_join_by(n, |a, b| a.0.cmp(b.0)) {
+                let ((kind, name), o, n) = match pair {
+                    EitherOrBoth::Left((k, o)) => (k, o, None),
+                    EitherOrBoth::Right((k, n)) => (k, None, n),
+                    EitherOrBoth::Both((k, o), (_, n)) => (k, o, n),
+                };
+                out.compare(*kind, name, o, n);
+            }
+        }
+        // What the node kept instead of the compiled version: compared afresh.
+        if !self.kept.is_empty() {
+            out.upserts.retain(|(k, _)| !self.kept.contains_key(k));
+            out.removals
+                .retain(|k| !self.kept.contains_key(&(k.kind, k.name.clone())));
+            for (key, kept) in &self.kept {
+                out.compare(key.0, &key.1, kept.as_ref(), new.get(node, key));
+            }
+        }
+        (out.upserts, out.removals)
+    }
+}
+
+/// `c`'s security policies as `node` sees them: None where one does not reach it.
+fn security<'a>(
+    c: &'a Compiled,
+    node: &'a str,
+) -> impl Iterator<Item = (&'a Key, Option<&'a Arc<api::Resource>>)> + 'a {
+    c.security
+        .iter()
+        .map(move |(key, (namespace, r))| (key, c.reaches(namespace, node).then_some(r)))
+}
+
+fn split<'a>(
+    pair: EitherOrBoth<(&'a Key, &'a Arc<api::Resource>)>,
+) -> (
+    &'a Key,
+    Option<&'a Arc<api::Resource>>,
+    Option<&'a Arc<api::Resource>>,
+) {
+    match pair {
+        EitherOrBoth::Left((k, o)) => (k, Some(o), None),
+        EitherOrBoth::Right((k, n)) => (k, None, Some(n)),
+        EitherOrBoth::Both((k, o), (_, n)) => (k, Some(o), Some(n)),
+    }
+}
+
+#[derive(Default)]
+struct Out {
+    upserts: Vec<(Key, api::Resource)>,
+    removals: Vec<api::ResourceKey>,
+}
+
+impl Out {
+    /// Records what it takes to go from `old` to `new` under (`kind`, `name`).
+    fn compare(
+        &mut self,
+        kind: i32,
+        name: &str,
+        old: Option<&Arc<api::Resource>>,
+        new: Option<&Arc<api::Resource>>,
+    ) {
+        match (old, new) {
+            (Some(o), Some(n)) if Arc::ptr_eq(o, n) || o == n => {}
+            (_, Some(n)) => self.upsert((kind, name.to_owned()), n),
+            (Some(_), None) => self.remove(kind, name),
+            (None, None) => {}
+        }
+    }
+
+    fn upsert(&mut self, key: Key, r: &api::Resource) {
+        self.upserts.push((key, r.clone()));
+    }
+
+    fn remove(&mut self, kind: i32, name: &str) {
+        self.removals.push(api::ResourceKey {
+            kind,
+            name: name.to_owned(),
+        });
+    }
+}
