@@ -3,7 +3,10 @@
 //! and the mesh policies that apply there.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -58,7 +61,6 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
 /// The cluster compiled once for every node. Nodes differ only in which pods are theirs
 /// (workloads, with the fields only their own agent needs, rather than peers) and in which
 /// security policies reach them.
-#[derive(Default)]
 pub struct Compiled {
     /// Running enrolled pods, by UID.
     pub(crate) pods: BTreeMap<String, CompiledPod>,
@@ -69,7 +71,22 @@ pub struct Compiled {
     /// The namespaces each node has pods of.
     namespaces: HashMap<String, HashSet<String>>,
     root_namespace: String,
+    /// Unique to this compile.
+    pub(crate) id: u64,
+    /// What differs from the compile this one shares with (the one before), if any.
+    pub(crate) changed: Option<Changed>,
 }
+
+/// The pods and shared resources whose resource is not the compile before's, or that are gone.
+/// (Security policies are few, and compared whole.)
+pub(crate) struct Changed {
+    /// The compile before's `id`.
+    pub(crate) since: u64,
+    pub(crate) pods: Vec<String>,
+    pub(crate) shared: Vec<Key>,
+}
+
+static COMPILES: AtomicU64 = AtomicU64::new(0);
 
 pub(crate) struct CompiledPod {
     node: String,
@@ -97,6 +114,7 @@ impl Compiled {
         let trust_domain = mesh.trust_domain.as_str();
         let policies = Policies::new(cluster);
         let mut pods = BTreeMap::new();
+        let mut changed_pods = Vec::new();
         for p in cluster
             .pods
             .values()
@@ -129,13 +147,25 @@ impl Compiled {
                 ),
                 peer: reuse(old.map(|o| &o.peer), api::resource::Resource::Peer(peer)),
             };
+            let same = old.is_some_and(|o| {
+                o.node == compiled.node
+                    && Arc::ptr_eq(&o.workload, &compiled.workload)
+                    && Arc::ptr_eq(&o.peer, &compiled.peer)
+            });
+            if !same {
+                changed_pods.push(p.uid.clone());
+            }
             pods.insert(p.uid.clone(), compiled);
         }
         let mut shared = BTreeMap::new();
+        let mut changed_shared = Vec::new();
         let mut share = |kind: api::Kind, name: String, r: api::resource::Resource| {
             let key = (kind as i32, name);
             let old = previous.and_then(|c| c.shared.get(&key));
             let r = reuse(old, r);
+            if !old.is_some_and(|o| Arc::ptr_eq(o, &r)) {
+                changed_shared.push(key.clone());
+            }
             shared.insert(key, r);
         };
         let by_label = PodsByLabel::new(cluster);
@@ -177,12 +207,25 @@ impl Compiled {
                 .or_default()
                 .insert(p.namespace.clone());
         }
+        let changed = previous.map(|prev| {
+            let gone = |old: &String| !pods.contains_key(old);
+            changed_pods.extend(prev.pods.keys().filter(|k| gone(k)).cloned());
+            let gone = |old: &Key| !shared.contains_key(old);
+            changed_shared.extend(prev.shared.keys().filter(|k| gone(k)).cloned());
+            Changed {
+                since: prev.id,
+                pods: changed_pods,
+                shared: changed_shared,
+            }
+        });
         Self {
             pods,
             shared,
             security,
             namespaces,
             root_namespace: mesh.root_namespace.clone(),
+            id: COMPILES.fetch_add(1, Ordering::Relaxed),
+            changed,
         }
     }
 
@@ -646,6 +689,9 @@ mod tests {
             }]
         );
         assert_eq!(ups.len(), 1, "the service lost an endpoint");
+        // Two compiles on (the node skipped one): the same changes, found the long way.
+        let third = Compiled::new(&c2, &mesh, Some(&new));
+        assert_eq!(held.changes("n1", &third), held.changes("n1", &new));
         assert_eq!(held.changes("n1", &old), (vec![], vec![]));
         // Fresh compiles (nothing shared) compare by value: still no change.
         let again = Compiled::new(&c, &mesh, None);

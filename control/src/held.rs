@@ -36,39 +36,39 @@ impl Held {
     pub fn changes(&self, node: &str, new: &Compiled) -> Changes {
         let mut out = Out::default();
         let old = &*self.compiled;
-        if !std::ptr::eq(old, new) {
-            for pair in old
-                .pods
-                .iter()
-                .merge_join_by(&new.pods, |a, b| a.0.cmp(b.0))
-            {
-                let (uid, o, n) = match pair {
-                    EitherOrBoth::Left((uid, o)) => (uid, Some(o.on(node)), None),
-                    EitherOrBoth::Right((uid, n)) => (uid, None, Some(n.on(node))),
-                    EitherOrBoth::Both((uid, o), (_, n)) => {
-                        (uid, Some(o.on(node)), Some(n.on(node)))
-                    }
-                };
-                match (o, n) {
-                    // A pod that changed node: another kind, so another key.
-                    (Some((ok, _)), Some((nk, n))) if ok != nk => {
-                        out.remove(ok as i32, uid);
-                        out.upsert((nk as i32, uid.clone()), n);
-                    }
-                    (o, n) => {
-                        let kind = o.or(n).map_or(0, |(k, _)| k as i32);
-                        out.compare(kind, uid, o.map(|(_, r)| r), n.map(|(_, r)| r));
-                    }
+        match &new.changed {
+            _ if std::ptr::eq(old, new) => {}
+            // The usual case: the node holds the compile before, and only what changed is looked at.
+            Some(changed) if changed.since == old.id => {
+                for uid in &changed.pods {
+                    let (o, n) = (old.pods.get(uid), new.pods.get(uid));
+                    out.pod(uid, o.map(|p| p.on(node)), n.map(|p| p.on(node)));
+                }
+                for key in &changed.shared {
+                    out.compare(key.0, &key.1, old.shared.get(key), new.shared.get(key));
                 }
             }
-            for pair in old
-                .shared
-                .iter()
-                .merge_join_by(&new.shared, |a, b| a.0.cmp(b.0))
-            {
-                let ((kind, name), o, n) = split(pair);
-                out.compare(*kind, name, o, n);
+            // The node skipped a compile (or a compile failed): all of it, side by side.
+            _ => {
+                for pair in old
+                    .pods
+                    .iter()
+                    .merge_join_by(&new.pods, |a, b| a.0.cmp(b.0))
+                {
+                    let (uid, o, n) = split(pair);
+                    out.pod(uid, o.map(|p| p.on(node)), n.map(|p| p.on(node)));
+                }
+                for pair in old
+                    .shared
+                    .iter()
+                    .merge_join_by(&new.shared, |a, b| a.0.cmp(b.0))
+                {
+                    let ((kind, name), o, n) = split(pair);
+                    out.compare(*kind, name, o, n);
+                }
             }
+        }
+        if !std::ptr::eq(old, new) {
             let (o, n) = (security(old, node), security(new, node));
             for pair in o.merge_join_by(n, |a, b| a.0.cmp(b.0)) {
                 let ((kind, name), o, n) = match pair {
@@ -102,13 +102,7 @@ fn security<'a>(
         .map(move |(key, (namespace, r))| (key, c.reaches(namespace, node).then_some(r)))
 }
 
-fn split<'a>(
-    pair: EitherOrBoth<(&'a Key, &'a Arc<api::Resource>)>,
-) -> (
-    &'a Key,
-    Option<&'a Arc<api::Resource>>,
-    Option<&'a Arc<api::Resource>>,
-) {
+fn split<'a, K, V>(pair: EitherOrBoth<(&'a K, &'a V)>) -> (&'a K, Option<&'a V>, Option<&'a V>) {
     match pair {
         EitherOrBoth::Left((k, o)) => (k, Some(o), None),
         EitherOrBoth::Right((k, n)) => (k, None, Some(n)),
@@ -123,6 +117,27 @@ struct Out {
 }
 
 impl Out {
+    /// Records what it takes to go from `old` to `new` for the pod `uid` (each as its kind and
+    /// resource on the node).
+    fn pod(
+        &mut self,
+        uid: &str,
+        old: Option<(api::Kind, &Arc<api::Resource>)>,
+        new: Option<(api::Kind, &Arc<api::Resource>)>,
+    ) {
+        match (old, new) {
+            // A pod that changed node: another kind, so another key.
+            (Some((ok, _)), Some((nk, n))) if ok != nk => {
+                self.remove(ok as i32, uid);
+                self.upsert((nk as i32, uid.to_owned()), n);
+            }
+            (o, n) => {
+                let kind = o.or(n).map_or(0, |(k, _)| k as i32);
+                self.compare(kind, uid, o.map(|(_, r)| r), n.map(|(_, r)| r));
+            }
+        }
+    }
+
     /// Records what it takes to go from `old` to `new` under (`kind`, `name`).
     fn compare(
         &mut self,
