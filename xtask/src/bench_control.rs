@@ -46,8 +46,8 @@ enum Sources {
     Both,
 }
 
-/// Past this, a change that has not reached every agent fails the run. Far above the target:
-/// today's control recompiles every node's whole config per change, which takes seconds here.
+/// Past this, a change that has not reached every agent fails the run. Far above the target, so
+/// that a slow control is measured rather than cut off.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Control start to every agent holding its snapshot (kube mode lists 10,000 pods first).
 const START_TIMEOUT: Duration = Duration::from_secs(180);
