@@ -88,9 +88,12 @@ pub(crate) struct Changed {
 
 static COMPILES: AtomicU64 = AtomicU64::new(0);
 
+#[derive(Clone)]
 pub(crate) struct CompiledPod {
-    node: String,
-    namespace: String,
+    /// What it was compiled from.
+    source: Arc<PodInfo>,
+    registry_only: bool,
+    gateway_ports: Vec<api::GatewayPort>,
     /// As its own node's agent gets it, and as every other node's does.
     workload: Arc<api::Resource>,
     peer: Arc<api::Resource>,
@@ -99,7 +102,7 @@ pub(crate) struct CompiledPod {
 impl CompiledPod {
     /// The pod's kind and resource as `node` gets it.
     pub(crate) fn on(&self, node: &str) -> (api::Kind, &Arc<api::Resource>) {
-        if self.node == node {
+        if self.source.node == node {
             (api::Kind::Workload, &self.workload)
         } else {
             (api::Kind::Peer, &self.peer)
@@ -120,6 +123,19 @@ impl Compiled {
             .values()
             .filter(|p| p.running && cluster.in_mesh(p))
         {
+            let registry_only = cluster.registry_only(&p.namespace, mesh);
+            let gateway_ports = crate::gateways::ports(cluster, &policies, p);
+            let old = previous.and_then(|c| c.pods.get(&p.uid));
+            // The same pod object, in a namespace with the same policy, serving the same gateway
+            // ports: compiled as before (most pods, on most changes).
+            if let Some(old) = old.filter(|o| {
+                Arc::ptr_eq(&o.source, p)
+                    && o.registry_only == registry_only
+                    && o.gateway_ports == gateway_ports
+            }) {
+                pods.insert(p.uid.clone(), old.clone());
+                continue;
+            }
             let peer = api::Workload {
                 uid: p.uid.clone(),
                 namespace: p.namespace.clone(),
@@ -133,14 +149,14 @@ impl Compiled {
                 gateway_ports: Vec::new(),
             };
             let workload = api::Workload {
-                registry_only: cluster.registry_only(&p.namespace, mesh),
-                gateway_ports: crate::gateways::ports(cluster, &policies, p),
+                registry_only,
+                gateway_ports: gateway_ports.clone(),
                 ..peer.clone()
             };
-            let old = previous.and_then(|c| c.pods.get(&p.uid));
             let compiled = CompiledPod {
-                node: p.node.clone(),
-                namespace: p.namespace.clone(),
+                source: p.clone(),
+                registry_only,
+                gateway_ports,
                 workload: reuse(
                     old.map(|o| &o.workload),
                     api::resource::Resource::Workload(workload),
@@ -148,7 +164,7 @@ impl Compiled {
                 peer: reuse(old.map(|o| &o.peer), api::resource::Resource::Peer(peer)),
             };
             let same = old.is_some_and(|o| {
-                o.node == compiled.node
+                o.source.node == p.node
                     && Arc::ptr_eq(&o.workload, &compiled.workload)
                     && Arc::ptr_eq(&o.peer, &compiled.peer)
             });
@@ -203,9 +219,9 @@ impl Compiled {
         let mut namespaces: HashMap<String, HashSet<String>> = HashMap::new();
         for p in pods.values() {
             namespaces
-                .entry(p.node.clone())
+                .entry(p.source.node.clone())
                 .or_default()
-                .insert(p.namespace.clone());
+                .insert(p.source.namespace.clone());
         }
         let changed = previous.map(|prev| {
             let gone = |old: &String| !pods.contains_key(old);
@@ -337,7 +353,7 @@ impl<'a> PodsByLabel<'a> {
                 index
                     .entry((p.namespace.as_str(), k.as_str(), v.as_str()))
                     .or_default()
-                    .push(p);
+                    .push(&**p);
             }
         }
         Self(index)
@@ -457,7 +473,7 @@ mod tests {
     };
 
     fn pod(uid: &str, ns: &str, node: &str, labels: &[(&str, &str)]) -> Object {
-        Object::Pod(PodInfo {
+        Object::Pod(Arc::new(PodInfo {
             uid: uid.into(),
             namespace: ns.into(),
             name: format!("pod-{uid}"),
@@ -471,7 +487,7 @@ mod tests {
             running: true,
             terminating: false,
             named_ports: [("http".to_string(), 9080)].into(),
-        })
+        }))
     }
 
     fn cluster() -> Cluster {
@@ -546,7 +562,7 @@ mod tests {
     fn a_terminating_pod_stays_captured_but_serves_no_more() {
         let mut c = cluster();
         if let Some(p) = c.pods.values_mut().find(|p| p.uid == "a") {
-            p.terminating = true;
+            Arc::make_mut(p).terminating = true;
         }
         let cfg = node_config(&c, "n1", &Mesh::new("cluster.local"));
         assert!(
@@ -752,7 +768,9 @@ mod tests {
         let first = Compiled::new(&c, &mesh, None);
         let mut c2 = c.clone();
         if let Some(p) = c2.pods.values_mut().find(|p| p.uid == "bb") {
-            p.labels.insert("version".into(), "v2".into());
+            Arc::make_mut(p)
+                .labels
+                .insert("version".into(), "v2".into());
         }
         let second = Compiled::new(&c2, &mesh, Some(&first));
         let (old, new) = (first.node("n1"), second.node("n1"));

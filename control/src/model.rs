@@ -1,6 +1,6 @@
 //! The cluster as control sees it, whatever the source: namespaces, pods, services and mesh
 //! policies, reduced to what the compiler needs. Sources produce `Object`s; `Cluster` holds them.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use k8s_openapi::{
@@ -23,7 +23,7 @@ pub const MESH_LABEL: &str = "trellis.dev/mesh";
 pub const OUTBOUND_LABEL: &str = "trellis.dev/outbound-traffic-policy";
 const OUTBOUND_MODES: [&str; 2] = ["REGISTRY_ONLY", "ALLOW_ANY"];
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodInfo {
     pub uid: String,
     pub namespace: String,
@@ -96,7 +96,9 @@ pub enum Object {
         name: String,
         labels: BTreeMap<String, String>,
     },
-    Pod(PodInfo),
+    /// Shared: the sources rebuild the model from their objects on every change, and a model
+    /// compares its pods by pointer first.
+    Pod(Arc<PodInfo>),
     Service(ServiceInfo),
     Policy(PolicyObject),
     Secret(TlsSecret),
@@ -119,7 +121,7 @@ impl Object {
 pub struct Cluster {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// By UID.
-    pub pods: BTreeMap<String, PodInfo>,
+    pub pods: BTreeMap<String, Arc<PodInfo>>,
     /// By `namespace/name`.
     pub services: BTreeMap<String, ServiceInfo>,
     /// By `kind/namespace/name`.
@@ -339,7 +341,7 @@ fn pod(p: Pod) -> Result<Object> {
         }
     }
     let running = running && !ips.is_empty();
-    Ok(Object::Pod(PodInfo {
+    Ok(Object::Pod(Arc::new(PodInfo {
         running,
         terminating: p.metadata.deletion_timestamp.is_some(),
         uid,
@@ -354,7 +356,7 @@ fn pod(p: Pod) -> Result<Object> {
         ips,
         labels: p.metadata.labels.unwrap_or_default(),
         named_ports,
-    }))
+    })))
 }
 
 /// A port number as Kubernetes allows it: 1 to 65535.
