@@ -123,40 +123,6 @@ impl NodeConfig {
     }
 }
 
-/// Gathers the messages of one update: control splits a large update over several, all with
-/// its version, every one but the last with `more` set.
-#[derive(Debug, Default)]
-pub struct Assembler {
-    pending: Option<api::ConfigUpdate>,
-}
-
-impl Assembler {
-    /// Adds one message; returns the whole update once its last message has arrived.
-    pub fn push(&mut self, msg: api::ConfigUpdate) -> Result<Option<api::ConfigUpdate>> {
-        let whole = match self.pending.take() {
-            None => msg,
-            Some(mut update) => {
-                if (msg.version, msg.snapshot) != (update.version, update.snapshot) {
-                    bail!(
-                        "control sent version {} before finishing version {}",
-                        msg.version,
-                        update.version
-                    );
-                }
-                update.upserts.extend(msg.upserts);
-                update.removals.extend(msg.removals);
-                update.more = msg.more;
-                update
-            }
-        };
-        if whole.more {
-            self.pending = Some(whole);
-            return Ok(None);
-        }
-        Ok(Some(whole))
-    }
-}
-
 /// The key a resource is stored under; checks what the agent relies on.
 fn key_of(r: &api::Resource) -> Result<(i32, String)> {
     let ips = |ips: &[String], what: &str| -> Result<()> {
@@ -258,7 +224,7 @@ async fn session(
         })
         .await?
         .into_inner();
-    let mut assembler = Assembler::default();
+    let mut assembler = api::Assembler::default();
     while let Some(msg) = stream.message().await? {
         *backoff = Duration::from_millis(500);
         // An update is applied (and acknowledged) whole, once its last message is here; a
@@ -320,7 +286,7 @@ mod tests {
             upserts: vec![workload(uid, "10.0.0.1")],
             ..Default::default()
         };
-        let mut a = Assembler::default();
+        let mut a = api::Assembler::default();
         assert_eq!(a.push(msg(1, true, "a")).unwrap(), None);
         assert_eq!(a.push(msg(1, true, "b")).unwrap(), None);
         let whole = a.push(msg(1, false, "c")).unwrap().expect("complete");

@@ -8,7 +8,7 @@ use hyper::{HeaderMap, Method};
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 use trellis_agent::{
-    config::{Assembler, NodeConfig},
+    config::NodeConfig,
     state::{HttpEntry, MeshState},
 };
 use trellis_api as api;
@@ -16,7 +16,7 @@ use trellis_api as api;
 fuzz_target!(|data: &[u8]| {
     fastrand::seed(data.len() as u64);
     let mut buf = data;
-    let mut assembler = Assembler::default();
+    let mut assembler = api::Assembler::default();
     let mut config = NodeConfig::default();
     while let Ok(msg) = api::ConfigUpdate::decode_length_delimited(&mut buf) {
         let update = match assembler.push(msg) {
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(None) => continue,
             // The agent ends the session; the next one starts with a fresh assembler.
             Err(_) => {
-                assembler = Assembler::default();
+                assembler = api::Assembler::default();
                 continue;
             }
         };

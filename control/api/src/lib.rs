@@ -2,6 +2,9 @@
 #![allow(clippy::all, missing_docs)]
 tonic::include_proto!("trellis.v1");
 
+mod assembler;
+pub use assembler::{Assembler, Interleaved};
+
 /// The largest gRPC message control and agents send or accept, set on both ends (tonic's default
 /// of 4 MiB is too small for one service that carries a large VirtualService). Control splits
 /// updates into messages of about 1 MiB, so only a single resource larger than this (minus a

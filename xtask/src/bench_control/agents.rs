@@ -150,30 +150,13 @@ async fn run(
         .into_inner();
     let mut resources = BTreeMap::new();
     // The update being gathered, and the encoded bytes of its messages so far.
-    let mut pending: Option<api::ConfigUpdate> = None;
+    let mut assembler = api::Assembler::default();
     let mut bytes = 0;
     while let Some(msg) = stream.message().await.context("reading the stream")? {
         bytes += msg.encoded_len();
-        let update = match pending.take() {
-            None => msg,
-            Some(mut update) => {
-                if (msg.version, msg.snapshot) != (update.version, update.snapshot) {
-                    bail!(
-                        "version {} began before version {} ended",
-                        msg.version,
-                        update.version
-                    );
-                }
-                update.upserts.extend(msg.upserts);
-                update.removals.extend(msg.removals);
-                update.more = msg.more;
-                update
-            }
-        };
-        if update.more {
-            pending = Some(update);
+        let Some(update) = assembler.push(msg)? else {
             continue;
-        }
+        };
         if update.snapshot {
             resources.clear();
         }
