@@ -412,6 +412,21 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
         !names.iter().any(|n| n.starts_with("outsider")),
         "{names:?}"
     );
+    // Enrolled is captured; the first request may still meet the destination's side getting
+    // ready (seen once in CI as a 503 right after enrolment): the mesh must serve within 10 s.
+    let ready = wait("the first meshed GET", Duration::from_secs(10), || {
+        exec(
+            &node,
+            "shop",
+            "deploy/client",
+            &["trellis-demo-app", "get", &web],
+        )
+        .is_ok()
+    });
+    measured.push(format!(
+        "first meshed GET answered {:.1} s after enrolment",
+        ready.as_secs_f64()
+    ));
     let meshed = shop_get(&node, &web, &[]);
     assert_eq!(
         meshed["client_identity"], "spiffe://cluster.local/ns/shop/sa/client",
