@@ -4,7 +4,15 @@
 //!   for any node.
 //! - Kube mode: the agent's projected service-account token, checked with a TokenReview. It must
 //!   belong to the agent's service account and be bound to a pod, and that pod must run on the
-//!   node the call is for: an agent can only ever speak for its own node.
+//!   node the call is for: an agent can only ever speak for its own node. A token found good is
+//!   trusted for `REVIEWED_FOR` without asking again (as the API server's own webhook token
+//!   cache does), so a config update's 1,000 acknowledgements do not cost 2,000 API calls.
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec},
     core::v1::Pod,
@@ -18,7 +26,45 @@ pub enum Authenticator {
         client: Client,
         namespace: String,
         service_account: String,
+        reviewed: Reviewed,
     },
+}
+
+/// How long a token found good is trusted without another TokenReview.
+pub const REVIEWED_FOR: Duration = Duration::from_secs(30);
+
+/// At most this many tokens are remembered (one per agent; a bound on what callers can grow).
+const MAX_REVIEWED: usize = 100_000;
+
+/// Tokens found good recently: their agent pod, and when that was checked.
+#[derive(Default)]
+pub struct Reviewed(Mutex<HashMap<String, (AgentPod, Instant)>>);
+
+/// The agent pod a token is bound to, and the node it runs on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentPod {
+    name: String,
+    node: String,
+}
+
+impl Reviewed {
+    /// `token`'s agent pod, if it was checked within `REVIEWED_FOR` of `now`.
+    fn get(&self, token: &str, now: Instant) -> Option<AgentPod> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (pod, at) = map.get(token)?;
+        (now.duration_since(*at) < REVIEWED_FOR).then(|| pod.clone())
+    }
+
+    fn insert(&self, token: &str, pod: AgentPod, now: Instant) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_REVIEWED {
+            map.retain(|_, (_, at)| now.duration_since(*at) < REVIEWED_FOR);
+            if map.len() >= MAX_REVIEWED {
+                map.clear();
+            }
+        }
+        map.insert(token.to_owned(), (pod, now));
+    }
 }
 
 /// The extra field a pod-bound service-account token carries.
@@ -56,29 +102,48 @@ impl Authenticator {
                 client,
                 namespace,
                 service_account,
+                reviewed,
             } => {
-                let pod = review(client, presented, namespace, service_account).await?;
-                let on = Api::<Pod>::namespaced(client.clone(), namespace)
-                    .get_opt(&pod)
-                    .await
-                    .map_err(|e| {
-                        Status::unavailable(format!("looking up agent pod {namespace}/{pod}: {e}"))
-                    })?
-                    .and_then(|p| p.spec?.node_name)
-                    .ok_or_else(|| {
-                        Status::permission_denied(format!(
-                            "agent pod {namespace}/{pod} is not scheduled on a node"
-                        ))
-                    })?;
-                if on != node {
+                let now = Instant::now();
+                let pod = match reviewed.get(presented, now) {
+                    Some(pod) => pod,
+                    None => {
+                        let pod = agent_pod(client, presented, namespace, service_account).await?;
+                        reviewed.insert(presented, pod.clone(), now);
+                        pod
+                    }
+                };
+                if pod.node != node {
                     return Err(Status::permission_denied(format!(
-                        "agent pod {namespace}/{pod} runs on node {on}, not {node}"
+                        "agent pod {namespace}/{} runs on node {}, not {node}",
+                        pod.name, pod.node
                     )));
                 }
                 Ok(())
             }
         }
     }
+}
+
+/// The agent pod `token` is bound to, if it is a valid agent token.
+async fn agent_pod(
+    client: &Client,
+    token: &str,
+    namespace: &str,
+    service_account: &str,
+) -> Result<AgentPod, Status> {
+    let pod = review(client, token, namespace, service_account).await?;
+    let node = Api::<Pod>::namespaced(client.clone(), namespace)
+        .get_opt(&pod)
+        .await
+        .map_err(|e| Status::unavailable(format!("looking up agent pod {namespace}/{pod}: {e}")))?
+        .and_then(|p| p.spec?.node_name)
+        .ok_or_else(|| {
+            Status::permission_denied(format!(
+                "agent pod {namespace}/{pod} is not scheduled on a node"
+            ))
+        })?;
+    Ok(AgentPod { name: pod, node })
 }
 
 /// The name of the pod the token is bound to, if it is a valid agent token.
@@ -151,5 +216,20 @@ mod tests {
         );
         meta.insert("authorization", "Bearer 0123456789abcdef".parse().unwrap());
         assert!(auth.check(&meta, "n").await.is_ok());
+    }
+
+    #[test]
+    fn a_reviewed_token_is_trusted_for_a_while_then_reviewed_again() {
+        let reviewed = Reviewed::default();
+        let t0 = Instant::now();
+        assert_eq!(reviewed.get("tok", t0), None);
+        let pod = AgentPod {
+            name: "agent-1".into(),
+            node: "node-a".into(),
+        };
+        reviewed.insert("tok", pod.clone(), t0);
+        assert_eq!(reviewed.get("tok", t0 + REVIEWED_FOR / 2), Some(pod));
+        assert_eq!(reviewed.get("other", t0), None);
+        assert_eq!(reviewed.get("tok", t0 + REVIEWED_FOR), None, "expired");
     }
 }

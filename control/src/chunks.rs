@@ -1,14 +1,17 @@
 //! Splits one node update into `ConfigUpdate` messages small enough to send: about `CHUNK_BYTES`
 //! of resources each, so no message nears the gRPC limit however large the config grows. The
 //! agent applies the update when its last message (`more` unset) arrives.
+use std::sync::Arc;
+
 use prost::Message as _;
 use trellis_api as api;
 
 use crate::compile::Key;
 
-/// Target size of the resources in one message. Small enough that a message costs little memory
-/// and time to encode on both ends, large enough that a big snapshot takes few messages.
-pub const CHUNK_BYTES: usize = 1 << 20;
+/// Target size of the resources in one message. Each node's stream keeps an encode buffer as
+/// large as the largest message it sent, for as long as it is open: at 1 MiB, 50 nodes held
+/// 100 MB of them after their snapshots. Per message overhead is a few bytes, so small is cheap.
+pub const CHUNK_BYTES: usize = 64 << 10;
 
 /// Room left in a message for everything but its resources (version, flags, trust domain).
 const ENVELOPE_BYTES: usize = 64 << 10;
@@ -25,57 +28,85 @@ pub struct Oversized {
 
 /// Drops (and returns) the upserts larger than `max_bytes`: no message could carry them.
 pub fn withhold_oversized(
-    upserts: &mut Vec<(Key, api::Resource)>,
+    upserts: &mut Vec<(Key, Arc<api::Resource>)>,
     max_bytes: usize,
 ) -> Vec<Oversized> {
     let mut oversized = Vec::new();
-    upserts.retain(|(key, r)| {
-        let bytes = r.encoded_len();
-        let fits = bytes <= max_bytes;
-        if !fits {
-            oversized.push(Oversized {
-                key: key.clone(),
-                bytes,
-            });
-        }
-        fits
-    });
+    upserts.retain(|(key, r)| fits(key, r, max_bytes, &mut oversized).is_some());
     oversized
 }
 
-/// The messages of one update: removals, then upserts, at most about `chunk_bytes` of them
-/// each (a resource larger than that goes alone); always at least one message.
-pub fn split(
-    header: &api::ConfigUpdate,
-    upserts: Vec<api::Resource>,
-    removals: Vec<api::ResourceKey>,
-    chunk_bytes: usize,
-) -> Vec<api::ConfigUpdate> {
-    let mut messages = Vec::new();
-    let mut current = header.clone();
-    let mut size = 0;
-    let mut room_for = |bytes: usize, current: &mut api::ConfigUpdate| {
-        let empty = current.upserts.is_empty() && current.removals.is_empty();
-        if !empty && size + bytes > chunk_bytes {
-            let full = std::mem::replace(current, header.clone());
-            messages.push(api::ConfigUpdate { more: true, ..full });
-            size = 0;
-        }
-        size += bytes;
-    };
-    for key in removals {
-        room_for(key.encoded_len(), &mut current);
-        current.removals.push(key);
+/// `r`'s encoded size if a message can carry it; else None, and it is recorded in `oversized`.
+pub fn fits(
+    key: &Key,
+    r: &api::Resource,
+    max_bytes: usize,
+    oversized: &mut Vec<Oversized>,
+) -> Option<usize> {
+    let bytes = r.encoded_len();
+    if bytes <= max_bytes {
+        return Some(bytes);
     }
-    for r in upserts {
-        room_for(r.encoded_len(), &mut current);
-        current.upserts.push(r);
-    }
-    messages.push(api::ConfigUpdate {
-        more: false,
-        ..current
+    oversized.push(Oversized {
+        key: key.clone(),
+        bytes,
     });
-    messages
+    None
+}
+
+/// Gathers the messages of one update: removals, then upserts, about `chunk_bytes` of them each
+/// (a resource larger than that goes alone). A message is handed out as soon as the next item
+/// would overflow it, so a snapshot is never held decoded whole: only the message being filled.
+pub struct Chunker {
+    header: api::ConfigUpdate,
+    current: api::ConfigUpdate,
+    size: usize,
+    chunk_bytes: usize,
+}
+
+impl Chunker {
+    pub fn new(header: api::ConfigUpdate, chunk_bytes: usize) -> Self {
+        Self {
+            current: header.clone(),
+            header,
+            size: 0,
+            chunk_bytes,
+        }
+    }
+
+    /// The full message to send before adding `bytes` more, if they would overflow it.
+    fn room_for(&mut self, bytes: usize) -> Option<api::ConfigUpdate> {
+        let empty = self.current.upserts.is_empty() && self.current.removals.is_empty();
+        let full = (!empty && self.size + bytes > self.chunk_bytes).then(|| {
+            self.size = 0;
+            let full = std::mem::replace(&mut self.current, self.header.clone());
+            api::ConfigUpdate { more: true, ..full }
+        });
+        self.size += bytes;
+        full
+    }
+
+    /// Adds a removal; returns a full message to send first, if any.
+    pub fn remove(&mut self, key: api::ResourceKey) -> Option<api::ConfigUpdate> {
+        let full = self.room_for(key.encoded_len());
+        self.current.removals.push(key);
+        full
+    }
+
+    /// Adds an upsert of `bytes` encoded; returns a full message to send first, if any.
+    pub fn upsert(&mut self, r: &api::Resource, bytes: usize) -> Option<api::ConfigUpdate> {
+        let full = self.room_for(bytes);
+        self.current.upserts.push(r.clone());
+        full
+    }
+
+    /// The update's last message (always one, even for an empty update).
+    pub fn finish(self) -> api::ConfigUpdate {
+        api::ConfigUpdate {
+            more: false,
+            ..self.current
+        }
+    }
 }
 
 #[cfg(test)]
@@ -91,6 +122,24 @@ mod tests {
                 spec_json: "x".repeat(spec_bytes),
             })),
         }
+    }
+
+    /// The messages `Chunker` hands out for one update.
+    fn split(
+        header: &api::ConfigUpdate,
+        upserts: Vec<api::Resource>,
+        removals: Vec<api::ResourceKey>,
+        chunk_bytes: usize,
+    ) -> Vec<api::ConfigUpdate> {
+        let mut chunker = Chunker::new(header.clone(), chunk_bytes);
+        let mut msgs: Vec<_> = removals.into_iter().filter_map(|k| chunker.remove(k)).collect();
+        msgs.extend(
+            upserts
+                .iter()
+                .filter_map(|r| chunker.upsert(r, r.encoded_len())),
+        );
+        msgs.push(chunker.finish());
+        msgs
     }
 
     fn header() -> api::ConfigUpdate {
@@ -145,8 +194,8 @@ mod tests {
     fn resources_too_large_for_any_message_are_withheld_with_their_size() {
         let key = |n: &str| (api::Kind::Policy as i32, n.to_owned());
         let mut upserts = vec![
-            (key("small"), policy("small", 10)),
-            (key("huge"), policy("huge", 2000)),
+            (key("small"), Arc::new(policy("small", 10))),
+            (key("huge"), Arc::new(policy("huge", 2000))),
         ];
         let oversized = withhold_oversized(&mut upserts, 1000);
         assert_eq!(upserts.len(), 1);

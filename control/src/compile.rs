@@ -247,18 +247,25 @@ impl Compiled {
 
     /// What `node`'s agent gets, whole.
     pub fn node(&self, node: &str) -> NodeConfig {
-        let mut out = NodeConfig::new();
-        for (uid, p) in &self.pods {
+        self.resources(node).map(|(k, r)| (k, r.clone())).collect()
+    }
+
+    /// What `node`'s agent gets, one resource at a time (a snapshot is sent as it is read).
+    pub fn resources<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = (Key, &'a Arc<api::Resource>)> + Send + 'a {
+        let pods = self.pods.iter().map(move |(uid, p)| {
             let (kind, r) = p.on(node);
-            out.insert((kind as i32, uid.clone()), r.clone());
-        }
-        out.extend(self.shared.iter().map(|(k, r)| (k.clone(), r.clone())));
-        for (key, (namespace, r)) in &self.security {
-            if self.reaches(namespace, node) {
-                out.insert(key.clone(), r.clone());
-            }
-        }
-        out
+            ((kind as i32, uid.clone()), r)
+        });
+        let shared = self.shared.iter().map(|(k, r)| (k.clone(), r));
+        let security = self
+            .security
+            .iter()
+            .filter(move |(_, (namespace, _))| self.reaches(namespace, node))
+            .map(|(key, (_, r))| (key.clone(), r));
+        pods.chain(shared).chain(security)
     }
 
     /// Whether a security policy in `namespace` goes to `node`: server-side policies matter only

@@ -17,7 +17,7 @@ pub struct Held {
 }
 
 /// Resources to upsert (with their keys) and keys to remove.
-pub type Changes = (Vec<(Key, api::Resource)>, Vec<api::ResourceKey>);
+pub type Changes = (Vec<(Key, Arc<api::Resource>)>, Vec<api::ResourceKey>);
 
 impl Held {
     pub fn new(compiled: Arc<Compiled>, kept: BTreeMap<Key, Option<Arc<api::Resource>>>) -> Self {
@@ -112,7 +112,7 @@ fn split<'a, K, V>(pair: EitherOrBoth<(&'a K, &'a V)>) -> (&'a K, Option<&'a V>,
 
 #[derive(Default)]
 struct Out {
-    upserts: Vec<(Key, api::Resource)>,
+    upserts: Vec<(Key, Arc<api::Resource>)>,
     removals: Vec<api::ResourceKey>,
 }
 
@@ -154,7 +154,7 @@ impl Out {
         }
     }
 
-    fn upsert(&mut self, key: Key, r: &api::Resource) {
+    fn upsert(&mut self, key: Key, r: &Arc<api::Resource>) {
         self.upserts.push((key, r.clone()));
     }
 

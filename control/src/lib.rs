@@ -7,6 +7,7 @@ pub mod compile;
 pub mod gateways;
 pub mod held;
 pub mod install;
+pub mod memory;
 pub mod istio;
 pub mod metrics;
 pub mod model;

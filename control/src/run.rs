@@ -118,6 +118,7 @@ pub async fn start(cfg: ControlConfig) -> Result<Control> {
                 client: client.clone(),
                 namespace,
                 service_account: agent_service_account,
+                reviewed: Default::default(),
             };
             info!("watching the cluster through the Kubernetes API");
             let task = tokio::spawn(supervise("kube", metrics.clone(), move || {

@@ -119,7 +119,8 @@ impl MeshControl for MeshControlService {
     ) -> Result<Response<UpdateStream>, Status> {
         let node = req.get_ref().node.clone();
         self.0.authorize(&req, &node).await?;
-        let (tx, rx) = mpsc::channel(4);
+        // One message waiting: with hundreds of nodes, buffered messages are most of the memory.
+        let (tx, rx) = mpsc::channel(1);
         let state = self.0.clone();
         info!(node, "agent subscribed");
         tokio::spawn(async move {
@@ -221,7 +222,7 @@ async fn stream_updates(
 }
 
 /// Sends `node` what changed from what it holds (`held`) to `compiled`: a snapshot the first
-/// time. False when the agent went away.
+/// time, read from the compile as it is sent. False when the agent went away.
 async fn send(
     state: &ControlState,
     node: &str,
@@ -230,19 +231,52 @@ async fn send(
     held: &mut Option<Held>,
     reported: &mut Vec<Oversized>,
 ) -> bool {
-    let mesh = &state.mesh;
-    let (mut upserts, removals, snapshot) = match &*held {
-        None => {
-            let all = compiled.node(node).into_iter();
-            let all = all.map(|(k, r)| (k, api::Resource::clone(&r))).collect();
-            (all, Vec::new(), true)
-        }
+    let max = chunks::MAX_RESOURCE_BYTES;
+    let mut oversized = Vec::new();
+    let snapshot = held.is_none();
+    let (upserts, removals): (Vec<_>, _) = match &*held {
+        None => (Vec::new(), Vec::new()),
         Some(h) => {
-            let (u, r) = h.changes(node, compiled);
-            (u, r, false)
+            let (mut upserts, removals) = h.changes(node, compiled);
+            oversized = chunks::withhold_oversized(&mut upserts, max);
+            (upserts, removals)
         }
     };
-    let oversized = chunks::withhold_oversized(&mut upserts, chunks::MAX_RESOURCE_BYTES);
+    if snapshot || !upserts.is_empty() || !removals.is_empty() {
+        let header = api::ConfigUpdate {
+            version: state.next_version(node),
+            snapshot,
+            trust_domain: state.mesh.trust_domain.clone(),
+            root_namespace: state.mesh.root_namespace.clone(),
+            ..Default::default()
+        };
+        let mut chunker = chunks::Chunker::new(header, chunks::CHUNK_BYTES);
+        for key in removals {
+            if let Some(full) = chunker.remove(key)
+                && !deliver(state, node, tx, full).await
+            {
+                return false;
+            }
+        }
+        let snapshot_items = snapshot.then(|| compiled.resources(node)).into_iter();
+        let changed = upserts.iter().map(|(k, r)| (k.clone(), r));
+        for (key, r) in snapshot_items.flatten().chain(changed) {
+            let Some(bytes) = chunks::fits(&key, r, max, &mut oversized) else {
+                continue;
+            };
+            if let Some(full) = chunker.upsert(r, bytes)
+                && !deliver(state, node, tx, full).await
+            {
+                return false;
+            }
+        }
+        if !deliver(state, node, tx, chunker.finish()).await {
+            return false;
+        }
+        if snapshot {
+            crate::memory::release_freed();
+        }
+    }
     // The node keeps the version it has, if any; every change tries it again.
     let kept = oversized
         .iter()
@@ -255,24 +289,19 @@ async fn send(
         report_oversized(state, node, &oversized);
         *reported = oversized;
     }
-    if snapshot || !upserts.is_empty() || !removals.is_empty() {
-        let header = api::ConfigUpdate {
-            version: state.next_version(node),
-            snapshot,
-            trust_domain: mesh.trust_domain.clone(),
-            root_namespace: mesh.root_namespace.clone(),
-            ..Default::default()
-        };
-        let upserts = upserts.into_iter().map(|(_, r)| r).collect();
-        for msg in chunks::split(&header, upserts, removals, chunks::CHUNK_BYTES) {
-            state.metrics.message_sent(node, msg.encoded_len());
-            if tx.send(Ok(msg)).await.is_err() {
-                return false;
-            }
-        }
-    }
     *held = Some(Held::new(compiled.clone(), kept));
     true
+}
+
+/// Sends one message. False when the agent went away.
+async fn deliver(
+    state: &ControlState,
+    node: &str,
+    tx: &mpsc::Sender<Result<api::ConfigUpdate, Status>>,
+    msg: api::ConfigUpdate,
+) -> bool {
+    state.metrics.message_sent(node, msg.encoded_len());
+    tx.send(Ok(msg)).await.is_ok()
 }
 
 fn report_oversized(state: &ControlState, node: &str, oversized: &[Oversized]) {
