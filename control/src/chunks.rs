@@ -132,7 +132,10 @@ mod tests {
         chunk_bytes: usize,
     ) -> Vec<api::ConfigUpdate> {
         let mut chunker = Chunker::new(header.clone(), chunk_bytes);
-        let mut msgs: Vec<_> = removals.into_iter().filter_map(|k| chunker.remove(k)).collect();
+        let mut msgs: Vec<_> = removals
+            .into_iter()
+            .filter_map(|k| chunker.remove(k))
+            .collect();
         msgs.extend(
             upserts
                 .iter()

@@ -66,6 +66,10 @@ pub struct Compiled {
     pub(crate) pods: BTreeMap<String, CompiledPod>,
     /// Services, ServiceEntries and routing policies: the same on every node.
     pub(crate) shared: BTreeMap<Key, Arc<api::Resource>>,
+    /// What each Service was compiled from, by `namespace/name`.
+    services: BTreeMap<String, CompiledService>,
+    /// What every Service's routes and endpoints depend on beside its own object and pods.
+    routing: Routing,
     /// AuthorizationPolicies and PeerAuthentications, with their namespace.
     pub(crate) security: BTreeMap<Key, (String, Arc<api::Resource>)>,
     /// The namespaces each node has pods of.
@@ -87,6 +91,35 @@ pub(crate) struct Changed {
 }
 
 static COMPILES: AtomicU64 = AtomicU64::new(0);
+
+/// A Service's inputs beside `Routing`, and what they compiled to.
+struct CompiledService {
+    source: Arc<ServiceInfo>,
+    /// The ready pods it selected, in UID order.
+    pods: Vec<Arc<PodInfo>>,
+    resource: Arc<api::Resource>,
+}
+
+/// The parts of the model that any Service's compile may read besides its own object and pods:
+/// namespaces (whether endpoints are in the mesh), the mesh policies (routes, traffic policy)
+/// and the Services (hosts routes name). While these are unchanged, a Service whose object and
+/// selected pods are the same objects as last time compiles as it did (most, on a pod change).
+#[derive(PartialEq)]
+struct Routing {
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    policies: Vec<Arc<crate::istio::PolicyObject>>,
+    services: Vec<Arc<ServiceInfo>>,
+}
+
+impl Routing {
+    fn of(cluster: &Cluster) -> Self {
+        Self {
+            namespaces: cluster.namespaces.clone(),
+            policies: cluster.policies.values().cloned().collect(),
+            services: cluster.services.values().cloned().collect(),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub(crate) struct CompiledPod {
@@ -173,49 +206,78 @@ impl Compiled {
             }
             pods.insert(p.uid.clone(), compiled);
         }
-        let mut shared = BTreeMap::new();
-        let mut changed_shared = Vec::new();
-        let mut share = |kind: api::Kind, name: String, r: api::resource::Resource| {
-            let key = (kind as i32, name);
-            let old = previous.and_then(|c| c.shared.get(&key));
-            let r = reuse(old, r);
-            if !old.is_some_and(|o| Arc::ptr_eq(o, &r)) {
-                changed_shared.push(key.clone());
-            }
-            shared.insert(key, r);
-        };
+        let mut shared = Shared::new(previous.map(|c| &c.shared));
+        let routing = Routing::of(cluster);
+        let same_routing = previous.is_some_and(|p| p.routing == routing);
         let by_label = PodsByLabel::new(cluster);
-        for s in cluster.services.values() {
-            let svc = service(cluster, &policies, &by_label, s, trust_domain);
-            share(
-                api::Kind::Service,
-                format!("{}/{}", s.namespace, s.name),
-                api::resource::Resource::Service(svc),
+        let mut services = BTreeMap::new();
+        for (name, s) in &cluster.services {
+            let pods = s
+                .selector
+                .as_ref()
+                .map(|sel| by_label.select(&s.namespace, sel))
+                .unwrap_or_default();
+            let key = (api::Kind::Service as i32, name.clone());
+            let unchanged = previous
+                .and_then(|c| c.services.get(name))
+                .filter(|o| same_routing && Arc::ptr_eq(&o.source, s) && same_pods(&o.pods, &pods));
+            let resource = match unchanged {
+                Some(o) => shared.keep(key, o.resource.clone()),
+                None => {
+                    let svc = service(cluster, &policies, &pods, s, trust_domain);
+                    shared.add(key, api::resource::Resource::Service(svc))
+                }
+            };
+            services.insert(
+                name.clone(),
+                CompiledService {
+                    source: s.clone(),
+                    pods: pods.into_iter().cloned().collect(),
+                    resource,
+                },
             );
         }
         for svc in crate::service_entries::services(cluster, &policies, trust_domain) {
-            share(
-                api::Kind::Service,
+            let key = (
+                api::Kind::Service as i32,
                 format!("{}/{}", svc.namespace, svc.name),
-                api::resource::Resource::Service(svc),
             );
+            shared.add(key, api::resource::Resource::Service(svc));
         }
         let mut security = BTreeMap::new();
-        for (key, p) in &cluster.policies {
+        for (name, p) in &cluster.policies {
+            let key = (api::Kind::Policy as i32, name.clone());
+            let is_security = matches!(p.kind, "AuthorizationPolicy" | "PeerAuthentication");
+            // The same policies as the compile before: the same resources.
+            let unchanged = previous.filter(|_| same_routing).and_then(|c| {
+                if is_security {
+                    c.security.get(&key).map(|(_, r)| r)
+                } else {
+                    c.shared.get(&key)
+                }
+            });
+            if let Some(r) = unchanged {
+                if is_security {
+                    security.insert(key, (p.namespace.clone(), r.clone()));
+                } else {
+                    shared.keep(key, r.clone());
+                }
+                continue;
+            }
             let policy = api::resource::Resource::Policy(api::Policy {
                 kind: p.kind.to_owned(),
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
                 spec_json: p.spec.to_string(),
             });
-            if matches!(p.kind, "AuthorizationPolicy" | "PeerAuthentication") {
-                let key = (api::Kind::Policy as i32, key.clone());
+            if is_security {
                 let old = previous.and_then(|c| c.security.get(&key)).map(|(_, r)| r);
                 security.insert(key, (p.namespace.clone(), reuse(old, policy)));
             } else {
-                share(api::Kind::Policy, key.clone(), policy);
+                shared.add(key, policy);
             }
         }
+        let (shared, mut changed_shared) = (shared.resources, shared.changed);
         let mut namespaces: HashMap<String, HashSet<String>> = HashMap::new();
         for p in pods.values() {
             namespaces
@@ -237,6 +299,8 @@ impl Compiled {
         Self {
             pods,
             shared,
+            services,
+            routing,
             security,
             namespaces,
             root_namespace: mesh.root_namespace.clone(),
@@ -290,6 +354,45 @@ impl Compiled {
             self.reaches(namespace, node).then_some(r)
         })
     }
+}
+
+/// The shared resources of a compile being built, and which differ from the compile before's.
+struct Shared<'a> {
+    previous: Option<&'a BTreeMap<Key, Arc<api::Resource>>>,
+    resources: BTreeMap<Key, Arc<api::Resource>>,
+    changed: Vec<Key>,
+}
+
+impl<'a> Shared<'a> {
+    fn new(previous: Option<&'a BTreeMap<Key, Arc<api::Resource>>>) -> Self {
+        Self {
+            previous,
+            resources: BTreeMap::new(),
+            changed: Vec::new(),
+        }
+    }
+
+    /// Adds `r` under `key`: the compile before's resource there if equal.
+    fn add(&mut self, key: Key, r: api::resource::Resource) -> Arc<api::Resource> {
+        let old = self.previous.and_then(|p| p.get(&key));
+        let r = reuse(old, r);
+        self.keep(key, r)
+    }
+
+    /// Adds `r` under `key` as it is.
+    fn keep(&mut self, key: Key, r: Arc<api::Resource>) -> Arc<api::Resource> {
+        let old = self.previous.and_then(|p| p.get(&key));
+        if !old.is_some_and(|o| Arc::ptr_eq(o, &r)) {
+            self.changed.push(key.clone());
+        }
+        self.resources.insert(key, r.clone());
+        r
+    }
+}
+
+/// Whether two selections are the same pod objects.
+fn same_pods(a: &[Arc<PodInfo>], b: &[&Arc<PodInfo>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| Arc::ptr_eq(a, b))
 }
 
 /// `previous` when it equals `new`, else `new`, shared.
@@ -350,7 +453,7 @@ pub async fn follow(
 
 /// Ready pods by (namespace, label key, label value), so a service's selector looks at the pods
 /// carrying one of its labels instead of every pod in the cluster.
-struct PodsByLabel<'a>(HashMap<(&'a str, &'a str, &'a str), Vec<&'a PodInfo>>);
+struct PodsByLabel<'a>(HashMap<(&'a str, &'a str, &'a str), Vec<&'a Arc<PodInfo>>>);
 
 impl<'a> PodsByLabel<'a> {
     fn new(cluster: &'a Cluster) -> Self {
@@ -360,14 +463,18 @@ impl<'a> PodsByLabel<'a> {
                 index
                     .entry((p.namespace.as_str(), k.as_str(), v.as_str()))
                     .or_default()
-                    .push(&**p);
+                    .push(p);
             }
         }
         Self(index)
     }
 
     /// The ready pods in `namespace` matching a non-empty `selector`, in UID order.
-    fn select(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<&'a PodInfo> {
+    fn select(
+        &self,
+        namespace: &str,
+        selector: &BTreeMap<String, String>,
+    ) -> Vec<&'a Arc<PodInfo>> {
         let Some((k, v)) = selector.iter().next() else {
             return Vec::new();
         };
@@ -381,41 +488,38 @@ impl<'a> PodsByLabel<'a> {
     }
 }
 
+/// `s` compiled, with `pods` (what its selector selects) as its endpoints.
 fn service(
     cluster: &Cluster,
     policies: &Policies,
-    by_label: &PodsByLabel,
+    pods: &[&Arc<PodInfo>],
     s: &ServiceInfo,
     trust_domain: &str,
 ) -> api::Service {
-    let endpoints = match &s.selector {
-        Some(sel) => by_label
-            .select(&s.namespace, sel)
-            .into_iter()
-            .map(|p| api::Endpoint {
-                pod_uid: p.uid.clone(),
-                pod_name: p.name.clone(),
-                ips: p.ips.iter().map(ToString::to_string).collect(),
-                node: p.node.clone(),
-                in_mesh: cluster.in_mesh(p),
-                identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
-                labels: p.labels.clone().into_iter().collect(),
-                ports: s
-                    .ports
-                    .iter()
-                    .filter_map(|port| {
-                        let target = match &port.target {
-                            TargetPort::Number(n) => Some(*n),
-                            TargetPort::Name(name) => p.named_ports.get(name).copied(),
-                        }?;
-                        Some((port.name.clone(), target))
-                    })
-                    .collect(),
-                hostname: String::new(),
-            })
-            .collect(),
-        None => Vec::new(),
-    };
+    let endpoints = pods
+        .iter()
+        .map(|p| api::Endpoint {
+            pod_uid: p.uid.clone(),
+            pod_name: p.name.clone(),
+            ips: p.ips.iter().map(ToString::to_string).collect(),
+            node: p.node.clone(),
+            in_mesh: cluster.in_mesh(p),
+            identity: spiffe_id(trust_domain, &p.namespace, &p.service_account),
+            labels: p.labels.clone().into_iter().collect(),
+            ports: s
+                .ports
+                .iter()
+                .filter_map(|port| {
+                    let target = match &port.target {
+                        TargetPort::Number(n) => Some(*n),
+                        TargetPort::Name(name) => p.named_ports.get(name).copied(),
+                    }?;
+                    Some((port.name.clone(), target))
+                })
+                .collect(),
+            hostname: String::new(),
+        })
+        .collect();
     api::Service {
         namespace: s.namespace.clone(),
         name: s.name.clone(),
@@ -516,7 +620,7 @@ mod tests {
             &[("app", "web"), (MESH_LABEL, "disabled")],
         ));
         c.insert(pod("dddd", "legacy", "n1", &[("app", "reviews")]));
-        c.insert(Object::Service(ServiceInfo {
+        c.insert(Object::Service(Arc::new(ServiceInfo {
             namespace: "shop".into(),
             name: "reviews".into(),
             selector: Some([("app".to_string(), "reviews".to_string())].into()),
@@ -527,7 +631,7 @@ mod tests {
                 target: TargetPort::Name("http".into()),
                 app_protocol: None,
             }],
-        }));
+        })));
         c
     }
 
@@ -588,12 +692,12 @@ mod tests {
     fn virtual_services_compile_into_the_http_routes_of_the_service_they_name() {
         let mut c = cluster();
         let policy = |kind: &'static str, name: &str, spec: serde_json::Value| {
-            Object::Policy(crate::istio::PolicyObject {
+            Object::Policy(Arc::new(crate::istio::PolicyObject {
                 kind,
                 namespace: "shop".into(),
                 name: name.into(),
                 spec,
-            })
+            }))
         };
         c.insert(policy(
             "DestinationRule",
@@ -672,12 +776,12 @@ mod tests {
             ..Mesh::new("td")
         };
         c.insert(ns("mesh-root", "REGISTRY_ONLY"));
-        c.insert(Object::Policy(crate::istio::PolicyObject {
+        c.insert(Object::Policy(Arc::new(crate::istio::PolicyObject {
             kind: "AuthorizationPolicy",
             namespace: "mesh-root".into(),
             name: "deny-all".into(),
             spec: serde_json::json!({}),
-        }));
+        })));
         assert!(registry_only(&c, &mesh), "the root namespace's label");
         let cfg = node_config(&c, "n1", &mesh);
         assert!(
@@ -748,12 +852,12 @@ mod tests {
     fn security_policies_follow_the_namespaces_a_node_has_pods_of() {
         let mesh = Mesh::new("td");
         let mut c = cluster();
-        c.insert(Object::Policy(crate::istio::PolicyObject {
+        c.insert(Object::Policy(Arc::new(crate::istio::PolicyObject {
             kind: "AuthorizationPolicy",
             namespace: "shop".into(),
             name: "deny".into(),
             spec: serde_json::json!({}),
-        }));
+        })));
         let old = Arc::new(Compiled::new(&c, &mesh, None));
         let key = (
             api::Kind::Policy as i32,
@@ -804,6 +908,61 @@ mod tests {
                 .node("n2")
                 .contains_key(&(api::Kind::Peer as i32, "a".into()))
         );
+    }
+
+    #[test]
+    fn a_service_compiles_again_only_when_its_pods_or_the_routing_inputs_change() {
+        let mesh = Mesh::new("td");
+        let mut c = cluster();
+        c.insert(Object::Service(Arc::new(ServiceInfo {
+            name: "web".into(),
+            selector: Some([("app".to_string(), "web".to_string())].into()),
+            cluster_ips: vec!["10.96.0.11".parse().unwrap()],
+            ..(*c.services["shop/reviews"]).clone()
+        })));
+        let first = Compiled::new(&c, &mesh, None);
+        let key = |name: &str| (api::Kind::Service as i32, format!("shop/{name}"));
+        let recompiled = |before: &Compiled, after: &Compiled, name: &str| {
+            let changed = after.changed.as_ref().unwrap();
+            let ptr = !Arc::ptr_eq(&before.shared[&key(name)], &after.shared[&key(name)]);
+            assert_eq!(ptr, changed.shared.contains(&key(name)), "{name}");
+            ptr
+        };
+
+        // A new reviews pod: reviews gets it, web is not compiled again.
+        let mut c2 = c.clone();
+        c2.insert(pod("eeeee", "shop", "n2", &[("app", "reviews")]));
+        let second = Compiled::new(&c2, &mesh, Some(&first));
+        assert!(recompiled(&first, &second, "reviews"));
+        assert!(!recompiled(&first, &second, "web"));
+        let api::resource::Resource::Service(svc) =
+            second.shared[&key("reviews")].resource.as_ref().unwrap()
+        else {
+            panic!("not a service");
+        };
+        assert_eq!(svc.endpoints.len(), 3);
+
+        // A VirtualService for web: web's routes change; reviews is compiled again (routing
+        // inputs changed) and, being equal, stays the same resource.
+        let mut c3 = c2.clone();
+        c3.insert(Object::Policy(Arc::new(crate::istio::PolicyObject {
+            kind: "VirtualService",
+            namespace: "shop".into(),
+            name: "web".into(),
+            spec: serde_json::json!({
+                "hosts": ["web"],
+                "http": [{"route": [{"destination": {"host": "web"}}], "timeout": "2s"}]
+            }),
+        })));
+        let third = Compiled::new(&c3, &mesh, Some(&second));
+        assert!(recompiled(&second, &third, "web"));
+        assert!(!recompiled(&second, &third, "reviews"));
+
+        // The namespace leaves the mesh: endpoints are no longer in it, though no pod changed.
+        let mut c4 = c3.clone();
+        c4.namespaces.get_mut("shop").unwrap().remove(MESH_LABEL);
+        let fourth = Compiled::new(&c4, &mesh, Some(&third));
+        assert!(recompiled(&third, &fourth, "reviews"));
     }
 
     #[test]

@@ -214,19 +214,19 @@ mod tests {
     };
 
     fn policy(kind: &'static str, ns: &str, name: &str, spec: serde_json::Value) -> Object {
-        Object::Policy(PolicyObject {
+        Object::Policy(std::sync::Arc::new(PolicyObject {
             kind,
             namespace: ns.into(),
             name: name.into(),
             spec,
-        })
+        }))
     }
 
     /// Istio's egress-gateway task for a TCP host: one VirtualService bound to the mesh and to
     /// the gateway.
     fn cluster() -> Cluster {
         let mut c = Cluster::default();
-        c.insert(Object::Service(ServiceInfo {
+        c.insert(Object::Service(std::sync::Arc::new(ServiceInfo {
             namespace: "istio-system".into(),
             name: "egressgateway".into(),
             selector: Some([("istio".to_string(), "egressgateway".to_string())].into()),
@@ -237,7 +237,7 @@ mod tests {
                 target: TargetPort::Number(16379),
                 app_protocol: None,
             }],
-        }));
+        })));
         c.insert(policy(
             "ServiceEntry",
             "shop",
@@ -308,7 +308,7 @@ mod tests {
     }
 
     fn ingress(c: &mut Cluster) -> PodInfo {
-        c.insert(Object::Service(ServiceInfo {
+        c.insert(Object::Service(std::sync::Arc::new(ServiceInfo {
             namespace: "shop".into(),
             name: "web".into(),
             selector: Some([("app".to_string(), "web".to_string())].into()),
@@ -319,7 +319,7 @@ mod tests {
                 target: TargetPort::Number(8080),
                 app_protocol: None,
             }],
-        }));
+        })));
         c.insert(Object::Secret(crate::model::TlsSecret {
             namespace: "trellis-system".into(),
             name: "shop-cert".into(),

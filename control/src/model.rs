@@ -48,13 +48,13 @@ impl PodInfo {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetPort {
     Number(u32),
     Name(String),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortInfo {
     pub name: String,
     pub port: u32,
@@ -62,7 +62,7 @@ pub struct PortInfo {
     pub app_protocol: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceInfo {
     pub namespace: String,
     pub name: String,
@@ -99,8 +99,8 @@ pub enum Object {
     /// Shared: the sources rebuild the model from their objects on every change, and a model
     /// compares its pods by pointer first.
     Pod(Arc<PodInfo>),
-    Service(ServiceInfo),
-    Policy(PolicyObject),
+    Service(Arc<ServiceInfo>),
+    Policy(Arc<PolicyObject>),
     Secret(TlsSecret),
 }
 
@@ -123,9 +123,9 @@ pub struct Cluster {
     /// By UID.
     pub pods: BTreeMap<String, Arc<PodInfo>>,
     /// By `namespace/name`.
-    pub services: BTreeMap<String, ServiceInfo>,
+    pub services: BTreeMap<String, Arc<ServiceInfo>>,
     /// By `kind/namespace/name`.
-    pub policies: BTreeMap<String, PolicyObject>,
+    pub policies: BTreeMap<String, Arc<PolicyObject>>,
     /// TLS Secrets, by `namespace/name`.
     pub secrets: BTreeMap<String, TlsSecret>,
 }
@@ -412,13 +412,13 @@ fn service(s: Service) -> Result<Object> {
             app_protocol: p.app_protocol.clone(),
         });
     }
-    Ok(Object::Service(ServiceInfo {
+    Ok(Object::Service(Arc::new(ServiceInfo {
         namespace,
         name,
         selector: spec.selector.filter(|s| !s.is_empty()),
         cluster_ips,
         ports,
-    }))
+    })))
 }
 
 fn policy(api_version: &str, kind: &str, doc: &Value) -> Result<Object> {
@@ -455,12 +455,12 @@ fn policy(api_version: &str, kind: &str, doc: &Value) -> Result<Object> {
         doc.get("spec")
             .unwrap_or(&Value::Object(Default::default())),
     )?;
-    Ok(Object::Policy(PolicyObject {
+    Ok(Object::Policy(Arc::new(PolicyObject {
         kind,
         namespace: meta.namespace.unwrap_or_else(|| "default".into()),
         name,
         spec,
-    }))
+    })))
 }
 
 #[cfg(test)]

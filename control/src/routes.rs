@@ -41,7 +41,7 @@ impl<'a> Policies<'a> {
                 .values()
                 .filter(|p| p.kind == kind)
                 // Validated when read, so this parses; a spec that did not would be skipped.
-                .filter_map(|p| Some((p, T::deserialize(&p.spec).ok()?)))
+                .filter_map(|p| Some((&**p, T::deserialize(&p.spec).ok()?)))
                 .collect()
         }
         let service_entries: Vec<(&PolicyObject, ServiceEntrySpec)> =
@@ -120,11 +120,12 @@ pub fn resolve<'a>(cluster: &'a Cluster, host: &str, namespace: &str) -> Option<
         return cluster
             .services
             .values()
-            .find(|s| s.cluster_ips.contains(&ip));
+            .find(|s| s.cluster_ips.contains(&ip))
+            .map(|s| &**s);
     }
     let host = host.strip_suffix(".svc.cluster.local").unwrap_or(host);
     let (name, ns) = host.split_once('.').unwrap_or((host, namespace));
-    cluster.services.get(&format!("{ns}/{name}"))
+    cluster.services.get(&format!("{ns}/{name}")).map(|s| &**s)
 }
 
 /// A route destination's weight: as given (negatives as 0), else all of it for a route's only

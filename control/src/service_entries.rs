@@ -191,12 +191,12 @@ mod tests {
     fn cluster(entries: &[(&str, &str, serde_json::Value)]) -> Cluster {
         let mut c = Cluster::default();
         for (ns, name, spec) in entries {
-            c.insert(Object::Policy(PolicyObject {
+            c.insert(Object::Policy(std::sync::Arc::new(PolicyObject {
                 kind: "ServiceEntry",
                 namespace: (*ns).into(),
                 name: (*name).into(),
                 spec: spec.clone(),
-            }));
+            })));
         }
         c
     }

@@ -24,7 +24,7 @@ pub use networking::*;
 pub use security::*;
 
 /// A validated mesh policy object.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyObject {
     pub kind: &'static str,
     pub namespace: String,

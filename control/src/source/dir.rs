@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use notify::Watcher as _;
 use serde_json::Value;
 use serde_saphyr::budget::BudgetBreach;
 use tracing::{info, warn};
@@ -17,8 +18,14 @@ use tracing::{info, warn};
 use super::{Outputs, parse_contained};
 use crate::model::{Cluster, Object};
 
-/// How often the directory is checked for changes.
-const POLL: Duration = Duration::from_millis(300);
+/// How soon a change is read after the kernel reports it: writing or renaming one file makes
+/// several events, read once.
+const SETTLE: Duration = Duration::from_millis(10);
+
+/// How often the directory is read without an event: a safety net where the filesystem does not
+/// report changes (some network and FUSE filesystems), and the only way if watching fails.
+const POLL: Duration = Duration::from_secs(5);
+const POLL_UNWATCHED: Duration = Duration::from_millis(300);
 
 /// Limits on one file (docs/control.md): they bound the memory and time one file can cost.
 pub const MAX_FILE_BYTES: u64 = 64 << 20;
@@ -39,8 +46,30 @@ pub struct DirSource {
     files: BTreeMap<PathBuf, FileState>,
 }
 
-/// Polls `src` and publishes what it reads, until the task is stopped.
+/// Reads `src` whenever the kernel reports a change in its directory (inotify), and at least every
+/// `POLL`, and publishes what it reads, until the task is stopped.
 pub async fn run(src: Arc<Mutex<DirSource>>, out: Arc<Outputs>) -> Result<()> {
+    let dir = src
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .dir
+        .clone();
+    let (tx, mut events) = tokio::sync::mpsc::channel(1);
+    // Kept for as long as the loop runs: dropping it stops the watch.
+    let watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let _ = tx.try_send(()); // one pending wake-up is enough
+    })
+    .and_then(|mut w| {
+        w.watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    let poll = match &watcher {
+        Ok(_) => POLL,
+        Err(e) => {
+            warn!(dir = %dir.display(), "cannot watch for changes ({e}); reading it every {POLL_UNWATCHED:?}");
+            POLL_UNWATCHED
+        }
+    };
     let mut first = true;
     loop {
         let read = {
@@ -51,7 +80,13 @@ pub async fn run(src: Arc<Mutex<DirSource>>, out: Arc<Outputs>) -> Result<()> {
             out.publish(cluster, errors);
             first = false;
         }
-        tokio::time::sleep(POLL).await;
+        tokio::select! {
+            Some(()) = events.recv() => {
+                tokio::time::sleep(SETTLE).await;
+                while events.try_recv().is_ok() {}
+            }
+            () = tokio::time::sleep(poll) => {}
+        }
     }
 }
 
