@@ -1,8 +1,6 @@
 //! Splits one node update into `ConfigUpdate` messages small enough to send: about `CHUNK_BYTES`
 //! of resources each, so no message nears the gRPC limit however large the config grows. The
 //! agent applies the update when its last message (`more` unset) arrives.
-use std::sync::Arc;
-
 use prost::Message as _;
 use trellis_api as api;
 
@@ -24,16 +22,6 @@ pub const MAX_RESOURCE_BYTES: usize = api::MAX_MESSAGE_BYTES - ENVELOPE_BYTES;
 pub struct Oversized {
     pub key: Key,
     pub bytes: usize,
-}
-
-/// Drops (and returns) the upserts larger than `max_bytes`: no message could carry them.
-pub fn withhold_oversized(
-    upserts: &mut Vec<(Key, Arc<api::Resource>)>,
-    max_bytes: usize,
-) -> Vec<Oversized> {
-    let mut oversized = Vec::new();
-    upserts.retain(|(key, r)| fits(key, r, max_bytes, &mut oversized).is_some());
-    oversized
 }
 
 /// `r`'s encoded size if a message can carry it; else None, and it is recorded in `oversized`.
@@ -196,11 +184,12 @@ mod tests {
     #[test]
     fn resources_too_large_for_any_message_are_withheld_with_their_size() {
         let key = |n: &str| (api::Kind::Policy as i32, n.to_owned());
+        let mut oversized = Vec::new();
         let mut upserts = vec![
-            (key("small"), Arc::new(policy("small", 10))),
-            (key("huge"), Arc::new(policy("huge", 2000))),
+            (key("small"), policy("small", 10)),
+            (key("huge"), policy("huge", 2000)),
         ];
-        let oversized = withhold_oversized(&mut upserts, 1000);
+        upserts.retain(|(k, r)| fits(k, r, 1000, &mut oversized).is_some());
         assert_eq!(upserts.len(), 1);
         assert_eq!(upserts[0].0, key("small"));
         assert_eq!(oversized.len(), 1);

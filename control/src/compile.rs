@@ -92,12 +92,11 @@ pub(crate) struct Changed {
 
 static COMPILES: AtomicU64 = AtomicU64::new(0);
 
-/// A Service's inputs beside `Routing`, and what they compiled to.
+/// A Service's inputs beside `Routing` (what they compiled to is in `shared`).
 struct CompiledService {
     source: Arc<ServiceInfo>,
     /// The ready pods it selected, in UID order.
     pods: Vec<Arc<PodInfo>>,
-    resource: Arc<api::Resource>,
 }
 
 /// The parts of the model that any Service's compile may read besides its own object and pods:
@@ -219,21 +218,25 @@ impl Compiled {
                 .unwrap_or_default();
             let key = (api::Kind::Service as i32, name.clone());
             let unchanged = previous
-                .and_then(|c| c.services.get(name))
-                .filter(|o| same_routing && Arc::ptr_eq(&o.source, s) && same_pods(&o.pods, &pods));
-            let resource = match unchanged {
-                Some(o) => shared.keep(key, o.resource.clone()),
+                .filter(|c| {
+                    same_routing
+                        && c.services
+                            .get(name)
+                            .is_some_and(|o| Arc::ptr_eq(&o.source, s) && same_pods(&o.pods, &pods))
+                })
+                .and_then(|c| c.shared.get(&key));
+            match unchanged {
+                Some(r) => shared.keep(key, r.clone()),
                 None => {
                     let svc = service(cluster, &policies, &pods, s, trust_domain);
-                    shared.add(key, api::resource::Resource::Service(svc))
+                    shared.add(key, api::resource::Resource::Service(svc));
                 }
-            };
+            }
             services.insert(
                 name.clone(),
                 CompiledService {
                     source: s.clone(),
                     pods: pods.into_iter().cloned().collect(),
-                    resource,
                 },
             );
         }
@@ -248,33 +251,30 @@ impl Compiled {
         for (name, p) in &cluster.policies {
             let key = (api::Kind::Policy as i32, name.clone());
             let is_security = matches!(p.kind, "AuthorizationPolicy" | "PeerAuthentication");
-            // The same policies as the compile before: the same resources.
-            let unchanged = previous.filter(|_| same_routing).and_then(|c| {
+            let old = previous.and_then(|c| {
                 if is_security {
                     c.security.get(&key).map(|(_, r)| r)
                 } else {
                     c.shared.get(&key)
                 }
             });
-            if let Some(r) = unchanged {
-                if is_security {
-                    security.insert(key, (p.namespace.clone(), r.clone()));
-                } else {
-                    shared.keep(key, r.clone());
+            // The same policies as the compile before: the same resources, not even compared.
+            let r = match old.filter(|_| same_routing) {
+                Some(r) => r.clone(),
+                None => {
+                    let policy = api::resource::Resource::Policy(api::Policy {
+                        kind: p.kind.to_owned(),
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        spec_json: p.spec.to_string(),
+                    });
+                    reuse(old, policy)
                 }
-                continue;
-            }
-            let policy = api::resource::Resource::Policy(api::Policy {
-                kind: p.kind.to_owned(),
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
-                spec_json: p.spec.to_string(),
-            });
+            };
             if is_security {
-                let old = previous.and_then(|c| c.security.get(&key)).map(|(_, r)| r);
-                security.insert(key, (p.namespace.clone(), reuse(old, policy)));
+                security.insert(key, (p.namespace.clone(), r));
             } else {
-                shared.add(key, policy);
+                shared.keep(key, r);
             }
         }
         let (shared, mut changed_shared) = (shared.resources, shared.changed);
@@ -373,20 +373,19 @@ impl<'a> Shared<'a> {
     }
 
     /// Adds `r` under `key`: the compile before's resource there if equal.
-    fn add(&mut self, key: Key, r: api::resource::Resource) -> Arc<api::Resource> {
+    fn add(&mut self, key: Key, r: api::resource::Resource) {
         let old = self.previous.and_then(|p| p.get(&key));
         let r = reuse(old, r);
-        self.keep(key, r)
+        self.keep(key, r);
     }
 
     /// Adds `r` under `key` as it is.
-    fn keep(&mut self, key: Key, r: Arc<api::Resource>) -> Arc<api::Resource> {
+    fn keep(&mut self, key: Key, r: Arc<api::Resource>) {
         let old = self.previous.and_then(|p| p.get(&key));
         if !old.is_some_and(|o| Arc::ptr_eq(o, &r)) {
             self.changed.push(key.clone());
         }
-        self.resources.insert(key, r.clone());
-        r
+        self.resources.insert(key, r);
     }
 }
 

@@ -234,11 +234,15 @@ async fn send(
     let max = chunks::MAX_RESOURCE_BYTES;
     let mut oversized = Vec::new();
     let snapshot = held.is_none();
-    let (upserts, removals): (Vec<_>, _) = match &*held {
+    // What changed, with each upsert's encoded size; those no message can carry are withheld.
+    let (upserts, removals) = match &*held {
         None => (Vec::new(), Vec::new()),
         Some(h) => {
-            let (mut upserts, removals) = h.changes(node, compiled);
-            oversized = chunks::withhold_oversized(&mut upserts, max);
+            let (upserts, removals) = h.changes(node, compiled);
+            let upserts: Vec<_> = upserts
+                .into_iter()
+                .filter_map(|(k, r)| Some((chunks::fits(&k, &r, max, &mut oversized)?, r)))
+                .collect();
             (upserts, removals)
         }
     };
@@ -258,12 +262,13 @@ async fn send(
                 return false;
             }
         }
-        let snapshot_items = snapshot.then(|| compiled.resources(node)).into_iter();
-        let changed = upserts.iter().map(|(k, r)| (k.clone(), r));
-        for (key, r) in snapshot_items.flatten().chain(changed) {
-            let Some(bytes) = chunks::fits(&key, r, max, &mut oversized) else {
-                continue;
-            };
+        let snapshot_items = snapshot
+            .then(|| compiled.resources(node))
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, r)| Some((chunks::fits(&k, r, max, &mut oversized)?, r)));
+        let changed = upserts.iter().map(|(bytes, r)| (*bytes, r));
+        for (bytes, r) in snapshot_items.chain(changed) {
             if let Some(full) = chunker.upsert(r, bytes)
                 && !deliver(state, node, tx, full).await
             {

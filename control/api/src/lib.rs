@@ -7,7 +7,7 @@ pub use assembler::{Assembler, Interleaved};
 
 /// The largest gRPC message control and agents send or accept, set on both ends (tonic's default
 /// of 4 MiB is too small for one service that carries a large VirtualService). Control splits
-/// updates into messages of about 1 MiB, so only a single resource larger than this (minus a
+/// updates into messages of about 64 KiB of resources, so only a single resource larger than this (minus a
 /// little room for the envelope) cannot be delivered; control reports it per node.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
