@@ -1,15 +1,16 @@
-//! Admin endpoint (localhost only): health, readiness, and as JSON the pods, the certificates
-//! held and the proxy's config (what control sent, as the proxy uses it).
+//! Admin endpoint (localhost only): health, readiness, as JSON the pods, the certificates held
+//! and the proxy's config (what control sent, as the proxy uses it), and live taps of a
+//! workload's requests ([`crate::tap`]).
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use anyhow::{Context as _, Result};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
-use crate::{identity::Svids, pods::AgentStatus, state::MeshState};
+use crate::{identity::Svids, pods::AgentStatus, proxy::Shared, state::MeshState, tap::Filter};
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -22,6 +23,7 @@ pub async fn serve(
     status: watch::Receiver<AgentStatus>,
     svids: watch::Receiver<Svids>,
     state: watch::Receiver<Arc<MeshState>>,
+    shared: Arc<Shared>,
 ) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin endpoint listening");
@@ -35,9 +37,15 @@ pub async fn serve(
             }
         };
         let (status, svids, state) = (status.clone(), svids.clone(), state.clone());
+        let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = route(&req, &status.borrow(), &svids.borrow(), &state.borrow());
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let resp = if req.uri().path() == "/tap" {
+                    tap(&req, &shared)
+                } else {
+                    route(&req, &status.borrow(), &svids.borrow(), &state.borrow())
+                        .map(BodyExt::boxed)
+                };
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = http1::Builder::new()
@@ -75,8 +83,27 @@ fn route<B>(
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /healthz, /readyz, /pods, /certificates, /config_dump\n".into(),
+            "not found; try /healthz, /readyz, /pods, /certificates, /config_dump, \
+             /tap?namespace=NS&workload=NAME\n"
+                .into(),
         ),
+    }
+}
+
+/// `/tap?…`: the records of a workload's requests as they happen, until the client leaves.
+fn tap<B>(req: &Request<B>, shared: &Shared) -> Response<BoxBody<Bytes, Infallible>> {
+    match Filter::parse(req.uri().query().unwrap_or_default()) {
+        Ok(filter) => {
+            let mut resp = Response::new(shared.observe.tap.stream(filter).boxed());
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/x-ndjson"),
+            );
+            resp
+        }
+        Err(e) => {
+            reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")).map(BodyExt::boxed)
+        }
     }
 }
 

@@ -9,13 +9,16 @@ use tracing::{error, info, level_filters::LevelFilter};
 use tracing_subscriber::EnvFilter;
 
 use crate::{
+    access::{self, Observe},
     admin, cgroup,
     metrics::{self, Metrics},
     netns::Netns,
+    otlp,
     pods::{PodSource, PodsFile, Reconciler},
     proxy::{self, ConnLimits, HttpLimits, LogThrottle, Pool, Shared},
     redirect::{self, Redirect, RedirectConfig},
     state::MeshState,
+    tap::Tap,
     tls::TlsStore,
     uninstall::{self, Verdict},
 };
@@ -36,11 +39,21 @@ struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Log one line per proxied HTTP request, inside its trace span (log target
-    /// `trellis::access`). Off by default, as in Istio: at high request rates it costs about a
-    /// quarter of the proxy's throughput.
-    #[arg(long, global = true, env = "TRELLIS_ACCESS_LOG")]
-    access_log: bool,
+    /// Access log: a record per proxied HTTP request from both node proxies and per TCP
+    /// connection at close. `text`: a log line each (target `trellis::access`, in
+    /// --log-format's format); `json`: Envoy's default JSON fields, a line each on stdout.
+    /// Bare `--access-log` means `text`. Off by default, as in Istio: at high request rates it
+    /// costs about a quarter of the proxy's throughput.
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_ACCESS_LOG",
+        value_enum,
+        num_args = 0..=1,
+        default_missing_value = "text",
+        default_value = "off"
+    )]
+    access_log: access::Format,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -158,6 +171,8 @@ struct RunArgs {
     dns_upstream: Option<SocketAddr>,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    traces: TraceArgs,
     /// The DaemonSet running this agent (NAMESPACE/NAME). On SIGTERM the agent asks the API
     /// server about it: if it, or its namespace, is gone or being deleted, or the API server
     /// refuses the agent's credentials, Trellis is being uninstalled and the agent removes its
@@ -165,6 +180,28 @@ struct RunArgs {
     /// Without it capture always stays (remove it with `trellis-agent cleanup`).
     #[arg(long, env = "TRELLIS_DAEMONSET")]
     daemonset: Option<uninstall::DaemonSetRef>,
+}
+
+/// Trace export (docs/observability-traces-logs.md).
+#[derive(clap::Args)]
+struct TraceArgs {
+    /// Export a span per proxied HTTP request, from both node proxies, to this OTLP/gRPC
+    /// collector (http://HOST:PORT; an OpenTelemetry collector, Jaeger or Tempo listen on 4317).
+    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Percentage (0 to 100) of the traces started at this proxy that are sampled; a request
+    /// that carries a trace context keeps its caller's decision.
+    #[arg(long, env = "TRELLIS_TRACE_SAMPLING", default_value_t = 1.0, value_parser = parse_percent)]
+    trace_sampling: f64,
+}
+
+fn parse_percent(text: &str) -> Result<f64, String> {
+    match text.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "{text:?} is not a percentage from 0 to 100 (e.g. 1, 0.5 or 100)"
+        )),
+    }
 }
 
 /// What one client, pod or flood may take of the node (docs/agent.md, "Limits").
@@ -206,7 +243,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(&cli.log_level, cli.log_format, cli.access_log) {
+    let text_access_log = cli.access_log == access::Format::Text;
+    if let Err(e) = init_logging(&cli.log_level, cli.log_format, text_access_log) {
         eprintln!("trellis-agent: {e:#}");
         return ExitCode::from(2);
     }
@@ -225,7 +263,7 @@ pub fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .context("starting the runtime")
-                .and_then(|rt| rt.block_on(run(*args)))
+                .and_then(|rt| rt.block_on(run(*args, cli.access_log)))
         }
     };
     match result {
@@ -237,7 +275,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The access log's target (`proxy::layers::observe`), on or off whatever the level says.
+/// The text access log's target (`access`), on or off whatever the level says.
 const ACCESS_ON: &str = "trellis::access=info";
 const ACCESS_OFF: &str = "trellis::access=off";
 
@@ -261,7 +299,7 @@ fn init_logging(filter: &str, format: LogFormat, access_log: bool) -> Result<()>
     .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-async fn run(args: RunArgs) -> Result<()> {
+async fn run(args: RunArgs, access_log: access::Format) -> Result<()> {
     let cgroup_root = match args.cgroup_root {
         Some(root) => root,
         None => cgroup::cgroup2_mount()?,
@@ -313,7 +351,20 @@ async fn run(args: RunArgs) -> Result<()> {
         },
         throttle: LogThrottle::default(),
         dns_upstream: args.dns_upstream.or_else(crate::dns::system_resolver),
+        observe: Observe {
+            format: access_log,
+            tap: Tap::new(metrics.tap_dropped.clone()),
+            traces: args
+                .traces
+                .otlp_endpoint
+                .as_deref()
+                .map(|e| otlp::Exporter::start(e, &cfg.node, metrics.spans.clone()))
+                .transpose()?,
+            sampling: args.traces.trace_sampling,
+            node: cfg.node.clone(),
+        },
     });
+    let admin_shared = shared.clone();
     let mut reconciler = Reconciler::new(redirect, cgroup_root, home, shared);
     let mut source = match (args.pods, &args.control.control_url) {
         (Some(file), None) => PodSource::File(PodsFile::new(&file)),
@@ -330,7 +381,13 @@ async fn run(args: RunArgs) -> Result<()> {
     // A config change reaches the kernel (STRICT and REGISTRY_ONLY marks, the registry) at once,
     // not at the next tick.
     let mut changes = state.clone();
-    tokio::spawn(admin::serve(admin, reconciler.status(), svids, state));
+    tokio::spawn(admin::serve(
+        admin,
+        reconciler.status(),
+        svids,
+        state,
+        admin_shared,
+    ));
     tokio::spawn(metrics::serve(
         metrics_listener,
         metrics,
@@ -410,6 +467,25 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_log_flag_is_text_when_bare_and_sampling_a_percentage() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).map(|c| c.access_log);
+        let base = ["trellis-agent", "cleanup", "--node", "n"];
+        assert_eq!(parse(&base).unwrap(), access::Format::Off);
+        assert_eq!(
+            parse(&[&base[..], &["--access-log"]].concat()).unwrap(),
+            access::Format::Text
+        );
+        assert_eq!(
+            parse(&[&base[..], &["--access-log", "json"]].concat()).unwrap(),
+            access::Format::Json
+        );
+        assert!(parse(&[&base[..], &["--access-log", "xml"]].concat()).is_err());
+        assert_eq!(parse_percent("100"), Ok(100.0));
+        assert_eq!(parse_percent("0.5%"), Ok(0.5));
+        assert!(parse_percent("101").is_err() && parse_percent("-1").is_err());
+    }
 
     #[test]
     fn durations_are_positive_and_need_a_unit() {

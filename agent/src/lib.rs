@@ -1,4 +1,5 @@
 //! The Trellis node agent. See docs/capture.md for how capture works.
+pub mod access;
 pub mod admin;
 pub mod authz;
 pub mod cgroup;
@@ -10,9 +11,11 @@ pub mod identity;
 pub mod memory;
 pub mod metrics;
 pub mod netns;
+pub mod otlp;
 pub mod pods;
 pub mod proxy;
 pub mod redirect;
 pub mod state;
+pub mod tap;
 pub mod tls;
 pub mod uninstall;

@@ -175,6 +175,9 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     egress_refused: Family<PodLabels, Counter>,
     dns: Family<DnsLabels, Counter>,
+    /// Spans exported and dropped (`--otlp-endpoint`), and tap records a slow reader missed.
+    pub spans: crate::otlp::Counts,
+    pub tap_dropped: Counter,
     registry: Registry,
 }
 
@@ -198,6 +201,8 @@ impl Metrics {
             failures: Family::default(),
             egress_refused: Family::default(),
             dns: Family::default(),
+            spans: Default::default(),
+            tap_dropped: Counter::default(),
             registry: Registry::default(),
         };
         let mut registry = Registry::default();
@@ -252,6 +257,21 @@ impl Metrics {
             "trellis_dns_queries",
             "DNS queries from enrolled pods, by what became of them",
             m.dns.clone(),
+        );
+        registry.register(
+            "trellis_spans_exported",
+            "Spans sent to the OTLP collector (--otlp-endpoint)",
+            m.spans.exported.clone(),
+        );
+        registry.register(
+            "trellis_spans_dropped",
+            "Spans dropped: the export queue was full or the collector did not take them",
+            m.spans.dropped.clone(),
+        );
+        registry.register(
+            "trellis_tap_records_dropped",
+            "Access-log records a tap reader missed by reading too slowly",
+            m.tap_dropped.clone(),
         );
         m.registry = registry;
         Arc::new(m)

@@ -70,7 +70,17 @@ async fn serve_http(
     shared: Arc<Shared>,
     labels: &TcpLabels,
 ) {
-    let stack = layers::stack(HttpEntry::Gateway(target), pod.clone(), shared.clone());
+    // The client's port is not known here (only its address, for policy).
+    let downstream = layers::Downstream {
+        local: target,
+        remote: None,
+    };
+    let stack = layers::stack(
+        HttpEntry::Gateway(target),
+        pod.clone(),
+        shared.clone(),
+        downstream,
+    );
     let (limits, labels) = (shared.http, labels.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let denied = authorize::request(&shared, &pod, &caller, target.port(), &req);
@@ -150,7 +160,7 @@ async fn forward<C: Io>(
     if let Err(e) = upstream.write_all(first).await {
         return debug!(pod = %pod.name, orig_dst = %target, "sending the ClientHello on: {e}");
     }
-    inbound::guarded_splice(&mut client, &mut upstream, pod, shared, caller, target).await;
+    let _ = inbound::guarded_splice(&mut client, &mut upstream, pod, shared, caller, target).await;
 }
 
 /// The bytes of the client's TLS ClientHello and the server name it asks for.

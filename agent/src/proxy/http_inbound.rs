@@ -19,13 +19,15 @@ use tokio::{
     net::TcpStream,
     sync::Mutex,
 };
-use tracing::debug;
+use tracing::{Instrument as _, debug};
 
 use super::{
     HttpLimits, PodCtx, Shared,
     authorize::{self, Caller, DENIED_FLAG},
+    exchange::{Answer, Ends, Exchange, Side},
     http::{self, Body, Sender},
     inbound::to_app,
+    trace,
 };
 use crate::metrics::{HttpLabels, LastRequest, RequestFigures, TcpLabels};
 
@@ -44,6 +46,8 @@ enum App {
 struct Target {
     pod: Arc<PodCtx>,
     addr: SocketAddr,
+    /// The client: the calling pod (over HBONE, its own address) or whoever connected.
+    peer: SocketAddr,
     caller: Caller,
     /// `x-forwarded-client-cert` for mutual-TLS callers.
     xfcc: Option<HeaderValue>,
@@ -55,6 +59,22 @@ struct Target {
 }
 
 impl Target {
+    /// Who called whom, from the mesh state: the caller's workload only if its identity agrees.
+    fn ends(&self) -> Ends {
+        let state = self.shared.state.borrow();
+        Ends {
+            source: state
+                .workloads
+                .get(&self.peer.ip())
+                .filter(|w| w.identity == self.caller.identity)
+                .cloned(),
+            source_principal: self.caller.identity.clone(),
+            destination: self.pod.workload(&state),
+            destination_principal: self.pod.identity.clone(),
+            service: None,
+        }
+    }
+
     /// Counts one request in Istio's request metrics.
     fn count(&self, protocol: &'static str, flags: &'static str, code: u16, r: RequestFigures) {
         let labels = |_: &_| HttpLabels {
@@ -70,7 +90,7 @@ impl Target {
     }
 }
 
-/// Serves HTTP/1.1 or HTTP/2 from `client`, forwarding to `addr` in `pod` over `app` (a
+/// Serves HTTP/1.1 or HTTP/2 from `client` (`peer`), forwarding to `addr` in `pod` over `app` (a
 /// connection already made) or one made for the first request. Each request is first decided
 /// by the pod's AuthorizationPolicies, and counted in Istio's request metrics.
 #[allow(clippy::too_many_arguments)] // one connection's whole context, each piece distinct
@@ -79,6 +99,7 @@ pub async fn serve<C>(
     app: Option<TcpStream>,
     pod: Arc<PodCtx>,
     addr: SocketAddr,
+    peer: SocketAddr,
     caller: Caller,
     labels: &TcpLabels,
     shared: &Arc<Shared>,
@@ -99,6 +120,7 @@ pub async fn serve<C>(
     let target = Arc::new(Target {
         pod,
         addr,
+        peer,
         caller,
         xfcc,
         labels: labels.clone(),
@@ -112,11 +134,45 @@ pub async fn serve<C>(
 }
 
 async fn forward(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     app: Arc<Mutex<App>>,
     target: Arc<Target>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
+    let shared = &target.shared;
+    let trace = trace::continue_trace(req.headers_mut(), shared.observe.sampling);
+    let span = tracing::info_span!(
+        target: "trellis::access",
+        "http_request",
+        trace_id = %trace.trace_id,
+        span_id = %trace.span_id,
+        parent_id = trace.parent_id.as_deref().unwrap_or(""),
+        pod = %target.pod.name,
+        method = %req.method(),
+        path = req.uri().path(),
+    );
+    let exchange = Exchange::begin(
+        shared,
+        Side::Destination,
+        &req,
+        &trace,
+        &span,
+        (Some(target.addr), Some(target.peer)),
+    );
+    let report = |resp: Response<Body>, flags: &'static str| match exchange {
+        Some(x) => {
+            let answer = Answer {
+                code: resp.status().as_u16(),
+                flags,
+                upstream_host: (flags == "-").then_some(target.addr),
+                upstream_cluster: Some(format!("inbound|{}||", target.addr.port())),
+                failure: None,
+                ends: target.ends(),
+            };
+            x.respond(answer, resp)
+        }
+        None => resp,
+    };
     let protocol = if http::is_grpc(req.headers()) {
         "grpc"
     } else {
@@ -138,9 +194,9 @@ async fn forward(
         Some(denied) => {
             // Counted as Istio does: a 403, also for gRPC (answered PERMISSION_DENIED).
             target.count(protocol, DENIED_FLAG, 403, figures(0));
-            return Ok(denied);
+            return Ok(report(denied, DENIED_FLAG));
         }
-        None => pass(req, &app, &target).await,
+        None => pass(req, &app, &target).instrument(span.clone()).await,
     };
     let response_bytes = resp.body().size_hint().exact().unwrap_or(0);
     target.count(
@@ -149,7 +205,7 @@ async fn forward(
         resp.status().as_u16(),
         figures(response_bytes),
     );
-    Ok(resp)
+    Ok(report(resp, "-"))
 }
 
 /// Sends an authorized request on to the app.

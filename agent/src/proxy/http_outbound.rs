@@ -15,12 +15,21 @@ use tracing::debug;
 use super::{PodCtx, Shared, http, layers};
 use crate::state::HttpEntry;
 
-/// Serves one captured connection to the HTTP service port `vip`.
-pub async fn serve<C>(client: C, vip: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>)
-where
+/// Serves one connection captured from `peer` to the HTTP service port `vip`.
+pub async fn serve<C>(
+    client: C,
+    peer: SocketAddr,
+    vip: SocketAddr,
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+) where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let stack = layers::stack(HttpEntry::Service(vip), pod, shared.clone());
+    let downstream = layers::Downstream {
+        local: vip,
+        remote: Some(peer),
+    };
+    let stack = layers::stack(HttpEntry::Service(vip), pod, shared.clone(), downstream);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         stack.clone().oneshot(req.map(BodyExt::boxed))
     });

@@ -25,7 +25,9 @@ use tracing::{debug, info, warn};
 use super::{
     CONNECT_TIMEOUT, Failure, Metered, PodCtx, Shared,
     authorize::{self, Caller},
-    canonical, connect, gateway,
+    canonical,
+    conn_log::ConnLog,
+    connect, gateway,
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
     http_inbound, labels, proxy_port, reset, splice,
 };
@@ -123,6 +125,7 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
             None,
             pod.clone(),
             dst,
+            peer,
             caller,
             &labels,
             &shared,
@@ -149,20 +152,22 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
             return warn!(direction = "inbound", pod = %pod.name, orig_dst = %dst, "connection failed: {e}");
         }
     };
+    let log = ConnLog::start(&shared, "inbound", peer, dst);
     let mut client = Metered::new(client, shared.metrics.opened(&labels));
-    match app {
+    let result = match app {
         Upstream::App(mut app) => {
             guarded_splice(&mut client, &mut app, &pod, &shared, caller, dst).await
         }
         Upstream::Out(mut out) => {
             guarded_splice(&mut client, &mut out, &pod, &shared, caller, dst).await
         }
-    }
+    };
+    ConnLog::closed(log, &shared, &labels, result);
     shared.metrics.closed(&labels);
 }
 
 /// Splices a TCP connection until it ends, or until a config change makes the pod's
-/// AuthorizationPolicies deny it.
+/// AuthorizationPolicies deny it; (bytes from the client, bytes to it), or why it ended.
 pub(super) async fn guarded_splice<C, A>(
     client: &mut C,
     app: &mut A,
@@ -170,15 +175,17 @@ pub(super) async fn guarded_splice<C, A>(
     shared: &Shared,
     caller: Caller,
     dst: SocketAddr,
-) where
+) -> Result<(u64, u64), String>
+where
     C: AsyncRead + AsyncWrite + Unpin,
     A: AsyncRead + AsyncWrite + Unpin,
 {
     let revoked = authorize::revoked(shared.state.clone(), &pod.uid, &caller, dst.port());
     tokio::select! {
-        _ = splice(client, app) => {}
+        spliced = splice(client, app) => spliced.map_err(|e| e.to_string()),
         policy = revoked => {
             info!(direction = "inbound", pod = %pod.name, client = %caller.ip, orig_dst = %dst, policy, "open connection closed: an AuthorizationPolicy now denies it");
+            Err(format!("an AuthorizationPolicy ({policy}) now denies it"))
         }
     }
 }
@@ -392,6 +399,7 @@ async fn tunnel(
         }
     };
     let upgrade = hyper::upgrade::on(&mut req);
+    let log = ConnLog::start(&shared, "inbound", peer, target);
     tokio::spawn(async move {
         match upgrade.await {
             Ok(up) => {
@@ -412,6 +420,7 @@ async fn tunnel(
                             Some(app),
                             pod.clone(),
                             target,
+                            peer,
                             caller,
                             &labels,
                             &shared,
@@ -420,10 +429,16 @@ async fn tunnel(
                         .await;
                     }
                     Upstream::App(mut app) => {
-                        guarded_splice(&mut client, &mut app, &pod, &shared, caller, target).await
+                        let result =
+                            guarded_splice(&mut client, &mut app, &pod, &shared, caller, target)
+                                .await;
+                        ConnLog::closed(log, &shared, &labels, result);
                     }
                     Upstream::Out(mut out) => {
-                        guarded_splice(&mut client, &mut out, &pod, &shared, caller, target).await
+                        let result =
+                            guarded_splice(&mut client, &mut out, &pod, &shared, caller, target)
+                                .await;
+                        ConnLog::closed(log, &shared, &labels, result);
                     }
                 }
                 shared.metrics.closed(&labels);

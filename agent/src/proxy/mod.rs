@@ -4,7 +4,9 @@
 //! serves every pod on the node.
 mod authorize;
 mod balance;
+mod conn_log;
 mod copy;
+mod exchange;
 mod gateway;
 mod guard;
 mod hbone;
@@ -76,6 +78,8 @@ pub struct Shared {
     pub throttle: LogThrottle,
     /// Where ServiceEntry hosts are resolved for a pod that has asked no resolver itself.
     pub dns_upstream: Option<SocketAddr>,
+    /// Access log, taps and trace export.
+    pub observe: crate::access::Observe,
 }
 
 impl Shared {

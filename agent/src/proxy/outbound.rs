@@ -6,8 +6,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::{
-    Failure, Io, Metered, PodCtx, Shared, connect, hbone, http_outbound, labels, proxy_port, reset,
-    splice,
+    Failure, Io, Metered, PodCtx, Shared, conn_log::ConnLog, connect, hbone, http_outbound, labels,
+    proxy_port, reset, splice,
 };
 use trellis_common::DNS_PORT;
 
@@ -69,6 +69,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
         // connection set-up while it only splices bytes (thousands of idle connections).
         Box::pin(http_outbound::serve(
             client,
+            peer,
             dst,
             pod.clone(),
             shared.clone(),
@@ -78,6 +79,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
     }
     let route = shared.state.borrow().route(dst, &pod.namespace);
     let source = source.as_deref();
+    let mut log = ConnLog::start(&shared, "outbound", peer, dst);
     match route {
         Route::Hbone {
             hbone,
@@ -97,9 +99,10 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
             info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %target, peer_identity = identity, "connection captured");
             match Box::pin(hbone::open(&shared, &pod, hbone, target, &identity)).await {
                 Ok(mut tunnel) => {
+                    ConnLog::upstream(&mut log, target);
                     let mut client = Metered::new(client, shared.metrics.opened(&labels));
                     let result = splice(&mut client, &mut tunnel).await;
-                    finish(&shared, &labels, &pod, dst, result);
+                    finish(&shared, &labels, &pod, dst, result, log);
                 }
                 Err(e) => {
                     warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e:#}");
@@ -136,9 +139,10 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
             );
             let upstream = Box::pin(plain(&pod, &shared, outside)).await.map(|(stream, addr)| {
                 info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, target = %addr, "connection captured");
+                ConnLog::upstream(&mut log, addr);
                 stream
             });
-            relay(client, upstream, &mut labels, &shared, &pod, dst).await;
+            relay(client, upstream, &mut labels, &shared, &pod, dst, log).await;
         }
     }
 }
@@ -212,12 +216,13 @@ async fn relay(
     shared: &Shared,
     pod: &PodCtx,
     dst: SocketAddr,
+    log: Option<ConnLog>,
 ) {
     match upstream {
         Ok(mut upstream) => {
             let mut client = Metered::new(client, shared.metrics.opened(labels));
             let result = splice(&mut client, &mut upstream).await;
-            finish(shared, labels, pod, dst, result);
+            finish(shared, labels, pod, dst, result, log);
         }
         Err(e) => {
             warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e}");
@@ -232,8 +237,9 @@ fn finish(
     pod: &PodCtx,
     dst: SocketAddr,
     result: std::io::Result<(u64, u64)>,
+    log: Option<ConnLog>,
 ) {
-    match result {
+    match &result {
         Ok((received, sent)) => {
             debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, received, sent, "connection closed")
         }
@@ -241,5 +247,6 @@ fn finish(
             debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, "connection ended with an error: {e}")
         }
     }
+    ConnLog::closed(log, shared, labels, result.map_err(|e| e.to_string()));
     shared.metrics.closed(labels);
 }

@@ -9,7 +9,7 @@
 //! Every layer is a `Service<Req, Response = Resp, Error = Infallible>`: failures are answers
 //! (503, 504, …) that carry an [`Outcome`] in their extensions, which outer layers read (retry
 //! decides on it, observe reports its flags).
-use std::{convert::Infallible, future::Future, sync::Arc};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
 
 use hyper::{Request, Response};
 use tower::{Layer, ServiceBuilder, ServiceExt as _, util::BoxCloneSyncService};
@@ -33,12 +33,26 @@ pub type Resp = Response<Body>;
 /// The rest of the stack below a layer.
 pub type Next = BoxCloneSyncService<Req, Resp, Infallible>;
 
+/// Where a downstream connection came from and went to, for access logs and spans.
+#[derive(Clone, Copy)]
+pub struct Downstream {
+    /// The address the client connected to (a service's, or a gateway's server port).
+    pub local: SocketAddr,
+    /// The client, when known.
+    pub remote: Option<SocketAddr>,
+}
+
 /// The whole stack for one downstream connection to a service port or a gateway's server port.
-pub fn stack(entry: HttpEntry, pod: Arc<PodCtx>, shared: Arc<Shared>) -> Next {
+pub fn stack(
+    entry: HttpEntry,
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+    downstream: Downstream,
+) -> Next {
     let upstream = upstream::Upstream::new(pod.clone(), shared.clone());
     Next::new(
         ServiceBuilder::new()
-            .layer(observe::layer(pod.clone(), shared.clone()))
+            .layer(observe::layer(pod.clone(), shared.clone(), downstream))
             .layer(route::layer(entry, pod.clone(), shared.clone()))
             .layer(fault::layer())
             .layer(rewrite::layer())
@@ -99,6 +113,10 @@ pub struct Outcome {
     /// The endpoint that answered, if one did.
     pub destination: Option<Arc<Workload>>,
     pub service: Option<String>,
+    /// The endpoint's address and the cluster (`namespace/service:port/subset`) it is in,
+    /// once one was chosen.
+    pub upstream: Option<SocketAddr>,
+    pub cluster: Option<String>,
     /// Set on an answer the proxy made because the try failed.
     pub failure: Option<Failure>,
 }
@@ -109,6 +127,8 @@ impl Default for Outcome {
             flags: "-",
             destination: None,
             service: None,
+            upstream: None,
+            cluster: None,
             failure: None,
         }
     }

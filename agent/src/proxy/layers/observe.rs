@@ -1,20 +1,28 @@
-//! Observe (outermost): continues or starts the W3C trace, makes the request a `tracing` span
-//! with one access-log line (target `trellis::access`, on with `--access-log`) and records
-//! Istio's request metrics (reporter `source`).
+//! Observe (outermost): continues or starts the trace, makes the request a `tracing` span,
+//! reports it (access log, taps, an OTLP CLIENT span: [`exchange`]) and records Istio's request
+//! metrics (reporter `source`).
 use std::sync::Arc;
 
 use hyper::body::Body as _;
 use tower::Layer;
 use tracing::Instrument as _;
 
-use super::{Next, Outcome, Req, around, call};
+use super::{Downstream, Next, Outcome, Req, around, call};
 use crate::{
     metrics::{HttpLabels, LastRequest, RequestFigures},
-    proxy::{PodCtx, Shared, labels, trace},
+    proxy::{
+        PodCtx, Shared,
+        exchange::{Answer, Ends, Exchange, Side},
+        labels, trace,
+    },
     state::Workload,
 };
 
-pub fn layer(pod: Arc<PodCtx>, shared: Arc<Shared>) -> impl Layer<Next, Service = Next> + Clone {
+pub fn layer(
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+    downstream: Downstream,
+) -> impl Layer<Next, Service = Next> + Clone {
     let requests = Arc::new(LastRequest::<Key>::default());
     around(move |mut req: Req, next: Next| {
         let (pod, shared, requests) = (pod.clone(), shared.clone(), requests.clone());
@@ -22,7 +30,7 @@ pub fn layer(pod: Arc<PodCtx>, shared: Arc<Shared>) -> impl Layer<Next, Service 
             let start = std::time::Instant::now();
             let request_bytes = req.body().size_hint().exact().unwrap_or(0);
             let grpc = crate::proxy::http::is_grpc(req.headers());
-            let trace = trace::continue_trace(req.headers_mut());
+            let trace = trace::continue_trace(req.headers_mut(), shared.observe.sampling);
             let span = tracing::info_span!(
                 target: "trellis::access",
                 "http_request",
@@ -33,31 +41,46 @@ pub fn layer(pod: Arc<PodCtx>, shared: Arc<Shared>) -> impl Layer<Next, Service 
                 method = %req.method(),
                 path = req.uri().path(),
             );
-            // Kept for the log line only when the access log is on.
-            let logged =
-                (!span.is_disabled()).then(|| (req.method().clone(), req.uri().path().to_owned()));
-            let mut resp = call(next, req).instrument(span.clone()).await;
+            let exchange = Exchange::begin(
+                &shared,
+                Side::Source,
+                &req,
+                &trace,
+                &span,
+                (Some(downstream.local), downstream.remote),
+            );
+            if let Some(x) = &exchange {
+                req = x.count_request(req);
+            }
+            let mut resp = call(next, req).instrument(span).await;
             let outcome = resp
                 .extensions_mut()
                 .remove::<Outcome>()
                 .unwrap_or_default();
             let code = resp.status().as_u16();
-            if let Some((method, path)) = logged {
-                span.in_scope(|| {
-                    tracing::info!(
-                        target: "trellis::access",
-                        %method,
-                        path,
-                        status = code,
-                        response_flags = outcome.flags,
-                        service = outcome.service.as_deref().unwrap_or("unknown"),
-                        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-                        "http request"
-                    )
-                });
+            let source = pod.workload(&shared.state.borrow());
+            if let Some(x) = exchange {
+                let answer = Answer {
+                    code,
+                    flags: outcome.flags,
+                    upstream_host: outcome.upstream,
+                    upstream_cluster: outcome.cluster.clone(),
+                    failure: outcome.failure.map(|f| format!("{f:?}")),
+                    ends: Ends {
+                        source: source.clone(),
+                        source_principal: pod.identity.clone(),
+                        destination_principal: outcome
+                            .destination
+                            .as_ref()
+                            .and_then(|w| w.identity.clone()),
+                        destination: outcome.destination.clone(),
+                        service: outcome.service.clone(),
+                    },
+                };
+                resp = x.respond(answer, resp);
             }
             let key = Key {
-                source: pod.workload(&shared.state.borrow()),
+                source,
                 destination: outcome.destination,
                 service: outcome.service,
                 grpc,

@@ -92,7 +92,10 @@ impl Upstream {
                     http::pass_upgrade(upgrade, &mut resp);
                 }
                 let mut resp = resp.map(BodyExt::boxed);
-                outcome(&mut resp).destination = Some(candidate.workload);
+                let outcome = outcome(&mut resp);
+                outcome.destination = Some(candidate.workload);
+                outcome.upstream = Some(candidate.addr);
+                outcome.cluster = Some(target.cluster.clone());
                 resp
             }
             Err((failure, e)) => {
@@ -109,7 +112,10 @@ impl Upstream {
                         "UF",
                     ),
                 };
-                outcome(&mut resp).failure = Some(failure);
+                let outcome = outcome(&mut resp);
+                outcome.failure = Some(failure);
+                outcome.upstream = Some(candidate.addr);
+                outcome.cluster = Some(target.cluster.clone());
                 resp
             }
         }

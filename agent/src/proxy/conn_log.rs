@@ -1,0 +1,83 @@
+//! The access log's record of one TCP connection, written when it closes (as ztunnel logs
+//! connections): who, where, bytes each way, how long, and why it ended if not cleanly.
+use std::{
+    net::SocketAddr,
+    time::{Instant, SystemTime},
+};
+
+use super::Shared;
+use crate::{
+    access::{self, Format, addr, millis, timestamp},
+    metrics::TcpLabels,
+};
+
+pub struct ConnLog {
+    direction: &'static str,
+    client: SocketAddr,
+    dst: SocketAddr,
+    upstream: Option<SocketAddr>,
+    started: Instant,
+    start_time: SystemTime,
+}
+
+impl ConnLog {
+    /// A connection from `client` to `dst` starts; None when the access log is off, so an
+    /// unlogged connection costs nothing.
+    pub fn start(
+        shared: &Shared,
+        direction: &'static str,
+        client: SocketAddr,
+        dst: SocketAddr,
+    ) -> Option<Self> {
+        (shared.observe.format != Format::Off).then(|| Self {
+            direction,
+            client,
+            dst,
+            upstream: None,
+            started: Instant::now(),
+            start_time: SystemTime::now(),
+        })
+    }
+
+    /// Where the proxy connected on the client's behalf.
+    pub fn upstream(log: &mut Option<Self>, upstream: SocketAddr) {
+        if let Some(l) = log {
+            l.upstream = Some(upstream);
+        }
+    }
+
+    /// The connection closed: `result` is (bytes from the client, bytes to it), or why it
+    /// ended otherwise.
+    pub fn closed(
+        log: Option<Self>,
+        shared: &Shared,
+        labels: &TcpLabels,
+        result: Result<(u64, u64), String>,
+    ) {
+        let Some(l) = log else { return };
+        let known = |s: &str| (s != "unknown").then(|| s.to_owned());
+        let (received, sent, details) = match result {
+            Ok((r, s)) => (r, s, None),
+            Err(e) => (0, 0, Some(e)),
+        };
+        shared.observe.connection(|| access::Connection {
+            reporter: labels.reporter,
+            direction: l.direction,
+            start_time: timestamp(l.start_time),
+            downstream_remote_address: addr(l.client),
+            downstream_local_address: addr(l.dst),
+            upstream_host: l.upstream.map(addr),
+            bytes_received: received,
+            bytes_sent: sent,
+            duration: millis(l.started.elapsed()),
+            source_workload: known(&labels.source_workload),
+            source_namespace: known(&labels.source_workload_namespace),
+            source_principal: known(&labels.source_principal),
+            destination_workload: known(&labels.destination_workload),
+            destination_namespace: known(&labels.destination_workload_namespace),
+            destination_principal: known(&labels.destination_principal),
+            destination_service: known(&labels.destination_service),
+            connection_termination_details: details,
+        });
+    }
+}
