@@ -128,6 +128,31 @@ pub fn connect_in(netns: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(sock)
 }
 
+/// A listener bound to `addr` inside `netns` (made there, then this thread returns), for a
+/// server the test runs itself, e.g. a collector the agents send to.
+pub fn listen_in(netns: &str, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let target = File::open(netns_path(netns))?;
+    let home = File::open("/proc/thread-self/ns/net")?;
+    // SAFETY: setns on this thread only, and back before returning.
+    unsafe {
+        assert_eq!(
+            libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET),
+            0,
+            "setns into {netns}"
+        );
+    }
+    let listener = std::net::TcpListener::bind(addr);
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(
+            libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET),
+            0,
+            "setns home"
+        );
+    }
+    listener
+}
+
 fn socket2_free_connect(fd: i32, addr: SocketAddr) -> std::io::Result<TcpStream> {
     use std::os::fd::FromRawFd;
     // SAFETY: fd is a fresh socket we own.

@@ -93,7 +93,8 @@ impl Exchange {
         B: hyper::body::Body,
     {
         let observe = &shared.observe;
-        if !observe.records() && !(trace.sampled && observe.traces.is_some()) {
+        let traced = trace.sampled && observe.traces.is_some();
+        if !traced && !observe.records() {
             return None;
         }
         let header = |h: &HeaderMap, name: &str| {
