@@ -829,9 +829,12 @@ fn trace_context_is_continued_or_started_and_each_request_is_a_span() {
     assert_eq!(h["tracestate"], "congo=t61rcWkgMzE");
     assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad48485a3953bb6124");
     assert_eq!(h["x-b3-spanid"], "a2fb4a1d1a96d312");
-    // The client's node logged the request as a span of that trace, its parent the caller's.
+    // The client's node logged the request as a span of that trace, its parent the caller's
+    // (web-v1 is on that node too: its destination side logs the same trace, as the child).
     let line = web.agents[0].wait_log("the request's span", |v| {
-        v["message"] == "http request" && v.to_string().contains(trace_id)
+        v["message"] == "http request"
+            && v["reporter"] == "source"
+            && v.to_string().contains(trace_id)
     });
     assert!(line.to_string().contains("00f067aa0ba902b7"), "{line}");
     assert_eq!(line["status"], 200, "{line}");
