@@ -22,25 +22,27 @@ pub struct ConnLog {
 
 impl ConnLog {
     /// A connection from `client` to `dst` starts; None when the access log is off, so an
-    /// unlogged connection costs nothing.
+    /// unlogged connection costs nothing (boxed: a connection's task holds one pointer).
     pub fn start(
         shared: &Shared,
         direction: &'static str,
         client: SocketAddr,
         dst: SocketAddr,
-    ) -> Option<Self> {
-        (shared.observe.format != Format::Off).then(|| Self {
-            direction,
-            client,
-            dst,
-            upstream: None,
-            started: Instant::now(),
-            start_time: SystemTime::now(),
+    ) -> Option<Box<Self>> {
+        (shared.observe.format != Format::Off).then(|| {
+            Box::new(Self {
+                direction,
+                client,
+                dst,
+                upstream: None,
+                started: Instant::now(),
+                start_time: SystemTime::now(),
+            })
         })
     }
 
     /// Where the proxy connected on the client's behalf.
-    pub fn upstream(log: &mut Option<Self>, upstream: SocketAddr) {
+    pub fn upstream(log: &mut Option<Box<Self>>, upstream: SocketAddr) {
         if let Some(l) = log {
             l.upstream = Some(upstream);
         }
@@ -49,7 +51,7 @@ impl ConnLog {
     /// The connection closed: `result` is (bytes from the client, bytes to it), or why it
     /// ended otherwise.
     pub fn closed(
-        log: Option<Self>,
+        log: Option<Box<Self>>,
         shared: &Shared,
         labels: &TcpLabels,
         result: Result<(u64, u64), String>,

@@ -216,7 +216,7 @@ async fn relay(
     shared: &Shared,
     pod: &PodCtx,
     dst: SocketAddr,
-    log: Option<ConnLog>,
+    log: Option<Box<ConnLog>>,
 ) {
     match upstream {
         Ok(mut upstream) => {
@@ -237,7 +237,7 @@ fn finish(
     pod: &PodCtx,
     dst: SocketAddr,
     result: std::io::Result<(u64, u64)>,
-    log: Option<ConnLog>,
+    log: Option<Box<ConnLog>>,
 ) {
     match &result {
         Ok((received, sent)) => {

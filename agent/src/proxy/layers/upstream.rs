@@ -95,7 +95,7 @@ impl Upstream {
                 let outcome = outcome(&mut resp);
                 outcome.destination = Some(candidate.workload);
                 outcome.upstream = Some(candidate.addr);
-                outcome.cluster = Some(target.cluster.clone());
+                outcome.cluster = Some(envoy_cluster(&target));
                 resp
             }
             Err((failure, e)) => {
@@ -115,7 +115,7 @@ impl Upstream {
                 let outcome = outcome(&mut resp);
                 outcome.failure = Some(failure);
                 outcome.upstream = Some(candidate.addr);
-                outcome.cluster = Some(target.cluster.clone());
+                outcome.cluster = Some(envoy_cluster(&target));
                 resp
             }
         }
@@ -223,6 +223,17 @@ impl tower::Service<Req> for Upstream {
         let answer = self.clone().send(req);
         Box::pin(async move { Ok(answer.await) })
     }
+}
+
+/// The target as Istio's Envoy names clusters in access logs and spans:
+/// `outbound|PORT|SUBSET|HOST`, from the `namespace/name:port/subset` it is kept by.
+fn envoy_cluster(target: &Target) -> String {
+    let (port, subset) = target
+        .cluster
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .unwrap_or_default();
+    format!("outbound|{port}|{subset}|{}", target.service)
 }
 
 /// hyper's error with its causes: its own text alone says only which step failed.
