@@ -643,3 +643,51 @@ fn sampling_zero_exports_nothing_but_honours_a_callers_sampled_trace() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn an_unreachable_collector_slows_no_request_and_its_spans_are_counted_dropped() {
+    // Nothing listens on this port of the fabric: every export fails.
+    let shop = Shop::start(&[
+        "--otlp-endpoint",
+        "http://10.0.0.254:4318",
+        "--trace-sampling",
+        "100",
+    ]);
+    let started = Instant::now();
+    for _ in 0..5 {
+        shop.call(&[]);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "requests waited on the exporter: {:?}",
+        started.elapsed()
+    );
+    let node = &shop.cluster.nodes[0].name;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, text) =
+            sys::http_get(node, "127.0.0.1:15020".parse().unwrap(), "/metrics").unwrap();
+        assert_eq!(code, 200);
+        let dropped: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("trellis_spans_dropped_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        // Node 1 saw the user → web client span and the web → reviews server span of each call.
+        if dropped >= 10.0 {
+            assert!(text.contains("trellis_spans_exported_total 0"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans not counted as dropped:\n{text}\n{}",
+            shop.agents[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    shop.agents[0].wait_log("the export failure", |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("exporting spans failed"))
+    });
+}
