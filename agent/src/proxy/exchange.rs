@@ -182,7 +182,9 @@ impl Exchange {
             bytes_received: self.request_bytes.load(Ordering::Relaxed),
             bytes_sent,
             duration: millis(took),
-            upstream_service_time: answer.upstream_host.map(|_| upstream_time),
+            // Only when an upstream answered: not for a failed try or the proxy's own answer.
+            upstream_service_time: (answer.upstream_host.is_some() && answer.failure.is_none())
+                .then_some(upstream_time),
             x_forwarded_for: self.x_forwarded_for,
             user_agent: self.user_agent,
             request_id: self.request_id,
