@@ -19,7 +19,9 @@ use tracing::{info, warn};
 
 use crate::{admin::reply, pods::AgentStatus, proxy::Failure};
 
-/// Istio's label names (a subset: no cluster or canonical-revision labels yet).
+/// Istio's standard label names, with Istio's meanings (docs/observability.md). Not carried:
+/// `grpc_response_status` (requests are counted at the response's head, before a gRPC status
+/// in the trailers exists).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Default)]
 pub struct TcpLabels {
     /// `source` (the client's node proxy) or `destination` (the server's).
@@ -29,12 +31,21 @@ pub struct TcpLabels {
     pub source_principal: String,
     pub source_app: String,
     pub source_version: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_cluster: &'static str,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
     pub destination_version: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_cluster: &'static str,
+    /// The host name (`reviews.shop.svc.cluster.local`), and its name and namespace parts.
     pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
     pub request_protocol: &'static str,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
