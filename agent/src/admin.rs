@@ -1,15 +1,15 @@
 //! Admin endpoint (localhost only): health, readiness, and as JSON the pods, the certificates
 //! held and the proxy's config (what control sent, as the proxy uses it).
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr};
 
 use anyhow::{Context as _, Result};
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{identity::Svids, pods::AgentStatus, state::MeshState};
+use crate::{identity::Svids, ready::Readiness};
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -17,12 +17,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding the admin endpoint on {addr} (set --admin-addr)"))
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    status: watch::Receiver<AgentStatus>,
-    svids: watch::Receiver<Svids>,
-    state: watch::Receiver<Arc<MeshState>>,
-) {
+pub async fn serve(listener: TcpListener, readiness: Readiness) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin endpoint listening");
     }
@@ -34,10 +29,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let (status, svids, state) = (status.clone(), svids.clone(), state.clone());
+        let readiness = readiness.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let resp = route(&req, &status.borrow(), &svids.borrow(), &state.borrow());
+                let resp = route(&req, &readiness);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = http1::Builder::new()
@@ -47,35 +42,41 @@ pub async fn serve(
     }
 }
 
-fn route<B>(
-    req: &Request<B>,
-    status: &AgentStatus,
-    svids: &Svids,
-    state: &MeshState,
-) -> Response<Full<Bytes>> {
+fn route<B>(req: &Request<B>, readiness: &Readiness) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if status.ready => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-        "/readyz" => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready: pods not reconciled yet\n".into(),
-        ),
+        "/readyz" => readyz(readiness),
         "/pods" => reply(
             StatusCode::OK,
             "application/json",
-            serde_json::to_string_pretty(&status.pods).unwrap_or_default(),
+            serde_json::to_string_pretty(&readiness.status.borrow().pods).unwrap_or_default(),
         ),
-        "/certificates" => reply(StatusCode::OK, "application/json", certificates(svids)),
+        "/certificates" => reply(
+            StatusCode::OK,
+            "application/json",
+            certificates(&readiness.svids.borrow()),
+        ),
         "/config_dump" => reply(
             StatusCode::OK,
             "application/json",
-            serde_json::to_string_pretty(state).unwrap_or_default(),
+            serde_json::to_string_pretty(&**readiness.state.borrow()).unwrap_or_default(),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
             "not found; try /healthz, /readyz, /pods, /certificates, /config_dump\n".into(),
+        ),
+    }
+}
+
+/// `/readyz`: 200 `ready`, or 503 with what is missing.
+pub fn readyz(readiness: &Readiness) -> Response<Full<Bytes>> {
+    match readiness.check() {
+        Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+        Err(why) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: {why}\n"),
         ),
     }
 }

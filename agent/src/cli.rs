@@ -14,6 +14,7 @@ use crate::{
     netns::Netns,
     pods::{PodSource, PodsFile, Reconciler},
     proxy::{self, ConnLimits, HttpLimits, LogThrottle, Pool, Shared},
+    ready::Readiness,
     redirect::{self, Redirect, RedirectConfig},
     state::MeshState,
     tls::TlsStore,
@@ -330,12 +331,13 @@ async fn run(args: RunArgs) -> Result<()> {
     // A config change reaches the kernel (STRICT and REGISTRY_ONLY marks, the registry) at once,
     // not at the next tick.
     let mut changes = state.clone();
-    tokio::spawn(admin::serve(admin, reconciler.status(), svids, state));
-    tokio::spawn(metrics::serve(
-        metrics_listener,
-        metrics,
-        reconciler.status(),
-    ));
+    let readiness = Readiness {
+        status: reconciler.status(),
+        svids,
+        state,
+    };
+    tokio::spawn(admin::serve(admin, readiness.clone()));
+    tokio::spawn(metrics::serve(metrics_listener, metrics, readiness));
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));

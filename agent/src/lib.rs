@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod netns;
 pub mod pods;
 pub mod proxy;
+pub mod ready;
 pub mod redirect;
 pub mod state;
 pub mod tls;

@@ -14,10 +14,10 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{admin::reply, pods::AgentStatus, proxy::Failure};
+use crate::{admin::reply, proxy::Failure, ready::Readiness};
 
 /// Istio's standard label names, with Istio's meanings (docs/observability.md). Not carried:
 /// `grpc_response_status` (requests are counted at the response's head, before a gRPC status
@@ -336,11 +336,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding the metrics endpoint on {addr} (set --metrics-addr)"))
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    status: watch::Receiver<AgentStatus>,
-) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, readiness: Readiness) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics endpoint listening");
     }
@@ -353,7 +349,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let (metrics, status) = (metrics.clone(), status.clone());
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let resp = match req.uri().path() {
@@ -363,14 +359,7 @@ pub async fn serve(
                         metrics.encode(),
                     ),
                     "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-                    "/readyz" if status.borrow().ready => {
-                        reply(StatusCode::OK, "text/plain", "ready\n".into())
-                    }
-                    "/readyz" => reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "not ready: pods not reconciled yet\n".into(),
-                    ),
+                    "/readyz" => crate::admin::readyz(&readiness),
                     _ => reply(
                         StatusCode::NOT_FOUND,
                         "text/plain",
