@@ -38,7 +38,7 @@ fn check(status: &AgentStatus, svids: &Svids, state: &MeshState) -> Result<(), S
         .filter(|p| p.state == "enrolled")
         .filter_map(|p| p.ips.iter().find_map(|ip| state.workloads.get(ip)))
         .filter_map(|w| w.identity.as_deref())
-        .filter(|id| !svids.get(*id).is_some_and(|s| s.not_after > now))
+        .filter(|id| svids.get(*id).is_none_or(|s| s.not_after <= now))
         .collect();
     if missing.is_empty() {
         Ok(())
