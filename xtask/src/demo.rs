@@ -21,6 +21,7 @@ use trellis_e2e::{
 use crate::{cmd, setup};
 
 mod egress;
+mod graph;
 
 const NS: &str = "shop";
 const REQUESTS: usize = 8;
@@ -286,6 +287,20 @@ pub fn run(once: bool) -> Result<()> {
     );
 
     canary_and_header_route(&control, &user, &mut failures);
+    let graph_page = match graph::start(&cluster, &prometheus) {
+        Ok(page) => {
+            graph::check_in_browser(&cluster, &page, &mut failures);
+            if !once {
+                let local = sys::forward(cluster.fabric(), graph::PORT, page.addr)?;
+                println!("  graph page: http://{local}   (live: redrawn every 2 s)");
+            }
+            Some(page)
+        }
+        Err(e) => {
+            failures.push(format!("the graph page: {e:#}"));
+            None
+        }
+    };
     egress::act_three(&cluster, &control, &mut agents, &pods[0].0, &mut failures);
 
     if !failures.is_empty() {
@@ -303,6 +318,7 @@ pub fn run(once: bool) -> Result<()> {
         wait_for_signal();
     }
     eprintln!("demo: stopping agents and control, removing pods and nodes");
+    drop(graph_page);
     drop(prometheus);
     drop(agents);
     drop(control);
