@@ -7,10 +7,10 @@ use anyhow::{Context as _, Result};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{identity::Svids, pods::AgentStatus, proxy::Shared, state::MeshState, tap::Filter};
+use crate::{identity::Svids, proxy::Shared, ready::Readiness, tap::Filter};
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -18,13 +18,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding the admin endpoint on {addr} (set --admin-addr)"))
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    status: watch::Receiver<AgentStatus>,
-    svids: watch::Receiver<Svids>,
-    state: watch::Receiver<Arc<MeshState>>,
-    shared: Arc<Shared>,
-) {
+pub async fn serve(listener: TcpListener, readiness: Readiness, shared: Arc<Shared>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "admin endpoint listening");
     }
@@ -36,15 +30,13 @@ pub async fn serve(
                 continue;
             }
         };
-        let (status, svids, state) = (status.clone(), svids.clone(), state.clone());
-        let shared = shared.clone();
+        let (readiness, shared) = (readiness.clone(), shared.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let resp = if req.uri().path() == "/tap" {
                     tap(&req, &shared)
                 } else {
-                    route(&req, &status.borrow(), &svids.borrow(), &state.borrow())
-                        .map(BodyExt::boxed)
+                    route(&req, &readiness).map(BodyExt::boxed)
                 };
                 async move { Ok::<_, Infallible>(resp) }
             });
@@ -55,30 +47,24 @@ pub async fn serve(
     }
 }
 
-fn route<B>(
-    req: &Request<B>,
-    status: &AgentStatus,
-    svids: &Svids,
-    state: &MeshState,
-) -> Response<Full<Bytes>> {
+fn route<B>(req: &Request<B>, readiness: &Readiness) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" if status.ready => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-        "/readyz" => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready: pods not reconciled yet\n".into(),
-        ),
+        "/readyz" => readyz(readiness),
         "/pods" => reply(
             StatusCode::OK,
             "application/json",
-            serde_json::to_string_pretty(&status.pods).unwrap_or_default(),
+            serde_json::to_string_pretty(&readiness.status.borrow().pods).unwrap_or_default(),
         ),
-        "/certificates" => reply(StatusCode::OK, "application/json", certificates(svids)),
+        "/certificates" => reply(
+            StatusCode::OK,
+            "application/json",
+            certificates(&readiness.svids.borrow()),
+        ),
         "/config_dump" => reply(
             StatusCode::OK,
             "application/json",
-            serde_json::to_string_pretty(state).unwrap_or_default(),
+            serde_json::to_string_pretty(&**readiness.state.borrow()).unwrap_or_default(),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,
@@ -104,6 +90,18 @@ fn tap<B>(req: &Request<B>, shared: &Shared) -> Response<BoxBody<Bytes, Infallib
         Err(e) => {
             reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")).map(BodyExt::boxed)
         }
+    }
+}
+
+/// `/readyz`: 200 `ready`, or 503 with what is missing.
+pub fn readyz(readiness: &Readiness) -> Response<Full<Bytes>> {
+    match readiness.check() {
+        Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+        Err(why) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

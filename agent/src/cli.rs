@@ -16,6 +16,7 @@ use crate::{
     otlp,
     pods::{PodSource, PodsFile, Reconciler},
     proxy::{self, ConnLimits, HttpLimits, LogThrottle, Pool, Shared},
+    ready::Readiness,
     redirect::{self, Redirect, RedirectConfig},
     state::MeshState,
     tap::Tap,
@@ -381,18 +382,13 @@ async fn run(args: RunArgs, access_log: access::Format) -> Result<()> {
     // A config change reaches the kernel (STRICT and REGISTRY_ONLY marks, the registry) at once,
     // not at the next tick.
     let mut changes = state.clone();
-    tokio::spawn(admin::serve(
-        admin,
-        reconciler.status(),
+    let readiness = Readiness {
+        status: reconciler.status(),
         svids,
         state,
-        admin_shared,
-    ));
-    tokio::spawn(metrics::serve(
-        metrics_listener,
-        metrics,
-        reconciler.status(),
-    ));
+    };
+    tokio::spawn(admin::serve(admin, readiness.clone(), admin_shared));
+    tokio::spawn(metrics::serve(metrics_listener, metrics, readiness));
 
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));

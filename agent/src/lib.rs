@@ -14,6 +14,7 @@ pub mod netns;
 pub mod otlp;
 pub mod pods;
 pub mod proxy;
+pub mod ready;
 pub mod redirect;
 pub mod state;
 pub mod tap;

@@ -14,12 +14,14 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::{admin::reply, pods::AgentStatus, proxy::Failure};
+use crate::{admin::reply, proxy::Failure, ready::Readiness};
 
-/// Istio's label names (a subset: no cluster or canonical-revision labels yet).
+/// Istio's standard label names, with Istio's meanings (docs/observability.md). Not carried:
+/// `grpc_response_status` (requests are counted at the response's head, before a gRPC status
+/// in the trailers exists).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Default)]
 pub struct TcpLabels {
     /// `source` (the client's node proxy) or `destination` (the server's).
@@ -29,12 +31,21 @@ pub struct TcpLabels {
     pub source_principal: String,
     pub source_app: String,
     pub source_version: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_cluster: &'static str,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
     pub destination_version: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_cluster: &'static str,
+    /// The host name (`reviews.shop.svc.cluster.local`), and its name and namespace parts.
     pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
     pub request_protocol: &'static str,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
@@ -345,11 +356,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding the metrics endpoint on {addr} (set --metrics-addr)"))
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    status: watch::Receiver<AgentStatus>,
-) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, readiness: Readiness) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics endpoint listening");
     }
@@ -362,7 +369,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let (metrics, status) = (metrics.clone(), status.clone());
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let resp = match req.uri().path() {
@@ -372,14 +379,7 @@ pub async fn serve(
                         metrics.encode(),
                     ),
                     "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-                    "/readyz" if status.borrow().ready => {
-                        reply(StatusCode::OK, "text/plain", "ready\n".into())
-                    }
-                    "/readyz" => reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "text/plain",
-                        "not ready: pods not reconciled yet\n".into(),
-                    ),
+                    "/readyz" => crate::admin::readyz(&readiness),
                     _ => reply(
                         StatusCode::NOT_FOUND,
                         "text/plain",

@@ -37,12 +37,58 @@ pub struct Workload {
     /// The SPIFFE ID, when the pod is in the mesh (reached over HBONE).
     pub identity: Option<String>,
     pub node: String,
-    /// The `app` and `version` labels (Istio's canonical service and revision), for metrics.
+    /// The `app` and `version` labels, for metrics.
     pub app: String,
     pub version: String,
+    /// Istio's canonical service and revision (Kiali groups its graph by them).
+    pub canonical_service: String,
+    pub canonical_revision: String,
     /// The pod's labels, for DestinationRule subsets.
     #[serde(skip)]
     pub labels: BTreeMap<String, String>,
+}
+
+impl Workload {
+    /// A workload named `name`, its metric labels read from the pod's `labels` as Istio reads
+    /// them.
+    pub fn new(
+        name: &str,
+        namespace: &str,
+        identity: Option<String>,
+        node: &str,
+        labels: &std::collections::HashMap<String, String>,
+    ) -> Self {
+        let first = |keys: &[&str], default: &str| {
+            keys.iter()
+                .find_map(|k| labels.get(*k))
+                .map_or_else(|| default.to_owned(), String::clone)
+        };
+        Self {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            identity,
+            node: node.to_owned(),
+            app: first(&["app"], name),
+            version: first(&["version"], "unknown"),
+            canonical_service: first(
+                &[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ],
+                name,
+            ),
+            canonical_revision: first(
+                &[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ],
+                "latest",
+            ),
+            labels: labels.clone().into_iter().collect(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -398,6 +444,11 @@ pub struct MeshState {
     pub registry: BTreeSet<IpNet>,
     /// Local pods' addresses and ports that a service declares HTTP/1 (served at L7 inbound).
     pub http_ports: HashSet<SocketAddr>,
+    /// Local pods' addresses and ports by the Service that selects them there (the first by
+    /// host name when several do): what the destination side reports as `destination_service`,
+    /// since the tunnel names only the pod.
+    #[serde(skip)]
+    pub served: HashMap<SocketAddr, Arc<ServicePort>>,
     /// Service and ServiceEntry host names and their virtual addresses (the agent's DNS).
     pub dns: crate::dns::Names,
     /// Local gateway pods' server ports, by pod address and port.
@@ -414,15 +465,13 @@ impl MeshState {
         let mut workloads: HashMap<IpAddr, Arc<Workload>> = HashMap::new();
         let local: Vec<&api::Workload> = cfg.workloads().collect();
         for w in cfg.workloads().chain(cfg.peers()) {
-            let info = Arc::new(Workload {
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                identity: Some(w.identity.clone()),
-                node: if w.node.is_empty() { node } else { &w.node }.to_owned(),
-                app: label(&w.labels, "app", &w.name),
-                version: label(&w.labels, "version", "unknown"),
-                labels: w.labels.clone().into_iter().collect(),
-            });
+            let info = Arc::new(Workload::new(
+                &w.name,
+                &w.namespace,
+                Some(w.identity.clone()),
+                if w.node.is_empty() { node } else { &w.node },
+                &w.labels,
+            ));
             for ip in w.ips.iter().filter_map(|ip| ip.parse().ok()) {
                 workloads.insert(ip, info.clone());
             }
@@ -432,6 +481,7 @@ impl MeshState {
             .flat_map(|w| w.ips.iter().filter_map(|ip| ip.parse().ok()))
             .collect();
         let mut http_ports = HashSet::new();
+        let mut served: HashMap<SocketAddr, Arc<ServicePort>> = HashMap::new();
         let mut services = HashMap::new();
         let mut by_name = HashMap::new();
         for s in cfg.services() {
@@ -442,15 +492,13 @@ impl MeshState {
                 .iter()
                 .map(|e| {
                     let name = if external { "unknown" } else { &e.pod_name };
-                    let info = Arc::new(Workload {
-                        name: name.to_owned(),
-                        namespace: if external { "unknown" } else { &s.namespace }.to_owned(),
-                        identity: e.in_mesh.then(|| e.identity.clone()),
-                        node: e.node.clone(),
-                        app: label(&e.labels, "app", name),
-                        version: label(&e.labels, "version", "unknown"),
-                        labels: e.labels.clone().into_iter().collect(),
-                    });
+                    let info = Arc::new(Workload::new(
+                        name,
+                        if external { "unknown" } else { &s.namespace },
+                        e.in_mesh.then(|| e.identity.clone()),
+                        &e.node,
+                        &e.labels,
+                    ));
                     if !external {
                         for ip in e.ips.iter().filter_map(|ip| ip.parse().ok()) {
                             workloads.entry(ip).or_insert_with(|| info.clone());
@@ -528,6 +576,16 @@ impl MeshState {
                 });
                 for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
                     services.insert(SocketAddr::new(vip, port), sp.clone());
+                }
+                for e in sp.endpoints.iter().filter(|e| local_ips.contains(&e.ip)) {
+                    served
+                        .entry(SocketAddr::new(e.ip, e.port))
+                        .and_modify(|had| {
+                            if sp.fqdn < had.fqdn {
+                                *had = sp.clone();
+                            }
+                        })
+                        .or_insert_with(|| sp.clone());
                 }
                 by_name.insert((format!("{}/{}", s.namespace, s.name), port), sp);
             }
@@ -610,6 +668,7 @@ impl MeshState {
             registry_only,
             registry,
             http_ports,
+            served,
             dns,
             gateways,
         }
@@ -840,13 +899,6 @@ fn to(
             tls,
         },
     }
-}
-
-fn label(labels: &std::collections::HashMap<String, String>, key: &str, default: &str) -> String {
-    labels
-        .get(key)
-        .cloned()
-        .unwrap_or_else(|| default.to_owned())
 }
 
 /// A ServiceEntry's `addresses` and its endpoints' IP addresses (endpoints named by host name

@@ -11,6 +11,7 @@ pub mod kubenode;
 pub mod node;
 pub mod oci;
 pub mod outside;
+pub mod prometheus;
 pub mod sys;
 
 pub use agent::Agent;

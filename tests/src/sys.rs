@@ -215,6 +215,37 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u
     Ok((code, body))
 }
 
+/// Forwards connections to `port` on this host's loopback (or any free port when that one is
+/// taken) to `target` inside `netns`, from a background thread, for a person's browser: the
+/// demo's Prometheus and graph page live in the cluster's fabric. Returns the local address.
+pub fn forward(netns: &str, port: u16, target: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+        .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))?;
+    let local = listener.local_addr()?;
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(upstream) = connect_in(&netns, target) else {
+                continue;
+            };
+            let _ = upstream.set_read_timeout(None);
+            for (mut from, mut to) in [
+                (client.try_clone(), upstream.try_clone()),
+                (upstream.try_clone(), client.try_clone()),
+            ]
+            .into_iter()
+            .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+            {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    Ok(local)
+}
+
 /// Kills every process in a cgroup tree and removes it, deepest first.
 pub fn remove_cgroup_tree(dir: &Path) {
     if !dir.exists() {

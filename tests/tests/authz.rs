@@ -313,6 +313,7 @@ fn http_rules_on_http1_h2c_and_grpc() {
             ("response_flags", "RBAC"),
             ("source_workload", "client"),
             ("request_protocol", "http"),
+            ("destination_service", "server.shop.svc.cluster.local"),
         ],
     );
     assert!(denied.is_some_and(|n| n >= 4.0), "{m}");

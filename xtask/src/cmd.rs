@@ -76,7 +76,8 @@ pub fn apt_install(packages: &[&str], why: &str) -> Result<()> {
     eprintln!("setup: installing Debian packages {packages:?} ({why})");
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-q"])
+        // Recommends would bring system services (prometheus's node exporter) nobody asked for.
+        .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }

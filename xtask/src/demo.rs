@@ -14,11 +14,14 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use trellis_e2e::serde_json::{self, Value};
-use trellis_e2e::{Agent, Cluster, Node, Pod, control::Control, node::binary, sys};
+use trellis_e2e::{
+    Agent, Cluster, Node, Pod, control::Control, node::binary, prometheus::Prometheus, sys,
+};
 
 use crate::{cmd, setup};
 
 mod egress;
+mod graph;
 
 const NS: &str = "shop";
 const REQUESTS: usize = 8;
@@ -140,6 +143,8 @@ pub fn run(once: bool) -> Result<()> {
         let want = APPS.iter().filter(|a| a.node == i).count() + usize::from(i == 0);
         wait_certificates(agent, want)?;
     }
+    eprintln!("demo: starting Prometheus (scrapes both agents and control every second)");
+    let prometheus = Prometheus::start(&cluster);
 
     println!("\nTrellis demo: the shop on a two-node mesh");
     for (i, node) in cluster.nodes.iter().enumerate() {
@@ -251,8 +256,24 @@ pub fn run(once: bool) -> Result<()> {
             ));
         }
     }
+    prometheus_edges(&prometheus, &mut failures);
+    let url = if once {
+        format!(
+            "{} (in the fabric namespace {})",
+            prometheus.url(),
+            cluster.fabric()
+        )
+    } else {
+        let local = sys::forward(
+            cluster.fabric(),
+            Prometheus::PORT,
+            format!("{}:{}", Cluster::SERVICES_IP, Prometheus::PORT).parse()?,
+        )?;
+        format!("http://{local}")
+    };
+    println!("\n  Prometheus: {url}   (Grafana dashboard: deploy/grafana/, docs/observability.md)");
     println!(
-        "\n  metrics: ip netns exec {} curl -s http://127.0.0.1:15020/metrics   (node 2: {})",
+        "  metrics: ip netns exec {} curl -s http://127.0.0.1:15020/metrics   (node 2: {})",
         cluster.nodes[0].name, cluster.nodes[1].name
     );
     println!(
@@ -266,6 +287,20 @@ pub fn run(once: bool) -> Result<()> {
     );
 
     canary_and_header_route(&control, &user, &mut failures);
+    let graph_page = match graph::start(&cluster, &prometheus) {
+        Ok(page) => {
+            graph::check_in_browser(&cluster, &page, &mut failures);
+            if !once {
+                let local = sys::forward(cluster.fabric(), graph::PORT, page.addr)?;
+                println!("  graph page: http://{local}   (live: redrawn every 2 s)");
+            }
+            Some(page)
+        }
+        Err(e) => {
+            failures.push(format!("the graph page: {e:#}"));
+            None
+        }
+    };
     egress::act_three(&cluster, &control, &mut agents, &pods[0].0, &mut failures);
 
     if !failures.is_empty() {
@@ -283,9 +318,49 @@ pub fn run(once: bool) -> Result<()> {
         wait_for_signal();
     }
     eprintln!("demo: stopping agents and control, removing pods and nodes");
+    drop(graph_page);
+    drop(prometheus);
     drop(agents);
     drop(control);
     Ok(())
+}
+
+/// The service graph as Prometheus sees it (Kiali's query, summed over the run): one line per
+/// edge; an edge the shop must have and Prometheus lacks is a failure.
+fn prometheus_edges(prometheus: &Prometheus, failures: &mut Vec<String>) {
+    const QUERY: &str = "sum(istio_requests_total{reporter=\"destination\"}) by (source_workload, destination_service_name, destination_workload, connection_security_policy)";
+    let want = [("user", "web"), ("web", "catalog"), ("web", "reviews")];
+    let label = |s: &Value, l: &str| s["metric"][l].as_str().unwrap_or("?").to_owned();
+    let has = |series: &[Value], (from, to): (&str, &str)| {
+        series.iter().any(|s| {
+            label(s, "source_workload") == from && label(s, "destination_service_name") == to
+        })
+    };
+    // Prometheus scrapes each second; the counters of the last requests show up within a few.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let series = loop {
+        let series = prometheus.query(QUERY);
+        if want.iter().all(|e| has(&series, *e)) || Instant::now() > deadline {
+            break series;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!(
+        "\n  The graph as Prometheus sees it (requests counted by the destinations' proxies):"
+    );
+    for s in &series {
+        println!(
+            "  {:<10} -> {:<10} ({:<12}) {:>4} requests  {}",
+            label(s, "source_workload"),
+            label(s, "destination_service_name"),
+            label(s, "destination_workload"),
+            s["value"][1].as_str().unwrap_or("?"),
+            label(s, "connection_security_policy")
+        );
+    }
+    for (from, to) in want.iter().filter(|e| !has(&series, **e)) {
+        failures.push(format!("Prometheus has no requests {from} -> {to}"));
+    }
 }
 
 /// The reviews versions web's calls reached over `count` requests from `user`, one connection

@@ -17,7 +17,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// holds no plaintext), iptables (tests set up kube-proxy's NodePort NAT); iperf3 and haproxy
 /// (the L7 reference proxy) for `cargo xtask bench`; dnsmasq (the real resolver outside the mesh)
 /// and dig for the DNS tests (`dnsmasq-base`: the binary alone, no system service); redis-server
-/// (the "managed Redis" of the egress scenario; its service is not started in a container).
+/// (the "managed Redis" of the egress scenario; its service is not started in a container);
+/// prometheus (the real one the observability tests and the demo scrape the agents with) and
+/// chromium (the headless browser that tests the traffic graph page).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -29,6 +31,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("dnsmasq-base", "dnsmasq"),
     ("bind9-dnsutils", "dig"),
     ("redis-server", "redis-server"),
+    ("prometheus", "prometheus"),
+    ("chromium", "chromium"),
 ];
 
 pub fn run() -> Result<()> {

@@ -192,15 +192,7 @@ mod tests {
     fn decision(lb: Lb, outlier: Option<Outlier>) -> Target {
         let candidate = |ip: &str| Candidate {
             addr: format!("{ip}:80").parse().unwrap(),
-            workload: Arc::new(Workload {
-                name: ip.into(),
-                namespace: "shop".into(),
-                identity: None,
-                node: "n".into(),
-                app: "web".into(),
-                version: "v1".into(),
-                labels: Default::default(),
-            }),
+            workload: Arc::new(Workload::new(ip, "shop", None, "n", &Default::default())),
         };
         Target {
             cluster: "shop/web:80/".into(),

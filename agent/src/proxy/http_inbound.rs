@@ -71,7 +71,8 @@ impl Target {
             source_principal: self.caller.identity.clone(),
             destination: self.pod.workload(&state),
             destination_principal: self.pod.identity.clone(),
-            service: None,
+            service: Some(self.labels.destination_service.clone())
+                .filter(|s| s.as_str() != "unknown"),
         }
     }
 

@@ -61,10 +61,11 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         }
         return;
     }
-    let (strict, authz, source, destination, http, gateway, l7) = {
+    let (strict, authz, source, destination, http, gateway, l7, service) = {
         let state = shared.state.borrow();
         let gateway = state.gateway_route(dst);
         let l7 = l7_gateway(&state, dst);
+        let service = destination_service(&state, gateway.as_ref(), dst);
         (
             // A gateway's server ports take traffic from outside the mesh: that is what they
             // are for, so STRICT does not refuse it there.
@@ -75,6 +76,7 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
             gateway.is_none() && state.http_ports.contains(&dst),
             gateway,
             l7,
+            service,
         )
     };
     // Only a socket in the node's own netns (kubelet's probes) may pass STRICT in plaintext, and
@@ -95,7 +97,7 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         source.as_deref(),
         None,
         destination.as_deref(),
-        gateway.as_ref().map(Route::service),
+        service.as_deref(),
         false,
     );
     let caller = Caller {
@@ -323,7 +325,7 @@ async fn tunnel(
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let (source, destination, http, gateway, l7) = {
+    let (source, destination, http, gateway, l7, service) = {
         let state = shared.state.borrow();
         // The tunnel comes from the client pod's own address; trust that only if the identity agrees.
         let source = state
@@ -332,12 +334,14 @@ async fn tunnel(
             .filter(|w| w.identity.as_deref() == Some(client_id))
             .cloned();
         let gateway = state.gateway_route(target);
+        let service = destination_service(&state, gateway.as_ref(), target);
         (
             source,
             pod.workload(&state),
             gateway.is_none() && state.http_ports.contains(&target),
             gateway,
             l7_gateway(&state, target),
+            service,
         )
     };
     let labels = labels(
@@ -345,7 +349,7 @@ async fn tunnel(
         source.as_deref(),
         Some(client_id),
         destination.as_deref(),
-        gateway.as_ref().map(Route::service),
+        service.as_deref(),
         true,
     );
     let caller = Caller {
@@ -462,6 +466,19 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     let mut resp = Response::new(Empty::new());
     *resp.status_mut() = code;
     resp
+}
+
+/// What the destination side reports as `destination_service`: the gateway route's service on
+/// a gateway's port, else the Service that selects the pod on this port.
+fn destination_service(
+    state: &MeshState,
+    gateway: Option<&Route>,
+    target: SocketAddr,
+) -> Option<String> {
+    match gateway {
+        Some(route) => Some(route.service().to_owned()),
+        None => state.served.get(&target).map(|s| s.host()),
+    }
 }
 
 #[cfg(test)]

@@ -340,6 +340,9 @@ where
     copy::bidirectional(a, b).await
 }
 
+/// Istio's cluster name for a cluster that sets none (one cluster: no multi-cluster mesh).
+const CLUSTER: &str = "Kubernetes";
+
 /// Labels for one side of a connection, filled from what the mesh state knows.
 fn labels(
     reporter: &'static str,
@@ -350,24 +353,52 @@ fn labels(
     mtls: bool,
 ) -> TcpLabels {
     let unknown = || "unknown".to_owned();
+    let of = |w: Option<&Workload>, f: fn(&Workload) -> &String| {
+        w.map_or_else(unknown, |w| f(w).clone())
+    };
+    let (service_name, service_namespace) = service.map_or(("unknown", "unknown"), service_parts);
     TcpLabels {
         reporter,
-        source_workload: source.map_or_else(unknown, |w| w.name.clone()),
-        source_workload_namespace: source.map_or_else(unknown, |w| w.namespace.clone()),
+        source_workload: of(source, |w| &w.name),
+        source_workload_namespace: of(source, |w| &w.namespace),
         source_principal: source_principal.map_or_else(unknown, str::to_owned),
-        source_app: source.map_or_else(unknown, |w| w.app.clone()),
-        source_version: source.map_or_else(unknown, |w| w.version.clone()),
-        destination_workload: destination.map_or_else(unknown, |w| w.name.clone()),
-        destination_workload_namespace: destination.map_or_else(unknown, |w| w.namespace.clone()),
+        source_app: of(source, |w| &w.app),
+        source_version: of(source, |w| &w.version),
+        source_canonical_service: of(source, |w| &w.canonical_service),
+        source_canonical_revision: of(source, |w| &w.canonical_revision),
+        source_cluster: if source.is_some() { CLUSTER } else { "unknown" },
+        destination_workload: of(destination, |w| &w.name),
+        destination_workload_namespace: of(destination, |w| &w.namespace),
         destination_principal: destination
             .and_then(|w| w.identity.clone())
             .unwrap_or_else(unknown),
-        destination_app: destination.map_or_else(unknown, |w| w.app.clone()),
-        destination_version: destination.map_or_else(unknown, |w| w.version.clone()),
+        destination_app: of(destination, |w| &w.app),
+        destination_version: of(destination, |w| &w.version),
+        destination_canonical_service: of(destination, |w| &w.canonical_service),
+        destination_canonical_revision: of(destination, |w| &w.canonical_revision),
+        destination_cluster: if destination.is_some() {
+            CLUSTER
+        } else {
+            "unknown"
+        },
         destination_service: service.map_or_else(unknown, str::to_owned),
+        destination_service_name: service_name.to_owned(),
+        destination_service_namespace: service_namespace.to_owned(),
         request_protocol: "tcp",
         connection_security_policy: if mtls { "mutual_tls" } else { "none" },
         response_flags: "-",
+    }
+}
+
+/// A Service's host name as Istio's `destination_service_name` and `_namespace`:
+/// `<name>.<namespace>.svc.<domain>`; any other host (a ServiceEntry's) is its own name, in no
+/// namespace the host tells.
+fn service_parts(host: &str) -> (&str, &str) {
+    let mut parts = host.splitn(4, '.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(name), Some(ns), Some("svc"), Some(_)) => (name, ns),
+        _ if host == "unknown" => ("unknown", "unknown"),
+        _ => (host, "unknown"),
     }
 }
 
@@ -418,5 +449,69 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_carry_istio_canonical_names_and_the_service_parts() {
+        let pod = |labels: &[(&str, &str)]| {
+            let labels = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Workload::new("reviews-v2", "shop", Some("id".into()), "n2", &labels)
+        };
+        let from = pod(&[("app", "web")]);
+        let to = pod(&[
+            ("app", "reviews"),
+            ("version", "v2"),
+            ("service.istio.io/canonical-name", "reviews-api"),
+        ]);
+        let l = labels(
+            "destination",
+            Some(&from),
+            None,
+            Some(&to),
+            Some("reviews.shop.svc.cluster.local"),
+            true,
+        );
+        assert_eq!(
+            (
+                l.source_canonical_service.as_str(),
+                l.source_canonical_revision.as_str(),
+                l.source_cluster
+            ),
+            ("web", "latest", CLUSTER)
+        );
+        assert_eq!(
+            (
+                l.destination_canonical_service.as_str(),
+                l.destination_canonical_revision.as_str(),
+                l.destination_app.as_str()
+            ),
+            ("reviews-api", "v2", "reviews")
+        );
+        assert_eq!(
+            (
+                l.destination_service_name.as_str(),
+                l.destination_service_namespace.as_str()
+            ),
+            ("reviews", "shop")
+        );
+        let none = labels("source", None, None, None, Some("api.example.com"), false);
+        assert_eq!(
+            (
+                none.destination_service_name.as_str(),
+                none.destination_service_namespace.as_str(),
+                none.destination_cluster,
+                none.source_canonical_service.as_str()
+            ),
+            ("api.example.com", "unknown", "unknown", "unknown")
+        );
+        assert_eq!(service_parts("unknown"), ("unknown", "unknown"));
     }
 }
