@@ -478,6 +478,15 @@ mod tests {
             access::Format::Json
         );
         assert!(parse(&[&base[..], &["--access-log", "xml"]].concat()).is_err());
+        // The flag's old boolean values (TRELLIS_ACCESS_LOG=true) keep their meaning.
+        assert_eq!(
+            parse(&[&base[..], &["--access-log=true"]].concat()).unwrap(),
+            access::Format::Text
+        );
+        assert_eq!(
+            parse(&[&base[..], &["--access-log=false"]].concat()).unwrap(),
+            access::Format::Off
+        );
         assert_eq!(parse_percent("100"), Ok(100.0));
         assert_eq!(parse_percent("0.5%"), Ok(0.5));
         assert!(parse_percent("101").is_err() && parse_percent("-1").is_err());
