@@ -1,5 +1,6 @@
 //! `trellisctl check`: preflight and health, as `linkerd check`. Each check prints `✔ what` or
-//! `✘ what: why — how to fix`; any ✘ makes the exit status 1.
+//! `✘ what: why — how to fix`; any ✘ makes the exit status 1. A check that cannot be made from
+//! where trellisctl stands prints `- what: not checked (why)` and fails nothing.
 use std::{
     collections::BTreeMap,
     path::Path,
@@ -29,6 +30,8 @@ const EXPIRY_MARGIN: f64 = 0.2;
 pub struct Outcome {
     pub what: String,
     pub result: Result<(), Failure>,
+    /// Not checked, and why (`result` is then Ok).
+    pub skipped: Option<String>,
 }
 
 /// Why a check failed, and what to do about it.
@@ -43,6 +46,14 @@ impl Outcome {
         Self {
             what: what.into(),
             result: Ok(()),
+            skipped: None,
+        }
+    }
+
+    fn skip(what: impl Into<String>, why: impl Into<String>) -> Self {
+        Self {
+            skipped: Some(why.into()),
+            ..Self::pass(what)
         }
     }
 
@@ -53,11 +64,15 @@ impl Outcome {
                 why: why.into(),
                 fix: fix.into(),
             }),
+            skipped: None,
         }
     }
 
     pub fn line(&self) -> String {
         match &self.result {
+            Ok(()) if let Some(why) = &self.skipped => {
+                format!("- {}: not checked ({why})", self.what)
+            }
             Ok(()) => format!("✔ {}", self.what),
             Err(f) => format!("✘ {}: {} — {}", self.what, f.why, f.fix),
         }
@@ -362,13 +377,12 @@ async fn agent_checks(
         Err(e) => Outcome::fail(what, format!("{e:#}"), "see the agent's log"),
     });
     out.push(acked(node, versions, control).await);
-    out.push(match certificates(agent).await {
-        Ok(c) => c,
-        Err(e) => Outcome::fail(
-            format!("agent {node}'s certificates valid"),
-            format!("{e:#}"),
-            "reach the admin endpoint (see the message), or see the agent's log",
-        ),
+    let what = format!("agent {node}'s certificates valid and not near expiry");
+    out.push(match agent.admin() {
+        Err(e) => Outcome::skip(what, format!("{e:#}")),
+        Ok(admin) => certificates(&admin, &what)
+            .await
+            .unwrap_or_else(|e| Outcome::fail(&what, format!("{e:#}"), "see the agent's log")),
     });
 }
 
@@ -436,24 +450,18 @@ struct Certificate {
     renew_at: u64,
 }
 
-async fn certificates(agent: &Agent) -> Result<Outcome> {
-    let node = &agent.node;
-    let body = agent
-        .admin()?
-        .get("/certificates")
-        .await?
-        .ok_body("/certificates")?;
+async fn certificates(admin: &Endpoint, what: &str) -> Result<Outcome> {
+    let body = admin.get("/certificates").await?.ok_body("/certificates")?;
     let certs: Vec<Certificate> =
         serde_json::from_str(&body).context("the agent's /certificates")?;
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_secs();
-    Ok(certificates_at(node, &certs, now))
+    Ok(certificates_at(what, &certs, now))
 }
 
-fn certificates_at(node: &str, certs: &[Certificate], now: u64) -> Outcome {
-    let what = format!("agent {node}'s certificates valid and not near expiry");
+fn certificates_at(what: &str, certs: &[Certificate], now: u64) -> Outcome {
     let mut bad = Vec::new();
     for c in certs {
         // Renewal is at half life: the lifetime is twice what is left after it.
@@ -520,7 +528,7 @@ mod tests {
         };
         let now = 10_000;
         assert!(
-            certificates_at("n1", &[cert("a", now + 600)], now)
+            certificates_at("certs", &[cert("a", now + 600)], now)
                 .result
                 .is_ok()
         );
@@ -539,6 +547,16 @@ mod tests {
                 && line.contains("c expired 5s ago")
                 && !line.contains("a "),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn checks_out_of_reach_are_marked_and_fail_nothing() {
+        let o = Outcome::skip("agent n2's certificates valid", "admin is node-local");
+        assert!(o.result.is_ok());
+        assert_eq!(
+            o.line(),
+            "- agent n2's certificates valid: not checked (admin is node-local)"
         );
     }
 

@@ -131,10 +131,17 @@ async fn run(cli: Cli) -> Result<bool> {
                 println!("{}", o.line());
             }
             let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
-            if failed == 0 {
-                println!("\nall {} checks passed", outcomes.len());
+            let skipped = outcomes.iter().filter(|o| o.skipped.is_some()).count();
+            let made = outcomes.len() - skipped;
+            let note = if skipped > 0 {
+                format!(" ({skipped} not checked)")
             } else {
-                println!("\n{failed} of {} checks failed", outcomes.len());
+                String::new()
+            };
+            if failed == 0 {
+                println!("\nall {made} checks passed{note}");
+            } else {
+                println!("\n{failed} of {made} checks failed{note}");
             }
             Ok(failed == 0)
         }
