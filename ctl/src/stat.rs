@@ -181,11 +181,15 @@ pub async fn from_prometheus(prometheus: &Endpoint, name: &str, namespace: &str)
         escape(namespace)
     );
     let rps = query(prometheus, &format!("sum(rate({REQUESTS}{{{sel}}}[1m]))")).await?;
-    let ok = query(
+    // One query for the ratio, as Istio's dashboard: two would be evaluated at different instants.
+    let success = query(
         prometheus,
-        &format!("sum(rate({REQUESTS}{{{sel},response_code!~\"5..\"}}[1m]))"),
+        &format!(
+            "sum(rate({REQUESTS}{{{sel},response_code!~\"5..\"}}[1m])) / sum(rate({REQUESTS}{{{sel}}}[1m]))"
+        ),
     )
-    .await?;
+    .await?
+    .filter(|v| v.is_finite());
     let q = |p: f64| {
         format!("histogram_quantile({p}, sum(rate({DURATION_BUCKETS}{{{sel}}}[1m])) by (le))")
     };
@@ -194,7 +198,7 @@ pub async fn from_prometheus(prometheus: &Endpoint, name: &str, namespace: &str)
         reporter: "destination",
         requests: rps_v * 60.0,
         rps: rps_v,
-        success: (rps_v > 0.0).then(|| ok.unwrap_or(0.0) / rps_v),
+        success: success.or((rps_v > 0.0).then_some(0.0)),
         p50: query(prometheus, &q(0.5)).await?.filter(|v| v.is_finite()),
         p95: query(prometheus, &q(0.95)).await?.filter(|v| v.is_finite()),
         p99: query(prometheus, &q(0.99)).await?.filter(|v| v.is_finite()),
@@ -213,7 +217,11 @@ async fn query(prometheus: &Endpoint, promql: &str) -> Result<Option<f64>> {
             .append_pair("query", promql)
             .finish()
     );
-    let reply = prometheus.get(&path).await?;
+    // The error names Prometheus, not the (long, encoded) query.
+    let reply = prometheus
+        .get(&path)
+        .await
+        .map_err(|e| anyhow::anyhow!("querying Prometheus at {prometheus}: {}", e.root_cause()))?;
     let v: Value = serde_json::from_str(&reply.body).with_context(|| {
         format!(
             "Prometheus at {prometheus} answered HTTP {} with no JSON",

@@ -10,7 +10,7 @@ use std::{
 };
 
 use shop::{Shop, TD, VIP, http_get, spiffe};
-use trellis_e2e::node::binary;
+use trellis_e2e::{node::binary, sys};
 
 /// Runs trellisctl with `args`; (exit status 0, stdout, stderr).
 fn ctl(args: &[&str]) -> (bool, String, String) {
@@ -46,7 +46,7 @@ fn strs(v: &[String]) -> Vec<&str> {
 
 #[test]
 fn analyze_names_file_object_and_field_and_passes_the_examples() {
-    let dir = std::env::temp_dir().join(format!("{}-analyze", trellis_e2e::sys::unique_name()));
+    let dir = std::env::temp_dir().join(format!("{}-analyze", sys::unique_name()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("reviews.yaml");
     std::fs::write(
@@ -268,4 +268,130 @@ fn trellisctl_reads_the_running_mesh_and_fails_checks_with_their_fix() {
     // The node's own checks still pass.
     let (ok, out, err) = ctl(&["check", "--kernel-only"]);
     assert!(ok && !out.contains("control"), "{out}{err}");
+}
+
+/// A real Prometheus (Debian's package) in the fabric's namespace, scraping both agents every
+/// second; killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    const ADDR: &str = "127.0.0.1:9090";
+
+    fn start(shop: &Shop) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-prometheus", sys::unique_name()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n\
+             scrape_configs:\n- job_name: trellis-agents\n  static_configs:\n  - targets: ['10.0.0.1:15020', '10.0.0.2:15020']\n",
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let mut cmd = Command::new("prometheus");
+        cmd.arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={}", Self::ADDR))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        let child = sys::spawn_in(shop.cluster.fabric(), None, &mut cmd)
+            .expect("starting prometheus (cargo xtask setup installs Debian's prometheus)");
+        let p = Self { child, dir };
+        // Ready comes first; the first scrapes come after target discovery's first update,
+        // about 5 s later. Both agents must have been scraped before traffic counts.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let targets = sys::http_get(
+                shop.cluster.fabric(),
+                Self::ADDR.parse().unwrap(),
+                "/api/v1/targets",
+            )
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+            if targets.matches("\"health\":\"up\"").count() == 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus has not scraped both agents within 30 s: {targets}\n{}",
+                std::fs::read_to_string(p.dir.join("prometheus.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        p
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn stat_reads_istio_queries_from_prometheus() {
+    let shop = Shop::start();
+    let prometheus = Prometheus::start(&shop);
+    // Requests for 5 s, so that Prometheus scrapes the counters growing several times.
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        let body = http_get(&shop.client, &format!("http://{VIP}:8081/"), &[]);
+        assert_eq!(body["service"], "server", "{body}");
+        sent += 1;
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // the last scrape
+    let url = format!("http://{}", Prometheus::ADDR);
+    let (ok, out, err) = ctl(&[
+        "stat",
+        "deploy/server",
+        "-n",
+        "shop",
+        "--prometheus",
+        &url,
+        "--prometheus-netns",
+        shop.cluster.fabric(),
+    ]);
+    drop(prometheus);
+    assert!(ok, "{out}{err}");
+    let cols: Vec<&str> = out
+        .lines()
+        .nth(1)
+        .expect("a row")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        cols[..4],
+        ["server", "shop", "destination", "100.00%"],
+        "{out}"
+    );
+    let rps: f64 = cols[4].parse().unwrap();
+    assert!(
+        rps > 0.0,
+        "{sent} requests sent, none in Prometheus:\n{out}"
+    );
+    assert!(cols[5].ends_with("ms") && cols[7].ends_with("ms"), "{out}");
+
+    // A Prometheus that is not there: an error naming it, exit 1.
+    let (ok, _, err) = ctl(&[
+        "stat",
+        "deploy/server",
+        "-n",
+        "shop",
+        "--prometheus",
+        &url,
+        "--prometheus-netns",
+        shop.cluster.fabric(),
+    ]);
+    assert!(!ok && err.contains("127.0.0.1:9090"), "{err}");
 }
