@@ -10,7 +10,7 @@ use std::{
 };
 
 use shop::{Shop, TD, VIP, http_get, spiffe};
-use trellis_e2e::{node::binary, sys};
+use trellis_e2e::{node::binary, prometheus::Prometheus, sys};
 
 /// Runs trellisctl with `args`; (exit status 0, stdout, stderr).
 fn ctl(args: &[&str]) -> (bool, String, String) {
@@ -270,78 +270,12 @@ fn trellisctl_reads_the_running_mesh_and_fails_checks_with_their_fix() {
     assert!(ok && !out.contains("control"), "{out}{err}");
 }
 
-/// A real Prometheus (Debian's package) in the fabric's namespace, scraping both agents every
-/// second; killed on drop.
-struct Prometheus {
-    child: std::process::Child,
-    dir: std::path::PathBuf,
-}
-
-impl Prometheus {
-    const ADDR: &str = "127.0.0.1:9090";
-
-    fn start(shop: &Shop) -> Self {
-        let dir = std::env::temp_dir().join(format!("{}-prometheus", sys::unique_name()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("prometheus.yml"),
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n\
-             scrape_configs:\n- job_name: trellis-agents\n  static_configs:\n  - targets: ['10.0.0.1:15020', '10.0.0.2:15020']\n",
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let mut cmd = Command::new("prometheus");
-        cmd.arg(format!(
-            "--config.file={}",
-            dir.join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address={}", Self::ADDR))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-        let child = sys::spawn_in(shop.cluster.fabric(), None, &mut cmd)
-            .expect("starting prometheus (cargo xtask setup installs Debian's prometheus)");
-        let p = Self { child, dir };
-        // Ready comes first; the first scrapes come after target discovery's first update,
-        // about 5 s later. Both agents must have been scraped before traffic counts.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let targets = sys::http_get(
-                shop.cluster.fabric(),
-                Self::ADDR.parse().unwrap(),
-                "/api/v1/targets",
-            )
-            .map(|(_, body)| body)
-            .unwrap_or_default();
-            if targets.matches("\"health\":\"up\"").count() == 2 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus has not scraped both agents within 30 s: {targets}\n{}",
-                std::fs::read_to_string(p.dir.join("prometheus.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        p
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[test]
 fn stat_reads_istio_queries_from_prometheus() {
     let shop = Shop::start();
-    let prometheus = Prometheus::start(&shop);
+    let prometheus = Prometheus::start(&shop.cluster);
+    // Both agents and control scraped before the traffic, so that its counters are seen growing.
+    prometheus.wait_targets_up(3);
     // Requests for 5 s, so that Prometheus scrapes the counters growing several times.
     let start = Instant::now();
     let mut sent = 0;
@@ -351,7 +285,7 @@ fn stat_reads_istio_queries_from_prometheus() {
         sent += 1;
     }
     std::thread::sleep(Duration::from_millis(1500)); // the last scrape
-    let url = format!("http://{}", Prometheus::ADDR);
+    let url = prometheus.url();
     let (ok, out, err) = ctl(&[
         "stat",
         "deploy/server",
@@ -393,5 +327,8 @@ fn stat_reads_istio_queries_from_prometheus() {
         "--prometheus-netns",
         shop.cluster.fabric(),
     ]);
-    assert!(!ok && err.contains("127.0.0.1:9090"), "{err}");
+    assert!(
+        !ok && err.contains("querying Prometheus at 10.0.0.254:9090"),
+        "{err}"
+    );
 }
