@@ -3,6 +3,7 @@
 mod analyze;
 mod check;
 mod fetch;
+mod graph;
 mod prom;
 mod stat;
 mod table;
@@ -89,6 +90,17 @@ enum Command {
         /// Without Prometheus: how long between the two scrapes of the agents.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         window: Duration,
+        #[command(flatten)]
+        agents: AgentArgs,
+    },
+    /// Serve a live service graph from the agents' metrics: a page and /graph.json.
+    Graph {
+        /// Where to serve it.
+        #[arg(long, default_value = "127.0.0.1:15080", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// How often the agents are scraped; rates are over the last interval.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
         #[command(flatten)]
         agents: AgentArgs,
     },
@@ -185,6 +197,14 @@ async fn run(cli: Cli) -> Result<bool> {
                 }
             };
             print!("{}", stat::render(name, &namespace, &golden));
+            Ok(true)
+        }
+        Command::Graph {
+            listen,
+            interval,
+            agents,
+        } => {
+            graph::serve(listen, targets::agents(&agents.agents), interval).await?;
             Ok(true)
         }
     }

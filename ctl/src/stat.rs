@@ -86,7 +86,7 @@ pub async fn from_agents(
     Ok(golden(&before, &after, name, namespace, window))
 }
 
-async fn scrape(agents: &[Agent]) -> Result<Vec<Sample>> {
+pub async fn scrape(agents: &[Agent]) -> Result<Vec<Sample>> {
     let mut all = Vec::new();
     for a in agents {
         let text = a

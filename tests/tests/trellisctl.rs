@@ -332,3 +332,106 @@ fn stat_reads_istio_queries_from_prometheus() {
         "{err}"
     );
 }
+
+/// A plain HTTP/1.0 GET on this host's loopback; (status, body).
+fn local_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to trellisctl graph");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// `trellisctl graph` running; killed on drop.
+struct GraphServer(std::process::Child);
+
+impl Drop for GraphServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn graph_serves_the_meshs_edges_with_rates_and_mtls() {
+    use std::io::BufRead;
+    let shop = Shop::start();
+    let agents = agent_args(&shop);
+    let mut child = Command::new(binary("trellisctl"))
+        .args(["graph", "--listen", "127.0.0.1:0", "--interval", "1s"])
+        .args(&agents)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting trellisctl graph");
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let server = GraphServer(child);
+    let addr = first
+        .trim()
+        .strip_prefix("serving the graph on http://")
+        .and_then(|a| a.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+
+    let (code, page) = local_get(&addr, "/");
+    assert!(code == 200 && page.contains("graph.json"), "{code} {page}");
+
+    // HTTP and TCP traffic through the mesh, while the agents are scraped every second.
+    let edge = |graph: &serde_json::Value, protocol: &str| {
+        graph["edges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| {
+                e["source"] == "shop/client"
+                    && e["destination"] == "shop/server"
+                    && e["protocol"] == protocol
+            })
+            .cloned()
+    };
+    let start = Instant::now();
+    let graph = loop {
+        let body = http_get(&shop.client, &format!("http://{VIP}:8081/"), &[]);
+        assert_eq!(body["service"], "server", "{body}");
+        let blasted = shop::blast(&shop.client, shop.vip(7000), 200_000);
+        assert_eq!(blasted["ok"], true, "{blasted}");
+        let (_, json) = local_get(&addr, "/graph.json");
+        let graph: serde_json::Value = serde_json::from_str(&json).expect("graph.json is JSON");
+        if edge(&graph, "http").is_some_and(|e| e["rps"].as_f64() > Some(0.0))
+            && edge(&graph, "tcp").is_some_and(|e| e["bytes_per_second"].as_f64() > Some(0.0))
+        {
+            break graph;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no client → server edges with traffic in 20 s: {graph}"
+        );
+    };
+    drop(server);
+    eprintln!("graph.json: {graph:#}");
+    let http = edge(&graph, "http").unwrap();
+    assert_eq!(http["mtls"], true, "{http}");
+    assert_eq!(http["error_rate"], 0.0, "{http}");
+    assert!(http["p99_ms"].as_f64().is_some(), "{http}");
+    assert_eq!(edge(&graph, "tcp").unwrap()["mtls"], true, "{graph}");
+    let nodes = graph["nodes"].as_array().unwrap();
+    // The client's own view of its HTTP connections (no workload yet) is not a second edge.
+    assert_eq!(nodes.len(), 2, "{graph}");
+    assert!(
+        nodes.contains(&"shop/client".into()) && nodes.contains(&"shop/server".into()),
+        "{graph}"
+    );
+}
