@@ -233,6 +233,29 @@ fn trellisctl_reads_the_running_mesh_and_fails_checks_with_their_fix() {
     assert!(rps > 0.0, "no requests counted:\n{out}");
     assert!(cols[5].ends_with("ms") && cols[7].ends_with("ms"), "{out}");
 
+    // check from the fabric's namespace, agents by their metrics address (as from another
+    // machine): all passes, and the admin-only checks say why they were not made.
+    let mut cmd = Command::new(binary("trellisctl"));
+    cmd.args(["check", "--control-metrics", "10.0.0.254:15014"])
+        .args(["--agent", &format!("{n1}=10.0.0.1:15020")])
+        .args(["--agent", &format!("{n2}=10.0.0.2:15020")])
+        .stdout(std::process::Stdio::piped());
+    let out = sys::spawn_in(&fabric, None, &mut cmd)
+        .expect("running trellisctl in the fabric")
+        .wait_with_output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("$ trellisctl check (in the fabric, agents by address)\n{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("✔ agent {n2} connected to control and acked the latest config"))
+            && text.contains(&format!(
+                "- agent {n2}'s certificates valid and not near expiry: not checked (node {n2}'s admin endpoint listens on the node's localhost only"
+            ))
+            && text.contains("(2 not checked)"),
+        "{text}"
+    );
+
     // check, with an agent that is not there: ✘ with the fix, exit 1.
     let mut args = vec!["check"];
     args.extend(control);
