@@ -5,6 +5,7 @@ mod check;
 mod fetch;
 mod graph;
 mod prom;
+mod prometheus;
 mod stat;
 mod table;
 mod targets;
@@ -93,12 +94,18 @@ enum Command {
         #[command(flatten)]
         agents: AgentArgs,
     },
-    /// Serve a live service graph from the agents' metrics: a page and /graph.json.
+    /// Serve a live service graph (workload → service → workload): a page and /graph.json.
     Graph {
         /// Where to serve it.
         #[arg(long, default_value = "127.0.0.1:15080", value_name = "ADDR")]
         listen: SocketAddr,
-        /// How often the agents are scraped; rates are over the last interval.
+        /// Rates over the last minute from this Prometheus (http://HOST:PORT), instead of the agents.
+        #[arg(long, value_name = "URL")]
+        prometheus: Option<String>,
+        /// The network namespace to reach Prometheus from.
+        #[arg(long, value_name = "NETNS")]
+        prometheus_netns: Option<String>,
+        /// How often the graph is updated; from the agents, rates are over the last interval.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         interval: Duration,
         #[command(flatten)]
@@ -188,7 +195,7 @@ async fn run(cli: Cli) -> Result<bool> {
             let name = stat::workload_name(&target)?;
             let golden = match prometheus {
                 Some(url) => {
-                    let ep = stat::prometheus_endpoint(&url, prometheus_netns.as_deref()).await?;
+                    let ep = prometheus::endpoint(&url, prometheus_netns.as_deref()).await?;
                     stat::from_prometheus(&ep, name, &namespace).await?
                 }
                 None => {
@@ -201,10 +208,18 @@ async fn run(cli: Cli) -> Result<bool> {
         }
         Command::Graph {
             listen,
+            prometheus,
+            prometheus_netns,
             interval,
             agents,
         } => {
-            graph::serve(listen, targets::agents(&agents.agents), interval).await?;
+            let source = match prometheus {
+                Some(url) => graph::Source::Prometheus(
+                    prometheus::endpoint(&url, prometheus_netns.as_deref()).await?,
+                ),
+                None => graph::Source::Agents(targets::agents(&agents.agents)),
+            };
+            graph::serve(listen, source, interval).await?;
             Ok(true)
         }
     }

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::{
     fetch::Endpoint,
     prom::{self, Sample, histogram_quantile},
+    prometheus::query,
     table,
     targets::Agent,
 };
@@ -220,63 +221,6 @@ fn of_deployment(workload: &str, name: &str) -> bool {
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"")
-}
-
-/// One instant query's single value; None when it returned no series.
-async fn query(prometheus: &Endpoint, promql: &str) -> Result<Option<f64>> {
-    let path = format!(
-        "/api/v1/query?{}",
-        url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("query", promql)
-            .finish()
-    );
-    // The error names Prometheus, not the (long, encoded) query.
-    let reply = prometheus
-        .get(&path)
-        .await
-        .map_err(|e| anyhow::anyhow!("querying Prometheus at {prometheus}: {}", e.root_cause()))?;
-    let v: Value = serde_json::from_str(&reply.body).with_context(|| {
-        format!(
-            "Prometheus at {prometheus} answered HTTP {} with no JSON",
-            reply.status
-        )
-    })?;
-    if v["status"] != "success" {
-        bail!(
-            "Prometheus refused {promql:?}: {}",
-            v["error"].as_str().unwrap_or("no reason given")
-        );
-    }
-    let Some(first) = v["data"]["result"].as_array().and_then(|r| r.first()) else {
-        return Ok(None);
-    };
-    let value = first["value"][1]
-        .as_str()
-        .with_context(|| format!("Prometheus answered {promql:?} with no value"))?;
-    Ok(Some(match value {
-        "NaN" => f64::NAN,
-        "+Inf" => f64::INFINITY,
-        v => v
-            .parse()
-            .with_context(|| format!("Prometheus value {v:?}"))?,
-    }))
-}
-
-/// `http://HOST:PORT` of a Prometheus server.
-pub async fn prometheus_endpoint(url: &str, netns: Option<&str>) -> Result<Endpoint> {
-    let u = url::Url::parse(url)
-        .with_context(|| format!("--prometheus {url:?}: not a URL (e.g. http://127.0.0.1:9090)"))?;
-    if u.scheme() != "http" {
-        bail!("--prometheus {url:?}: only http:// is supported");
-    }
-    let host = u.host_str().context("--prometheus: no host")?;
-    let port = u.port_or_known_default().unwrap_or(80);
-    let addr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
-        .await
-        .with_context(|| format!("--prometheus {url:?}: resolving {host}"))?
-        .next()
-        .with_context(|| format!("--prometheus {url:?}: {host} has no address"))?;
-    Ok(Endpoint::new(netns.map(crate::fetch::netns_path), addr))
 }
 
 #[cfg(test)]

@@ -319,6 +319,32 @@ fn stat_reads_istio_queries_from_prometheus() {
         "--prometheus-netns",
         shop.cluster.fabric(),
     ]);
+    // The graph from the same Prometheus: client → server → server, over mutual TLS.
+    let (graph_server, graph_addr) = start_graph(&[
+        "--prometheus",
+        &url,
+        "--prometheus-netns",
+        shop.cluster.fabric(),
+    ]);
+    let start = Instant::now();
+    let graph = loop {
+        let (_, json) = local_get(&graph_addr, "/graph.json");
+        let graph: serde_json::Value = serde_json::from_str(&json).expect("graph.json is JSON");
+        let drawn = |from, to| {
+            edge(&graph, from, to, "http")
+                .is_some_and(|e| e["rps"].as_f64() > Some(0.0) && e["mtls"] == true)
+        };
+        if drawn(CLIENT, SERVICE) && drawn(SERVICE, SERVER) {
+            break graph;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no edges from Prometheus: {graph}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("graph.json from Prometheus: {graph:#}");
+    drop(graph_server);
     drop(prometheus);
     assert!(ok, "{out}{err}");
     let cols: Vec<&str> = out
@@ -379,21 +405,12 @@ fn local_get(addr: &str, path: &str) -> (u16, String) {
 /// `trellisctl graph` running; killed on drop.
 struct GraphServer(std::process::Child);
 
-impl Drop for GraphServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[test]
-fn graph_serves_the_meshs_edges_with_rates_and_mtls() {
+/// Starts `trellisctl graph` on a free port with `args`; it and its address.
+fn start_graph(args: &[&str]) -> (GraphServer, String) {
     use std::io::BufRead;
-    let shop = Shop::start();
-    let agents = agent_args(&shop);
     let mut child = Command::new(binary("trellisctl"))
         .args(["graph", "--listen", "127.0.0.1:0", "--interval", "1s"])
-        .args(&agents)
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("starting trellisctl graph");
@@ -408,23 +425,26 @@ fn graph_serves_the_meshs_edges_with_rates_and_mtls() {
         .and_then(|a| a.strip_suffix('/'))
         .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
         .to_owned();
+    (server, addr)
+}
+
+impl Drop for GraphServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn graph_serves_the_meshs_edges_with_rates_and_mtls() {
+    let shop = Shop::start();
+    let agents = agent_args(&shop);
+    let (server, addr) = start_graph(&strs(&agents));
 
     let (code, page) = local_get(&addr, "/");
     assert!(code == 200 && page.contains("graph.json"), "{code} {page}");
 
     // HTTP and TCP traffic through the mesh, while the agents are scraped every second.
-    let edge = |graph: &serde_json::Value, protocol: &str| {
-        graph["edges"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| {
-                e["source"] == "shop/client"
-                    && e["destination"] == "shop/server"
-                    && e["protocol"] == protocol
-            })
-            .cloned()
-    };
     let start = Instant::now();
     let graph = loop {
         let body = http_get(&shop.client, &format!("http://{VIP}:8081/"), &[]);
@@ -433,9 +453,7 @@ fn graph_serves_the_meshs_edges_with_rates_and_mtls() {
         assert_eq!(blasted["ok"], true, "{blasted}");
         let (_, json) = local_get(&addr, "/graph.json");
         let graph: serde_json::Value = serde_json::from_str(&json).expect("graph.json is JSON");
-        if edge(&graph, "http").is_some_and(|e| e["rps"].as_f64() > Some(0.0))
-            && edge(&graph, "tcp").is_some_and(|e| e["bytes_per_second"].as_f64() > Some(0.0))
-        {
+        if shop_edges_drawn(&graph) {
             break graph;
         }
         assert!(
@@ -445,16 +463,49 @@ fn graph_serves_the_meshs_edges_with_rates_and_mtls() {
     };
     drop(server);
     eprintln!("graph.json: {graph:#}");
-    let http = edge(&graph, "http").unwrap();
+    let http = edge(&graph, CLIENT, SERVICE, "http").unwrap();
     assert_eq!(http["mtls"], true, "{http}");
     assert_eq!(http["error_rate"], 0.0, "{http}");
     assert!(http["p99_ms"].as_f64().is_some(), "{http}");
-    assert_eq!(edge(&graph, "tcp").unwrap()["mtls"], true, "{graph}");
-    let nodes = graph["nodes"].as_array().unwrap();
-    // The client's own view of its HTTP connections (no workload yet) is not a second edge.
-    assert_eq!(nodes.len(), 2, "{graph}");
-    assert!(
-        nodes.contains(&"shop/client".into()) && nodes.contains(&"shop/server".into()),
+    assert_eq!(
+        edge(&graph, SERVICE, SERVER, "tcp").unwrap()["mtls"],
+        true,
         "{graph}"
     );
+    // The client's own view of its HTTP connections (no workload yet) is no other node.
+    assert_eq!(
+        graph["nodes"],
+        serde_json::json!([SERVICE, CLIENT, SERVER]),
+        "{graph}"
+    );
+}
+
+const CLIENT: &str = "workload:shop/client";
+const SERVICE: &str = "service:shop/server";
+const SERVER: &str = "workload:shop/server";
+
+/// The edge `source` → `target` of `protocol` in a /graph.json.
+fn edge(
+    graph: &serde_json::Value,
+    source: &str,
+    target: &str,
+    protocol: &str,
+) -> Option<serde_json::Value> {
+    graph["edges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["source"] == source && e["target"] == target && e["protocol"] == protocol)
+        .cloned()
+}
+
+/// client → server → server drawn, for HTTP with requests and for TCP with bytes.
+fn shop_edges_drawn(graph: &serde_json::Value) -> bool {
+    [(CLIENT, SERVICE), (SERVICE, SERVER)]
+        .iter()
+        .all(|(from, to)| {
+            edge(graph, from, to, "http").is_some_and(|e| e["rps"].as_f64() > Some(0.0))
+                && edge(graph, from, to, "tcp")
+                    .is_some_and(|e| e["bytes_per_second"].as_f64() > Some(0.0))
+        })
 }
