@@ -4,7 +4,6 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::Value;
 
 use crate::{
     fetch::Endpoint,
