@@ -27,13 +27,14 @@ use crate::{
 
 const PAGE: &str = include_str!("graph.html");
 
-/// One edge: a workload calling a service, or a service's traffic reaching a workload.
+/// One edge: a workload calling a service, or a service's traffic reaching a workload. One per
+/// pair, as Kiali draws them: requests and TCP bytes on it summed.
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
 pub struct Edge {
     /// `workload:NS/NAME`, `service:NS/NAME` (or `service:HOST` outside the mesh).
     pub source: String,
     pub target: String,
-    /// `http`, `grpc` or `tcp`.
+    /// The requests' protocol (`http`, `grpc`), or `tcp` for connections alone.
     pub protocol: String,
     pub rps: f64,
     /// Share of requests answered 5xx.
@@ -183,7 +184,7 @@ pub fn rates(before: &[Sample], after: &[Sample], window: Duration) -> Vec<Sampl
         .collect()
 }
 
-type Key = (String, String, String);
+type Key = (String, String);
 
 /// An edge being summed: the edge, its 5xx per second, and its latency buckets by `le`.
 type Sum = (Edge, f64, BTreeMap<String, (f64, f64)>);
@@ -227,7 +228,6 @@ pub fn build(rates: &[Sample]) -> Graph {
             format!("service:{}", s.label("destination_service"))
         };
         let source = workload("source_workload_namespace", "source_workload");
-        let protocol = s.label("request_protocol").to_owned();
         let mut hops = vec![(source, service.clone())];
         if known(s.label("destination_workload")) {
             hops.push((
@@ -235,19 +235,27 @@ pub fn build(rates: &[Sample]) -> Graph {
                 workload("destination_workload_namespace", "destination_workload"),
             ));
         }
-        for (from, to) in hops {
-            let k = (from, to, protocol.clone());
+        for k in hops {
             let (edge, errors, buckets) = edges.entry(k.clone()).or_insert_with(|| {
                 let e = Edge {
                     source: k.0.clone(),
                     target: k.1.clone(),
-                    protocol: k.2.clone(),
                     mtls: true,
                     ..Default::default()
                 };
                 (e, 0.0, BTreeMap::new())
             });
             edge.mtls &= s.label("connection_security_policy") == "mutual_tls";
+            let protocol = s.label("request_protocol");
+            match s.name.as_str() {
+                "istio_requests_total" | "istio_request_duration_milliseconds_bucket"
+                    if protocol != "tcp" =>
+                {
+                    edge.protocol = protocol.to_owned()
+                }
+                _ if edge.protocol.is_empty() => edge.protocol = "tcp".into(),
+                _ => {}
+            }
             match s.name.as_str() {
                 "istio_requests_total" => {
                     edge.rps += s.value;
@@ -366,6 +374,10 @@ mod tests {
                 .find(|e| e.source == from && e.target == to)
                 .unwrap_or_else(|| panic!("no {from} -> {to} in {:?}", g.edges))
         };
+        assert_eq!(
+            edge("workload:shop/web-1", "service:shop/db").protocol,
+            "tcp"
+        );
         for (from, to) in [
             ("workload:shop/user", "service:shop/web"),
             ("service:shop/web", "workload:shop/web-1"),

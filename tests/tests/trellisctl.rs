@@ -331,8 +331,9 @@ fn stat_reads_istio_queries_from_prometheus() {
         let (_, json) = local_get(&graph_addr, "/graph.json");
         let graph: serde_json::Value = serde_json::from_str(&json).expect("graph.json is JSON");
         let drawn = |from, to| {
-            edge(&graph, from, to, "http")
-                .is_some_and(|e| e["rps"].as_f64() > Some(0.0) && e["mtls"] == true)
+            edge(&graph, from, to).is_some_and(|e| {
+                e["protocol"] == "http" && e["rps"].as_f64() > Some(0.0) && e["mtls"] == true
+            })
         };
         if drawn(CLIENT, SERVICE) && drawn(SERVICE, SERVER) {
             break graph;
@@ -463,15 +464,13 @@ fn graph_serves_the_meshs_edges_with_rates_and_mtls() {
     };
     drop(server);
     eprintln!("graph.json: {graph:#}");
-    let http = edge(&graph, CLIENT, SERVICE, "http").unwrap();
-    assert_eq!(http["mtls"], true, "{http}");
-    assert_eq!(http["error_rate"], 0.0, "{http}");
-    assert!(http["p99_ms"].as_f64().is_some(), "{http}");
-    assert_eq!(
-        edge(&graph, SERVICE, SERVER, "tcp").unwrap()["mtls"],
-        true,
-        "{graph}"
-    );
+    for (from, to) in [(CLIENT, SERVICE), (SERVICE, SERVER)] {
+        let e = edge(&graph, from, to).unwrap();
+        assert_eq!(e["protocol"], "http", "{e}");
+        assert_eq!(e["mtls"], true, "{e}");
+        assert_eq!(e["error_rate"], 0.0, "{e}");
+        assert!(e["p99_ms"].as_f64().is_some(), "{e}");
+    }
     // The client's own view of its HTTP connections (no workload yet) is no other node.
     assert_eq!(
         graph["nodes"],
@@ -484,28 +483,23 @@ const CLIENT: &str = "workload:shop/client";
 const SERVICE: &str = "service:shop/server";
 const SERVER: &str = "workload:shop/server";
 
-/// The edge `source` → `target` of `protocol` in a /graph.json.
-fn edge(
-    graph: &serde_json::Value,
-    source: &str,
-    target: &str,
-    protocol: &str,
-) -> Option<serde_json::Value> {
+/// The edge `source` → `target` in a /graph.json.
+fn edge(graph: &serde_json::Value, source: &str, target: &str) -> Option<serde_json::Value> {
     graph["edges"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|e| e["source"] == source && e["target"] == target && e["protocol"] == protocol)
+        .find(|e| e["source"] == source && e["target"] == target)
         .cloned()
 }
 
-/// client → server → server drawn, for HTTP with requests and for TCP with bytes.
+/// client → server → server drawn, each edge with the HTTP requests and the TCP bytes.
 fn shop_edges_drawn(graph: &serde_json::Value) -> bool {
     [(CLIENT, SERVICE), (SERVICE, SERVER)]
         .iter()
         .all(|(from, to)| {
-            edge(graph, from, to, "http").is_some_and(|e| e["rps"].as_f64() > Some(0.0))
-                && edge(graph, from, to, "tcp")
-                    .is_some_and(|e| e["bytes_per_second"].as_f64() > Some(0.0))
+            edge(graph, from, to).is_some_and(|e| {
+                e["rps"].as_f64() > Some(0.0) && e["bytes_per_second"].as_f64() > Some(0.0)
+            })
         })
 }
