@@ -34,6 +34,9 @@ pub struct Metrics {
     bytes: Family<NodeLabels, Counter>,
     largest: Family<NodeLabels, Gauge>,
     undeliverable: Family<NodeLabels, Gauge>,
+    version_sent: Family<NodeLabels, Gauge>,
+    version_accepted: Family<NodeLabels, Gauge>,
+    streams: Family<NodeLabels, Gauge>,
     source_restarts: Family<SourceLabels, Counter>,
     objects_rejected: Gauge,
     compile_seconds: Histogram,
@@ -47,6 +50,9 @@ impl Metrics {
             bytes: Family::default(),
             largest: Family::default(),
             undeliverable: Family::default(),
+            version_sent: Family::default(),
+            version_accepted: Family::default(),
+            streams: Family::default(),
             source_restarts: Family::default(),
             objects_rejected: Gauge::default(),
             // 1 ms to about 16 s.
@@ -75,6 +81,22 @@ impl Metrics {
             "trellis_control_undeliverable_resources",
             "Resources withheld from the node now because one alone exceeds the message limit",
             m.undeliverable.clone(),
+        );
+        r.register(
+            "trellis_control_config_version_sent",
+            "The last config version sent to the node's agent",
+            m.version_sent.clone(),
+        );
+        r.register(
+            "trellis_control_config_version_accepted",
+            "The last config version the node's agent acknowledged as applied; behind \
+             trellis_control_config_version_sent while an update is in flight or was rejected",
+            m.version_accepted.clone(),
+        );
+        r.register(
+            "trellis_control_agent_streams",
+            "Config streams open to the node's agent now (1 when it is connected)",
+            m.streams.clone(),
         );
         r.register(
             "trellis_control_source_restarts",
@@ -111,6 +133,24 @@ impl Metrics {
         self.undeliverable
             .get_or_create(&NodeLabels { node: node.into() })
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_version_sent(&self, node: &str, version: u64) {
+        self.version_sent
+            .get_or_create(&NodeLabels { node: node.into() })
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_version_accepted(&self, node: &str, version: u64) {
+        self.version_accepted
+            .get_or_create(&NodeLabels { node: node.into() })
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_streams(&self, node: &str, open: u32) {
+        self.streams
+            .get_or_create(&NodeLabels { node: node.into() })
+            .set(i64::from(open));
     }
 
     pub fn source_restarted(&self, source: &'static str) {
@@ -197,4 +237,24 @@ fn reply(code: StatusCode, content_type: &'static str, body: String) -> Response
         hyper::header::HeaderValue::from_static(content_type),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    /// `trellisctl check` compares these two per node to tell an agent behind.
+    #[test]
+    fn versions_sent_and_accepted_are_gauges_per_node() {
+        let m = super::Metrics::new();
+        m.set_version_sent("n1", 3);
+        m.set_version_accepted("n1", 2);
+        m.set_streams("n1", 1);
+        let text = m.encode();
+        for line in [
+            "trellis_control_config_version_sent{node=\"n1\"} 3",
+            "trellis_control_config_version_accepted{node=\"n1\"} 2",
+            "trellis_control_agent_streams{node=\"n1\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} not in:\n{text}");
+        }
+    }
 }

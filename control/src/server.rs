@@ -87,6 +87,7 @@ impl ControlState {
         let mut nodes = self.lock();
         let st = nodes.entry(node.to_owned()).or_default();
         st.sent += 1;
+        self.metrics.set_version_sent(node, st.sent);
         st.sent
     }
 
@@ -94,6 +95,7 @@ impl ControlState {
         let mut nodes = self.lock();
         let st = nodes.entry(node.to_owned()).or_default();
         st.streams = st.streams.saturating_add_signed(delta);
+        self.metrics.set_streams(node, st.streams);
     }
 
     /// Authenticates the caller and checks it may act for `node`.
@@ -147,7 +149,9 @@ impl MeshControl for MeshControlService {
             )));
         }
         if ack.error.is_empty() {
-            st.accepted = Some(st.accepted.map_or(ack.version, |v| v.max(ack.version)));
+            let accepted = st.accepted.map_or(ack.version, |v| v.max(ack.version));
+            st.accepted = Some(accepted);
+            self.0.metrics.set_version_accepted(&ack.node, accepted);
         } else {
             warn!(
                 node = ack.node,

@@ -184,7 +184,7 @@ impl FileState {
                     objects.insert(doc.key, o);
                 }
                 Err(e) => {
-                    let msg = format!("{file}: {e}");
+                    let msg = format!("{file}: document {} ({}): {e}", doc.index, doc.key);
                     match self.objects.remove(&doc.key) {
                         Some(good) => {
                             warn!("{msg}; keeping its last good version");
@@ -201,7 +201,9 @@ impl FileState {
     }
 }
 
-fn yaml_files(dir: &Path) -> Result<BTreeMap<PathBuf, (SystemTime, u64)>> {
+/// The files of `dir` the source reads (`*.yaml`, `*.yml`, `*.json`, not in subdirectories), with
+/// their modification time and size.
+pub fn yaml_files(dir: &Path) -> Result<BTreeMap<PathBuf, (SystemTime, u64)>> {
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
@@ -217,16 +219,18 @@ fn yaml_files(dir: &Path) -> Result<BTreeMap<PathBuf, (SystemTime, u64)>> {
     Ok(out)
 }
 
-fn read_file(path: &Path, len: u64) -> Result<Vec<Document>> {
+/// Reads and parses one file of `len` bytes, refusing it whole beyond `MAX_FILE_BYTES`.
+pub fn read_file(path: &Path, len: u64) -> Result<Vec<Document>> {
     if len > MAX_FILE_BYTES {
         bail!("file is {len} bytes, more than {MAX_FILE_BYTES} (the limit, 64 MiB; split it)");
     }
     parse_file(&std::fs::read_to_string(path)?)
 }
 
-/// One document of a file: its object's key (`Kind namespace/name`) and the object, or why it
-/// was refused (naming the document, the object and the field).
+/// One document of a file: its place in the file (from 1), its object's key (`Kind
+/// namespace/name`) and the object, or why it was refused (starting with the field's path).
 pub struct Document {
+    pub index: usize,
     pub key: String,
     pub object: Result<Object, String>,
 }
@@ -247,13 +251,10 @@ pub fn parse_file(text: &str) -> Result<Vec<Document>> {
         .iter()
         .enumerate()
         .filter(|(_, d)| !d.is_null())
-        .map(|(i, doc)| {
-            let key = describe(doc);
-            Document {
-                object: parse_contained(doc)
-                    .map_err(|e| format!("document {} ({key}): {e}", i + 1)),
-                key,
-            }
+        .map(|(i, doc)| Document {
+            index: i + 1,
+            key: describe(doc),
+            object: parse_contained(doc),
         })
         .collect())
 }

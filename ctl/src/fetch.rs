@@ -1,0 +1,136 @@
+//! Plain HTTP GETs to the mesh's endpoints, from this host's network namespace or from inside
+//! another one (a node of the test harness, or the node's own when trellisctl runs in a pod).
+use std::{
+    fmt,
+    fs::File,
+    net::SocketAddr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper::{Request, body::Bytes, header};
+use hyper_util::rt::TokioIo;
+use socket2::{Domain, Socket, Type};
+
+/// How long one request may take, connect included.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest body read: a config dump of a big node is a few MB.
+const MAX_BODY: usize = 64 << 20;
+
+/// An HTTP endpoint: an address, reached from the network namespace at `netns` (None: this
+/// process's own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub netns: Option<PathBuf>,
+    pub addr: SocketAddr,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.netns {
+            Some(ns) => write!(f, "{} in netns {}", self.addr, ns.display()),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// One answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    /// The `Date` header, if the server sent one.
+    pub date: Option<SystemTime>,
+    pub body: String,
+}
+
+impl Reply {
+    /// The body, if the status is 200; else an error naming the endpoint, path and status.
+    pub fn ok_body(self, what: &str) -> Result<String> {
+        match self.status {
+            200 => Ok(self.body),
+            code => bail!("{what}: HTTP {code}: {}", self.body.trim()),
+        }
+    }
+}
+
+/// A network namespace by name (`ip netns` names, under /var/run/netns) or by path.
+pub fn netns_path(name: &str) -> PathBuf {
+    if name.starts_with('/') {
+        PathBuf::from(name)
+    } else {
+        Path::new("/var/run/netns").join(name)
+    }
+}
+
+impl Endpoint {
+    pub fn new(netns: Option<PathBuf>, addr: SocketAddr) -> Self {
+        Self { netns, addr }
+    }
+
+    /// GET `path`, within `TIMEOUT`.
+    pub async fn get(&self, path: &str) -> Result<Reply> {
+        tokio::time::timeout(TIMEOUT, self.request(path))
+            .await
+            .map_err(|_| anyhow!("GET {path} from {self}: no answer within {TIMEOUT:?}"))?
+            .with_context(|| format!("GET {path} from {self}"))
+    }
+
+    async fn request(&self, path: &str) -> Result<Reply> {
+        let socket = match &self.netns {
+            Some(ns) => socket_in(ns, self.addr)?,
+            None => Socket::new(Domain::for_address(self.addr), Type::STREAM, None)?,
+        };
+        socket.set_nonblocking(true)?;
+        let stream = tokio::net::TcpSocket::from_std_stream(socket.into())
+            .connect(self.addr)
+            .await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(header::HOST, self.addr.to_string())
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let date = resp
+            .headers()
+            .get(header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok());
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the body: {e}"))?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            date,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+/// A TCP socket created inside the network namespace at `netns`: a socket stays in the
+/// namespace it was made in, so only its creation needs a thread that entered it (and that
+/// thread ends right after, never running anything else there).
+fn socket_in(netns: &Path, addr: SocketAddr) -> Result<Socket> {
+    let ns = File::open(netns).with_context(|| {
+        format!(
+            "opening network namespace {} (a name from `ip netns list` or a path such as /proc/PID/ns/net)",
+            netns.display()
+        )
+    })?;
+    std::thread::spawn(move || -> Result<Socket> {
+        // SAFETY: setns on an fd we hold open; it changes only this thread's namespace.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let e = std::io::Error::last_os_error();
+            bail!("entering the network namespace: {e} (trellisctl needs root for this)");
+        }
+        Ok(Socket::new(Domain::for_address(addr), Type::STREAM, None)?)
+    })
+    .join()
+    .map_err(|_| anyhow!("the thread entering the network namespace panicked"))?
+}

@@ -1,0 +1,226 @@
+//! trellisctl: validates mesh YAML offline, checks a node and the mesh, and shows what the agents
+//! hold and how workloads fare. See docs/trellisctl.md.
+mod analyze;
+mod check;
+mod fetch;
+mod graph;
+mod prom;
+mod prometheus;
+mod stat;
+mod table;
+mod targets;
+mod workloads;
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use targets::Agent;
+
+#[derive(Parser)]
+#[command(
+    name = "trellisctl",
+    version,
+    about = "Inspect and check a Trellis mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the agents are.
+#[derive(Args)]
+struct AgentArgs {
+    /// A node's agent: NODE=NETNS (its node's network namespace, by `ip netns` name or path),
+    /// NODE=local (this host's), NODE=HOST:PORT (its metrics port only), or NODE alone (a
+    /// namespace of that name). Repeat for each node; none: the agent on this host.
+    #[arg(long = "agent", value_name = "NODE=WHERE")]
+    agents: Vec<Agent>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate Kubernetes and Istio YAML offline, with control's own parser.
+    Analyze {
+        /// Files, or directories read as control's dir source reads them.
+        #[arg(required = true, value_name = "FILE|DIR")]
+        paths: Vec<PathBuf>,
+    },
+    /// Check the node's kernel, control, and every agent; exit 1 if anything is wrong.
+    Check {
+        /// Only the node checks (kernel, BTF, cgroup v2, bpffs, BPF features).
+        #[arg(long)]
+        kernel_only: bool,
+        /// Control's --metrics-addr (/metrics, /healthz, /readyz).
+        #[arg(long, default_value = "127.0.0.1:15014", value_name = "ADDR")]
+        control_metrics: SocketAddr,
+        /// The network namespace to reach control's metrics from.
+        #[arg(long, value_name = "NETNS")]
+        control_netns: Option<String>,
+        #[command(flatten)]
+        agents: AgentArgs,
+    },
+    /// A node agent's config, as its proxy uses it (pretty JSON).
+    ConfigDump {
+        /// The node (as named by --agent, or an --agent value itself).
+        node: String,
+        #[command(flatten)]
+        agents: AgentArgs,
+    },
+    /// Enrolled pods per node: identity, certificate expiry, protocol per port, mTLS mode, policies.
+    Workloads {
+        /// Only this namespace (default: all).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        agents: AgentArgs,
+    },
+    /// A workload's success rate, requests per second and latency percentiles.
+    Stat {
+        /// deploy/NAME: the workload (Istio's destination_workload label).
+        target: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Query this Prometheus (http://HOST:PORT) over the last minute, instead of the agents.
+        #[arg(long, value_name = "URL")]
+        prometheus: Option<String>,
+        /// The network namespace to reach Prometheus from.
+        #[arg(long, value_name = "NETNS")]
+        prometheus_netns: Option<String>,
+        /// Without Prometheus: how long between the two scrapes of the agents.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        window: Duration,
+        #[command(flatten)]
+        agents: AgentArgs,
+    },
+    /// Serve a live service graph (workload → service → workload): a page and /graph.json.
+    Graph {
+        /// Where to serve it.
+        #[arg(long, default_value = "127.0.0.1:15080", value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Rates over the last minute from this Prometheus (http://HOST:PORT), instead of the agents.
+        #[arg(long, value_name = "URL")]
+        prometheus: Option<String>,
+        /// The network namespace to reach Prometheus from.
+        #[arg(long, value_name = "NETNS")]
+        prometheus_netns: Option<String>,
+        /// How often the graph is updated; from the agents, rates are over the last interval.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        #[command(flatten)]
+        agents: AgentArgs,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command; false when it found something wrong (and said what).
+async fn run(cli: Cli) -> Result<bool> {
+    match cli.command {
+        Command::Analyze { paths } => {
+            let report = analyze::analyze(&paths)?;
+            print!("{}", report.render());
+            Ok(report.errors.is_empty())
+        }
+        Command::Check {
+            kernel_only,
+            control_metrics,
+            control_netns,
+            agents,
+        } => {
+            let control = targets::control(control_metrics, control_netns.as_deref());
+            let agents = targets::agents(&agents.agents);
+            let mesh = (!kernel_only).then_some(check::Mesh {
+                control: &control,
+                agents: &agents,
+            });
+            let outcomes = check::run(mesh).await;
+            for o in &outcomes {
+                println!("{}", o.line());
+            }
+            let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+            let skipped = outcomes.iter().filter(|o| o.skipped.is_some()).count();
+            let made = outcomes.len() - skipped;
+            let note = if skipped > 0 {
+                format!(" ({skipped} not checked)")
+            } else {
+                String::new()
+            };
+            if failed == 0 {
+                println!("\nall {made} checks passed{note}");
+            } else {
+                println!("\n{failed} of {made} checks failed{note}");
+            }
+            Ok(failed == 0)
+        }
+        Command::ConfigDump { node, agents } => {
+            let agent = targets::agent_for(&node, &agents.agents)?;
+            print!("{}", workloads::config_dump(&agent).await?);
+            Ok(true)
+        }
+        Command::Workloads { namespace, agents } => {
+            let mut views = Vec::new();
+            let mut ok = true;
+            for agent in targets::agents(&agents.agents) {
+                match workloads::fetch(&agent).await {
+                    Ok(v) => views.push(v),
+                    Err(e) => {
+                        eprintln!("node {}: {e:#}", agent.node);
+                        ok = false;
+                    }
+                }
+            }
+            print!("{}", workloads::render(&views, namespace.as_deref()));
+            Ok(ok)
+        }
+        Command::Stat {
+            target,
+            namespace,
+            prometheus,
+            prometheus_netns,
+            window,
+            agents,
+        } => {
+            let name = stat::workload_name(&target)?;
+            let golden = match prometheus {
+                Some(url) => {
+                    let ep = prometheus::endpoint(&url, prometheus_netns.as_deref()).await?;
+                    stat::from_prometheus(&ep, name, &namespace).await?
+                }
+                None => {
+                    stat::from_agents(&targets::agents(&agents.agents), name, &namespace, window)
+                        .await?
+                }
+            };
+            print!("{}", stat::render(name, &namespace, &golden));
+            Ok(true)
+        }
+        Command::Graph {
+            listen,
+            prometheus,
+            prometheus_netns,
+            interval,
+            agents,
+        } => {
+            let source = match prometheus {
+                Some(url) => graph::Source::Prometheus(
+                    prometheus::endpoint(&url, prometheus_netns.as_deref()).await?,
+                ),
+                None => graph::Source::Agents(targets::agents(&agents.agents)),
+            };
+            graph::serve(listen, source, interval).await?;
+            Ok(true)
+        }
+    }
+}
