@@ -11,7 +11,11 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use http_body_util::{BodyExt as _, Empty, Limited};
-use hyper::{Request, body::Bytes, header};
+use hyper::{
+    Request,
+    body::{Bytes, Incoming},
+    header,
+};
 use hyper_util::rt::TokioIo;
 use socket2::{Domain, Socket, Type};
 
@@ -78,7 +82,8 @@ impl Endpoint {
             .with_context(|| format!("GET {path} from {self}"))
     }
 
-    async fn request(&self, path: &str) -> Result<Reply> {
+    /// GET `path` and the response's head, within `TIMEOUT`; its body is read by the caller.
+    async fn send(&self, path: &str) -> Result<hyper::Response<Incoming>> {
         let socket = match &self.netns {
             Some(ns) => socket_in(ns, self.addr)?,
             None => Socket::new(Domain::for_address(self.addr), Type::STREAM, None)?,
@@ -93,7 +98,11 @@ impl Endpoint {
         let req = Request::get(path)
             .header(header::HOST, self.addr.to_string())
             .body(Empty::<Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
+        Ok(sender.send_request(req).await?)
+    }
+
+    async fn request(&self, path: &str) -> Result<Reply> {
+        let resp = self.send(path).await?;
         let status = resp.status().as_u16();
         let date = resp
             .headers()
@@ -110,6 +119,26 @@ impl Endpoint {
             date,
             body: String::from_utf8_lossy(&body).into_owned(),
         })
+    }
+
+    /// GET `path` for a body that streams on (a tap): the body, once the head said 200.
+    pub async fn stream(&self, path: &str) -> Result<Incoming> {
+        let resp = tokio::time::timeout(TIMEOUT, self.send(path))
+            .await
+            .map_err(|_| anyhow!("GET {path} from {self}: no answer within {TIMEOUT:?}"))?
+            .with_context(|| format!("GET {path} from {self}"))?;
+        if resp.status() == hyper::StatusCode::OK {
+            return Ok(resp.into_body());
+        }
+        let status = resp.status().as_u16();
+        let body =
+            tokio::time::timeout(TIMEOUT, Limited::new(resp.into_body(), 64 << 10).collect())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+                .unwrap_or_default();
+        bail!("GET {path} from {self}: HTTP {status}: {body}")
     }
 }
 

@@ -8,6 +8,7 @@ mod prom;
 mod prometheus;
 mod stat;
 mod table;
+mod tap;
 mod targets;
 mod workloads;
 
@@ -91,6 +92,30 @@ enum Command {
         /// Without Prometheus: how long between the two scrapes of the agents.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         window: Duration,
+        #[command(flatten)]
+        agents: AgentArgs,
+    },
+    /// Live requests through a workload, as its callers' and its own node proxies see them.
+    Tap {
+        /// deploy/NAME: the workload (as source or destination).
+        target: String,
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Only requests whose path starts so.
+        #[arg(long, value_name = "PREFIX")]
+        path_prefix: Option<String>,
+        /// Only requests of this method.
+        #[arg(long)]
+        method: Option<String>,
+        /// Stop after this many requests.
+        #[arg(long, value_name = "N")]
+        max: Option<u64>,
+        /// Stop after this long (e.g. 30s).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// `json`: each request as the agent's access-log record.
+        #[arg(short, long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
         #[command(flatten)]
         agents: AgentArgs,
     },
@@ -205,6 +230,31 @@ async fn run(cli: Cli) -> Result<bool> {
             };
             print!("{}", stat::render(name, &namespace, &golden));
             Ok(true)
+        }
+        Command::Tap {
+            target,
+            namespace,
+            path_prefix,
+            method,
+            max,
+            duration,
+            output,
+            agents,
+        } => {
+            let filter = tap::Filter {
+                namespace: &namespace,
+                workload: stat::workload_name(&target)?,
+                path_prefix: path_prefix.as_deref(),
+                method: method.as_deref(),
+            };
+            let limits = tap::Limits { max, duration };
+            tap::run(
+                &targets::agents(&agents.agents),
+                &filter,
+                output == "json",
+                limits,
+            )
+            .await
         }
         Command::Graph {
             listen,

@@ -22,7 +22,7 @@ pub fn workload_name(target: &str) -> Result<&str> {
         None => target,
         Some(("deploy" | "deployment" | "deployments" | "workload", name)) => name,
         Some((kind, _)) => bail!(
-            "{target:?}: {kind:?} is not a kind stat reads; give deploy/NAME (Istio's destination_workload)"
+            "{target:?}: {kind:?} is not a kind trellisctl reads; give deploy/NAME (Istio's destination_workload)"
         ),
     };
     if name.is_empty() {

@@ -233,6 +233,57 @@ fn trellisctl_reads_the_running_mesh_and_fails_checks_with_their_fix() {
     assert!(rps > 0.0, "no requests counted:\n{out}");
     assert!(cols[5].ends_with("ms") && cols[7].ends_with("ms"), "{out}");
 
+    // tap: the server's requests, live from both agents, while the client calls it.
+    let mut cmd = Command::new(binary("trellisctl"));
+    cmd.args(["tap", "deploy/server", "-n", "shop", "--method", "get"])
+        .args(["--max", "10", "--duration", "20s", "-o", "json"])
+        .args(&agents)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut tap = cmd.spawn().expect("running trellisctl tap");
+    let start = Instant::now();
+    // Requests made before the tap's streams open go untapped: call until it has its ten.
+    while tap.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(25) {
+        http_get(&shop.client, &format!("http://{VIP}:8081/tapped"), &[]);
+    }
+    let _ = tap.kill();
+    let out = tap.wait_with_output().unwrap();
+    let (text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprintln!("$ trellisctl tap deploy/server -n shop --method get --max 10 -o json\n{text}{err}");
+    assert!(out.status.success(), "{text}{err}");
+    assert!(err.contains("tapping shop/server on 2 node(s)"), "{err}");
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("tap -o json prints one record a line"))
+        .collect();
+    assert_eq!(records.len(), 10, "{text}");
+    for r in &records {
+        assert_eq!(
+            (
+                &r["destination_workload"],
+                &r["method"],
+                &r["path"],
+                &r["response_code"]
+            ),
+            (
+                &"server".into(),
+                &"GET".into(),
+                &"/tapped".into(),
+                &200.into()
+            ),
+            "{r}"
+        );
+    }
+    for reporter in ["source", "destination"] {
+        assert!(
+            records.iter().any(|r| r["reporter"] == reporter),
+            "no {reporter} record:\n{text}"
+        );
+    }
+
     // check from the fabric's namespace, agents by their metrics address (as from another
     // machine): all passes, and the admin-only checks say why they were not made.
     let mut cmd = Command::new(binary("trellisctl"));
