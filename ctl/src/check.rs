@@ -42,7 +42,7 @@ pub struct Failure {
 }
 
 impl Outcome {
-    fn pass(what: impl Into<String>) -> Self {
+    pub fn pass(what: impl Into<String>) -> Self {
         Self {
             what: what.into(),
             result: Ok(()),
@@ -57,7 +57,7 @@ impl Outcome {
         }
     }
 
-    fn fail(what: impl Into<String>, why: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn fail(what: impl Into<String>, why: impl Into<String>, fix: impl Into<String>) -> Self {
         Self {
             what: what.into(),
             result: Err(Failure {
@@ -81,6 +81,8 @@ impl Outcome {
 
 /// What to check beyond this node's kernel.
 pub struct Mesh<'a> {
+    /// What the Kubernetes API said (`--kube`), reported after the node's checks.
+    pub cluster: Vec<Outcome>,
     pub control: &'a Endpoint,
     pub agents: &'a [Agent],
 }
@@ -89,6 +91,7 @@ pub struct Mesh<'a> {
 pub async fn run(mesh: Option<Mesh<'_>>) -> Vec<Outcome> {
     let mut out = node();
     if let Some(mesh) = mesh {
+        out.extend(mesh.cluster);
         let versions = control(mesh.control, &mut out).await;
         for agent in mesh.agents {
             agent_checks(agent, versions.as_ref(), mesh.control, &mut out).await;

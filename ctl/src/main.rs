@@ -2,6 +2,7 @@
 //! hold and how workloads fare. See docs/trellisctl.md.
 mod analyze;
 mod check;
+mod cluster;
 mod fetch;
 mod graph;
 mod prom;
@@ -36,8 +37,50 @@ struct AgentArgs {
     /// A node's agent: NODE=NETNS (its node's network namespace, by `ip netns` name or path),
     /// NODE=local (this host's), NODE=HOST:PORT (its metrics port only), or NODE alone (a
     /// namespace of that name). Repeat for each node; none: the agent on this host.
-    #[arg(long = "agent", value_name = "NODE=WHERE")]
+    #[arg(long = "agent", value_name = "NODE=WHERE", conflicts_with = "kube")]
     agents: Vec<Agent>,
+    /// Find the agents (and, for check, control) through the Kubernetes API: KUBECONFIG,
+    /// ~/.kube/config or a pod's service account.
+    #[arg(long)]
+    kube: bool,
+    /// Trellis's namespace, with --kube.
+    #[arg(long, default_value = "trellis-system", value_name = "NS")]
+    trellis_namespace: String,
+}
+
+impl AgentArgs {
+    async fn cluster(&self) -> Result<Option<cluster::Cluster>> {
+        if !self.kube {
+            return Ok(None);
+        }
+        Ok(Some(
+            cluster::Cluster::connect(&self.trellis_namespace).await?,
+        ))
+    }
+
+    /// The agents named, found in the cluster, or the one on this host.
+    async fn resolve(&self) -> Result<Vec<Agent>> {
+        match self.cluster().await? {
+            Some(cluster) => cluster.agents().await,
+            None => Ok(targets::agents(&self.agents)),
+        }
+    }
+
+    /// `node`'s agent.
+    async fn node(&self, node: &str) -> Result<Agent> {
+        if !self.kube {
+            return targets::agent_for(node, &self.agents);
+        }
+        let agents = self.resolve().await?;
+        let known: Vec<&str> = agents.iter().map(|a| a.node.as_str()).collect();
+        match agents.iter().find(|a| a.node == node) {
+            Some(a) => Ok(a.clone()),
+            None => anyhow::bail!(
+                "no agent on node {node:?}; agents run on: {}",
+                known.join(", ")
+            ),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -53,9 +96,10 @@ enum Command {
         /// Only the node checks (kernel, BTF, cgroup v2, bpffs, BPF features).
         #[arg(long)]
         kernel_only: bool,
-        /// Control's --metrics-addr (/metrics, /healthz, /readyz).
-        #[arg(long, default_value = "127.0.0.1:15014", value_name = "ADDR")]
-        control_metrics: SocketAddr,
+        /// Control's --metrics-addr (/metrics, /healthz, /readyz). Default: 127.0.0.1:15014,
+        /// or with --kube control's pod.
+        #[arg(long, value_name = "ADDR")]
+        control_metrics: Option<SocketAddr>,
         /// The network namespace to reach control's metrics from.
         #[arg(long, value_name = "NETNS")]
         control_netns: Option<String>,
@@ -164,9 +208,42 @@ async fn run(cli: Cli) -> Result<bool> {
             control_netns,
             agents,
         } => {
-            let control = targets::control(control_metrics, control_netns.as_deref());
-            let agents = targets::agents(&agents.agents);
+            let default_control = SocketAddr::from(([127, 0, 0, 1], 15014));
+            let mut cluster_checks = Vec::new();
+            let (control, agents) = match agents.cluster().await? {
+                Some(cluster) if !kernel_only => {
+                    cluster_checks = cluster.checks().await;
+                    let control = match control_metrics {
+                        Some(addr) => targets::control(addr, control_netns.as_deref()),
+                        None => cluster.control().await.unwrap_or_else(|e| {
+                            cluster_checks.push(check::Outcome::fail(
+                                "control's pod found",
+                                format!("{e:#}"),
+                                "see control's Deployment",
+                            ));
+                            targets::control(default_control, None)
+                        }),
+                    };
+                    let agents = cluster.agents().await.unwrap_or_else(|e| {
+                        cluster_checks.push(check::Outcome::fail(
+                            "agents' pods found",
+                            format!("{e:#}"),
+                            "see the agents' DaemonSet",
+                        ));
+                        Vec::new()
+                    });
+                    (control, agents)
+                }
+                _ => (
+                    targets::control(
+                        control_metrics.unwrap_or(default_control),
+                        control_netns.as_deref(),
+                    ),
+                    agents.resolve().await?,
+                ),
+            };
             let mesh = (!kernel_only).then_some(check::Mesh {
+                cluster: cluster_checks,
                 control: &control,
                 agents: &agents,
             });
@@ -190,14 +267,14 @@ async fn run(cli: Cli) -> Result<bool> {
             Ok(failed == 0)
         }
         Command::ConfigDump { node, agents } => {
-            let agent = targets::agent_for(&node, &agents.agents)?;
+            let agent = agents.node(&node).await?;
             print!("{}", workloads::config_dump(&agent).await?);
             Ok(true)
         }
         Command::Workloads { namespace, agents } => {
             let mut views = Vec::new();
             let mut ok = true;
-            for agent in targets::agents(&agents.agents) {
+            for agent in agents.resolve().await? {
                 match workloads::fetch(&agent).await {
                     Ok(v) => views.push(v),
                     Err(e) => {
@@ -224,8 +301,7 @@ async fn run(cli: Cli) -> Result<bool> {
                     stat::from_prometheus(&ep, name, &namespace).await?
                 }
                 None => {
-                    stat::from_agents(&targets::agents(&agents.agents), name, &namespace, window)
-                        .await?
+                    stat::from_agents(&agents.resolve().await?, name, &namespace, window).await?
                 }
             };
             print!("{}", stat::render(name, &namespace, &golden));
@@ -248,13 +324,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 method: method.as_deref(),
             };
             let limits = tap::Limits { max, duration };
-            tap::run(
-                &targets::agents(&agents.agents),
-                &filter,
-                output == "json",
-                limits,
-            )
-            .await
+            tap::run(&agents.resolve().await?, &filter, output == "json", limits).await
         }
         Command::Graph {
             listen,
@@ -267,7 +337,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 Some(url) => graph::Source::Prometheus(
                     prometheus::endpoint(&url, prometheus_netns.as_deref()).await?,
                 ),
-                None => graph::Source::Agents(targets::agents(&agents.agents)),
+                None => graph::Source::Agents(agents.resolve().await?),
             };
             graph::serve(listen, source, interval).await?;
             Ok(true)

@@ -464,6 +464,49 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
     let restarts_after = shop_restarts(&node);
     assert_eq!(restarts_before, restarts_after, "no pod restarted");
 
+    // trellisctl through the Kubernetes API: control and the agent found from their pods, the
+    // CRDs and Trellis's workloads checked, the shop's enrolled pods listed.
+    let trellisctl = |args: &[&str]| {
+        let out = Command::new(node::binary("trellisctl"))
+            .args(args)
+            .env("KUBECONFIG", &node.state().kubeconfig)
+            .output()
+            .expect("running trellisctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        eprintln!("$ trellisctl {}\n{text}", args.join(" "));
+        (out.status.success(), text)
+    };
+    let (ok, out) = trellisctl(&["check", "--kube"]);
+    assert!(ok && !out.contains('✘'), "{out}");
+    for line in [
+        "✔ Kubernetes API reachable (v1.",
+        "✔ CRD virtualservices.networking.istio.io installed",
+        "✔ CRD authorizationpolicies.security.istio.io installed",
+        "✔ deploy/trellis-control ready in namespace trellis-system (1/1)",
+        "✔ ds/trellis-agent ready on every node (1/1)",
+        "✔ control ready",
+        "✔ agent trellis-node ready",
+        "✔ agent trellis-node connected to control and acked the latest config",
+        "✔ agent trellis-node's certificates valid and not near expiry",
+    ] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+    let (ok, out) = trellisctl(&["workloads", "--kube", "-n", "shop"]);
+    assert!(ok, "{out}");
+    for sa in ["web", "client"] {
+        assert!(
+            out.lines().any(|l| l.starts_with("trellis-node ")
+                && l.contains(&format!("spiffe://cluster.local/ns/shop/sa/{sa}"))),
+            "no enrolled {sa} pod in:\n{out}"
+        );
+    }
+    let (ok, out) = trellisctl(&["config-dump", "--kube", "no-such-node"]);
+    assert!(
+        !ok && out.contains("no agent on node \"no-such-node\"; agents run on: trellis-node"),
+        "{out}"
+    );
+
     // The label removed takes the pods out; put back, they come in again.
     kubectl(&node, &["label", "ns", "shop", "trellis.dev/mesh-"]);
     wait("the shop unenrolled", Duration::from_secs(20), || {

@@ -149,6 +149,15 @@ pub fn api_resources() -> Vec<ApiResource> {
         .collect()
 }
 
+/// The mesh's CRDs by name (`virtualservices.networking.istio.io`, …): what `trellisctl check`
+/// looks for in a cluster.
+pub fn crd_names() -> Vec<String> {
+    crds()
+        .into_iter()
+        .filter_map(|crd| crd.metadata.name)
+        .collect()
+}
+
 pub fn crds_yaml() -> Result<String> {
     let crds = crds();
     let mut out = String::from(
