@@ -49,7 +49,7 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// A workload named `name`, its metric labels read from the pod's `labels` as Istio reads
+    /// A workload named `name` (Istio's workload name: a Deployment's, not its pod's), its metric labels read from the pod's `labels` as Istio reads
     /// them.
     pub fn new(
         name: &str,
@@ -89,6 +89,11 @@ impl Workload {
             labels: labels.clone().into_iter().collect(),
         }
     }
+}
+
+/// `name`, or `fallback` when control left it empty (an older control, a pods file).
+fn or<'a>(name: &'a str, fallback: &'a str) -> &'a str {
+    if name.is_empty() { fallback } else { name }
 }
 
 #[derive(Debug, Serialize)]
@@ -466,7 +471,7 @@ impl MeshState {
         let local: Vec<&api::Workload> = cfg.workloads().collect();
         for w in cfg.workloads().chain(cfg.peers()) {
             let info = Arc::new(Workload::new(
-                &w.name,
+                or(&w.workload_name, &w.name),
                 &w.namespace,
                 Some(w.identity.clone()),
                 if w.node.is_empty() { node } else { &w.node },
@@ -491,7 +496,11 @@ impl MeshState {
                 .endpoints
                 .iter()
                 .map(|e| {
-                    let name = if external { "unknown" } else { &e.pod_name };
+                    let name = if external {
+                        "unknown"
+                    } else {
+                        or(&e.workload_name, &e.pod_name)
+                    };
                     let info = Arc::new(Workload::new(
                         name,
                         if external { "unknown" } else { &s.namespace },

@@ -172,6 +172,7 @@ impl Compiled {
                 uid: p.uid.clone(),
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
+                workload_name: p.workload.clone(),
                 service_account: p.service_account.clone(),
                 ips: p.ips.iter().map(ToString::to_string).collect(),
                 labels: p.labels.clone().into_iter().collect(),
@@ -500,6 +501,7 @@ fn service(
         .map(|p| api::Endpoint {
             pod_uid: p.uid.clone(),
             pod_name: p.name.clone(),
+            workload_name: p.workload.clone(),
             ips: p.ips.iter().map(ToString::to_string).collect(),
             node: p.node.clone(),
             in_mesh: cluster.in_mesh(p),
@@ -587,6 +589,7 @@ mod tests {
             uid: uid.into(),
             namespace: ns.into(),
             name: format!("pod-{uid}"),
+            workload: format!("pod-{uid}"),
             node: node.into(),
             service_account: "sa".into(),
             ips: vec![format!("10.0.0.{}", uid.len()).parse().unwrap()],

@@ -28,6 +28,8 @@ pub struct PodInfo {
     pub uid: String,
     pub namespace: String,
     pub name: String,
+    /// Istio's workload name ([`workload_name`]).
+    pub workload: String,
     pub node: String,
     pub service_account: String,
     pub ips: Vec<IpAddr>,
@@ -289,6 +291,43 @@ fn secret(s: Secret) -> Result<Object> {
     }))
 }
 
+/// The workload a pod belongs to, as Istio names it for metrics: its controller's name, with a
+/// ReplicaSet's pod-template hash taken off (the Deployment) and a Job's schedule suffix taken
+/// off (the CronJob); the pod's own name when no controller owns it.
+fn workload_name(meta: &Meta, pod_name: &str) -> String {
+    let Some(owner) = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return pod_name.to_owned();
+    };
+    let hash = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"));
+    match owner.kind.as_str() {
+        "ReplicaSet" => match hash.and_then(|h| owner.name.strip_suffix(h.as_str())) {
+            Some(deployment) => deployment
+                .strip_suffix('-')
+                .unwrap_or(deployment)
+                .to_owned(),
+            None => owner.name.clone(),
+        },
+        // A CronJob's Jobs are named NAME-<minutes since the epoch>.
+        "Job" => match owner.name.rsplit_once('-') {
+            Some((cron, at))
+                if (8..=10).contains(&at.len()) && at.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cron.to_owned()
+            }
+            _ => owner.name.clone(),
+        },
+        _ => owner.name.clone(),
+    }
+}
+
 fn pod(p: Pod) -> Result<Object> {
     let name = name_of(&p.metadata, names::dns1123_subdomain)?;
     let namespace = p
@@ -341,12 +380,14 @@ fn pod(p: Pod) -> Result<Object> {
         }
     }
     let running = running && !ips.is_empty();
+    let workload = workload_name(&p.metadata, &name);
     Ok(Object::Pod(Arc::new(PodInfo {
         running,
         terminating: p.metadata.deletion_timestamp.is_some(),
         uid,
         namespace,
         name,
+        workload,
         node: spec.node_name.clone().unwrap_or_default(),
         service_account: spec
             .service_account_name
@@ -520,6 +561,36 @@ mod tests {
     }
 
     #[test]
+    fn pods_are_named_by_their_workload_as_istio_names_it() {
+        let workload = |name: &str, hash: Option<&str>, owner: Option<(&str, &str)>| {
+            let labels = hash.map_or(json!({}), |h| json!({"pod-template-hash": h}));
+            let owners = owner.map_or(json!([]), |(kind, name)| {
+                json!([{"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "u", "controller": true}])
+            });
+            let doc = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "shop", "labels": labels, "ownerReferences": owners}});
+            let Object::Pod(p) = parse_object(&doc).unwrap() else {
+                panic!()
+            };
+            p.workload.clone()
+        };
+        let web = Some(("ReplicaSet", "web-7967496c8b"));
+        assert_eq!(
+            workload("web-7967496c8b-hv2zq", Some("7967496c8b"), web),
+            "web"
+        );
+        // A ReplicaSet of its own (no Deployment's hash in its name) is the workload.
+        assert_eq!(workload("rs-x1", None, Some(("ReplicaSet", "rs"))), "rs");
+        let job = Some(("Job", "report-29412345"));
+        assert_eq!(workload("report-29412345-abcde", None, job), "report");
+        let job = Some(("Job", "migrate-v2"));
+        assert_eq!(workload("migrate-v2-abcde", None, job), "migrate-v2");
+        let sts = Some(("StatefulSet", "db"));
+        assert_eq!(workload("db-0", None, sts), "db");
+        assert_eq!(workload("standalone", None, None), "standalone");
+    }
+
+    #[test]
     fn mesh_membership_follows_labels() {
         let mut c = Cluster::default();
         c.insert(Object::Namespace {
@@ -530,6 +601,7 @@ mod tests {
             uid: "u".into(),
             namespace: "shop".into(),
             name: "p".into(),
+            workload: "p".into(),
             node: "n".into(),
             service_account: "default".into(),
             ips: vec![],

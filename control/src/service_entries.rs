@@ -141,6 +141,7 @@ fn service(
         api::Endpoint {
             pod_uid: String::new(),
             pod_name: String::new(),
+            workload_name: String::new(),
             ips: if ip {
                 vec![e.address.clone()]
             } else {

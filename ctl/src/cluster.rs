@@ -16,8 +16,8 @@ use kube::{Api, Client, api::ListParams};
 
 use crate::{
     check::Outcome,
-    fetch::Endpoint,
-    targets::{Agent, METRICS_PORT, Reach},
+    fetch::{Endpoint, Forward},
+    targets::{Agent, Reach},
 };
 
 /// The names `deploy/` gives Trellis's workloads (and their pods' `app.kubernetes.io/name`).
@@ -31,37 +31,57 @@ const INSTALL: &str =
 pub struct Cluster {
     client: Client,
     namespace: String,
+    /// Reach every agent and control through the API server, even where an address would do.
+    forward_all: bool,
 }
 
 impl Cluster {
-    pub async fn connect(namespace: &str) -> Result<Self> {
+    pub async fn connect(namespace: &str, forward_all: bool) -> Result<Self> {
         let client = Client::try_default().await.context(
             "no Kubernetes API to talk to (--kube reads KUBECONFIG, ~/.kube/config, or a pod's service account)",
         )?;
         Ok(Self {
             client,
             namespace: namespace.to_owned(),
+            forward_all,
         })
     }
 
     /// Every agent pod, as the node it runs on. An agent on this host is reached on localhost
-    /// (admin endpoint included: trellisctl runs on the node, in the host's network namespace,
-    /// as the agent does); any other at its node's address, metrics port only.
+    /// (trellisctl runs on the node, in the host's network namespace, as the agent does); any
+    /// other through the API server, by port-forwards to its pod.
     pub async fn agents(&self) -> Result<Vec<Agent>> {
         let pods = self.pods(AGENT).await?;
         if pods.is_empty() {
             bail!("no {AGENT} pods in namespace {}: {INSTALL}", self.namespace);
         }
-        pods.iter().map(agent).collect()
+        pods.iter()
+            .map(|pod| {
+                let (node, host) = placement(pod)?;
+                let reach = if is_local(host) && !self.forward_all {
+                    Reach::Local
+                } else {
+                    Reach::Pod(self.forward(pod))
+                };
+                Ok(Agent { node, reach })
+            })
+            .collect()
     }
 
-    /// Control's metrics endpoint: its running pod's address.
+    fn forward(&self, pod: &Pod) -> Forward {
+        Forward {
+            pods: Box::new(Api::namespaced(self.client.clone(), &self.namespace)),
+            namespace: self.namespace.clone(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Control's metrics endpoint: its running pod, at its address or through the API server.
     pub async fn control(&self) -> Result<Endpoint> {
         let pods = self.pods(CONTROL).await?;
-        let ip = pods
+        let pod = pods
             .iter()
-            .filter(|p| phase(p) == "Running")
-            .find_map(|p| p.status.as_ref()?.pod_ip.as_deref()?.parse::<IpAddr>().ok())
+            .find(|p| phase(p) == "Running")
             .with_context(|| {
                 format!(
                     "no running {CONTROL} pod in namespace {} ({} found): see `kubectl -n {0} describe deploy/{CONTROL}`",
@@ -69,10 +89,16 @@ impl Cluster {
                     pods.len()
                 )
             })?;
-        Ok(Endpoint::new(
-            None,
-            SocketAddr::new(ip, CONTROL_METRICS_PORT),
-        ))
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref()?.parse::<IpAddr>().ok());
+        Ok(match ip {
+            Some(ip) if !self.forward_all => {
+                Endpoint::new(None, SocketAddr::new(ip, CONTROL_METRICS_PORT))
+            }
+            _ => Endpoint::forwarded(self.forward(pod), CONTROL_METRICS_PORT),
+        })
     }
 
     async fn pods(&self, app: &str) -> Result<Vec<Pod>> {
@@ -188,14 +214,15 @@ fn established(crd: &CustomResourceDefinition) -> bool {
         })
 }
 
-fn agent(pod: &Pod) -> Result<Agent> {
+/// The node an agent pod runs on, and that node's address.
+fn placement(pod: &Pod) -> Result<(String, IpAddr)> {
     let name = pod.metadata.name.as_deref().unwrap_or("?");
     let node = pod
         .spec
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .with_context(|| format!("agent pod {name} is not scheduled to a node yet"))?;
-    let ip: IpAddr = pod
+    let ip = pod
         .status
         .as_ref()
         .and_then(|s| s.host_ip.as_deref())
@@ -206,12 +233,7 @@ fn agent(pod: &Pod) -> Result<Agent> {
                 phase(pod)
             )
         })?;
-    let reach = if is_local(ip) {
-        Reach::Local
-    } else {
-        Reach::Metrics(SocketAddr::new(ip, METRICS_PORT))
-    };
-    Ok(Agent { node, reach })
+    Ok((node, ip))
 }
 
 /// Whether `ip` is one of this host's addresses: only then can it be bound.
@@ -233,18 +255,15 @@ mod tests {
     }
 
     #[test]
-    fn an_agent_here_is_reached_locally_and_elsewhere_by_its_metrics_port() {
-        let here = agent(&pod(Some("n1"), Some("127.0.0.1"))).unwrap();
-        assert_eq!((here.node.as_str(), here.reach), ("n1", Reach::Local));
+    fn an_agent_is_placed_by_its_node_and_host_address() {
+        let (node, ip) = placement(&pod(Some("n1"), Some("127.0.0.1"))).unwrap();
+        assert_eq!((node.as_str(), is_local(ip)), ("n1", true));
         // TEST-NET-1: never one of this host's addresses.
-        let there = agent(&pod(Some("n2"), Some("192.0.2.7"))).unwrap();
-        assert_eq!(
-            there.reach,
-            Reach::Metrics("192.0.2.7:15020".parse().unwrap())
-        );
-        let e = agent(&pod(None, None)).unwrap_err().to_string();
+        let (_, ip) = placement(&pod(Some("n2"), Some("192.0.2.7"))).unwrap();
+        assert!(!is_local(ip));
+        let e = placement(&pod(None, None)).unwrap_err().to_string();
         assert!(e.contains("not scheduled"), "{e}");
-        let e = agent(&pod(Some("n3"), None)).unwrap_err().to_string();
+        let e = placement(&pod(Some("n3"), None)).unwrap_err().to_string();
         assert!(e.contains("no host address yet (phase Running)"), "{e}");
     }
 }

@@ -17,6 +17,7 @@ use hyper::{
     header,
 };
 use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
 use socket2::{Domain, Socket, Type};
 
 /// How long one request may take, connect included.
@@ -25,18 +26,48 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BODY: usize = 64 << 20;
 
 /// An HTTP endpoint: an address, reached from the network namespace at `netns` (None: this
-/// process's own).
+/// process's own), or a pod's port reached through the API server (`forward`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub netns: Option<PathBuf>,
     pub addr: SocketAddr,
+    pub forward: Option<Forward>,
 }
+
+/// A pod whose ports are reached by a port-forward through the API server (kubelet connects to
+/// the port on the pod's localhost, so a node agent's localhost-only admin endpoint is reached
+/// too: the agent's pod shares its node's network namespace).
+#[derive(Clone)]
+pub struct Forward {
+    pub pods: Box<kube::Api<Pod>>,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Debug for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pod {}/{}", self.namespace, self.name)
+    }
+}
+
+impl PartialEq for Forward {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.namespace, &self.name) == (&other.namespace, &other.name)
+    }
+}
+
+impl Eq for Forward {}
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.netns {
-            Some(ns) => write!(f, "{} in netns {}", self.addr, ns.display()),
-            None => write!(f, "{}", self.addr),
+        match (&self.forward, &self.netns) {
+            (Some(pod), _) => write!(
+                f,
+                "{pod:?} port {} through the API server",
+                self.addr.port()
+            ),
+            (None, Some(ns)) => write!(f, "{} in netns {}", self.addr, ns.display()),
+            (None, None) => write!(f, "{}", self.addr),
         }
     }
 }
@@ -71,7 +102,20 @@ pub fn netns_path(name: &str) -> PathBuf {
 
 impl Endpoint {
     pub fn new(netns: Option<PathBuf>, addr: SocketAddr) -> Self {
-        Self { netns, addr }
+        Self {
+            netns,
+            addr,
+            forward: None,
+        }
+    }
+
+    /// `port` of the pod `forward` names, through the API server.
+    pub fn forwarded(forward: Forward, port: u16) -> Self {
+        Self {
+            netns: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            forward: Some(forward),
+        }
     }
 
     /// GET `path`, within `TIMEOUT`.
@@ -82,8 +126,11 @@ impl Endpoint {
             .with_context(|| format!("GET {path} from {self}"))
     }
 
-    /// GET `path` and the response's head, within `TIMEOUT`; its body is read by the caller.
+    /// GET `path` and the response's head; its body is read by the caller.
     async fn send(&self, path: &str) -> Result<hyper::Response<Incoming>> {
+        if let Some(pod) = &self.forward {
+            return self.send_forwarded(pod, path).await;
+        }
         let socket = match &self.netns {
             Some(ns) => socket_in(ns, self.addr)?,
             None => Socket::new(Domain::for_address(self.addr), Type::STREAM, None)?,
@@ -92,13 +139,31 @@ impl Endpoint {
         let stream = tokio::net::TcpSocket::from_std_stream(socket.into())
             .connect(self.addr)
             .await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = Request::get(path)
-            .header(header::HOST, self.addr.to_string())
-            .body(Empty::<Bytes>::new())?;
-        Ok(sender.send_request(req).await?)
+        get(stream, self.addr, path).await
+    }
+
+    async fn send_forwarded(&self, pod: &Forward, path: &str) -> Result<hyper::Response<Incoming>> {
+        let port = self.addr.port();
+        let mut forward = pod
+            .pods
+            .portforward(&pod.name, &[port])
+            .await
+            .context("opening a port-forward through the API server")?;
+        let stream = forward
+            .take_stream(port)
+            .context("the port-forward has no stream")?;
+        let refused = forward.take_error(port);
+        match get(stream, self.addr, path).await {
+            Ok(resp) => Ok(resp),
+            // The pod's side says why (nothing listening, say) on the error channel.
+            Err(e) => match refused {
+                Some(why) => match tokio::time::timeout(Duration::from_secs(1), why).await {
+                    Ok(Some(why)) => bail!("the port-forward failed: {}", why.trim()),
+                    _ => Err(e),
+                },
+                None => Err(e),
+            },
+        }
     }
 
     async fn request(&self, path: &str) -> Result<Reply> {
@@ -140,6 +205,19 @@ impl Endpoint {
                 .unwrap_or_default();
         bail!("GET {path} from {self}: HTTP {status}: {body}")
     }
+}
+
+/// GET `path` over `io`, an HTTP/1.1 connection to `addr`.
+async fn get<T>(io: T, addr: SocketAddr, path: &str) -> Result<hyper::Response<Incoming>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())?;
+    Ok(sender.send_request(req).await?)
 }
 
 /// A TCP socket created inside the network namespace at `netns`: a socket stays in the

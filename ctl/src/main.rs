@@ -46,6 +46,11 @@ struct AgentArgs {
     /// Trellis's namespace, with --kube.
     #[arg(long, default_value = "trellis-system", value_name = "NS")]
     trellis_namespace: String,
+    /// With --kube: reach every agent and control through the API server (port-forwards to
+    /// their pods), as from outside the cluster's network. Without it only agents on other
+    /// nodes are.
+    #[arg(long, requires = "kube")]
+    port_forward: bool,
 }
 
 impl AgentArgs {
@@ -53,9 +58,8 @@ impl AgentArgs {
         if !self.kube {
             return Ok(None);
         }
-        Ok(Some(
-            cluster::Cluster::connect(&self.trellis_namespace).await?,
-        ))
+        let cluster = cluster::Cluster::connect(&self.trellis_namespace, self.port_forward).await?;
+        Ok(Some(cluster))
     }
 
     /// The agents named, found in the cluster, or the one on this host.

@@ -115,7 +115,7 @@ pub fn golden(
 ) -> Golden {
     let of = |s: &Sample, reporter: &str| {
         s.label("reporter") == reporter
-            && of_deployment(s.label("destination_workload"), name)
+            && s.label("destination_workload") == name
             && s.label("destination_workload_namespace") == namespace
     };
     let reporter = if after
@@ -176,8 +176,8 @@ pub fn golden(
 /// From Prometheus: Istio's dashboard queries over the last minute, `reporter="destination"`.
 pub async fn from_prometheus(prometheus: &Endpoint, name: &str, namespace: &str) -> Result<Golden> {
     let sel = format!(
-        "reporter=\"destination\",destination_workload=~\"{0}|{0}-[^-]+-[^-]+\",destination_workload_namespace=\"{1}\"",
-        escape(&name.replace('.', "\\.")),
+        "reporter=\"destination\",destination_workload=\"{}\",destination_workload_namespace=\"{}\"",
+        escape(name),
         escape(namespace)
     );
     let rps = query(prometheus, &format!("sum(rate({REQUESTS}{{{sel}}}[1m]))")).await?;
@@ -203,19 +203,6 @@ pub async fn from_prometheus(prometheus: &Endpoint, name: &str, namespace: &str)
         p95: query(prometheus, &q(0.95)).await?.filter(|v| v.is_finite()),
         p99: query(prometheus, &q(0.99)).await?.filter(|v| v.is_finite()),
     })
-}
-
-/// Whether a `destination_workload` is `name`'s: the agents report the pod's name, and a
-/// Deployment's pods are named `NAME-<template hash>-<suffix>`.
-fn of_deployment(workload: &str, name: &str) -> bool {
-    workload == name
-        || workload
-            .strip_prefix(name)
-            .and_then(|r| r.strip_prefix('-'))
-            .is_some_and(|rest| {
-                let parts: Vec<&str> = rest.split('-').collect();
-                parts.len() == 2 && parts.iter().all(|p| !p.is_empty())
-            })
 }
 
 fn escape(v: &str) -> String {
@@ -277,18 +264,6 @@ mod tests {
             (g.reporter, g.rps, g.success, g.p99),
             ("source", 3.0, Some(1.0), None)
         );
-    }
-
-    #[test]
-    fn a_deployments_pods_are_its_workload() {
-        assert!(of_deployment("web", "web"));
-        assert!(of_deployment("web-7d9f8c6b5d-x2x9z", "web"));
-        assert!(
-            !of_deployment("web-api-7d9f8c6b5d-x2x9z", "web"),
-            "another Deployment's"
-        );
-        assert!(!of_deployment("web-0", "web"));
-        assert!(!of_deployment("webb-1-2", "web"));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr};
 
 use anyhow::{Result, bail};
 
-use crate::fetch::{Endpoint, netns_path};
+use crate::fetch::{Endpoint, Forward, netns_path};
 
 /// The agent's admin endpoint: localhost only, in the node's network namespace.
 pub const ADMIN_PORT: u16 = 15000;
@@ -20,6 +20,8 @@ pub enum Reach {
     Local,
     /// The metrics endpoint at an address; the admin endpoint is out of reach.
     Metrics(SocketAddr),
+    /// Both endpoints through the API server, by port-forwards to the agent's pod (`--kube`).
+    Pod(Forward),
 }
 
 /// One node's agent: `NODE=NETNS`, `NODE=local`, `NODE=HOST:PORT` (metrics only), or `NODE`
@@ -76,6 +78,7 @@ impl Agent {
             Reach::Netns(ns) => Endpoint::new(Some(ns.clone()), local),
             Reach::Local => Endpoint::new(None, local),
             Reach::Metrics(addr) => Endpoint::new(None, *addr),
+            Reach::Pod(pod) => Endpoint::forwarded(pod.clone(), METRICS_PORT),
         }
     }
 
@@ -85,6 +88,7 @@ impl Agent {
         match &self.reach {
             Reach::Netns(ns) => Ok(Endpoint::new(Some(ns.clone()), local)),
             Reach::Local => Ok(Endpoint::new(None, local)),
+            Reach::Pod(pod) => Ok(Endpoint::forwarded(pod.clone(), ADMIN_PORT)),
             Reach::Metrics(addr) => bail!(
                 "node {}'s admin endpoint listens on the node's localhost only, out of reach from \
                  {addr}: give --agent {0}=NETNS (the node's network namespace), or run trellisctl \

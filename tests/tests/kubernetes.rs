@@ -453,8 +453,11 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
                 && l.contains("reporter=\"destination\"")
                 && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
                 && l.contains("destination_principal=\"spiffe://cluster.local/ns/shop/sa/web\"")
+                // Istio's workload names: the Deployments', not the pods'.
+                && l.contains("source_workload=\"client\"")
+                && l.contains("destination_workload=\"web\"")
                 && l.contains("connection_security_policy=\"mutual_tls\"")),
-        "the destination's metrics show no mutual TLS connection from client to web:\n{}",
+        "the destination's metrics show no mutual TLS connection from deploy/client to deploy/web:\n{}",
         metrics
             .lines()
             .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
@@ -501,6 +504,51 @@ fn trellis_installs_on_a_real_node_and_meshes_labelled_namespaces() {
             "no enrolled {sa} pod in:\n{out}"
         );
     }
+    // As from outside the cluster's network: every endpoint through the API server.
+    let (ok, out) = trellisctl(&["check", "--kube", "--port-forward"]);
+    assert!(ok && !out.contains('✘'), "{out}");
+    for line in [
+        "✔ control reachable (pod trellis-system/trellis-control-",
+        "✔ agent trellis-node reachable (pod trellis-system/trellis-agent-",
+        "✔ agent trellis-node's certificates valid and not near expiry",
+    ] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+    let mut tap = Command::new(node::binary("trellisctl"))
+        .args([
+            "tap",
+            "deploy/web",
+            "-n",
+            "shop",
+            "--kube",
+            "--port-forward",
+        ])
+        .args(["--max", "2", "--duration", "30s"])
+        .env("KUBECONFIG", &node.state().kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running trellisctl tap");
+    let tapping = Instant::now();
+    while tap.try_wait().unwrap().is_none() && tapping.elapsed() < Duration::from_secs(30) {
+        shop_get(&node, &web, &[]);
+    }
+    let _ = tap.kill();
+    let tapped = tap.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&tapped.stdout);
+    eprintln!(
+        "$ trellisctl tap deploy/web -n shop --kube --port-forward --max 2\n{text}{}",
+        String::from_utf8_lossy(&tapped.stderr)
+    );
+    assert!(tapped.status.success(), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(" shop/web ") || l.contains("-> shop/web ")),
+        "{text}"
+    );
     let (ok, out) = trellisctl(&["config-dump", "--kube", "no-such-node"]);
     assert!(
         !ok && out.contains("no agent on node \"no-such-node\"; agents run on: trellis-node"),
