@@ -199,7 +199,15 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 /// A plain HTTP/1.0 GET from inside `netns`; returns (status code, body).
 pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = connect_in(netns, addr)?;
+    http_get_over(connect_in(netns, addr)?, addr, path)
+}
+
+/// A plain HTTP/1.0 GET over `s`, a connection to `addr`; returns (status code, body).
+pub fn http_get_over(
+    mut s: std::net::TcpStream,
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;

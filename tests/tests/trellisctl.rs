@@ -436,22 +436,10 @@ fn stat_reads_istio_queries_from_prometheus() {
 
 /// A plain HTTP/1.0 GET on this host's loopback; (status, body).
 fn local_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connecting to trellisctl graph");
+    let addr: std::net::SocketAddr = addr.parse().expect("an address");
+    let s = std::net::TcpStream::connect(addr).expect("connecting to trellisctl graph");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+    sys::http_get_over(s, addr, path).expect("a GET to trellisctl graph")
 }
 
 /// `trellisctl graph` running; killed on drop.

@@ -78,6 +78,27 @@ pub struct Exchange {
     answered: Option<(Answer, u64)>,
 }
 
+/// A proxied request's trace context (continued from its headers, or started and sampled at
+/// `shared`'s rate) and the `trellis::access` span its handling runs in.
+pub fn request_span<B>(
+    shared: &Shared,
+    pod: &str,
+    req: &mut Request<B>,
+) -> (trace::Context, tracing::Span) {
+    let trace = trace::continue_trace(req.headers_mut(), shared.observe.sampling);
+    let span = tracing::info_span!(
+        target: "trellis::access",
+        "http_request",
+        trace_id = %trace.trace_id,
+        span_id = %trace.span_id,
+        parent_id = trace.parent_id.as_deref().unwrap_or(""),
+        pod = %pod,
+        method = %req.method(),
+        path = req.uri().path(),
+    );
+    (trace, span)
+}
+
 impl Exchange {
     /// Starts watching `req` if anyone will look at it: the access log, a tap, or a sampled
     /// trace's exporter. `local` is where the client connected, `remote` the client.

@@ -24,10 +24,9 @@ use tracing::{Instrument as _, debug};
 use super::{
     HttpLimits, PodCtx, Shared,
     authorize::{self, Caller, DENIED_FLAG},
-    exchange::{Answer, Ends, Exchange, Side},
+    exchange::{Answer, Ends, Exchange, Side, request_span},
     http::{self, Body, Sender},
     inbound::to_app,
-    trace,
 };
 use crate::metrics::{HttpLabels, LastRequest, RequestFigures, TcpLabels};
 
@@ -141,17 +140,7 @@ async fn forward(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let shared = &target.shared;
-    let trace = trace::continue_trace(req.headers_mut(), shared.observe.sampling);
-    let span = tracing::info_span!(
-        target: "trellis::access",
-        "http_request",
-        trace_id = %trace.trace_id,
-        span_id = %trace.span_id,
-        parent_id = trace.parent_id.as_deref().unwrap_or(""),
-        pod = %target.pod.name,
-        method = %req.method(),
-        path = req.uri().path(),
-    );
+    let (trace, span) = request_span(shared, &target.pod.name, &mut req);
     let exchange = Exchange::begin(
         shared,
         Side::Destination,

@@ -12,8 +12,8 @@ use crate::{
     metrics::{HttpLabels, LastRequest, RequestFigures},
     proxy::{
         PodCtx, Shared,
-        exchange::{Answer, Ends, Exchange, Side},
-        labels, trace,
+        exchange::{Answer, Ends, Exchange, Side, request_span},
+        labels,
     },
     state::Workload,
 };
@@ -30,17 +30,7 @@ pub fn layer(
             let start = std::time::Instant::now();
             let request_bytes = req.body().size_hint().exact().unwrap_or(0);
             let grpc = crate::proxy::http::is_grpc(req.headers());
-            let trace = trace::continue_trace(req.headers_mut(), shared.observe.sampling);
-            let span = tracing::info_span!(
-                target: "trellis::access",
-                "http_request",
-                trace_id = %trace.trace_id,
-                span_id = %trace.span_id,
-                parent_id = trace.parent_id.as_deref().unwrap_or(""),
-                pod = %pod.name,
-                method = %req.method(),
-                path = req.uri().path(),
-            );
+            let (trace, span) = request_span(&shared, &pod.name, &mut req);
             let exchange = Exchange::begin(
                 &shared,
                 Side::Source,
