@@ -20,6 +20,7 @@ use crate::{
     authz::{PodPolicies, Policy as AuthzPolicy},
     config::NodeConfig,
     http_route::{self, Destination, HttpRoute, Policy, TrafficPolicy},
+    metrics::Label,
     proxy::{ServerTls, TlsOrigination, best_host},
 };
 
@@ -32,17 +33,17 @@ const MAX_ROUTE_HOPS: u8 = 4;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Workload {
-    pub name: String,
-    pub namespace: String,
+    pub name: Label,
+    pub namespace: Label,
     /// The SPIFFE ID, when the pod is in the mesh (reached over HBONE).
     pub identity: Option<String>,
-    pub node: String,
+    pub node: Label,
     /// The `app` and `version` labels, for metrics.
-    pub app: String,
-    pub version: String,
+    pub app: Label,
+    pub version: Label,
     /// Istio's canonical service and revision (Kiali groups its graph by them).
-    pub canonical_service: String,
-    pub canonical_revision: String,
+    pub canonical_service: Label,
+    pub canonical_revision: Label,
     /// The pod's labels, for DestinationRule subsets.
     #[serde(skip)]
     pub labels: BTreeMap<String, String>,
@@ -61,13 +62,14 @@ impl Workload {
         let first = |keys: &[&str], default: &str| {
             keys.iter()
                 .find_map(|k| labels.get(*k))
-                .map_or_else(|| default.to_owned(), String::clone)
+                .map_or(default, String::as_str)
+                .into()
         };
         Self {
-            name: name.to_owned(),
-            namespace: namespace.to_owned(),
+            name: name.into(),
+            namespace: namespace.into(),
             identity,
-            node: node.to_owned(),
+            node: node.into(),
             app: first(&["app"], name),
             version: first(&["version"], "unknown"),
             canonical_service: first(

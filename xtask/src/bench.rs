@@ -58,6 +58,7 @@ pub fn run(
     profile: Option<PathBuf>,
     worker_threads: Option<u16>,
     repeat: u32,
+    mesh_only: bool,
 ) -> Result<()> {
     if !(1..=600).contains(&duration_secs) {
         bail!("--duration-secs must be 1..=600");
@@ -80,7 +81,7 @@ pub fn run(
     eprintln!("bench: binaries from {}", bin_dir.display());
 
     let duration = Duration::from_secs(duration_secs);
-    let report = bench(duration, worker_threads, repeat)?;
+    let report = bench(duration, worker_threads, repeat, mesh_only)?;
     print_table(&report, duration_secs, worker_threads);
     if let Some(path) = json_out {
         fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
@@ -110,7 +111,12 @@ pub fn build_release() -> Result<PathBuf> {
 
 /// Brings the cluster up, runs the phases, and returns every figure. Everything made here is
 /// removed when this returns (or unwinds): agents first, then control, pods and nodes.
-fn bench(duration: Duration, worker_threads: Option<u16>, repeat: u32) -> Result<Value> {
+fn bench(
+    duration: Duration,
+    worker_threads: Option<u16>,
+    repeat: u32,
+    mesh_only: bool,
+) -> Result<Value> {
     eprintln!(
         "bench: creating a two-node cluster; pods client, haproxy and pair-near on node 1, server \
          and pair-far on node 2"
@@ -140,46 +146,11 @@ fn bench(duration: Duration, worker_threads: Option<u16>, repeat: u32) -> Result
     let _http = l7::start_server(&server)?;
     let target = IpAddr::V4(server.ip4);
 
-    eprintln!("bench: phase direct (no mesh): client -> {target}");
-    let direct = phase("direct", &client, target, &[], duration, false)?;
-    let l7_direct = l7::phase(&client, &l7::Path::direct(&server), duration, repeat)?;
-
-    eprintln!(
-        "bench: phase haproxy (no mesh): client -> haproxy in pod {} -> {target}",
-        proxy_pod.name
-    );
-    let l7_haproxy = {
-        let haproxy = haproxy::start_plain(&proxy_pod, l7::upstream(&server))?;
-        l7::phase(
-            &client,
-            &l7::Path::haproxy(&proxy_pod, &haproxy),
-            duration,
-            repeat,
-        )?
-    };
-
-    eprintln!(
-        "bench: phase pair (no mesh): client -> haproxy in pod {} -> mutual TLS 1.3 -> haproxy in pod {} -> {target}",
-        near.name, far.name
-    );
-    let (pair, l7_pair) = {
-        let pair = pair::Pair::start(&near, &far, &server)?;
-        let pids: Vec<u32> = pair.procs().iter().map(|p| p.1).collect();
-        let idle = memory::resident(&pids)?;
-        let mut l4 = phase("pair", &client, pair.at, &pair.procs(), duration, false)?;
-        l4["idle_rss_mb"] = idle;
-        l4["held"] = held(
-            &client,
-            SocketAddr::new(pair.at, ECHO_PORT),
-            &pids,
-            memory::HELD_PAIR,
-            &l4["idle_rss_mb"],
-            "pair",
-        )?;
-        (
-            l4,
-            l7::phase(&client, &l7::Path::pair(&pair), duration, repeat)?,
-        )
+    let (direct, l7_direct, l7_haproxy, pair, l7_pair) = if mesh_only {
+        eprintln!("bench: --mesh-only: skipping the direct, haproxy and pair phases");
+        Default::default()
+    } else {
+        peers(&client, &proxy_pod, &near, &far, &server, duration, repeat)?
     };
 
     eprintln!("bench: phase trellis: starting control and an agent per node");
@@ -263,6 +234,7 @@ fn bench(duration: Duration, worker_threads: Option<u16>, repeat: u32) -> Result
         "duration_secs": duration.as_secs(),
         "agent_worker_threads": worker_threads,
         "repeat": repeat,
+        "mesh_only": mesh_only,
         "load": { "rate": RATE, "conns": CONNS, "size": SIZE },
         "summary": summary(&direct, &pair, &trellis),
         "direct": direct,
@@ -271,6 +243,62 @@ fn bench(duration: Duration, worker_threads: Option<u16>, repeat: u32) -> Result
         "authz": l7::authz::summary(&l7_trellis, &l7_authz),
         "l7": l7::report(l7_direct, l7_haproxy, l7_pair, l7_trellis),
     }))
+}
+
+/// The phases without the mesh: direct, through one plaintext haproxy, and through the haproxy
+/// mTLS pair. Returns (direct, direct L7, haproxy L7, pair, pair L7).
+fn peers(
+    client: &Pod,
+    proxy_pod: &Pod,
+    near: &Pod,
+    far: &Pod,
+    server: &Pod,
+    duration: Duration,
+    repeat: u32,
+) -> Result<(Value, Value, Value, Value, Value)> {
+    let target = IpAddr::V4(server.ip4);
+    eprintln!("bench: phase direct (no mesh): client -> {target}");
+    let direct = phase("direct", client, target, &[], duration, false)?;
+    let l7_direct = l7::phase(client, &l7::Path::direct(server), duration, repeat)?;
+
+    eprintln!(
+        "bench: phase haproxy (no mesh): client -> haproxy in pod {} -> {target}",
+        proxy_pod.name
+    );
+    let l7_haproxy = {
+        let haproxy = haproxy::start_plain(proxy_pod, l7::upstream(server))?;
+        l7::phase(
+            client,
+            &l7::Path::haproxy(proxy_pod, &haproxy),
+            duration,
+            repeat,
+        )?
+    };
+
+    eprintln!(
+        "bench: phase pair (no mesh): client -> haproxy in pod {} -> mutual TLS 1.3 -> haproxy in pod {} -> {target}",
+        near.name, far.name
+    );
+    let (pair, l7_pair) = {
+        let pair = pair::Pair::start(near, far, server)?;
+        let pids: Vec<u32> = pair.procs().iter().map(|p| p.1).collect();
+        let idle = memory::resident(&pids)?;
+        let mut l4 = phase("pair", client, pair.at, &pair.procs(), duration, false)?;
+        l4["idle_rss_mb"] = idle;
+        l4["held"] = held(
+            client,
+            SocketAddr::new(pair.at, ECHO_PORT),
+            &pids,
+            memory::HELD_PAIR,
+            &l4["idle_rss_mb"],
+            "pair",
+        )?;
+        (
+            l4,
+            l7::phase(client, &l7::Path::pair(&pair), duration, repeat)?,
+        )
+    };
+    Ok((direct, l7_direct, l7_haproxy, pair, l7_pair))
 }
 
 /// One phase's runs, all from `client` to `target`. With proxies (name, pid), their CPU and

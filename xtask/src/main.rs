@@ -97,6 +97,10 @@ enum Task {
         /// consecutive runs": `--repeat 5`).
         #[arg(long, default_value_t = 1, value_name = "N")]
         repeat: u32,
+        /// Measure only Trellis (no direct, haproxy or pair phases, so no ratios or targets):
+        /// a quicker run while tuning the agent.
+        #[arg(long)]
+        mesh_only: bool,
     },
     /// A real single-node Kubernetes on this machine (kubelet, containerd, kube-proxy, built by
     /// setup): `up` stays up until `down` or Ctrl-C and prints how to use kubectl with it;
@@ -141,7 +145,15 @@ fn main() -> ExitCode {
             profile,
             agent_worker_threads,
             repeat,
-        } => bench::run(json, duration_secs, profile, agent_worker_threads, repeat),
+            mesh_only,
+        } => bench::run(
+            json,
+            duration_secs,
+            profile,
+            agent_worker_threads,
+            repeat,
+            mesh_only,
+        ),
         Task::Cluster { action } => cluster::run(action),
     };
     match result {

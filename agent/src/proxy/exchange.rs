@@ -186,8 +186,8 @@ impl Exchange {
         };
         let took = self.started.elapsed();
         let observe = &self.shared.observe;
-        let name = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.name.clone());
-        let ns = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.clone());
+        let name = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.name.to_string());
+        let ns = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.namespace.to_string());
         let ends = &answer.ends;
         let record = access::Request {
             reporter: match self.side {
@@ -309,9 +309,9 @@ fn span(
     optional("destination.service", &r.destination_service);
     if let Some(w) = local {
         attributes.extend([
-            attribute("istio.canonical_service", w.app.clone()),
-            attribute("istio.canonical_revision", w.version.clone()),
-            attribute("istio.namespace", w.namespace.clone()),
+            attribute("istio.canonical_service", w.canonical_service.to_string()),
+            attribute("istio.canonical_revision", w.canonical_revision.to_string()),
+            attribute("istio.namespace", w.namespace.to_string()),
         ]);
     }
     let error = r.response_code >= 500 || r.response_code == 0;

@@ -70,8 +70,7 @@ impl Target {
             source_principal: self.caller.identity.clone(),
             destination: self.pod.workload(&state),
             destination_principal: self.pod.identity.clone(),
-            service: Some(self.labels.destination_service.clone())
-                .filter(|s| s.as_str() != "unknown"),
+            service: Some(self.labels.destination_service.to_string()).filter(|s| s != "unknown"),
         }
     }
 

@@ -52,7 +52,7 @@ pub use terminate::{ServerTls, best as best_host};
 
 use crate::{
     dns,
-    metrics::{ByteCounters, Metrics, TcpLabels},
+    metrics::{ByteCounters, Label, Metrics, TcpLabels},
     netns::Netns,
     redirect::ProxyMaps,
     state::{MeshState, Workload},
@@ -352,16 +352,15 @@ fn labels(
     service: Option<&str>,
     mtls: bool,
 ) -> TcpLabels {
-    let unknown = || "unknown".to_owned();
-    let of = |w: Option<&Workload>, f: fn(&Workload) -> &String| {
-        w.map_or_else(unknown, |w| f(w).clone())
-    };
+    let unknown = Label::unknown;
+    let of =
+        |w: Option<&Workload>, f: fn(&Workload) -> &Label| w.map_or_else(unknown, |w| f(w).clone());
     let (service_name, service_namespace) = service.map_or(("unknown", "unknown"), service_parts);
     TcpLabels {
         reporter,
         source_workload: of(source, |w| &w.name),
         source_workload_namespace: of(source, |w| &w.namespace),
-        source_principal: source_principal.map_or_else(unknown, str::to_owned),
+        source_principal: source_principal.map_or_else(unknown, Label::from),
         source_app: of(source, |w| &w.app),
         source_version: of(source, |w| &w.version),
         source_canonical_service: of(source, |w| &w.canonical_service),
@@ -370,8 +369,8 @@ fn labels(
         destination_workload: of(destination, |w| &w.name),
         destination_workload_namespace: of(destination, |w| &w.namespace),
         destination_principal: destination
-            .and_then(|w| w.identity.clone())
-            .unwrap_or_else(unknown),
+            .and_then(|w| w.identity.as_deref())
+            .map_or_else(unknown, Label::from),
         destination_app: of(destination, |w| &w.app),
         destination_version: of(destination, |w| &w.version),
         destination_canonical_service: of(destination, |w| &w.canonical_service),
@@ -381,9 +380,9 @@ fn labels(
         } else {
             "unknown"
         },
-        destination_service: service.map_or_else(unknown, str::to_owned),
-        destination_service_name: service_name.to_owned(),
-        destination_service_namespace: service_namespace.to_owned(),
+        destination_service: service.map_or_else(unknown, Label::from),
+        destination_service_name: service_name.into(),
+        destination_service_namespace: service_namespace.into(),
         request_protocol: "tcp",
         connection_security_policy: if mtls { "mutual_tls" } else { "none" },
         response_flags: "-",
@@ -454,6 +453,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::Deref as _;
+
     use super::*;
 
     #[test]
@@ -481,34 +482,34 @@ mod tests {
         );
         assert_eq!(
             (
-                l.source_canonical_service.as_str(),
-                l.source_canonical_revision.as_str(),
+                l.source_canonical_service.deref(),
+                l.source_canonical_revision.deref(),
                 l.source_cluster
             ),
             ("web", "latest", CLUSTER)
         );
         assert_eq!(
             (
-                l.destination_canonical_service.as_str(),
-                l.destination_canonical_revision.as_str(),
-                l.destination_app.as_str()
+                l.destination_canonical_service.deref(),
+                l.destination_canonical_revision.deref(),
+                l.destination_app.deref()
             ),
             ("reviews-api", "v2", "reviews")
         );
         assert_eq!(
             (
-                l.destination_service_name.as_str(),
-                l.destination_service_namespace.as_str()
+                l.destination_service_name.deref(),
+                l.destination_service_namespace.deref()
             ),
             ("reviews", "shop")
         );
         let none = labels("source", None, None, None, Some("api.example.com"), false);
         assert_eq!(
             (
-                none.destination_service_name.as_str(),
-                none.destination_service_namespace.as_str(),
+                none.destination_service_name.deref(),
+                none.destination_service_namespace.deref(),
                 none.destination_cluster,
-                none.source_canonical_service.as_str()
+                none.source_canonical_service.deref()
             ),
             ("api.example.com", "unknown", "unknown", "unknown")
         );
