@@ -298,6 +298,12 @@ fn http_rules_on_http1_h2c_and_grpc() {
     );
     assert!(e.contains("RBAC: access denied"), "{e}");
 
+    // After the first call's tunnel, the client's agent sent these calls straight on the HBONE
+    // connection (hbone::DIRECT): the rules, the caller's identity and metrics held there too.
+    shop.agents[1].wait_log("requests without a tunnel", |v| {
+        v["message"] == "HBONE requests without a tunnel"
+            && v["orig_dst"].as_str().is_some_and(|d| d.ends_with(":9090"))
+    });
     shop.agents[1].wait_log("a request's denial", |v| {
         v["message"] == "denied by AuthorizationPolicy"
             && v["policy"] == "shop/deny-l7"

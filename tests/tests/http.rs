@@ -775,6 +775,12 @@ fn grpc_unary_and_streaming_calls_are_routed_by_header() {
             );
         }
     }
+    // Calls after the first to v2 (on the other node) went straight on the HBONE connection,
+    // without a tunnel (hbone::DIRECT); the streams and the caller's identity above held.
+    web.agents[1].wait_log("gRPC requests without a tunnel", |v| {
+        v["message"] == "HBONE requests without a tunnel"
+            && v["orig_dst"].as_str().is_some_and(|d| d.ends_with(":9090"))
+    });
     // Metrics call them gRPC: 3 rounds of 3 calls to v2 (a stream counts once).
     let grpc_calls = requests_metric(
         &web,

@@ -4,7 +4,7 @@
 //! plaintext. Whatever the client sent in it is always removed first, so the app can trust it.
 //! The app is spoken to in the client's HTTP version (h2c for HTTP/2) over one connection.
 //! Upgrades (WebSocket) are passed through once the app agrees.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use http_body_util::BodyExt;
 use hyper::{
@@ -25,10 +25,11 @@ use super::{
     HttpLimits, PodCtx, Shared,
     authorize::{self, Caller, DENIED_FLAG},
     exchange::{Answer, Ends, Exchange, Side, request_span},
+    guard::Admission,
     http::{self, Body, Sender},
     inbound::to_app,
 };
-use crate::metrics::{HttpLabels, LastRequest, RequestFigures, TcpLabels};
+use crate::metrics::{ByteCounters, HttpLabels, LastRequest, RequestFigures, TcpLabels};
 
 pub const XFCC: &str = "x-forwarded-client-cert";
 
@@ -54,6 +55,8 @@ struct Target {
     labels: TcpLabels,
     /// Its request metrics by what varies per request: status, protocol, flags.
     requests: LastRequest<(u16, &'static str, &'static str)>,
+    /// Requests that came without a tunnel count their bodies here; a tunnel counts its bytes.
+    bytes: Option<ByteCounters>,
     shared: Arc<Shared>,
 }
 
@@ -86,6 +89,10 @@ impl Target {
         };
         self.requests
             .record_with(&self.shared.metrics, (code, protocol, flags), labels, r);
+        if let Some(bytes) = &self.bytes {
+            bytes.received.inc_by(r.request_bytes);
+            bytes.sent.inc_by(r.response_bytes);
+        }
     }
 }
 
@@ -106,14 +113,8 @@ pub async fn serve<C>(
 ) where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let xfcc = match (pod.identity.as_deref(), caller.identity.as_deref()) {
-        (Some(server), Some(client)) => {
-            match HeaderValue::from_str(&format!("By={server};URI={client}")) {
-                Ok(v) => Some(v),
-                Err(_) => return debug!(client, "identity not usable in a header"),
-            }
-        }
-        _ => None,
+    let Some(xfcc) = xfcc(&pod, &caller) else {
+        return debug!(caller = caller.identity, "identity not usable in a header");
     };
     let app = Arc::new(Mutex::new(app.map_or(App::Closed, App::Unused)));
     let target = Arc::new(Target {
@@ -124,11 +125,107 @@ pub async fn serve<C>(
         xfcc,
         labels: labels.clone(),
         requests: LastRequest::default(),
+        bytes: None,
         shared: shared.clone(),
     });
     let service = service_fn(move |req| forward(req, app.clone(), target.clone()));
     if let Err(e) = http::serve(client, service, limits).await {
         debug!("inbound HTTP connection ended: {e}");
+    }
+}
+
+/// The `x-forwarded-client-cert` value for a mutual-TLS caller (None inside for a plaintext
+/// one); None if an identity cannot be a header.
+fn xfcc(pod: &PodCtx, caller: &Caller) -> Option<Option<HeaderValue>> {
+    match (pod.identity.as_deref(), caller.identity.as_deref()) {
+        (Some(server), Some(client)) => HeaderValue::from_str(&format!("By={server};URI={client}"))
+            .ok()
+            .map(Some),
+        _ => Some(None),
+    }
+}
+
+/// The targets of requests that came straight on one HBONE connection (`hbone::DIRECT`), each
+/// served as one HTTP connection would be: counted as a connection opened when its first
+/// request came and closed when the HBONE connection ends.
+#[derive(Default)]
+pub struct Direct {
+    targets: std::sync::Mutex<HashMap<SocketAddr, Arc<DirectTarget>>>,
+}
+
+struct DirectTarget {
+    app: Arc<Mutex<App>>,
+    target: Arc<Target>,
+    _admission: Admission,
+}
+
+impl Drop for DirectTarget {
+    fn drop(&mut self) {
+        self.target.shared.metrics.closed(&self.target.labels);
+    }
+}
+
+/// What a direct request's first arrival for a target needs to serve it.
+pub struct DirectStart {
+    pub caller: Caller,
+    pub labels: TcpLabels,
+    pub admission: Admission,
+}
+
+impl Direct {
+    /// Serves `req` for `addr` in `pod`, from `peer`; `start` is called (under a lock, so
+    /// once) for the first request to `addr`, and may refuse it with an answer.
+    pub async fn serve(
+        &self,
+        mut req: Request<Incoming>,
+        pod: &Arc<PodCtx>,
+        addr: SocketAddr,
+        peer: SocketAddr,
+        shared: &Arc<Shared>,
+        start: impl FnOnce() -> Result<DirectStart, Box<Response<Body>>>,
+    ) -> Response<Body> {
+        req.headers_mut().remove(&super::hbone::DIRECT);
+        let found = {
+            let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+            match targets.get(&addr) {
+                Some(t) => t.clone(),
+                None => {
+                    let DirectStart {
+                        caller,
+                        labels,
+                        admission,
+                    } = match start() {
+                        Ok(s) => s,
+                        Err(refused) => return *refused,
+                    };
+                    let Some(xfcc) = xfcc(pod, &caller) else {
+                        return http::error(StatusCode::FORBIDDEN, "identity not usable\n");
+                    };
+                    let bytes = Some(shared.metrics.opened(&labels));
+                    let t = Arc::new(DirectTarget {
+                        app: Arc::new(Mutex::new(App::Closed)),
+                        target: Arc::new(Target {
+                            pod: pod.clone(),
+                            addr,
+                            peer,
+                            caller,
+                            xfcc,
+                            labels,
+                            requests: LastRequest::default(),
+                            bytes,
+                            shared: shared.clone(),
+                        }),
+                        _admission: admission,
+                    });
+                    targets.insert(addr, t.clone());
+                    t
+                }
+            }
+        };
+        match forward(req, found.app.clone(), found.target.clone()).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
     }
 }
 

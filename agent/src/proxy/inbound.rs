@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use http_body_util::Empty;
+use http_body_util::{BodyExt as _, Empty};
 use hyper::{
     Method, Request, Response, StatusCode, Uri,
     body::{Bytes, Incoming},
@@ -29,7 +29,7 @@ use super::{
     conn_log::ConnLog,
     connect, gateway,
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
-    http_inbound, labels, proxy_port, reset, splice,
+    http, http_inbound, labels, proxy_port, reset, splice,
 };
 use crate::{
     proxy::HttpLimits,
@@ -229,9 +229,23 @@ pub async fn hbone(stream: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared
     // Each stream is a connection of the client pod's: as many may be open at once as the
     // pod's connection budget allows (they are counted against it in `tunnel`).
     let streams = u32::try_from(shared.limits.per_pod).unwrap_or(u32::MAX);
-    let service = service_fn(move |req| {
+    let direct = Arc::new(http_inbound::Direct::default());
+    let service = service_fn(move |req: Request<Incoming>| {
         let (pod, shared, client_id) = (pod.clone(), shared.clone(), client_id.clone());
-        async move { Ok::<_, Infallible>(tunnel(req, peer, &client_id, pod, shared).await) }
+        let direct = direct.clone();
+        async move {
+            Ok::<_, Infallible>(if req.method() == Method::CONNECT {
+                tunnel(req, peer, &client_id, pod, shared)
+                    .await
+                    .map(|b| b.map_err(|never| match never {}).boxed())
+            } else {
+                // Boxed: a CONNECT stream's task is only as large as a tunnel needs.
+                Box::pin(direct_request(
+                    req, peer, &client_id, &pod, &shared, &direct,
+                ))
+                .await
+            })
+        }
     });
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
@@ -278,10 +292,14 @@ pub fn connect_target(
     if method != Method::CONNECT {
         return Err(Refused::NotConnect);
     }
-    let target = uri
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        .ok_or(Refused::BadAuthority)?;
+    target_of(uri.authority().map_or("", |a| a.as_str()), pod_ips)
+}
+
+/// `authority` as one of `pod_ips`' app ports (see `connect_target`).
+fn target_of(authority: &str, pod_ips: &[IpAddr]) -> Result<SocketAddr, Refused> {
+    let target = authority
+        .parse::<SocketAddr>()
+        .map_err(|_| Refused::BadAuthority)?;
     if !pod_ips.contains(&target.ip()) {
         return Err(Refused::NotThisPod(target));
     }
@@ -289,6 +307,109 @@ pub fn connect_target(
         return Err(Refused::ProxyPort(target));
     }
     Ok(target)
+}
+
+/// What the mesh state says of a stream from `peer` (proven to be `client_id`) to `target`.
+struct Stream {
+    /// An HTTP port of the pod's own (not a gateway's): served at L7.
+    http: bool,
+    gateway: Option<Route>,
+    l7: Option<GatewayMode>,
+    labels: crate::metrics::TcpLabels,
+    caller: Caller,
+}
+
+fn stream(
+    shared: &Shared,
+    pod: &PodCtx,
+    peer: SocketAddr,
+    client_id: &str,
+    target: SocketAddr,
+) -> Stream {
+    let state = shared.state.borrow();
+    // The stream comes from the client pod's own address; trust that only if the identity agrees.
+    let source = state
+        .workloads
+        .get(&peer.ip())
+        .filter(|w| w.identity.as_deref() == Some(client_id));
+    let gateway = state.gateway_route(target);
+    let l7 = l7_gateway(&state, target);
+    let service = destination_service(&state, gateway.as_ref(), target);
+    Stream {
+        http: gateway.is_none() && state.http_ports.contains(&target),
+        labels: labels(
+            "destination",
+            source.map(|w| &**w),
+            Some(client_id),
+            pod.workload(&state).as_deref(),
+            service.as_deref(),
+            true,
+        ),
+        gateway,
+        l7,
+        caller: Caller {
+            identity: Some(client_id.to_owned()),
+            ip: peer.ip(),
+            from_node: false,
+        },
+    }
+}
+
+/// An HTTP/2 request sent straight on the HBONE connection (`hbone::DIRECT`), for one of the
+/// pod's HTTP ports; served as a request inside a tunnel to that port would be.
+async fn direct_request(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    client_id: &str,
+    pod: &Arc<PodCtx>,
+    shared: &Arc<Shared>,
+    direct: &http_inbound::Direct,
+) -> Response<http::Body> {
+    let refuse = |code: StatusCode| {
+        let mut resp = http::error(code, "not a direct HBONE request for this pod\n");
+        resp.headers_mut()
+            .insert(&hbone::DIRECT, hyper::header::HeaderValue::from_static("0"));
+        resp
+    };
+    let target = req
+        .headers()
+        .get(&hbone::DIRECT)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(Refused::NotConnect)
+        .and_then(|t| target_of(t, &pod.ips));
+    let target = match target {
+        Ok(t) => t,
+        Err(refused) => return refuse(refused.status()),
+    };
+    let start = || {
+        let Stream {
+            http,
+            l7,
+            labels,
+            caller,
+            ..
+        } = stream(shared, pod, peer, client_id, target);
+        if !http || l7.is_some() {
+            // Served otherwise now (a config change): the client tunnels from now on.
+            return Err(Box::new(refuse(StatusCode::MISDIRECTED_REQUEST)));
+        }
+        let admission = shared.limits.admit(&pod.budget).map_err(|limit| {
+            if let Some(suppressed) = shared.fail(limit) {
+                warn!(pod = %pod.name, client_identity = client_id, %target, suppressed, reason = ?limit, "HBONE request refused: limit reached");
+            }
+            Box::new(http::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connection limit reached\n",
+            ))
+        })?;
+        info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE requests without a tunnel");
+        Ok(http_inbound::DirectStart {
+            caller,
+            labels,
+            admission,
+        })
+    };
+    direct.serve(req, pod, target, peer, shared, start).await
 }
 
 /// One CONNECT stream: open the app connection, answer 200, then splice.
@@ -325,38 +446,13 @@ async fn tunnel(
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let (source, destination, http, gateway, l7, service) = {
-        let state = shared.state.borrow();
-        // The tunnel comes from the client pod's own address; trust that only if the identity agrees.
-        let source = state
-            .workloads
-            .get(&peer.ip())
-            .filter(|w| w.identity.as_deref() == Some(client_id))
-            .cloned();
-        let gateway = state.gateway_route(target);
-        let service = destination_service(&state, gateway.as_ref(), target);
-        (
-            source,
-            pod.workload(&state),
-            gateway.is_none() && state.http_ports.contains(&target),
-            gateway,
-            l7_gateway(&state, target),
-            service,
-        )
-    };
-    let labels = labels(
-        "destination",
-        source.as_deref(),
-        Some(client_id),
-        destination.as_deref(),
-        service.as_deref(),
-        true,
-    );
-    let caller = Caller {
-        identity: Some(client_id.to_owned()),
-        ip: peer.ip(),
-        from_node: false,
-    };
+    let Stream {
+        http,
+        gateway,
+        l7,
+        labels,
+        caller,
+    } = stream(&shared, &pod, peer, client_id, target);
     if !http
         && l7 != Some(GatewayMode::Http)
         && let Err(policy) = authorize::connection(&shared, &pod, &caller, target.port(), &labels)
@@ -451,7 +547,13 @@ async fn tunnel(
         }
         drop(admission);
     });
-    status(StatusCode::OK)
+    let mut ok = status(StatusCode::OK);
+    if http {
+        // Its next HTTP/2 requests may come without a tunnel (`hbone::DIRECT`).
+        ok.headers_mut()
+            .insert(&hbone::DIRECT, hyper::header::HeaderValue::from_static("1"));
+    }
+    ok
 }
 
 /// Where an HBONE stream goes once accepted.

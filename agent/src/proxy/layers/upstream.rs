@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use http_body_util::BodyExt;
-use hyper::{StatusCode, Version, body::Incoming, upgrade::OnUpgrade};
+use hyper::{StatusCode, Version, body::Incoming, header::HeaderValue, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
 use tokio::sync::Mutex;
 use tracing::warn;
@@ -127,6 +127,20 @@ impl Upstream {
         route: Route,
         max_requests: u32,
     ) -> Result<hyper::Response<Incoming>, (Failure, String)> {
+        if req.version() == Version::HTTP_2
+            && let Route::Hbone {
+                hbone,
+                target,
+                identity,
+                ..
+            } = &route
+            && let Some(sender) =
+                hbone::direct(&self.shared, &self.pod, *hbone, *target, identity).await
+        {
+            return self
+                .send_direct(sender, req, (*hbone, *target, identity))
+                .await;
+        }
         let (key, mut pooled) = self
             .connection(route, req.version(), max_requests)
             .await
@@ -143,6 +157,37 @@ impl Upstream {
             self.conns.lock().await.insert(key, pooled);
         }
         resp.map_err(|e| (Failure::Reset, format!("reset: {}", causes(e))))
+    }
+
+    /// Sends an HTTP/2 request straight on the pooled HBONE connection (`hbone::DIRECT`) to
+    /// the agent at `hbone`, for `target`.
+    async fn send_direct(
+        &self,
+        mut sender: hbone::Sender,
+        mut req: Req,
+        (hbone, target, identity): (SocketAddr, SocketAddr, &str),
+    ) -> Result<hyper::Response<Incoming>, (Failure, String)> {
+        let value = HeaderValue::from_str(&target.to_string()).expect("an address is a header");
+        req.headers_mut().insert(&hbone::DIRECT, value);
+        sender
+            .ready()
+            .await
+            .map_err(|e| (Failure::Connect, format!("connect failure: {}", causes(e))))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| (Failure::Reset, format!("reset: {}", causes(e))))?;
+        if resp.status() == StatusCode::MISDIRECTED_REQUEST
+            && resp.headers().contains_key(&hbone::DIRECT)
+        {
+            // Its port is no longer served that way (a config change there): tunnel from now on.
+            hbone::forget_direct(&self.shared, &self.pod, hbone, target, identity).await;
+            return Err((
+                Failure::Connect,
+                format!("{hbone} no longer takes requests for {target} directly"),
+            ));
+        }
+        Ok(resp)
     }
 
     /// A connection to the endpoint `route` chose, in `version`: an idle (HTTP/1.1) or shared
