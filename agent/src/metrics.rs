@@ -388,6 +388,12 @@ impl Metrics {
         self.closed.get_or_create(labels).inc();
     }
 
+    /// The counter a connection with `labels` counts its close in, taken when it opens, so an
+    /// open connection need not keep its labels.
+    pub fn closing(&self, labels: &TcpLabels) -> Counter {
+        self.closed.get_or_create(labels).clone()
+    }
+
     fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -192,6 +192,29 @@ where
     }
 }
 
+/// Splices an accepted stream to the app (or a gateway's destination) under the pod's
+/// policies. While it splices it holds its metric counters, not its labels (kept only for the
+/// access log, when it is on): thousands of idle streams cost less each.
+#[allow(clippy::too_many_arguments)] // one stream's whole context, each piece distinct
+async fn spliced<C: super::Io, A: super::Io>(
+    mut client: Metered<C>,
+    mut app: A,
+    labels: Box<crate::metrics::TcpLabels>,
+    pod: &PodCtx,
+    shared: &Shared,
+    caller: Caller,
+    target: SocketAddr,
+    log: Option<Box<ConnLog>>,
+) {
+    let closed = shared.metrics.closing(&labels);
+    let labels = log.is_some().then_some(labels);
+    let result = guarded_splice(&mut client, &mut app, pod, shared, caller, target).await;
+    if let Some(labels) = labels {
+        ConnLog::closed(log, shared, &labels, result);
+    }
+    closed.inc();
+}
+
 /// Connects to the app from the pod's own address, which sk_lookup never steers, so the app sees
 /// an ordinary connection whether it listens on 0.0.0.0 or the pod IP.
 pub(super) async fn to_app(pod: &PodCtx, dst: SocketAddr) -> std::io::Result<TcpStream> {
@@ -500,50 +523,44 @@ async fn tunnel(
     };
     let upgrade = hyper::upgrade::on(&mut req);
     let log = ConnLog::start(&shared, "inbound", peer, target);
+    // Boxed: the stream's task keeps its labels only while it needs them (see `spliced`).
+    let labels = Box::new(labels);
     tokio::spawn(async move {
-        match upgrade.await {
-            Ok(up) => {
-                let mut client =
-                    Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
-                match app {
-                    Upstream::App(app) if http => {
-                        // The peer is another node's proxy, which closes idle keep-alive
-                        // connections itself at `header_read_timeout`: waiting twice that here
-                        // means this side never closes one the peer is about to reuse.
-                        let limits = HttpLimits {
-                            header_read_timeout: shared.http.header_read_timeout * 2,
-                            ..shared.http
-                        };
-                        // Boxed: the stream's task is only as large as a splice needs.
-                        Box::pin(http_inbound::serve(
-                            client,
-                            Some(app),
-                            pod.clone(),
-                            target,
-                            peer,
-                            caller,
-                            &labels,
-                            &shared,
-                            &limits,
-                        ))
-                        .await;
-                    }
-                    Upstream::App(mut app) => {
-                        let result =
-                            guarded_splice(&mut client, &mut app, &pod, &shared, caller, target)
-                                .await;
-                        ConnLog::closed(log, &shared, &labels, result);
-                    }
-                    Upstream::Out(mut out) => {
-                        let result =
-                            guarded_splice(&mut client, &mut out, &pod, &shared, caller, target)
-                                .await;
-                        ConnLog::closed(log, &shared, &labels, result);
-                    }
-                }
+        let up = match upgrade.await {
+            Ok(up) => up,
+            Err(e) => return warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
+        };
+        let client = Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
+        match app {
+            Upstream::App(app) if http => {
+                // The peer is another node's proxy, which closes idle keep-alive
+                // connections itself at `header_read_timeout`: waiting twice that here
+                // means this side never closes one the peer is about to reuse.
+                let limits = HttpLimits {
+                    header_read_timeout: shared.http.header_read_timeout * 2,
+                    ..shared.http
+                };
+                // Boxed: the stream's task is only as large as a splice needs.
+                Box::pin(http_inbound::serve(
+                    client,
+                    Some(app),
+                    pod.clone(),
+                    target,
+                    peer,
+                    caller,
+                    &labels,
+                    &shared,
+                    &limits,
+                ))
+                .await;
                 shared.metrics.closed(&labels);
             }
-            Err(e) => warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
+            Upstream::App(app) => {
+                spliced(client, app, labels, &pod, &shared, caller, target, log).await
+            }
+            Upstream::Out(out) => {
+                spliced(client, out, labels, &pod, &shared, caller, target, log).await
+            }
         }
         drop(admission);
     });

@@ -64,6 +64,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
         );
         info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, protocol = "http", "connection captured");
         let client = Metered::new(client, shared.metrics.opened(&labels));
+        let closed = shared.metrics.closing(&labels);
+        drop(labels);
         // Boxed, here and below: an async fn's future is as large as its largest state, and
         // every connection's task would otherwise reserve room for the HTTP server and the
         // connection set-up while it only splices bytes (thousands of idle connections).
@@ -75,7 +77,8 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
             shared.clone(),
         ))
         .await;
-        return shared.metrics.closed(&labels);
+        closed.inc();
+        return;
     }
     let route = shared.state.borrow().route(dst, &pod.namespace);
     let source = source.as_deref();
@@ -97,18 +100,25 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 true,
             );
             info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %target, peer_identity = identity, "connection captured");
-            match Box::pin(hbone::open(&shared, &pod, hbone, target, &identity)).await {
-                Ok(mut tunnel) => {
-                    ConnLog::upstream(&mut log, target);
-                    let mut client = Metered::new(client, shared.metrics.opened(&labels));
-                    let result = splice(&mut client, &mut tunnel).await;
-                    finish(&shared, &labels, &pod, dst, result, log);
-                }
+            let tunnel = match Box::pin(hbone::open(&shared, &pod, hbone, target, &identity)).await
+            {
+                Ok(tunnel) => tunnel,
                 Err(e) => {
                     warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e:#}");
-                    shared.metrics.failed(&mut labels, "UF");
+                    return shared.metrics.failed(&mut labels, "UF");
                 }
-            }
+            };
+            ConnLog::upstream(&mut log, target);
+            Box::pin(spliced(
+                client,
+                tunnel,
+                Box::new(labels),
+                &shared,
+                &pod,
+                dst,
+                log,
+            ))
+            .await;
         }
         Route::NoEndpoints { service } => {
             warn!(pod = %pod.name, orig_dst = %dst, service, "the service has no endpoint for this address family; closing the connection");
@@ -142,7 +152,24 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 ConnLog::upstream(&mut log, addr);
                 stream
             });
-            relay(client, upstream, &mut labels, &shared, &pod, dst, log).await;
+            match upstream {
+                Ok(upstream) => {
+                    Box::pin(spliced(
+                        client,
+                        upstream,
+                        Box::new(labels),
+                        &shared,
+                        &pod,
+                        dst,
+                        log,
+                    ))
+                    .await
+                }
+                Err(e) => {
+                    warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e}");
+                    shared.metrics.failed(&mut labels, "UF");
+                }
+            }
         }
     }
 }
@@ -208,37 +235,25 @@ pub(super) async fn plain(
     Ok((stream, addr))
 }
 
-/// Splices the client to an upstream outside the mesh, or counts the failure to reach it.
-async fn relay(
+/// Splices the client to its upstream until both sides close. Its own (boxed) future, so a
+/// connection's task is sized for this, its longest state, and holds its metric counters
+/// while it splices, not its labels (boxed, as an async fn keeps its arguments for its whole
+/// life, and kept only for the access log, when it is on).
+async fn spliced<U: Io>(
     client: TcpStream,
-    upstream: std::io::Result<Box<dyn Io>>,
-    labels: &mut crate::metrics::TcpLabels,
+    mut upstream: U,
+    labels: Box<crate::metrics::TcpLabels>,
     shared: &Shared,
     pod: &PodCtx,
     dst: SocketAddr,
     log: Option<Box<ConnLog>>,
 ) {
-    match upstream {
-        Ok(mut upstream) => {
-            let mut client = Metered::new(client, shared.metrics.opened(labels));
-            let result = splice(&mut client, &mut upstream).await;
-            finish(shared, labels, pod, dst, result, log);
-        }
-        Err(e) => {
-            warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e}");
-            shared.metrics.failed(labels, "UF");
-        }
-    }
-}
-
-fn finish(
-    shared: &Shared,
-    labels: &crate::metrics::TcpLabels,
-    pod: &PodCtx,
-    dst: SocketAddr,
-    result: std::io::Result<(u64, u64)>,
-    log: Option<Box<ConnLog>>,
-) {
+    let (mut client, closed, labels) = {
+        let client = Metered::new(client, shared.metrics.opened(&labels));
+        let closed = shared.metrics.closing(&labels);
+        (client, closed, log.is_some().then_some(labels))
+    };
+    let result = splice(&mut client, &mut upstream).await;
     match &result {
         Ok((received, sent)) => {
             debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, received, sent, "connection closed")
@@ -247,6 +262,8 @@ fn finish(
             debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, "connection ended with an error: {e}")
         }
     }
-    ConnLog::closed(log, shared, labels, result.map_err(|e| e.to_string()));
-    shared.metrics.closed(labels);
+    if let Some(labels) = labels {
+        ConnLog::closed(log, shared, &labels, result.map_err(|e| e.to_string()));
+    }
+    closed.inc();
 }
