@@ -256,6 +256,7 @@ pub fn main() -> ExitCode {
             .context("starting the runtime")
             .and_then(|rt| rt.block_on(watch_config(args))),
         Command::Run(args) => {
+            crate::memory::share_one_arena();
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = args.worker_threads {
                 runtime.worker_threads(n.into());
