@@ -5,6 +5,8 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::Shared;
 use crate::{
     access::{self, Format, addr, millis, timestamp},
@@ -50,13 +52,7 @@ impl ConnLog {
 
     /// The connection closed: `result` is (bytes from the client, bytes to it), or why it
     /// ended otherwise.
-    pub fn closed(
-        log: Option<Box<Self>>,
-        shared: &Shared,
-        labels: &TcpLabels,
-        result: Result<(u64, u64), String>,
-    ) {
-        let Some(l) = log else { return };
+    fn closed(&self, shared: &Shared, labels: &TcpLabels, result: Result<(u64, u64), String>) {
         let known = |s: &str| (s != "unknown").then(|| s.to_owned());
         let (received, sent, details) = match result {
             Ok((r, s)) => (r, s, None),
@@ -64,14 +60,14 @@ impl ConnLog {
         };
         shared.observe.connection(|| access::Connection {
             reporter: labels.reporter,
-            direction: l.direction,
-            start_time: timestamp(l.start_time),
-            downstream_remote_address: addr(l.client),
-            downstream_local_address: addr(l.dst),
-            upstream_host: l.upstream.map(addr),
+            direction: self.direction,
+            start_time: timestamp(self.start_time),
+            downstream_remote_address: addr(self.client),
+            downstream_local_address: addr(self.dst),
+            upstream_host: self.upstream.map(addr),
             bytes_received: received,
             bytes_sent: sent,
-            duration: millis(l.started.elapsed()),
+            duration: millis(self.started.elapsed()),
             source_workload: known(&labels.source_workload),
             source_namespace: known(&labels.source_workload_namespace),
             source_principal: known(&labels.source_principal),
@@ -81,5 +77,31 @@ impl ConnLog {
             destination_service: known(&labels.destination_service),
             connection_termination_details: details,
         });
+    }
+}
+
+/// What an open connection keeps until it closes: the counter its close adds to, and its labels
+/// only when the access log will write them, so thousands of idle connections do not each hold
+/// seventeen label values.
+pub struct Closing {
+    counter: Counter,
+    log: Option<(Box<ConnLog>, Box<TcpLabels>)>,
+}
+
+impl Closing {
+    /// Labels come boxed: a splice's future keeps its arguments for its whole life.
+    pub fn new(shared: &Shared, labels: Box<TcpLabels>, log: Option<Box<ConnLog>>) -> Self {
+        Self {
+            counter: shared.metrics.closing(&labels),
+            log: log.map(|l| (l, labels)),
+        }
+    }
+
+    /// Counts the close and logs it: `result` as for [`ConnLog::closed`].
+    pub fn closed(self, shared: &Shared, result: Result<(u64, u64), String>) {
+        if let Some((log, labels)) = self.log {
+            log.closed(shared, &labels, result);
+        }
+        self.counter.inc();
     }
 }

@@ -26,7 +26,7 @@ use super::{
     CONNECT_TIMEOUT, Failure, Metered, PodCtx, Shared,
     authorize::{self, Caller},
     canonical,
-    conn_log::ConnLog,
+    conn_log::{Closing, ConnLog},
     connect, gateway,
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
     http, http_inbound, labels, proxy_port, reset, splice,
@@ -155,17 +155,12 @@ pub async fn plaintext(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, sh
         }
     };
     let log = ConnLog::start(&shared, "inbound", peer, dst);
-    let mut client = Metered::new(client, shared.metrics.opened(&labels));
-    let result = match app {
-        Upstream::App(mut app) => {
-            guarded_splice(&mut client, &mut app, &pod, &shared, caller, dst).await
-        }
-        Upstream::Out(mut out) => {
-            guarded_splice(&mut client, &mut out, &pod, &shared, caller, dst).await
-        }
-    };
-    ConnLog::closed(log, &shared, &labels, result);
-    shared.metrics.closed(&labels);
+    let client = Metered::new(client, shared.metrics.opened(&labels));
+    let labels = Box::new(labels);
+    match app {
+        Upstream::App(app) => spliced(client, app, labels, &pod, &shared, caller, dst, log).await,
+        Upstream::Out(out) => spliced(client, out, labels, &pod, &shared, caller, dst, log).await,
+    }
 }
 
 /// Splices a TCP connection until it ends, or until a config change makes the pod's
@@ -192,9 +187,8 @@ where
     }
 }
 
-/// Splices an accepted stream to the app (or a gateway's destination) under the pod's
-/// policies. While it splices it holds its metric counters, not its labels (kept only for the
-/// access log, when it is on): thousands of idle streams cost less each.
+/// Splices an accepted connection or stream to the app (or a gateway's destination) under the
+/// pod's policies, holding only what its close needs ([`Closing`]).
 #[allow(clippy::too_many_arguments)] // one stream's whole context, each piece distinct
 async fn spliced<C: super::Io, A: super::Io>(
     mut client: Metered<C>,
@@ -206,13 +200,9 @@ async fn spliced<C: super::Io, A: super::Io>(
     target: SocketAddr,
     log: Option<Box<ConnLog>>,
 ) {
-    let closed = shared.metrics.closing(&labels);
-    let labels = log.is_some().then_some(labels);
+    let closing = Closing::new(shared, labels, log);
     let result = guarded_splice(&mut client, &mut app, pod, shared, caller, target).await;
-    if let Some(labels) = labels {
-        ConnLog::closed(log, shared, &labels, result);
-    }
-    closed.inc();
+    closing.closed(shared, result);
 }
 
 /// Connects to the app from the pod's own address, which sk_lookup never steers, so the app sees

@@ -6,8 +6,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::{
-    Failure, Io, Metered, PodCtx, Shared, conn_log::ConnLog, connect, hbone, http_outbound, labels,
-    proxy_port, reset, splice,
+    Failure, Io, Metered, PodCtx, Shared,
+    conn_log::{Closing, ConnLog},
+    connect, hbone, http_outbound, labels, proxy_port, reset, splice,
 };
 use trellis_common::DNS_PORT;
 
@@ -236,9 +237,8 @@ pub(super) async fn plain(
 }
 
 /// Splices the client to its upstream until both sides close. Its own (boxed) future, so a
-/// connection's task is sized for this, its longest state, and holds its metric counters
-/// while it splices, not its labels (boxed, as an async fn keeps its arguments for its whole
-/// life, and kept only for the access log, when it is on).
+/// connection's task is sized for this, its longest state, holding only what its close needs
+/// ([`Closing`]).
 async fn spliced<U: Io>(
     client: TcpStream,
     mut upstream: U,
@@ -248,11 +248,8 @@ async fn spliced<U: Io>(
     dst: SocketAddr,
     log: Option<Box<ConnLog>>,
 ) {
-    let (mut client, closed, labels) = {
-        let client = Metered::new(client, shared.metrics.opened(&labels));
-        let closed = shared.metrics.closing(&labels);
-        (client, closed, log.is_some().then_some(labels))
-    };
+    let mut client = Metered::new(client, shared.metrics.opened(&labels));
+    let closing = Closing::new(shared, labels, log);
     let result = splice(&mut client, &mut upstream).await;
     match &result {
         Ok((received, sent)) => {
@@ -262,8 +259,5 @@ async fn spliced<U: Io>(
             debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, "connection ended with an error: {e}")
         }
     }
-    if let Some(labels) = labels {
-        ConnLog::closed(log, shared, &labels, result.map_err(|e| e.to_string()));
-    }
-    closed.inc();
+    closing.closed(shared, result.map_err(|e| e.to_string()));
 }
