@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 pub use super::pool::Sender;
-use super::{CONNECT_TIMEOUT, PodCtx, Shared, connect, pool};
+use super::{CONNECT_TIMEOUT, PodCtx, Shared, connect, pool, read_ahead::ReadAhead};
 use crate::tls::{self, WorkloadTls};
 
 /// HTTP/2 flow-control windows: big enough that one stream fills a fast link.
@@ -128,7 +128,7 @@ async fn handshake(
         .with_context(|| format!("connecting to {hbone}"))?;
     let stream = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        TlsConnector::from(tls.client.clone()).connect(tls::server_name(), tcp),
+        TlsConnector::from(tls.client.clone()).connect(tls::server_name(), ReadAhead::new(tcp)),
     )
     .await
     .with_context(|| format!("TLS handshake with {hbone} timed out"))?

@@ -29,7 +29,9 @@ use super::{
     conn_log::{Closing, ConnLog},
     connect, gateway,
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
-    http, http_inbound, labels, proxy_port, reset, splice,
+    http, http_inbound, labels, proxy_port,
+    read_ahead::ReadAhead,
+    reset, splice,
 };
 use crate::{
     proxy::HttpLimits,
@@ -221,7 +223,7 @@ pub async fn hbone(stream: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared
     let _ = stream.set_nodelay(true);
     let accepted = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        TlsAcceptor::from(tls.server.clone()).accept(stream),
+        TlsAcceptor::from(tls.server.clone()).accept(ReadAhead::new(stream)),
     )
     .await;
     let refused = |error: String| {

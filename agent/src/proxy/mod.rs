@@ -18,6 +18,7 @@ mod layers;
 mod originate;
 mod outbound;
 mod pool;
+mod read_ahead;
 mod terminate;
 mod trace;
 
