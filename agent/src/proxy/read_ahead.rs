@@ -1,12 +1,13 @@
-//! A mutual-TLS connection's socket, read ahead in large chunks. rustls asks its socket for at
-//! most 4 KB at a time, so each 16 KB record of a bulk stream took four or five `recv` calls;
-//! here one `recv` takes up to `CHUNK` and rustls is served from memory. The buffer is kept
-//! only while the socket keeps delivering: once it would block with nothing buffered the buffer
-//! is dropped, so an idle pooled connection holds none.
+//! A mutual-TLS connection's socket, read ahead in large chunks while it streams. rustls asks
+//! its socket for at most 4 KB at a time, so each 16 KB record of a bulk stream took four or
+//! five `recv` calls; here one `recv` takes up to `CHUNK` and rustls is served from memory.
+//! Only a read that filled all rustls asked for (more is likely waiting) switches read-ahead
+//! on, and the first time the socket would block it is off again and its buffer dropped: small
+//! exchanges read straight into rustls as before, and an idle pooled connection holds no buffer.
 use std::{
     io,
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
 use bytes::{Buf as _, BytesMut};
@@ -17,7 +18,9 @@ const CHUNK: usize = 64 * 1024;
 
 pub struct ReadAhead<T> {
     inner: T,
+    /// Read ahead, not yet handed out; empty (and unallocated) unless streaming.
     buf: BytesMut,
+    streaming: bool,
 }
 
 impl<T> ReadAhead<T> {
@@ -25,6 +28,7 @@ impl<T> ReadAhead<T> {
         Self {
             inner,
             buf: BytesMut::new(),
+            streaming: false,
         }
     }
 }
@@ -37,14 +41,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.buf.is_empty() {
-            if out.remaining() >= CHUNK {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
+            if !this.streaming || out.remaining() >= CHUNK {
+                let wanted = out.remaining();
+                ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+                this.streaming = wanted > 0 && out.remaining() == 0;
+                return Poll::Ready(Ok(()));
             }
             // Reuses the allocation while it is ours alone and empty.
             this.buf.reserve(CHUNK);
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf) {
                 Poll::Pending => {
                     this.buf = BytesMut::new();
+                    this.streaming = false;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -117,12 +125,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn small_messages_are_read_straight_through() {
+        let (mut peer, socket) = tokio::io::duplex(256 * 1024);
+        let mut reader = ReadAhead::new(socket);
+        let mut small = [0u8; 4096];
+        for message in [&b"one"[..], b"two", &[7u8; 1500]] {
+            peer.write_all(message).await.unwrap();
+            let n = reader.read(&mut small).await.unwrap();
+            assert_eq!(&small[..n], message);
+            assert_eq!(
+                reader.buf.capacity(),
+                0,
+                "a small message allocated a buffer"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn an_idle_connection_holds_no_buffer() {
         let (mut peer, socket) = tokio::io::duplex(256 * 1024);
         let mut reader = ReadAhead::new(socket);
-        peer.write_all(b"hello").await.unwrap();
+        peer.write_all(&[1u8; 10_000]).await.unwrap();
         let mut small = [0u8; 4096];
-        assert_eq!(reader.read(&mut small).await.unwrap(), 5);
+        let mut got = 0;
+        while got < 10_000 {
+            got += reader.read(&mut small).await.unwrap();
+        }
+        assert!(
+            reader.buf.capacity() > 0,
+            "10 KB in 4 KB reads was not read ahead"
+        );
         // Nothing more to read: the next read waits, and the buffer is let go meanwhile.
         let waiting = tokio::time::timeout(
             std::time::Duration::from_millis(50),
