@@ -340,6 +340,7 @@ async fn run(args: RunArgs, access_log: access::Format) -> Result<()> {
         state: state.clone(),
         tls: TlsStore::new(svids.clone()),
         pool: Pool::default(),
+        local: Default::default(),
         balancer: Default::default(),
         metrics: metrics.clone(),
         node_netns: crate::netns::netns_cookie(std::os::fd::AsFd::as_fd(&metrics_listener))

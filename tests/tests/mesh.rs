@@ -508,3 +508,123 @@ fn certificate_renewal_under_load_drops_no_connection() {
         );
     }
 }
+
+/// The TCP sockets to or from port 15008 (HBONE) in `pod`'s network namespace, as `ss` lists them.
+fn hbone_sockets(pod: &trellis_e2e::Pod) -> Vec<String> {
+    let mut cmd = Command::new("ss");
+    cmd.args(["-Htn", "( sport = :15008 or dport = :15008 )"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap();
+    assert!(out.status.success(), "ss: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn same_node_streams_skip_tls_but_keep_identity_policy_and_metrics() {
+    let shop = Shop::start();
+    let n1 = &shop.cluster.nodes[0];
+    // A second mesh pod on the client's node: its streams to the client pod stay on the node.
+    let neighbour = n1.add_pod("neighbour");
+    shop.control.write(
+        "neighbour.yaml",
+        &pod_yaml(&neighbour, "shop", n1, "neighbour", "neighbour"),
+    );
+    shop.agents[0].wait_pod_state(&neighbour, "enrolled");
+    wait_certificate(&shop.agents[0], &spiffe("shop", "neighbour"));
+    serve_bulk(&shop.client);
+
+    for to in [addr(shop.client.ip4, 8080), addr(shop.client.ip6, 8080)] {
+        let out = neighbour.connect(to, "ping");
+        assert_eq!(out["echo"], "ping", "{to}: {out}\n{}", shop.logs());
+        assert_eq!(out["banner"]["server"], "client", "{out}");
+    }
+    let stream = shop.agents[0].wait_log("the local stream", |v| {
+        v["message"] == "local stream" && v["client_identity"] == spiffe("shop", "neighbour")
+    });
+    assert_eq!(stream["pod"], "shop/client", "{stream}");
+    let out = blast(&neighbour, addr(shop.client.ip4, 7000), 64 << 20);
+    assert_eq!(out["ok"], true, "{out}\n{}", shop.logs());
+    // No HBONE connection between the two pods: none in either's network namespace...
+    for pod in [&neighbour, &shop.client] {
+        let sockets = hbone_sockets(pod);
+        assert!(sockets.is_empty(), "{}: {sockets:?}", pod.name);
+    }
+    // ...where the pooled one to the other node shows once the client calls there.
+    assert_eq!(shop.client.connect(shop.vip(80), "x")["echo"], "x");
+    assert!(!hbone_sockets(&shop.client).is_empty());
+
+    // Both reporters count it as an HBONE stream between the two identities.
+    let m = metrics(n1);
+    for (reporter, min) in [
+        ("source", (64u64 << 20) as f64),
+        ("destination", (64u64 << 20) as f64),
+    ] {
+        let with = [
+            ("reporter", reporter),
+            ("source_workload", "neighbour"),
+            ("source_principal", &spiffe("shop", "neighbour")),
+            ("destination_workload", "client"),
+            ("destination_principal", &spiffe("shop", "client")),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        let received = sample(&m, "istio_tcp_received_bytes_total", &with)
+            .unwrap_or_else(|| panic!("no {reporter} sample:\n{m}"));
+        assert!(received >= min, "{reporter} received {received}\n{m}");
+        let opened = sample(&m, "istio_tcp_connections_opened_total", &with).unwrap_or(0.0);
+        assert!(opened >= 3.0, "{reporter} opened {opened}\n{m}");
+    }
+
+    // The destination's policies see the caller's identity: a DENY for the neighbour closes its
+    // open stream and refuses new ones, while the server (same port, other node) still passes.
+    let mut long = Command::new(binary("trellis-loadgen"));
+    long.args([
+        "blast",
+        &addr(shop.client.ip4, 7000).to_string(),
+        "--bytes",
+        &(16u64 << 30).to_string(),
+        "--timeout-secs",
+        "60",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut child = neighbour.spawn_app(&mut long).expect("starting blast");
+    shop.eventually("the long stream open", || {
+        shop.agents[0]
+            .logs()
+            .iter()
+            .filter(|v| {
+                v["message"] == "local stream"
+                    && v["orig_dst"] == addr(shop.client.ip4, 7000).to_string()
+            })
+            .count()
+            >= 2
+    });
+    shop.control.write(
+        "deny-neighbour.yaml",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: deny-neighbour, namespace: shop}}\n\
+             spec: {{selector: {{matchLabels: {{app: client}}}}, action: DENY, rules: [{{from: [{{source: {{principals: [{TD}/ns/shop/sa/neighbour]}}}}]}}]}}\n"
+        ),
+    );
+    shop.agents[0].wait_log("the open stream's closing", |v| {
+        v["message"] == "open connection closed: an AuthorizationPolicy now denies it"
+            && v["policy"] == "shop/deny-neighbour"
+    });
+    shop.eventually("the long stream ended", || {
+        child.try_wait().unwrap().is_some()
+    });
+    let out = neighbour.connect(addr(shop.client.ip4, 8080), "x");
+    assert_ne!(out["echo"], "x", "{out}");
+    shop.agents[0].wait_log("the new stream's denial", |v| {
+        v["message"] == "denied by AuthorizationPolicy"
+            && v["policy"] == "shop/deny-neighbour"
+            && v["client_identity"] == spiffe("shop", "neighbour")
+    });
+    let out = shop.server.connect(addr(shop.client.ip4, 8080), "y");
+    assert_eq!(out["echo"], "y", "{out}\n{}", shop.logs());
+}

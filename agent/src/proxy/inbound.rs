@@ -315,6 +315,11 @@ fn target_of(authority: &str, pod_ips: &[IpAddr]) -> Result<SocketAddr, Refused>
     let target = authority
         .parse::<SocketAddr>()
         .map_err(|_| Refused::BadAuthority)?;
+    check_target(target, pod_ips)
+}
+
+/// `target` if it is one of `pod_ips`' app ports (see `connect_target`).
+pub(super) fn check_target(target: SocketAddr, pod_ips: &[IpAddr]) -> Result<SocketAddr, Refused> {
     if !pod_ips.contains(&target.ip()) {
         return Err(Refused::NotThisPod(target));
     }
@@ -325,16 +330,16 @@ fn target_of(authority: &str, pod_ips: &[IpAddr]) -> Result<SocketAddr, Refused>
 }
 
 /// What the mesh state says of a stream from `peer` (proven to be `client_id`) to `target`.
-struct Stream {
+pub(super) struct Stream {
     /// An HTTP port of the pod's own (not a gateway's): served at L7.
-    http: bool,
-    gateway: Option<Route>,
-    l7: Option<GatewayMode>,
-    labels: crate::metrics::TcpLabels,
-    caller: Caller,
+    pub http: bool,
+    pub gateway: Option<Route>,
+    pub l7: Option<GatewayMode>,
+    pub labels: crate::metrics::TcpLabels,
+    pub caller: Caller,
 }
 
-fn stream(
+pub(super) fn stream(
     shared: &Shared,
     pod: &PodCtx,
     peer: SocketAddr,

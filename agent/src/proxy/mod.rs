@@ -15,6 +15,7 @@ mod http_inbound;
 mod http_outbound;
 mod inbound;
 mod layers;
+mod local;
 mod originate;
 mod outbound;
 mod pool;
@@ -47,6 +48,7 @@ use trellis_common::{
 
 pub use guard::{ConnLimits, Failure, HttpLimits, LogThrottle, open_file_budget};
 pub use inbound::{Refused, connect_target};
+pub use local::LocalPods;
 pub use originate::TlsOrigination;
 pub use pool::Pool;
 pub use terminate::{ServerTls, best as best_host};
@@ -69,6 +71,8 @@ pub struct Shared {
     pub state: watch::Receiver<Arc<MeshState>>,
     pub tls: TlsStore,
     pub pool: Pool,
+    /// This node's pods that serve HBONE: streams between two of them stay in the agent.
+    pub local: LocalPods,
     pub balancer: balance::Balancer,
     pub metrics: Arc<Metrics>,
     /// The node's own network namespace (its cookie): plaintext that a socket there opened
@@ -223,10 +227,15 @@ fn listen(addr: SocketAddr, v6_only: bool) -> Result<std::net::TcpListener> {
 /// The pod's accept loops; dropping it stops accepting (connections in flight finish).
 pub struct PodProxy {
     tasks: Vec<JoinHandle<()>>,
+    /// Where the pod is listed in `Shared::local`, while it serves HBONE.
+    local: Option<(Arc<Shared>, Arc<PodCtx>)>,
 }
 
 impl Drop for PodProxy {
     fn drop(&mut self) {
+        if let Some((shared, pod)) = &self.local {
+            shared.local.remove(pod);
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -244,6 +253,7 @@ pub fn spawn(pod: Arc<PodCtx>, listeners: PodListeners, shared: Arc<Shared>) -> 
         &shared,
         inbound::plaintext,
     )?);
+    let serves_hbone = listeners.hbone.is_some();
     if let Some(l) = listeners.hbone {
         tasks.push(accept_loop(l, &pod, &shared, inbound::hbone)?);
     }
@@ -255,7 +265,12 @@ pub fn spawn(pod: Arc<PodCtx>, listeners: PodListeners, shared: Arc<Shared>) -> 
             shared.clone(),
         )));
     }
-    Ok(PodProxy { tasks })
+    // Listed last, so a pod whose proxy failed to start is never listed.
+    let local = serves_hbone.then(|| {
+        shared.local.add(&pod);
+        (shared.clone(), pod.clone())
+    });
+    Ok(PodProxy { tasks, local })
 }
 
 /// Accepts connections within the pod's and the node's limits (past them: reset at once) and

@@ -8,7 +8,9 @@ use tracing::{debug, info, warn};
 use super::{
     Failure, Io, Metered, PodCtx, Shared,
     conn_log::{Closing, ConnLog},
-    connect, hbone, http_outbound, labels, proxy_port, reset, splice,
+    connect, hbone, http_outbound, labels,
+    local::{self, Local},
+    proxy_port, reset, splice,
 };
 use trellis_common::DNS_PORT;
 
@@ -101,23 +103,59 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 true,
             );
             info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %target, peer_identity = identity, "connection captured");
-            let tunnel = match Box::pin(hbone::open(&shared, &pod, hbone, target, &identity)).await
+            let mut labels = match Box::pin(local::open(
+                &shared,
+                &pod,
+                peer.port(),
+                hbone,
+                target,
+                &identity,
+            ))
+            .await
             {
-                Ok(tunnel) => tunnel,
-                Err(e) => {
-                    warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e:#}");
+                Local::Remote => labels,
+                Local::Refused(why) => {
+                    warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {why}");
                     return shared.metrics.failed(&mut labels, "UF");
                 }
+                Local::Open(stream) => {
+                    ConnLog::upstream(&mut log, target);
+                    let at: &Shared = &shared;
+                    let splice = |mut client| async move { stream.splice(&mut client, at).await };
+                    return Box::pin(spliced(
+                        client,
+                        Box::new(labels),
+                        &shared,
+                        &pod,
+                        dst,
+                        log,
+                        splice,
+                    ))
+                    .await;
+                }
             };
+            let mut tunnel =
+                match Box::pin(hbone::open(&shared, &pod, hbone, target, &identity)).await {
+                    Ok(tunnel) => tunnel,
+                    Err(e) => {
+                        warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e:#}");
+                        return shared.metrics.failed(&mut labels, "UF");
+                    }
+                };
             ConnLog::upstream(&mut log, target);
+            let splice = |mut client| async move {
+                splice(&mut client, &mut tunnel)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
             Box::pin(spliced(
                 client,
-                tunnel,
                 Box::new(labels),
                 &shared,
                 &pod,
                 dst,
                 log,
+                splice,
             ))
             .await;
         }
@@ -154,15 +192,20 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 stream
             });
             match upstream {
-                Ok(upstream) => {
+                Ok(mut upstream) => {
+                    let splice = |mut client| async move {
+                        splice(&mut client, &mut upstream)
+                            .await
+                            .map_err(|e| e.to_string())
+                    };
                     Box::pin(spliced(
                         client,
-                        upstream,
                         Box::new(labels),
                         &shared,
                         &pod,
                         dst,
                         log,
+                        splice,
                     ))
                     .await
                 }
@@ -236,21 +279,24 @@ pub(super) async fn plain(
     Ok((stream, addr))
 }
 
-/// Splices the client to its upstream until both sides close. Its own (boxed) future, so a
-/// connection's task is sized for this, its longest state, holding only what its close needs
-/// ([`Closing`]).
-async fn spliced<U: Io>(
+/// Splices the client to its upstream (`splice` does, given the client counted for the
+/// source side) until both sides close. Its own (boxed) future, so a connection's task is sized
+/// for this, its longest state, holding only what its close needs ([`Closing`]).
+async fn spliced<F, Fut>(
     client: TcpStream,
-    mut upstream: U,
     labels: Box<crate::metrics::TcpLabels>,
     shared: &Shared,
     pod: &PodCtx,
     dst: SocketAddr,
     log: Option<Box<ConnLog>>,
-) {
-    let mut client = Metered::new(client, shared.metrics.opened(&labels));
+    splice: F,
+) where
+    F: FnOnce(Metered<TcpStream>) -> Fut,
+    Fut: Future<Output = Result<(u64, u64), String>>,
+{
+    let client = Metered::new(client, shared.metrics.opened(&labels));
     let closing = Closing::new(shared, labels, log);
-    let result = splice(&mut client, &mut upstream).await;
+    let result = splice(client).await;
     match &result {
         Ok((received, sent)) => {
             debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, received, sent, "connection closed")
@@ -259,5 +305,5 @@ async fn spliced<U: Io>(
             debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, "connection ended with an error: {e}")
         }
     }
-    closing.closed(shared, result.map_err(|e| e.to_string()));
+    closing.closed(shared, result);
 }

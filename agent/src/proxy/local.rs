@@ -1,0 +1,182 @@
+//! Same-node mesh streams. When a pod connects to a plain TCP port of another pod this agent
+//! serves, the agent holds both ends' certificates: a TLS handshake and HTTP/2 framing between
+//! two of its own sockets would prove nothing it does not know already. So the stream is decided
+//! exactly as an HBONE CONNECT from that pod would be (the caller's SPIFFE ID before the
+//! destination's AuthorizationPolicies, its connection budget, both reporters' metrics and
+//! access-log records with the same labels), then the client is spliced straight to the app.
+//! HTTP and gateway ports, which the destination serves at L7, still go through HBONE.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, RwLock},
+};
+
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+use trellis_common::HBONE_PORT;
+
+use super::{
+    Metered, PodCtx, Shared,
+    authorize::{self, Caller},
+    conn_log::{Closing, ConnLog},
+    guard::Admission,
+    inbound::{self, Refused},
+};
+use crate::metrics::TcpLabels;
+
+/// This agent's pods that serve HBONE, by address; entries come and go with their pod's proxy.
+#[derive(Default)]
+pub struct LocalPods(RwLock<HashMap<IpAddr, Arc<PodCtx>>>);
+
+impl LocalPods {
+    pub fn add(&self, pod: &Arc<PodCtx>) {
+        let mut pods = self.0.write().unwrap_or_else(|p| p.into_inner());
+        for ip in &pod.ips {
+            pods.insert(*ip, pod.clone());
+        }
+    }
+
+    /// Forgets `pod`'s addresses, unless a newer pod already holds one.
+    pub fn remove(&self, pod: &Arc<PodCtx>) {
+        let mut pods = self.0.write().unwrap_or_else(|p| p.into_inner());
+        pods.retain(|_, p| !Arc::ptr_eq(p, pod));
+    }
+
+    fn get(&self, ip: IpAddr) -> Option<Arc<PodCtx>> {
+        let pods = self.0.read().unwrap_or_else(|p| p.into_inner());
+        pods.get(&ip).cloned()
+    }
+}
+
+/// What a same-node stream came to.
+pub enum Local {
+    /// Not a pod on this node, or a port it serves at L7: the caller goes through HBONE.
+    Remote,
+    /// Refused as the HBONE CONNECT would have been; why.
+    Refused(String),
+    Open(Box<Accepted>),
+}
+
+/// A stream the destination's side has accepted, with its app connection open.
+pub struct Accepted {
+    pod: Arc<PodCtx>,
+    peer: SocketAddr,
+    target: SocketAddr,
+    app: TcpStream,
+    labels: TcpLabels,
+    caller: Caller,
+    _admission: Admission,
+}
+
+/// A stream from `source` (its client socket's port `client_port`) to `target`, which `hbone`
+/// serves as `identity`.
+pub async fn open(
+    shared: &Shared,
+    source: &PodCtx,
+    client_port: u16,
+    hbone: SocketAddr,
+    target: SocketAddr,
+    identity: &str,
+) -> Local {
+    // Anything HBONE would refuse before the CONNECT (no certificate at either end, another
+    // identity than control expects) goes that way, to be refused there as always.
+    let Some(pod) = shared
+        .local
+        .get(hbone.ip())
+        .filter(|_| hbone.port() == HBONE_PORT)
+    else {
+        return Local::Remote;
+    };
+    let Some(client_id) = source.identity.as_deref() else {
+        return Local::Remote;
+    };
+    if pod.identity.as_deref() != Some(identity)
+        || shared.tls.get(identity).is_none()
+        || shared.tls.get(client_id).is_none()
+    {
+        return Local::Remote;
+    }
+    // Where an HBONE connection from the source pod would come from: its own address (the
+    // captured client socket is on loopback), which the destination checks against the identity.
+    let Some(ip) = source
+        .ips
+        .iter()
+        .find(|ip| ip.is_ipv4() == target.is_ipv4())
+    else {
+        return Local::Remote;
+    };
+    let peer = SocketAddr::new(*ip, client_port);
+    match inbound::check_target(target, &pod.ips) {
+        Ok(_) => {}
+        Err(Refused::NotThisPod(_)) => return Local::Remote,
+        Err(refused) => return Local::Refused(format!("refused with {}", refused.status())),
+    }
+    let inbound::Stream {
+        http,
+        gateway,
+        l7,
+        labels,
+        caller,
+    } = inbound::stream(shared, &pod, peer, client_id, target);
+    if http || gateway.is_some() || l7.is_some() {
+        return Local::Remote;
+    }
+    let admission = match shared.limits.admit(&pod.budget) {
+        Ok(a) => a,
+        Err(limit) => {
+            if let Some(suppressed) = shared.fail(limit) {
+                warn!(pod = %pod.name, client_identity = client_id, %target, suppressed, reason = ?limit, "local stream refused: limit reached");
+            }
+            return Local::Refused(format!("{}'s connection limit reached", pod.name));
+        }
+    };
+    if let Err(policy) = authorize::connection(shared, &pod, &caller, target.port(), &labels) {
+        debug!(pod = %pod.name, client_identity = client_id, %target, policy, "local stream refused");
+        return Local::Refused(format!("an AuthorizationPolicy ({policy}) denies it"));
+    }
+    info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "local stream");
+    let app = match inbound::to_app(&pod, target).await {
+        Ok(app) => app,
+        Err(e) => {
+            warn!(pod = %pod.name, %target, "connecting to the app: {e}");
+            return Local::Refused(format!("connecting to the app: {e}"));
+        }
+    };
+    Local::Open(Box::new(Accepted {
+        pod,
+        peer,
+        target,
+        app,
+        labels,
+        caller,
+        _admission: admission,
+    }))
+}
+
+impl Accepted {
+    /// Splices `client` (already counted for the source side) to the app until both close, or
+    /// until the destination's policies deny it; counted and logged for the destination side
+    /// as an HBONE stream is. (bytes from the client, bytes to it), or why it ended.
+    pub async fn splice(
+        self: Box<Self>,
+        client: &mut Metered<TcpStream>,
+        shared: &Shared,
+    ) -> Result<(u64, u64), String> {
+        let Accepted {
+            pod,
+            peer,
+            target,
+            mut app,
+            labels,
+            caller,
+            _admission,
+        } = *self;
+        let log = ConnLog::start(shared, "inbound", peer, target);
+        let mut client = Metered::new(client, shared.metrics.opened(&labels));
+        let closing = Closing::new(shared, Box::new(labels), log);
+        let result =
+            inbound::guarded_splice(&mut client, &mut app, &pod, shared, caller, target).await;
+        closing.closed(shared, result.clone());
+        result
+    }
+}
