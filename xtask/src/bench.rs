@@ -8,6 +8,7 @@ mod l7;
 mod memory;
 mod pair;
 mod profile;
+mod same_node;
 
 use std::{
     fs,
@@ -118,23 +119,23 @@ fn bench(
     mesh_only: bool,
 ) -> Result<Value> {
     eprintln!(
-        "bench: creating a two-node cluster; pods client, haproxy and pair-near on node 1, server \
-         and pair-far on node 2"
+        "bench: creating a two-node cluster; pods client, haproxy, pair-near and server-near on \
+         node 1, server and pair-far on node 2"
     );
     let cluster = Cluster::new(2);
     let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let client = n1.add_pod("client");
     // Not in the mesh: control is never told of them.
     let proxy_pod = n1.add_pod("haproxy");
-    let (near, far) = (n1.add_pod("pair-near"), n2.add_pod("pair-far"));
+    let (pair_near, pair_far) = (n1.add_pod("pair-near"), n2.add_pod("pair-far"));
     let server = n2.add_pod("server");
     // A 5 s connect loop closes tens of thousands of connections: let TIME-WAIT ports be reused
     // (needs TCP timestamps, on by default), in every namespace a connection starts from.
     for netns in [
         &client.netns,
         &proxy_pod.netns,
-        &near.netns,
-        &far.netns,
+        &pair_near.netns,
+        &pair_far.netns,
         &server.netns,
         &n1.name,
         &n2.name,
@@ -144,13 +145,21 @@ fn bench(
     let _echo = start_echo(&server)?;
     let _iperf = start_iperf(&server)?;
     let _http = l7::start_server(&server)?;
+    let near = same_node::NearServer::start(n1)?;
     let target = IpAddr::V4(server.ip4);
 
     let (direct, l7_direct, l7_haproxy, pair, l7_pair) = if mesh_only {
         eprintln!("bench: --mesh-only: skipping the direct, haproxy and pair phases");
         Default::default()
     } else {
-        peers(&client, &proxy_pod, &near, &far, &server, duration, repeat)?
+        peers(
+            &client, &proxy_pod, &pair_near, &pair_far, &server, duration, repeat,
+        )?
+    };
+    let direct_near = if mesh_only {
+        Value::Null
+    } else {
+        same_node::direct(&client, &near, duration)?
     };
 
     eprintln!("bench: phase trellis: starting control and an agent per node");
@@ -220,6 +229,7 @@ fn bench(
         duration,
         repeat,
     )?;
+    let trellis_near = same_node::trellis(&client, &near, n1, &control, &a1, duration)?;
 
     let (file, policy) = l7::authz::policy_file();
     eprintln!(
@@ -242,6 +252,7 @@ fn bench(
         "trellis": trellis,
         "authz": l7::authz::summary(&l7_trellis, &l7_authz),
         "l7": l7::report(l7_direct, l7_haproxy, l7_pair, l7_trellis),
+        "same_node": same_node::report(direct_near, trellis_near),
     }))
 }
 
@@ -1025,6 +1036,11 @@ fn print_table(r: &Value, secs: u64, worker_threads: Option<u16>) {
         l7::authz::RULES
     );
     print_rows(&l7::authz::rows(&r["authz"]));
+    println!(
+        "\nSame node: the client to a second server pod on node 1, where the agent splices the \
+         two pods' sockets without TLS (identity, policy and metrics as across nodes); {secs} s per run\n"
+    );
+    print_rows(&same_node::rows(&r["same_node"]));
     println!();
 }
 
