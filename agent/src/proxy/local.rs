@@ -65,37 +65,43 @@ pub struct Accepted {
     app: TcpStream,
     labels: TcpLabels,
     caller: Caller,
+    /// Held until the stream ends, as the HBONE stream's is.
     _admission: Admission,
 }
 
-/// A stream from `source` (its client socket's port `client_port`) to `target`, which `hbone`
-/// serves as `identity`.
+/// The pod at `hbone` if this agent serves it as `identity` and a stream from `source` to it
+/// can skip HBONE. Anything HBONE would refuse before its CONNECT (no certificate yet at either
+/// end, another identity than control expects) goes that way, to be refused there as always.
+/// Cheap and synchronous: every mesh connection asks.
+pub fn serves(
+    shared: &Shared,
+    source: &PodCtx,
+    hbone: SocketAddr,
+    identity: &str,
+) -> Option<Arc<PodCtx>> {
+    if hbone.port() != HBONE_PORT {
+        return None;
+    }
+    let pod = shared.local.get(hbone.ip())?;
+    let client_id = source.identity.as_deref()?;
+    (pod.identity.as_deref() == Some(identity)
+        && shared.tls.get(identity).is_some()
+        && shared.tls.get(client_id).is_some())
+    .then_some(pod)
+}
+
+/// A stream from `source` (its client socket's port `client_port`) to `target`, one of the
+/// addresses of `pod` (from [`serves`]).
 pub async fn open(
     shared: &Shared,
     source: &PodCtx,
+    pod: Arc<PodCtx>,
     client_port: u16,
-    hbone: SocketAddr,
     target: SocketAddr,
-    identity: &str,
 ) -> Local {
-    // Anything HBONE would refuse before the CONNECT (no certificate at either end, another
-    // identity than control expects) goes that way, to be refused there as always.
-    let Some(pod) = shared
-        .local
-        .get(hbone.ip())
-        .filter(|_| hbone.port() == HBONE_PORT)
-    else {
-        return Local::Remote;
-    };
     let Some(client_id) = source.identity.as_deref() else {
         return Local::Remote;
     };
-    if pod.identity.as_deref() != Some(identity)
-        || shared.tls.get(identity).is_none()
-        || shared.tls.get(client_id).is_none()
-    {
-        return Local::Remote;
-    }
     // Where an HBONE connection from the source pod would come from: its own address (the
     // captured client socket is on loopback), which the destination checks against the identity.
     let Some(ip) = source
@@ -156,26 +162,27 @@ pub async fn open(
 impl Accepted {
     /// Splices `client` (already counted for the source side) to the app until both close, or
     /// until the destination's policies deny it; counted and logged for the destination side
-    /// as an HBONE stream is. (bytes from the client, bytes to it), or why it ended.
+    /// as an HBONE stream is. (bytes from the client, bytes to it), or why it ended. By
+    /// reference: the source side's task then holds its upstream once, whichever kind it is.
     pub async fn splice(
-        self: Box<Self>,
+        &mut self,
         client: &mut Metered<TcpStream>,
         shared: &Shared,
     ) -> Result<(u64, u64), String> {
-        let Accepted {
-            pod,
-            peer,
-            target,
-            mut app,
-            labels,
-            caller,
-            _admission,
-        } = *self;
-        let log = ConnLog::start(shared, "inbound", peer, target);
+        let labels = Box::new(std::mem::take(&mut self.labels));
+        let log = ConnLog::start(shared, "inbound", self.peer, self.target);
         let mut client = Metered::new(client, shared.metrics.opened(&labels));
-        let closing = Closing::new(shared, Box::new(labels), log);
-        let result =
-            inbound::guarded_splice(&mut client, &mut app, &pod, shared, caller, target).await;
+        let closing = Closing::new(shared, labels, log);
+        let caller = self.caller.clone();
+        let result = inbound::guarded_splice(
+            &mut client,
+            &mut self.app,
+            &self.pod,
+            shared,
+            caller,
+            self.target,
+        )
+        .await;
         closing.closed(shared, result.clone());
         result
     }

@@ -103,59 +103,23 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 true,
             );
             info!(direction = "outbound", pod = %pod.name, client = %peer, orig_dst = %dst, %target, peer_identity = identity, "connection captured");
-            let mut labels = match Box::pin(local::open(
-                &shared,
-                &pod,
-                peer.port(),
-                hbone,
-                target,
-                &identity,
-            ))
-            .await
-            {
-                Local::Remote => labels,
-                Local::Refused(why) => {
-                    warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {why}");
-                    return shared.metrics.failed(&mut labels, "UF");
-                }
-                Local::Open(stream) => {
-                    ConnLog::upstream(&mut log, target);
-                    let at: &Shared = &shared;
-                    let splice = |mut client| async move { stream.splice(&mut client, at).await };
-                    return Box::pin(spliced(
-                        client,
-                        Box::new(labels),
-                        &shared,
-                        &pod,
-                        dst,
-                        log,
-                        splice,
-                    ))
-                    .await;
-                }
-            };
-            let mut tunnel =
-                match Box::pin(hbone::open(&shared, &pod, hbone, target, &identity)).await {
-                    Ok(tunnel) => tunnel,
+            let upstream =
+                match Box::pin(mesh(&shared, &pod, peer.port(), hbone, target, &identity)).await {
+                    Ok(upstream) => upstream,
                     Err(e) => {
                         warn!(pod = %pod.name, orig_dst = %dst, "connection failed: {e:#}");
                         return shared.metrics.failed(&mut labels, "UF");
                     }
                 };
             ConnLog::upstream(&mut log, target);
-            let splice = |mut client| async move {
-                splice(&mut client, &mut tunnel)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
             Box::pin(spliced(
                 client,
+                upstream,
                 Box::new(labels),
                 &shared,
                 &pod,
                 dst,
                 log,
-                splice,
             ))
             .await;
         }
@@ -192,20 +156,15 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
                 stream
             });
             match upstream {
-                Ok(mut upstream) => {
-                    let splice = |mut client| async move {
-                        splice(&mut client, &mut upstream)
-                            .await
-                            .map_err(|e| e.to_string())
-                    };
+                Ok(upstream) => {
                     Box::pin(spliced(
                         client,
+                        Upstream::Plain(upstream),
                         Box::new(labels),
                         &shared,
                         &pod,
                         dst,
                         log,
-                        splice,
                     ))
                     .await
                 }
@@ -216,6 +175,38 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, share
             }
         }
     }
+}
+
+/// What a captured client is spliced to.
+enum Upstream {
+    /// A tunnel to a mesh destination's HBONE port.
+    Hbone(hbone::Stream),
+    /// A mesh destination's app on this node, accepted on its behalf here ([`local`]).
+    Local(Box<local::Accepted>),
+    /// Out of the mesh.
+    Plain(Box<dyn Io>),
+}
+
+/// Opens the way from `pod` to `target`, which `hbone` serves as `identity`: in this agent when
+/// it serves both ends ([`local`]), else over HBONE.
+async fn mesh(
+    shared: &Shared,
+    pod: &PodCtx,
+    client_port: u16,
+    hbone: SocketAddr,
+    target: SocketAddr,
+    identity: &str,
+) -> anyhow::Result<Upstream> {
+    if let Some(local) = local::serves(shared, pod, hbone, identity) {
+        match local::open(shared, pod, local, client_port, target).await {
+            Local::Open(accepted) => return Ok(Upstream::Local(accepted)),
+            Local::Refused(why) => anyhow::bail!(why),
+            Local::Remote => {}
+        }
+    }
+    Ok(Upstream::Hbone(
+        hbone::open(shared, pod, hbone, target, identity).await?,
+    ))
 }
 
 /// A connection to where a gateway's route goes, as the gateway pod: HBONE with the pod's
@@ -279,24 +270,27 @@ pub(super) async fn plain(
     Ok((stream, addr))
 }
 
-/// Splices the client to its upstream (`splice` does, given the client counted for the
-/// source side) until both sides close. Its own (boxed) future, so a connection's task is sized
-/// for this, its longest state, holding only what its close needs ([`Closing`]).
-async fn spliced<F, Fut>(
+/// Splices the client to its upstream until both sides close. Its own (boxed) future, so a
+/// connection's task is sized for this, its longest state, holding only what its close needs
+/// ([`Closing`]).
+async fn spliced(
     client: TcpStream,
+    mut upstream: Upstream,
     labels: Box<crate::metrics::TcpLabels>,
     shared: &Shared,
     pod: &PodCtx,
     dst: SocketAddr,
     log: Option<Box<ConnLog>>,
-    splice: F,
-) where
-    F: FnOnce(Metered<TcpStream>) -> Fut,
-    Fut: Future<Output = Result<(u64, u64), String>>,
-{
-    let client = Metered::new(client, shared.metrics.opened(&labels));
+) {
+    let mut client = Metered::new(client, shared.metrics.opened(&labels));
     let closing = Closing::new(shared, labels, log);
-    let result = splice(client).await;
+    // By reference: a binding moved out of `upstream` would be a second slot of its size.
+    let result = match &mut upstream {
+        Upstream::Hbone(tunnel) => splice(&mut client, tunnel).await.map_err(|e| e.to_string()),
+        Upstream::Plain(plain) => splice(&mut client, plain).await.map_err(|e| e.to_string()),
+        // Boxed: a tunnel's splice does not reserve room for the destination side's.
+        Upstream::Local(accepted) => Box::pin(accepted.splice(&mut client, shared)).await,
+    };
     match &result {
         Ok((received, sent)) => {
             debug!(direction = "outbound", pod = %pod.name, orig_dst = %dst, received, sent, "connection closed")
