@@ -63,8 +63,9 @@ pub struct Accepted {
     peer: SocketAddr,
     target: SocketAddr,
     app: TcpStream,
-    labels: TcpLabels,
-    caller: Caller,
+    /// Taken when the splice starts, so the open stream keeps them once.
+    labels: Option<Box<TcpLabels>>,
+    caller: Option<Caller>,
     /// Held until the stream ends, as the HBONE stream's is.
     _admission: Admission,
 }
@@ -153,8 +154,8 @@ pub async fn open(
         peer,
         target,
         app,
-        labels,
-        caller,
+        labels: Some(Box::new(labels)),
+        caller: Some(caller),
         _admission: admission,
     }))
 }
@@ -169,11 +170,12 @@ impl Accepted {
         client: &mut Metered<TcpStream>,
         shared: &Shared,
     ) -> Result<(u64, u64), String> {
-        let labels = Box::new(std::mem::take(&mut self.labels));
+        let (Some(labels), Some(caller)) = (self.labels.take(), self.caller.take()) else {
+            return Err("spliced twice".into());
+        };
         let log = ConnLog::start(shared, "inbound", self.peer, self.target);
         let mut client = Metered::new(client, shared.metrics.opened(&labels));
         let closing = Closing::new(shared, labels, log);
-        let caller = self.caller.clone();
         let result = inbound::guarded_splice(
             &mut client,
             &mut self.app,
