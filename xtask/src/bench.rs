@@ -189,7 +189,10 @@ fn bench(
         .collect::<Result<_>>()?;
     let pids: Vec<u32> = agents.iter().map(|a| a.1).collect();
     let idle = memory::resident(&pids)?;
-    eprintln!("bench: phase trellis: agents idle, RSS {} MB", idle["per_process"]);
+    eprintln!(
+        "bench: phase trellis: agents idle, RSS {} MB",
+        idle["per_process"]
+    );
     let mut trellis = phase("trellis", &client, target, &agents, duration, true)?;
     trellis["idle_rss_mb"] = idle;
     trellis["held"] = held(
