@@ -10,7 +10,7 @@ use std::{
 };
 
 use shop::*;
-use trellis_e2e::{node::binary, outside::contains, sys};
+use trellis_e2e::{outside::contains, sys};
 
 #[test]
 fn cross_node_traffic_is_mutual_tls_with_true_identities_both_ways() {
@@ -96,19 +96,8 @@ fn cross_node_traffic_is_mutual_tls_with_true_identities_both_ways() {
 #[test]
 fn bytes_are_counted_while_a_connection_is_still_open() {
     let shop = Shop::start();
-    // A long transfer through the VIP (16 GiB would take far longer than this test waits).
-    let mut cmd = Command::new(binary("trellis-loadgen"));
-    cmd.args([
-        "blast",
-        &shop.vip(7000).to_string(),
-        "--bytes",
-        &(16u64 << 30).to_string(),
-        "--timeout-secs",
-        "60",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let mut child = shop.client.spawn_app(&mut cmd).expect("starting blast");
+    // A long transfer through the VIP.
+    let mut child = long_blast(&shop.client, shop.vip(7000));
     let with = [
         ("reporter", "source"),
         ("destination_service", "server.shop.svc.cluster.local"),
@@ -580,18 +569,7 @@ fn same_node_streams_skip_tls_but_keep_identity_policy_and_metrics() {
 
     // The destination's policies see the caller's identity: a DENY for the neighbour closes its
     // open stream and refuses new ones, while the server (same port, other node) still passes.
-    let mut long = Command::new(binary("trellis-loadgen"));
-    long.args([
-        "blast",
-        &addr(shop.client.ip4, 7000).to_string(),
-        "--bytes",
-        &(16u64 << 30).to_string(),
-        "--timeout-secs",
-        "60",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let mut child = neighbour.spawn_app(&mut long).expect("starting blast");
+    let mut child = long_blast(&neighbour, addr(shop.client.ip4, 7000));
     shop.eventually("the long stream open", || {
         shop.agents[0]
             .logs()

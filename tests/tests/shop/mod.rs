@@ -245,6 +245,23 @@ pub fn blast(from: &Pod, to: SocketAddr, bytes: u64) -> serde_json::Value {
     v
 }
 
+/// Starts, as `from`'s app, a transfer to the echo at `to` far longer than any test waits for
+/// (16 GiB, at most 60 s); the caller owns the child.
+pub fn long_blast(from: &Pod, to: SocketAddr) -> std::process::Child {
+    let mut cmd = Command::new(binary("trellis-loadgen"));
+    cmd.args([
+        "blast",
+        &to.to_string(),
+        "--bytes",
+        &(16u64 << 30).to_string(),
+        "--timeout-secs",
+        "60",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    from.spawn_app(&mut cmd).expect("starting blast")
+}
+
 /// The agent's /metrics on :15020, read from inside its node.
 pub fn metrics(node: &Node) -> String {
     let (code, body) = sys::http_get(&node.name, "127.0.0.1:15020".parse().unwrap(), "/metrics")
