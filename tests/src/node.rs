@@ -290,6 +290,26 @@ impl Pod {
         sys::spawn_in(&self.netns, Some(&self.app_cgroup()), cmd)
     }
 
+    /// The TCP connections to or from port 15008 (HBONE) in this pod's network namespace, as
+    /// `ss` lists them (listeners not included).
+    pub fn hbone_sockets(&self) -> Vec<String> {
+        let filter = "( sport = :15008 or dport = :15008 )";
+        let mut cmd = Command::new("ss");
+        cmd.args(["-Htn", filter])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = self
+            .spawn_app(&mut cmd)
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        assert!(out.status.success(), "ss: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Kills the pod's processes (its sandbox too), as when a pod dies.
     pub fn kill_processes(&self) {
         for mut c in self.children.lock().unwrap().drain(..) {

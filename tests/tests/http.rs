@@ -884,3 +884,67 @@ fn upgrades_pass_through_both_proxies() {
     assert!(back.starts_with("HTTP/1.1 101"), "{back:?}");
     assert!(back.ends_with("hello over the upgraded stream"), "{back:?}");
 }
+
+#[test]
+fn requests_to_a_pod_on_the_same_node_skip_hbone_but_keep_identity_policy_and_metrics() {
+    let web = Web::start();
+    let client_id = "spiffe://cluster.local/ns/shop/sa/client";
+    // Half of these go to web-v1, on the client's node, half to web-v2 across.
+    let bodies = requests(&web, 20, &[]);
+    assert_eq!(versions(&bodies), (10, 10), "{bodies:?}");
+    for b in &bodies {
+        assert_eq!(b["client_identity"], client_id, "{b}");
+    }
+    // web-v1's destination side took them in the client's agent, from the client's identity...
+    let taken = web.agents[0].wait_log("the local HTTP stream", |v| {
+        v["message"] == "local HTTP stream" && v["client_identity"] == client_id
+    });
+    assert_eq!(taken["pod"], "shop/web-v1", "{taken}");
+    // ...without an HBONE connection to web-v1, while the one to node 2 is there.
+    let v1 = &web.pods[0];
+    assert!(v1.hbone_sockets().is_empty(), "{:?}", v1.hbone_sockets());
+    assert!(!web.client.hbone_sockets().is_empty());
+    // Both reporters count web-v1's requests between the two identities, as across nodes.
+    for reporter in ["source", "destination"] {
+        let counted = requests_metric(
+            &web,
+            &[
+                ("reporter", reporter),
+                ("source_principal", client_id),
+                (
+                    "destination_principal",
+                    "spiffe://cluster.local/ns/shop/sa/web",
+                ),
+                ("destination_version", "v1"),
+                ("connection_security_policy", "mutual_tls"),
+                ("response_code", "200"),
+            ],
+        );
+        assert!(counted >= 10.0, "{reporter}: {counted}");
+    }
+    // web-v1's policies decide each request with the caller's identity.
+    web.control.write(
+        "deny-private.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: deny-private, namespace: shop}\n\
+         spec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}], to: [{operation: {paths: [/private]}}]}]}\n",
+    );
+    let tally = |path: &str| {
+        let (ok, out, err) = app(
+            &web.client,
+            &["tally", &format!("http://{VIP}:80{path}"), "--count", "10"],
+        );
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["statuses"].clone()
+    };
+    eventually(&web, "the policy in force on both nodes", || {
+        tally("/private") == serde_json::json!({"403": 10})
+    });
+    assert_eq!(tally("/"), serde_json::json!({"200": 10}));
+    web.agents[0].wait_log("web-v1's denial", |v| {
+        v["message"] == "denied by AuthorizationPolicy"
+            && v["pod"] == "shop/web-v1"
+            && v["client_identity"] == client_id
+            && v["policy"] == "shop/deny-private"
+    });
+}

@@ -4,7 +4,7 @@
 mod shop;
 
 use std::{
-    process::{Command, Stdio},
+    process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -498,20 +498,6 @@ fn certificate_renewal_under_load_drops_no_connection() {
     }
 }
 
-/// The TCP sockets to or from port 15008 (HBONE) in `pod`'s network namespace, as `ss` lists them.
-fn hbone_sockets(pod: &trellis_e2e::Pod) -> Vec<String> {
-    let mut cmd = Command::new("ss");
-    cmd.args(["-Htn", "( sport = :15008 or dport = :15008 )"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let out = pod.spawn_app(&mut cmd).unwrap().wait_with_output().unwrap();
-    assert!(out.status.success(), "ss: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 #[test]
 fn same_node_streams_skip_tls_but_keep_identity_policy_and_metrics() {
     let shop = Shop::start();
@@ -539,12 +525,12 @@ fn same_node_streams_skip_tls_but_keep_identity_policy_and_metrics() {
     assert_eq!(out["ok"], true, "{out}\n{}", shop.logs());
     // No HBONE connection between the two pods: none in either's network namespace...
     for pod in [&neighbour, &shop.client] {
-        let sockets = hbone_sockets(pod);
+        let sockets = pod.hbone_sockets();
         assert!(sockets.is_empty(), "{}: {sockets:?}", pod.name);
     }
     // ...where the pooled one to the other node shows once the client calls there.
     assert_eq!(shop.client.connect(shop.vip(80), "x")["echo"], "x");
-    assert!(!hbone_sockets(&shop.client).is_empty());
+    assert!(!shop.client.hbone_sockets().is_empty());
 
     // Both reporters count it as an HBONE stream between the two identities.
     let m = metrics(n1);

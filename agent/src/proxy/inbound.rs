@@ -554,27 +554,17 @@ async fn tunnel(
         let client = Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
         match app {
             Upstream::App(app) if http => {
-                // The peer is another node's proxy, which closes idle keep-alive
-                // connections itself at `header_read_timeout`: waiting twice that here
-                // means this side never closes one the peer is about to reuse.
-                let limits = HttpLimits {
-                    header_read_timeout: shared.http.header_read_timeout * 2,
-                    ..shared.http
-                };
-                // Boxed: the stream's task is only as large as a splice needs.
-                Box::pin(http_inbound::serve(
+                serve_http(
                     client,
-                    Some(app),
+                    app,
                     pod.clone(),
                     target,
                     peer,
                     caller,
                     &labels,
                     &shared,
-                    &limits,
-                ))
-                .await;
-                shared.metrics.closed(&labels);
+                )
+                .await
             }
             Upstream::App(app) => {
                 spliced(client, app, labels, &pod, &shared, caller, target, log).await
@@ -592,6 +582,44 @@ async fn tunnel(
             .insert(&hbone::DIRECT, hyper::header::HeaderValue::from_static("1"));
     }
     ok
+}
+
+/// Serves an accepted stream (`client`, already counted) to the pod's HTTP port `target` at
+/// L7 until it closes, forwarding to `app`; each request decided by the pod's policies.
+#[allow(clippy::too_many_arguments)] // one stream's whole context, each piece distinct
+pub(super) async fn serve_http<C>(
+    client: C,
+    app: TcpStream,
+    pod: Arc<PodCtx>,
+    target: SocketAddr,
+    peer: SocketAddr,
+    caller: Caller,
+    labels: &crate::metrics::TcpLabels,
+    shared: &Arc<Shared>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // The peer is a proxy (another node's, or this agent's own L7 client), which closes idle
+    // keep-alive connections itself at `header_read_timeout`: waiting twice that here means
+    // this side never closes one the peer is about to reuse.
+    let limits = HttpLimits {
+        header_read_timeout: shared.http.header_read_timeout * 2,
+        ..shared.http
+    };
+    // Boxed: the stream's task is only as large as a splice needs.
+    Box::pin(http_inbound::serve(
+        client,
+        Some(app),
+        pod,
+        target,
+        peer,
+        caller,
+        labels,
+        shared,
+        &limits,
+    ))
+    .await;
+    shared.metrics.closed(labels);
 }
 
 /// Where an HBONE stream goes once accepted.

@@ -4,14 +4,16 @@
 //! exactly as an HBONE CONNECT from that pod would be (the caller's SPIFFE ID before the
 //! destination's AuthorizationPolicies, its connection budget, both reporters' metrics and
 //! access-log records with the same labels), then the client is spliced straight to the app.
-//! HTTP and gateway ports, which the destination serves at L7, still go through HBONE.
+//! An HTTP service's requests to such a pod's HTTP port ([`http`]) reach the destination's
+//! inbound HTTP proxy through an in-memory pipe instead of a tunnel. HTTP ports reached by pod
+//! address, and gateway ports, still go through HBONE.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
-use tokio::net::TcpStream;
+use tokio::{io::DuplexStream, net::TcpStream};
 use tracing::{debug, info, warn};
 use trellis_common::HBONE_PORT;
 
@@ -49,12 +51,12 @@ impl LocalPods {
 }
 
 /// What a same-node stream came to.
-pub enum Local {
-    /// Not a pod on this node, or a port it serves at L7: the caller goes through HBONE.
+pub enum Local<T> {
+    /// Not a pod on this node, or a port it serves otherwise: the caller goes through HBONE.
     Remote,
     /// Refused as the HBONE CONNECT would have been; why.
     Refused(String),
-    Open(Box<Accepted>),
+    Open(T),
 }
 
 /// A stream the destination's side has accepted, with its app connection open.
@@ -91,15 +93,26 @@ pub fn serves(
     .then_some(pod)
 }
 
-/// A stream from `source` (its client socket's port `client_port`) to `target`, one of the
-/// addresses of `pod` (from [`serves`]).
-pub async fn open(
+/// What the destination's side knows of a stream it took, as it would of an HBONE CONNECT.
+struct Taken {
+    client_id: String,
+    peer: SocketAddr,
+    labels: TcpLabels,
+    caller: Caller,
+    admission: Admission,
+}
+
+/// Takes a stream from `source` (port `client_port`) to `target` in `pod` as the HBONE server
+/// would take its CONNECT, if `target` is a plain TCP port (`http` false) or an HTTP port of the
+/// pod's own (`http` true); anything else is left to HBONE.
+fn take(
     shared: &Shared,
     source: &PodCtx,
-    pod: Arc<PodCtx>,
+    pod: &PodCtx,
     client_port: u16,
     target: SocketAddr,
-) -> Local {
+    http: bool,
+) -> Local<Taken> {
     let Some(client_id) = source.identity.as_deref() else {
         return Local::Remote;
     };
@@ -118,14 +131,8 @@ pub async fn open(
         Err(Refused::NotThisPod(_)) => return Local::Remote,
         Err(refused) => return Local::Refused(format!("refused with {}", refused.status())),
     }
-    let inbound::Stream {
-        http,
-        gateway,
-        l7,
-        labels,
-        caller,
-    } = inbound::stream(shared, &pod, peer, client_id, target);
-    if http || gateway.is_some() || l7.is_some() {
+    let stream = inbound::stream(shared, pod, peer, client_id, target);
+    if stream.http != http || stream.gateway.is_some() || stream.l7.is_some() {
         return Local::Remote;
     }
     let admission = match shared.limits.admit(&pod.budget) {
@@ -137,11 +144,37 @@ pub async fn open(
             return Local::Refused(format!("{}'s connection limit reached", pod.name));
         }
     };
-    if let Err(policy) = authorize::connection(shared, &pod, &caller, target.port(), &labels) {
+    Local::Open(Taken {
+        client_id: client_id.to_owned(),
+        peer,
+        labels: stream.labels,
+        caller: stream.caller,
+        admission,
+    })
+}
+
+/// A stream from `source` (its client socket's port `client_port`) to `target`, a plain TCP
+/// port of `pod` (from [`serves`]).
+pub async fn open(
+    shared: &Shared,
+    source: &PodCtx,
+    pod: Arc<PodCtx>,
+    client_port: u16,
+    target: SocketAddr,
+) -> Local<Box<Accepted>> {
+    let taken = match take(shared, source, &pod, client_port, target, false) {
+        Local::Open(taken) => taken,
+        Local::Remote => return Local::Remote,
+        Local::Refused(why) => return Local::Refused(why),
+    };
+    let client_id = &taken.client_id;
+    if let Err(policy) =
+        authorize::connection(shared, &pod, &taken.caller, target.port(), &taken.labels)
+    {
         debug!(pod = %pod.name, client_identity = client_id, %target, policy, "local stream refused");
         return Local::Refused(format!("an AuthorizationPolicy ({policy}) denies it"));
     }
-    info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "local stream");
+    info!(direction = "inbound", pod = %pod.name, client = %taken.peer, client_identity = client_id, orig_dst = %target, "local stream");
     let app = match inbound::to_app(&pod, target).await {
         Ok(app) => app,
         Err(e) => {
@@ -151,14 +184,60 @@ pub async fn open(
     };
     Local::Open(Box::new(Accepted {
         pod,
-        peer,
+        peer: taken.peer,
         target,
         app,
-        labels: Some(Box::new(labels)),
-        caller: Some(caller),
-        _admission: admission,
+        labels: Some(Box::new(taken.labels)),
+        caller: Some(taken.caller),
+        _admission: taken.admission,
     }))
 }
+
+/// An HTTP connection from `source`'s L7 client to `target`, an HTTP port of `pod` (from
+/// [`serves`]): one end of an in-memory pipe whose other end the destination's inbound HTTP
+/// proxy serves, exactly as it serves an HBONE stream to that port (each request decided by
+/// the pod's policies, the caller's identity given to the app, both reporters' metrics). No
+/// TLS, no HTTP/2 framing of a tunnel, no sockets between the two.
+pub async fn http(
+    shared: &Arc<Shared>,
+    source: &PodCtx,
+    pod: Arc<PodCtx>,
+    target: SocketAddr,
+) -> Local<DuplexStream> {
+    // No client socket: port 0 says so in the destination's logs.
+    let taken = match take(shared, source, &pod, 0, target, true) {
+        Local::Open(taken) => taken,
+        Local::Remote => return Local::Remote,
+        Local::Refused(why) => return Local::Refused(why),
+    };
+    info!(direction = "inbound", pod = %pod.name, client = %taken.peer, client_identity = taken.client_id, orig_dst = %target, "local HTTP stream");
+    let app = match inbound::to_app(&pod, target).await {
+        Ok(app) => app,
+        Err(e) => {
+            warn!(pod = %pod.name, %target, "connecting to the app: {e}");
+            return Local::Refused(format!("connecting to the app: {e}"));
+        }
+    };
+    let (near, far) = tokio::io::duplex(PIPE);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let Taken {
+            peer,
+            labels,
+            caller,
+            admission,
+            ..
+        } = taken;
+        let far = Metered::new(far, shared.metrics.opened(&labels));
+        inbound::serve_http(far, app, pod, target, peer, caller, &labels, &shared).await;
+        drop(admission);
+    });
+    Local::Open(near)
+}
+
+/// Each way of a same-node HTTP pipe holds up to this much before its writer waits, as a socket
+/// buffer would.
+const PIPE: usize = 64 * 1024;
 
 impl Accepted {
     /// Splices `client` (already counted for the source side) to the app until both close, or

@@ -25,6 +25,7 @@ use crate::{
     proxy::{
         PodCtx, Shared, connect, hbone,
         http::{self, Body, Sender},
+        local::{self as same_node, Local},
     },
     state::{Route, Target},
 };
@@ -236,8 +237,19 @@ impl Upstream {
                 identity,
                 ..
             } => {
-                let tunnel = hbone::open(shared, pod, hbone, target, &identity).await?;
-                Sender::handshake(TokioIo::new(tunnel), version).await?
+                // A pod this agent serves too is reached without HBONE (`proxy::local`).
+                let near = match same_node::serves(shared, pod, hbone, &identity) {
+                    Some(dest) => same_node::http(shared, pod, dest, target).await,
+                    None => Local::Remote,
+                };
+                match near {
+                    Local::Open(pipe) => Sender::handshake(TokioIo::new(pipe), version).await?,
+                    Local::Refused(why) => bail!(why),
+                    Local::Remote => {
+                        let tunnel = hbone::open(shared, pod, hbone, target, &identity).await?;
+                        Sender::handshake(TokioIo::new(tunnel), version).await?
+                    }
+                }
             }
             _ => {
                 let tcp = connect(pod.socket_for(target)?, target).await?;
