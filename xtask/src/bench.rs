@@ -1042,7 +1042,8 @@ fn print_table(r: &Value, secs: u64, worker_threads: Option<u16>) {
     print_rows(&l7::authz::rows(&r["authz"]));
     println!(
         "\nSame node: the client to a second server pod on node 1, where the agent splices the \
-         two pods' sockets without TLS (identity, policy and metrics as across nodes); {secs} s per run\n"
+         two pods' sockets without TLS, and passes HTTP to the destination's inbound proxy in \
+         memory (identity, policy and metrics as across nodes); {secs} s per run\n"
     );
     print_rows(&same_node::rows(&r["same_node"]));
     println!();

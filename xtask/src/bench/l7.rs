@@ -25,6 +25,9 @@ use super::{
 pub const HTTP_PORT: u16 = 8080;
 const SERVICE: &str = "bench-http";
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 71);
+/// The same for the server pod on the client's node (the same-node section).
+const NEAR_SERVICE: &str = "bench-http-near";
+const NEAR_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 72);
 const SERVICE_PORT: u16 = 80;
 /// The route both proxies apply: requests with MATCH go on with SET added; others get 404.
 pub const MATCH: (&str, &str) = ("x-bench", "l7");
@@ -142,6 +145,27 @@ impl Path {
         }
     }
 
+    /// The same-node section's: directly to the near server pod, or through its service VIP
+    /// with node 1's agent alone on the way.
+    pub fn near(server: &Pod, agent: Option<(String, u32)>) -> Self {
+        match agent {
+            None => Self {
+                name: "direct-same-node",
+                ..Self::direct(server)
+            },
+            Some(agent) => {
+                let vip = SocketAddr::new(IpAddr::V4(NEAR_VIP), SERVICE_PORT);
+                Self {
+                    name: "trellis-same-node",
+                    h1: vip,
+                    h2: vip,
+                    routed: true,
+                    proxies: vec![agent],
+                }
+            }
+        }
+    }
+
     fn target(&self, proto: Proto) -> SocketAddr {
         match proto {
             Proto::H1 => self.h1,
@@ -170,26 +194,41 @@ pub fn start_server(server: &Pod) -> Result<Server> {
 /// Control's files for the HTTP service: the Service, and a VirtualService whose route makes
 /// the proxy work per request (match a header, set one) as haproxy's configuration does.
 pub fn control_files() -> Vec<(&'static str, String)> {
-    let ((m, mv), (s, sv)) = (MATCH, SET);
     vec![
-        (
-            "http-service.yaml",
-            format!(
-                "apiVersion: v1\nkind: Service\nmetadata: {{name: {SERVICE}, namespace: {NAMESPACE}}}\n\
-                 spec: {{clusterIP: {VIP}, selector: {{app: bench-server}}, ports: [\
-                 {{name: http, port: {SERVICE_PORT}, targetPort: {HTTP_PORT}}}]}}\n"
-            ),
-        ),
-        (
-            "http-route.yaml",
-            format!(
-                "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
-                 metadata: {{name: {SERVICE}, namespace: {NAMESPACE}}}\n\
-                 spec: {{hosts: [{SERVICE}], http: [{{match: [{{headers: {{{m}: {{exact: {mv}}}}}}}], \
-                 headers: {{request: {{set: {{{s}: {sv}}}}}}}, route: [{{destination: {{host: {SERVICE}}}}}]}}]}}\n"
-            ),
-        ),
+        ("http-service.yaml", service(SERVICE, VIP, "bench-server")),
+        ("http-route.yaml", route(SERVICE)),
     ]
+}
+
+/// The same-node section's Service and route, to the server pod on the client's node (app
+/// `app`): one file, written when that pod joins the mesh.
+pub fn near_control_file(app: &str) -> (&'static str, String) {
+    (
+        "http-near.yaml",
+        format!(
+            "{}---\n{}",
+            service(NEAR_SERVICE, NEAR_VIP, app),
+            route(NEAR_SERVICE)
+        ),
+    )
+}
+
+fn service(name: &str, vip: Ipv4Addr, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\n\
+         spec: {{clusterIP: {vip}, selector: {{app: {app}}}, ports: [\
+         {{name: http, port: {SERVICE_PORT}, targetPort: {HTTP_PORT}}}]}}\n"
+    )
+}
+
+fn route(service: &str) -> String {
+    let ((m, mv), (s, sv)) = (MATCH, SET);
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\n\
+         metadata: {{name: {service}, namespace: {NAMESPACE}}}\n\
+         spec: {{hosts: [{service}], http: [{{match: [{{headers: {{{m}: {{exact: {mv}}}}}}}], \
+         headers: {{request: {{set: {{{s}: {sv}}}}}}}, route: [{{destination: {{host: {service}}}}}]}}]}}\n"
+    )
 }
 
 /// Both protocols over `path`: each checked to answer as routed, then latency at RATE, then the

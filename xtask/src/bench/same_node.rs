@@ -1,6 +1,7 @@
 //! The same-node section: the client to a second server pod on its own node, directly and
-//! through the mesh, where the agent splices the two pods' sockets without TLS (see
-//! docs/datapath.md). No haproxy pair here: it has no same-node mode to compare.
+//! through the mesh, where the agent splices the two pods' sockets without TLS, and hands HTTP
+//! requests to the destination's inbound proxy in memory (see docs/datapath.md). L4 and L7, as
+//! across nodes. No haproxy pair here: it has no same-node mode to compare.
 use std::net::IpAddr;
 
 use anyhow::Result;
@@ -10,28 +11,36 @@ use trellis_e2e::{
     serde_json::{Value, json},
 };
 
-use super::{ECHO_PORT, IPERF_PORT, NAMESPACE, Server, f, phase, start_echo, start_iperf, sysctl};
+use super::{
+    ECHO_PORT, IPERF_PORT, NAMESPACE, Server, f, l7, phase, start_echo, start_iperf, sysctl,
+};
 
 /// The service account (and app) of the server pod on the client's node.
 const SA: &str = "bench-near";
 
-/// The second server pod, on node 1 with the client, serving the echo and iperf3 as the server
-/// pod does; not in the mesh until [`enroll`].
+/// The second server pod, on node 1 with the client, serving the echo, iperf3 and HTTP as the
+/// server pod does; not in the mesh until [`trellis`].
 pub struct NearServer {
     pub pod: Pod,
     _echo: Server,
     _iperf: Server,
+    _http: Server,
 }
 
 impl NearServer {
     pub fn start(node: &Node) -> Result<Self> {
         let pod = node.add_pod("server-near");
         sysctl(&pod.netns, "net.ipv4.tcp_tw_reuse=1")?;
-        let (echo, iperf) = (start_echo(&pod)?, start_iperf(&pod)?);
+        let (echo, iperf, http) = (
+            start_echo(&pod)?,
+            start_iperf(&pod)?,
+            l7::start_server(&pod)?,
+        );
         Ok(Self {
             pod,
             _echo: echo,
             _iperf: iperf,
+            _http: http,
         })
     }
 
@@ -46,14 +55,16 @@ pub fn direct(client: &Pod, near: &NearServer, duration: std::time::Duration) ->
         "bench: phase direct, same node (no mesh): client -> {}",
         near.target()
     );
-    phase(
+    let mut out = phase(
         "direct-same-node",
         client,
         near.target(),
         &[],
         duration,
         false,
-    )
+    )?;
+    out["l7"] = l7::phase(client, &l7::Path::near(&near.pod, None), duration, 1)?;
+    Ok(out)
 }
 
 /// Tells control of the near server (only now, so the main phases' memory figures are those
@@ -76,6 +87,8 @@ pub fn trellis(
             pod.name, pod.uid, node.name, pod.ip4, pod.ip6
         ),
     );
+    let (file, http) = l7::near_control_file(SA);
+    control.write(file, &http);
     agent.wait_pod_state(pod, "enrolled");
     super::wait_certificate(agent, SA)?;
     eprintln!(
@@ -86,14 +99,17 @@ pub fn trellis(
     let pid = agent
         .pid()
         .ok_or_else(|| anyhow::anyhow!("agent not running"))?;
-    phase(
+    let agent = (format!("agent {}", node.name), pid);
+    let mut out = phase(
         "trellis-same-node",
         client,
         near.target(),
-        &[(format!("agent {}", node.name), pid)],
+        std::slice::from_ref(&agent),
         duration,
         true,
-    )
+    )?;
+    out["l7"] = l7::phase(client, &l7::Path::near(pod, Some(agent)), duration, 1)?;
+    Ok(out)
 }
 
 pub fn report(direct: Value, trellis: Value) -> Value {
@@ -146,5 +162,27 @@ pub fn rows(r: &Value) -> Vec<Vec<String>> {
         num(f(&t["proxies"]["vcpu_per_1000_rps"]), 3),
         String::new(),
     ]);
+    for (key, label) in [("h1", "HTTP/1.1"), ("h2", "HTTP/2 (h2c)")] {
+        let p99 = |p: &Value| f(&p["l7"][key]["latency"]["p99_ms"]);
+        rows.push(vec![
+            format!("{label} latency p99, 1 KB at {} req/s (ms)", super::RATE),
+            num(p99(d), 3),
+            num(p99(t), 3),
+            delta(p99(d), p99(t)),
+        ]);
+        let rps = |p: &Value| f(&p["l7"][key]["max_rate"]["rps"]);
+        rows.push(vec![
+            format!("{label} max req/s, 32 in flight"),
+            num(rps(d), 0),
+            num(rps(t), 0),
+            pct(rps(d), rps(t)),
+        ]);
+        rows.push(vec![
+            "  req/s per agent core".into(),
+            "-".into(),
+            num(f(&t["l7"][key]["proxy"]["rps_per_core"]), 0),
+            String::new(),
+        ]);
+    }
     rows
 }
