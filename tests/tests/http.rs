@@ -900,8 +900,21 @@ fn requests_to_a_pod_on_the_same_node_skip_hbone_but_keep_identity_policy_and_me
         v["message"] == "local HTTP stream" && v["client_identity"] == client_id
     });
     assert_eq!(taken["pod"], "shop/web-v1", "{taken}");
-    // ...without an HBONE connection to web-v1, while the one to node 2 is there.
+    // So does a request to web-v1's HTTP port by its own address, which the client's side
+    // splices as TCP: the destination's proxy serves it from the captured client's port.
     let v1 = &web.pods[0];
+    let by_address = format!("{}:8080", v1.ip4);
+    let (ok, out, err) = app(&web.client, &["get", &format!("http://{by_address}/")]);
+    assert!(ok, "{err}\n{}", web.agents[0].log_text());
+    let body: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(body["client_identity"], client_id, "{body}");
+    let taken = web.agents[0].wait_log("the local HTTP stream by address", |v| {
+        v["message"] == "local HTTP stream"
+            && v["orig_dst"] == by_address
+            && v["client"] != format!("{}:0", web.client.ip4)
+    });
+    assert_eq!(taken["client_identity"], client_id, "{taken}");
+    // ...all without an HBONE connection to web-v1, while the one to node 2 is there.
     assert!(v1.hbone_sockets().is_empty(), "{:?}", v1.hbone_sockets());
     assert!(!web.client.hbone_sockets().is_empty());
     // Both reporters count web-v1's requests between the two identities, as across nodes.

@@ -4,9 +4,9 @@
 //! exactly as an HBONE CONNECT from that pod would be (the caller's SPIFFE ID before the
 //! destination's AuthorizationPolicies, its connection budget, both reporters' metrics and
 //! access-log records with the same labels), then the client is spliced straight to the app.
-//! An HTTP service's requests to such a pod's HTTP port ([`http`]) reach the destination's
-//! inbound HTTP proxy through an in-memory pipe instead of a tunnel. HTTP ports reached by pod
-//! address, and gateway ports, still go through HBONE.
+//! Connections to such a pod's HTTP port ([`http`]: an HTTP service's, or one to the port by
+//! the pod's address) reach the destination's inbound HTTP proxy through an in-memory pipe
+//! instead of a tunnel. Gateway ports still go through HBONE.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -193,19 +193,20 @@ pub async fn open(
     }))
 }
 
-/// An HTTP connection from `source`'s L7 client to `target`, an HTTP port of `pod` (from
-/// [`serves`]): one end of an in-memory pipe whose other end the destination's inbound HTTP
-/// proxy serves, exactly as it serves an HBONE stream to that port (each request decided by
-/// the pod's policies, the caller's identity given to the app, both reporters' metrics). No
-/// TLS, no HTTP/2 framing of a tunnel, no sockets between the two.
+/// An HTTP connection from `source` to `target`, an HTTP port of `pod` (from [`serves`]): one
+/// end of an in-memory pipe whose other end the destination's inbound HTTP proxy serves,
+/// exactly as it serves an HBONE stream to that port (each request decided by the pod's
+/// policies, the caller's identity given to the app, both reporters' metrics). No TLS, no
+/// HTTP/2 framing of a tunnel, no sockets between the two. `client_port` is the captured
+/// client socket's, or 0 for the L7 client's own connection (there is no socket).
 pub async fn http(
     shared: &Arc<Shared>,
     source: &PodCtx,
     pod: Arc<PodCtx>,
+    client_port: u16,
     target: SocketAddr,
 ) -> Local<DuplexStream> {
-    // No client socket: port 0 says so in the destination's logs.
-    let taken = match take(shared, source, &pod, 0, target, true) {
+    let taken = match take(shared, source, &pod, client_port, target, true) {
         Local::Open(taken) => taken,
         Local::Remote => return Local::Remote,
         Local::Refused(why) => return Local::Refused(why),

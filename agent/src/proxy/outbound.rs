@@ -183,14 +183,14 @@ enum Upstream {
     Hbone(hbone::Stream),
     /// A mesh destination's app on this node, accepted on its behalf here ([`local`]).
     Local(Box<local::Accepted>),
-    /// Out of the mesh.
+    /// Out of the mesh; or a pipe to a same-node pod's inbound HTTP proxy ([`local::http`]).
     Plain(Box<dyn Io>),
 }
 
 /// Opens the way from `pod` to `target`, which `hbone` serves as `identity`: in this agent when
 /// it serves both ends ([`local`]), else over HBONE.
 async fn mesh(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     pod: &PodCtx,
     client_port: u16,
     hbone: SocketAddr,
@@ -198,8 +198,14 @@ async fn mesh(
     identity: &str,
 ) -> anyhow::Result<Upstream> {
     if let Some(local) = local::serves(shared, pod, hbone, identity) {
-        match local::open(shared, pod, local, client_port, target).await {
+        match local::open(shared, pod, local.clone(), client_port, target).await {
             Local::Open(accepted) => return Ok(Upstream::Local(accepted)),
+            Local::Refused(why) => anyhow::bail!(why),
+            Local::Remote => {}
+        }
+        // An HTTP port of the pod's own, reached by its address.
+        match local::http(shared, pod, local, client_port, target).await {
+            Local::Open(pipe) => return Ok(Upstream::Plain(Box::new(pipe))),
             Local::Refused(why) => anyhow::bail!(why),
             Local::Remote => {}
         }
