@@ -942,18 +942,11 @@ fn requests_to_a_pod_on_the_same_node_skip_hbone_but_keep_identity_policy_and_me
          metadata: {name: deny-private, namespace: shop}\n\
          spec: {selector: {matchLabels: {app: web}}, action: DENY, rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}], to: [{operation: {paths: [/private]}}]}]}\n",
     );
-    let tally = |path: &str| {
-        let (ok, out, err) = app(
-            &web.client,
-            &["tally", &format!("http://{VIP}:80{path}"), "--count", "10"],
-        );
-        assert!(ok, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()["statuses"].clone()
-    };
+    let only = |code: &str| std::collections::BTreeMap::from([(code.to_owned(), 10)]);
     eventually(&web, "the policy in force on both nodes", || {
-        tally("/private") == serde_json::json!({"403": 10})
+        tally(&web, &format!("http://{VIP}:80/private"), 10).0 == only("403")
     });
-    assert_eq!(tally("/"), serde_json::json!({"200": 10}));
+    assert_eq!(tally(&web, &format!("http://{VIP}:80/"), 10).0, only("200"));
     web.agents[0].wait_log("web-v1's denial", |v| {
         v["message"] == "denied by AuthorizationPolicy"
             && v["pod"] == "shop/web-v1"

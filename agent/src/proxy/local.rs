@@ -59,6 +59,24 @@ pub enum Local<T> {
     Open(T),
 }
 
+impl<T> Local<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Local<U> {
+        match self {
+            Local::Remote => Local::Remote,
+            Local::Refused(why) => Local::Refused(why),
+            Local::Open(t) => Local::Open(f(t)),
+        }
+    }
+}
+
+/// How the source side reaches a destination this agent serves.
+pub enum Near {
+    /// A plain TCP port: the client is spliced to the app.
+    Splice(Box<Accepted>),
+    /// An HTTP port: a pipe to the destination's inbound HTTP proxy ([`http`]).
+    Pipe(DuplexStream),
+}
+
 /// A stream the destination's side has accepted, with its app connection open.
 pub struct Accepted {
     pod: Arc<PodCtx>,
@@ -93,25 +111,28 @@ pub fn serves(
     .then_some(pod)
 }
 
-/// What the destination's side knows of a stream it took, as it would of an HBONE CONNECT.
+/// A stream the destination's side took, as it would take an HBONE CONNECT, with its app
+/// connection open.
 struct Taken {
-    client_id: String,
     peer: SocketAddr,
+    /// To an HTTP port of the pod's own, which its inbound HTTP proxy serves.
+    http: bool,
     labels: TcpLabels,
     caller: Caller,
     admission: Admission,
+    app: TcpStream,
 }
 
 /// Takes a stream from `source` (port `client_port`) to `target` in `pod` as the HBONE server
-/// would take its CONNECT, if `target` is a plain TCP port (`http` false) or an HTTP port of the
-/// pod's own (`http` true); anything else is left to HBONE.
-fn take(
+/// would take its CONNECT: a plain TCP port (unless `only_http`) or an HTTP port of the pod's
+/// own; anything else is left to HBONE.
+async fn take(
     shared: &Shared,
     source: &PodCtx,
     pod: &PodCtx,
     client_port: u16,
     target: SocketAddr,
-    http: bool,
+    only_http: bool,
 ) -> Local<Taken> {
     let Some(client_id) = source.identity.as_deref() else {
         return Local::Remote;
@@ -132,7 +153,7 @@ fn take(
         Err(refused) => return Local::Refused(format!("refused with {}", refused.status())),
     }
     let stream = inbound::stream(shared, pod, peer, client_id, target);
-    if stream.http != http || stream.gateway.is_some() || stream.l7.is_some() {
+    if (only_http && !stream.http) || stream.gateway.is_some() || stream.l7.is_some() {
         return Local::Remote;
     }
     let admission = match shared.limits.admit(&pod.budget) {
@@ -144,81 +165,81 @@ fn take(
             return Local::Refused(format!("{}'s connection limit reached", pod.name));
         }
     };
-    Local::Open(Taken {
-        client_id: client_id.to_owned(),
-        peer,
-        labels: stream.labels,
-        caller: stream.caller,
-        admission,
-    })
-}
-
-/// A stream from `source` (its client socket's port `client_port`) to `target`, a plain TCP
-/// port of `pod` (from [`serves`]).
-pub async fn open(
-    shared: &Shared,
-    source: &PodCtx,
-    pod: Arc<PodCtx>,
-    client_port: u16,
-    target: SocketAddr,
-) -> Local<Box<Accepted>> {
-    let taken = match take(shared, source, &pod, client_port, target, false) {
-        Local::Open(taken) => taken,
-        Local::Remote => return Local::Remote,
-        Local::Refused(why) => return Local::Refused(why),
-    };
-    let client_id = &taken.client_id;
-    if let Err(policy) =
-        authorize::connection(shared, &pod, &taken.caller, target.port(), &taken.labels)
+    // An HTTP port's policies decide each request there, as over an HBONE tunnel.
+    if !stream.http
+        && let Err(policy) =
+            authorize::connection(shared, pod, &stream.caller, target.port(), &stream.labels)
     {
         debug!(pod = %pod.name, client_identity = client_id, %target, policy, "local stream refused");
         return Local::Refused(format!("an AuthorizationPolicy ({policy}) denies it"));
     }
-    info!(direction = "inbound", pod = %pod.name, client = %taken.peer, client_identity = client_id, orig_dst = %target, "local stream");
-    let app = match inbound::to_app(&pod, target).await {
-        Ok(app) => app,
+    if stream.http {
+        info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "local HTTP stream");
+    } else {
+        info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "local stream");
+    }
+    match inbound::to_app(pod, target).await {
+        Ok(app) => Local::Open(Taken {
+            peer,
+            http: stream.http,
+            labels: stream.labels,
+            caller: stream.caller,
+            admission,
+            app,
+        }),
         Err(e) => {
             warn!(pod = %pod.name, %target, "connecting to the app: {e}");
-            return Local::Refused(format!("connecting to the app: {e}"));
+            Local::Refused(format!("connecting to the app: {e}"))
         }
-    };
-    Local::Open(Box::new(Accepted {
-        pod,
-        peer: taken.peer,
-        target,
-        app,
-        labels: Some(Box::new(taken.labels)),
-        caller: Some(taken.caller),
-        _admission: taken.admission,
-    }))
+    }
 }
 
-/// An HTTP connection from `source` to `target`, an HTTP port of `pod` (from [`serves`]): one
-/// end of an in-memory pipe whose other end the destination's inbound HTTP proxy serves,
-/// exactly as it serves an HBONE stream to that port (each request decided by the pod's
-/// policies, the caller's identity given to the app, both reporters' metrics). No TLS, no
-/// HTTP/2 framing of a tunnel, no sockets between the two. `client_port` is the captured
-/// client socket's, or 0 for the L7 client's own connection (there is no socket).
-pub async fn http(
+/// A stream from `source` (its client socket's port `client_port`) to `target`, a port of
+/// `pod` (from [`serves`]).
+pub async fn open(
     shared: &Arc<Shared>,
     source: &PodCtx,
     pod: Arc<PodCtx>,
     client_port: u16,
     target: SocketAddr,
+) -> Local<Near> {
+    take(shared, source, &pod, client_port, target, false)
+        .await
+        .map(|taken| {
+            if taken.http {
+                return Near::Pipe(pipe(shared, pod, target, taken));
+            }
+            Near::Splice(Box::new(Accepted {
+                pod,
+                peer: taken.peer,
+                target,
+                app: taken.app,
+                labels: Some(Box::new(taken.labels)),
+                caller: Some(taken.caller),
+                _admission: taken.admission,
+            }))
+        })
+}
+
+/// An HTTP connection from `source`'s L7 client to `target`, an HTTP port of `pod` (from
+/// [`serves`]): a [`pipe`] to the destination's inbound HTTP proxy.
+pub async fn http(
+    shared: &Arc<Shared>,
+    source: &PodCtx,
+    pod: Arc<PodCtx>,
+    target: SocketAddr,
 ) -> Local<DuplexStream> {
-    let taken = match take(shared, source, &pod, client_port, target, true) {
-        Local::Open(taken) => taken,
-        Local::Remote => return Local::Remote,
-        Local::Refused(why) => return Local::Refused(why),
-    };
-    info!(direction = "inbound", pod = %pod.name, client = %taken.peer, client_identity = taken.client_id, orig_dst = %target, "local HTTP stream");
-    let app = match inbound::to_app(&pod, target).await {
-        Ok(app) => app,
-        Err(e) => {
-            warn!(pod = %pod.name, %target, "connecting to the app: {e}");
-            return Local::Refused(format!("connecting to the app: {e}"));
-        }
-    };
+    // No client socket: port 0 says so in the destination's logs.
+    take(shared, source, &pod, 0, target, true)
+        .await
+        .map(|taken| pipe(shared, pod, target, taken))
+}
+
+/// One end of an in-memory pipe whose other end the destination's inbound HTTP proxy serves,
+/// exactly as it serves an HBONE stream to that port (each request decided by the pod's
+/// policies, the caller's identity given to the app, both reporters' metrics). No TLS, no
+/// HTTP/2 framing of a tunnel, no sockets between the two.
+fn pipe(shared: &Arc<Shared>, pod: Arc<PodCtx>, target: SocketAddr, taken: Taken) -> DuplexStream {
     let (near, far) = tokio::io::duplex(PIPE);
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -227,13 +248,14 @@ pub async fn http(
             labels,
             caller,
             admission,
+            app,
             ..
         } = taken;
         let far = Metered::new(far, shared.metrics.opened(&labels));
         inbound::serve_http(far, app, pod, target, peer, caller, &labels, &shared).await;
         drop(admission);
     });
-    Local::Open(near)
+    near
 }
 
 /// Each way of a same-node HTTP pipe holds up to this much before its writer waits, as a socket

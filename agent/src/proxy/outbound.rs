@@ -9,7 +9,7 @@ use super::{
     Failure, Io, Metered, PodCtx, Shared,
     conn_log::{Closing, ConnLog},
     connect, hbone, http_outbound, labels,
-    local::{self, Local},
+    local::{self, Local, Near},
     proxy_port, reset, splice,
 };
 use trellis_common::DNS_PORT;
@@ -198,14 +198,9 @@ async fn mesh(
     identity: &str,
 ) -> anyhow::Result<Upstream> {
     if let Some(local) = local::serves(shared, pod, hbone, identity) {
-        match local::open(shared, pod, local.clone(), client_port, target).await {
-            Local::Open(accepted) => return Ok(Upstream::Local(accepted)),
-            Local::Refused(why) => anyhow::bail!(why),
-            Local::Remote => {}
-        }
-        // An HTTP port of the pod's own, reached by its address.
-        match local::http(shared, pod, local, client_port, target).await {
-            Local::Open(pipe) => return Ok(Upstream::Plain(Box::new(pipe))),
+        match local::open(shared, pod, local, client_port, target).await {
+            Local::Open(Near::Splice(accepted)) => return Ok(Upstream::Local(accepted)),
+            Local::Open(Near::Pipe(pipe)) => return Ok(Upstream::Plain(Box::new(pipe))),
             Local::Refused(why) => anyhow::bail!(why),
             Local::Remote => {}
         }

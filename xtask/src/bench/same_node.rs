@@ -156,12 +156,12 @@ pub fn rows(r: &Value) -> Vec<Vec<String>> {
         num(cps(t), 0),
         pct(cps(d), cps(t)),
     ]);
-    rows.push(vec![
-        "vCPU per 1000 req/s, the agent (echo)".into(),
-        "-".into(),
+    // A figure only the mesh phase has.
+    let agent = |label: &str, v: String| vec![label.into(), "-".into(), v, String::new()];
+    rows.push(agent(
+        "vCPU per 1000 req/s, the agent (echo)",
         num(f(&t["proxies"]["vcpu_per_1000_rps"]), 3),
-        String::new(),
-    ]);
+    ));
     for (key, label) in [("h1", "HTTP/1.1"), ("h2", "HTTP/2 (h2c)")] {
         let p99 = |p: &Value| f(&p["l7"][key]["latency"]["p99_ms"]);
         rows.push(vec![
@@ -177,12 +177,10 @@ pub fn rows(r: &Value) -> Vec<Vec<String>> {
             num(rps(t), 0),
             pct(rps(d), rps(t)),
         ]);
-        rows.push(vec![
-            "  req/s per agent core".into(),
-            "-".into(),
+        rows.push(agent(
+            "  req/s per agent core",
             num(f(&t["l7"][key]["proxy"]["rps_per_core"]), 0),
-            String::new(),
-        ]);
+        ));
     }
     rows
 }

@@ -239,7 +239,7 @@ impl Upstream {
             } => {
                 // A pod this agent serves too is reached without HBONE (`proxy::local`).
                 let near = match same_node::serves(shared, pod, hbone, &identity) {
-                    Some(dest) => same_node::http(shared, pod, dest, 0, target).await,
+                    Some(dest) => same_node::http(shared, pod, dest, target).await,
                     None => Local::Remote,
                 };
                 match near {
