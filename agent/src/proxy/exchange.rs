@@ -21,7 +21,11 @@ use opentelemetry_proto::tonic::trace::v1::{
     Span, Status, span::SpanKind, status::StatusCode as SpanStatus,
 };
 
-use super::{Shared, http::Body, trace};
+use super::{
+    Shared,
+    http::{Body, BodyError},
+    trace,
+};
 use crate::{
     access::{self, addr, millis, timestamp},
     otlp::{attribute, int_attribute},
@@ -370,12 +374,12 @@ impl Counted {
 
 impl hyper::body::Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

@@ -5,7 +5,6 @@
 //! to the destination its SNI selects. Plain TCP ports are spliced in `inbound`.
 use std::{io, net::SocketAddr, sync::Arc};
 
-use http_body_util::BodyExt;
 use hyper::{Request, body::Incoming};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt as _;
@@ -109,7 +108,7 @@ async fn serve_http(
         async move {
             match denied {
                 Some(resp) => Ok(resp),
-                None => stack.oneshot(req.map(BodyExt::boxed)).await,
+                None => stack.oneshot(req.map(http::boxed)).await,
             }
         }
     });

@@ -3,20 +3,33 @@
 use std::{
     net::SocketAddr,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
-use http_body_util::{BodyExt as _, Empty};
-use hyper::{Method, Request, StatusCode, Version, header::HeaderName, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use h2::{Ping, PingPong, client::SendRequest};
+use http_body_util::BodyExt as _;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Body as _, Bytes},
+    header::HeaderName,
+};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-pub use super::pool::Sender;
-use super::{CONNECT_TIMEOUT, PodCtx, Shared, connect, pool, read_ahead::ReadAhead};
+use super::{
+    CONNECT_TIMEOUT, PodCtx, Shared, connect,
+    h2_stream::{RecvBody, Tunnel, h2_head, send_body},
+    http::Body,
+    pool,
+    read_ahead::ReadAhead,
+};
 use crate::tls::{self, WorkloadTls};
 
 /// HTTP/2 flow-control windows: big enough that one stream fills a fast link.
@@ -29,8 +42,10 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 /// server agent offers it by answering a CONNECT for an HTTP port with this header set to `1`;
 /// a peer that never does (another HBONE implementation) only ever sees CONNECT.
 pub static DIRECT: HeaderName = HeaderName::from_static("trellis-direct");
-/// Pings on idle pooled connections, so a peer that vanished is noticed.
+/// Pings on pooled connections, so a peer that vanished is noticed: one every `KEEPALIVE`,
+/// and the connection is closed when one goes unanswered for `KEEPALIVE_TIMEOUT`.
 const KEEPALIVE: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Opens a tunnel from `pod`, with its current certificate, to `target` through `hbone`, whose
 /// server must prove `identity`.
@@ -50,36 +65,81 @@ pub async fn open(
     // then it reports closed, and the second try makes a fresh one.
     let mut last = None;
     for _ in 0..2 {
-        let mut sender = pool
+        let sender = pool
             .get(&key, tls.svid.received, || {
                 handshake(pod, tls, hbone, identity)
             })
             .await?;
-        let request = Request::builder()
+        let head = Request::builder()
             .method(Method::CONNECT)
-            .version(Version::HTTP_2)
             .uri(target.to_string())
-            .body(Empty::new().map_err(|never| match never {}).boxed())?;
+            .body(())?;
         let sent = async {
-            sender.ready().await?;
-            sender.send_request(request).await
+            let (resp, send) = sender.open(head, false).await?;
+            Ok::<_, h2::Error>((resp.await?, send))
         };
         match sent.await {
-            Ok(resp) if resp.status() == StatusCode::OK => {
+            Ok((resp, send)) if resp.status() == StatusCode::OK => {
                 if resp.headers().get(&DIRECT).is_some_and(|v| v == "1") {
                     pool.set_direct(&key, target, true).await;
                 }
-                return hyper::upgrade::on(resp)
-                    .await
-                    .map(Stream::new)
-                    .context("the HBONE stream did not open");
+                return Ok(Stream::new(Tunnel::new(send, resp.into_body())));
             }
-            Ok(resp) => bail!("{hbone} answered CONNECT {target} with {}", resp.status()),
-            Err(e) if sender.is_closed() => last = Some(e),
+            Ok((resp, _)) => bail!("{hbone} answered CONNECT {target} with {}", resp.status()),
+            Err(e) if sender.failed(&e) => last = Some(e),
             Err(e) => return Err(e).context(format!("CONNECT {target} via {hbone}")),
         }
     }
     Err(last.expect("set on retry")).context(format!("CONNECT {target} via {hbone}"))
+}
+
+/// One pooled HBONE connection's client side; clones share it.
+#[derive(Clone)]
+pub struct Sender {
+    h2: SendRequest<Bytes>,
+    /// Set when the connection has ended, or failed under a request.
+    closed: Arc<AtomicBool>,
+}
+
+impl Sender {
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether `e` means the connection is gone; marks it so when the error says that.
+    fn failed(&self, e: &h2::Error) -> bool {
+        if e.is_io() || e.is_go_away() {
+            self.closed.store(true, Ordering::Release);
+        }
+        self.is_closed()
+    }
+
+    /// Opens a stream with `head` (and no body if `end`): the answer to come, and the stream's
+    /// sending side. A failure of the connection itself marks it closed, so the pool replaces it.
+    async fn open(
+        &self,
+        head: Request<()>,
+        end: bool,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+        let opened = async { self.h2.clone().ready().await?.send_request(head, end) };
+        opened.await.inspect_err(|e| {
+            self.failed(e);
+        })
+    }
+
+    /// Sends an HTTP/2 request on the connection (not in a tunnel: see `DIRECT`).
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, h2::Error> {
+        let (mut head, body) = req.into_parts();
+        h2_head(&mut head.headers, &body, true, None);
+        let end = body.is_end_stream();
+        let (resp, send) = self.open(Request::from_parts(head, ()), end).await?;
+        if !end {
+            tokio::spawn(send_body(body, send));
+        }
+        let (head, recv) = resp.await?.into_parts();
+        let body = RecvBody::new(recv, &head.headers).boxed();
+        Ok(Response::from_parts(head, body))
+    }
 }
 
 /// The pooled connection from `pod` to `hbone` if the agent there takes HTTP/2 requests for
@@ -90,7 +150,7 @@ pub async fn direct(
     hbone: SocketAddr,
     target: SocketAddr,
     identity: &str,
-) -> Option<pool::Sender> {
+) -> Option<Sender> {
     let tls = shared.tls.get(pod.identity.as_deref()?)?;
     let key = key(pod, hbone, identity);
     shared.pool.direct(&key, tls.svid.received, target).await
@@ -122,7 +182,7 @@ async fn handshake(
     tls: &WorkloadTls,
     hbone: SocketAddr,
     identity: &str,
-) -> Result<pool::Sender> {
+) -> Result<Sender> {
     let tcp = connect(pod.socket_for(hbone)?, hbone)
         .await
         .with_context(|| format!("connecting to {hbone}"))?;
@@ -137,22 +197,53 @@ async fn handshake(
     if peer != identity {
         bail!("{hbone} presented {peer}, but control says it runs as {identity}; refusing it");
     }
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let (h2, conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .keep_alive_interval(KEEPALIVE)
-        .timer(hyper_util::rt::TokioTimer::new())
-        .handshake(TokioIo::new(stream))
+        .enable_push(false)
+        .handshake::<_, Bytes>(stream)
         .await
         .with_context(|| format!("HTTP/2 handshake with {hbone}"))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!(%hbone, "pooled HBONE connection ended: {e}");
-        }
-    });
+    let closed = Arc::new(AtomicBool::new(false));
+    tokio::spawn(drive(conn, hbone, closed.clone()));
     debug!(source = %pod.name, %hbone, peer, "new pooled HBONE connection");
-    Ok(sender)
+    Ok(Sender { h2, closed })
+}
+
+/// Runs a pooled connection until it ends: its peer closes it, it fails, a keepalive ping goes
+/// unanswered, or nobody holds it and its last stream is done.
+async fn drive<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    hbone: SocketAddr,
+    closed: Arc<AtomicBool>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let pings = conn.ping_pong();
+    let ended = tokio::select! {
+        ended = &mut conn => ended.map_err(|e| e.to_string()),
+        silent = keepalive(pings) => Err(silent),
+    };
+    closed.store(true, Ordering::Release);
+    if let Err(e) = ended {
+        debug!(%hbone, "pooled HBONE connection ended: {e}");
+    }
+}
+
+/// Pings the peer every `KEEPALIVE`; returns why it stopped answering.
+async fn keepalive(pings: Option<PingPong>) -> String {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, pings.ping(Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("keepalive ping failed: {e}"),
+            Err(_) => return format!("no answer to a keepalive ping in {KEEPALIVE_TIMEOUT:?}"),
+        }
+    }
 }
 
 /// How long, and for how many bytes, a stream dropped half-open waits for the peer to end its side.
@@ -165,20 +256,20 @@ const LINGER_BYTES: u64 = 1 << 20;
 /// receives one can lose an answer it has already been sent (hyper fails an HTTP/1 request whose
 /// connection reports a write error before the response head was parsed).
 pub struct Stream {
-    io: Option<TokioIo<Upgraded>>,
+    io: Option<Tunnel>,
     /// The peer ended its side (read returned end of stream).
     peer_done: bool,
 }
 
 impl Stream {
-    pub fn new(upgraded: Upgraded) -> Self {
+    pub fn new(tunnel: Tunnel) -> Self {
         Self {
-            io: Some(TokioIo::new(upgraded)),
+            io: Some(tunnel),
             peer_done: false,
         }
     }
 
-    fn io(&mut self) -> Pin<&mut TokioIo<Upgraded>> {
+    fn io(&mut self) -> Pin<&mut Tunnel> {
         Pin::new(self.io.as_mut().expect("taken only on drop"))
     }
 }

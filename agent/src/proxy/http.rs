@@ -17,13 +17,61 @@ use tracing::debug;
 
 use super::{HttpLimits, guard::Idle, splice};
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Any body the proxy passes on: hyper's own, or one arriving on an HBONE connection's stream.
+pub type Body = BoxBody<Bytes, BodyError>;
+
+/// Why a body stopped short. (A concrete type: with a boxed `dyn Error` here, the layers' async
+/// closures no longer type-check.)
+#[derive(Debug)]
+pub enum BodyError {
+    Hyper(hyper::Error),
+    H2(h2::Error),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Hyper(e) => e.fmt(f),
+            Self::H2(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Hyper(e) => Some(e),
+            Self::H2(e) => Some(e),
+        }
+    }
+}
+
+impl From<hyper::Error> for BodyError {
+    fn from(e: hyper::Error) -> Self {
+        Self::Hyper(e)
+    }
+}
+
+impl From<h2::Error> for BodyError {
+    fn from(e: h2::Error) -> Self {
+        Self::H2(e)
+    }
+}
 
 /// Whether a request or answer is gRPC (by its content type).
 pub fn is_grpc(headers: &hyper::HeaderMap) -> bool {
     headers
         .get(hyper::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// `body` as a `Body`.
+pub fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BodyError>,
+{
+    body.map_err(Into::into).boxed()
 }
 
 pub fn error(code: StatusCode, text: &'static str) -> Response<Body> {
@@ -189,7 +237,7 @@ pub fn set_version<B>(req: &mut Request<B>, http2: bool) {
 }
 
 /// When the server switched protocols, splices the two upgraded connections.
-pub fn pass_upgrade(downstream: OnUpgrade, resp: &mut Response<Incoming>) {
+pub fn pass_upgrade<B>(downstream: OnUpgrade, resp: &mut Response<B>) {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return;
     }

@@ -6,7 +6,6 @@
 //! Upgrades (WebSocket) are passed through once the app agrees.
 use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
-use http_body_util::BodyExt;
 use hyper::{
     Request, Response, StatusCode,
     body::{Body as _, Incoming},
@@ -38,7 +37,7 @@ pub const XFCC: &str = "x-forwarded-client-cert";
 /// (apps close idle keep-alive connections, while the tunnel in front of them stays open).
 enum App {
     Unused(TcpStream),
-    Speaking(Sender<Incoming>),
+    Speaking(Sender<Body>),
     Closed,
 }
 
@@ -128,7 +127,9 @@ pub async fn serve<C>(
         bytes: None,
         shared: shared.clone(),
     });
-    let service = service_fn(move |req| forward(req, app.clone(), target.clone()));
+    let service = service_fn(move |req: Request<Incoming>| {
+        forward(req.map(http::boxed), app.clone(), target.clone())
+    });
     if let Err(e) = http::serve(client, service, limits).await {
         debug!("inbound HTTP connection ended: {e}");
     }
@@ -177,7 +178,7 @@ impl Direct {
     /// once) for the first request to `addr`, and may refuse it with an answer.
     pub async fn serve(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         pod: &Arc<PodCtx>,
         addr: SocketAddr,
         peer: SocketAddr,
@@ -230,7 +231,7 @@ impl Direct {
 }
 
 async fn forward(
-    mut req: Request<Incoming>,
+    mut req: Request<Body>,
     app: Arc<Mutex<App>>,
     target: Arc<Target>,
 ) -> Result<Response<Body>, Infallible> {
@@ -295,7 +296,7 @@ async fn forward(
 }
 
 /// Sends an authorized request on to the app.
-async fn pass(mut req: Request<Incoming>, app: &Mutex<App>, target: &Target) -> Response<Body> {
+async fn pass(mut req: Request<Body>, app: &Mutex<App>, target: &Target) -> Response<Body> {
     req.headers_mut().remove(XFCC);
     if let Some(v) = &target.xfcc {
         req.headers_mut().insert(XFCC, v.clone());
@@ -326,7 +327,7 @@ async fn pass(mut req: Request<Incoming>, app: &Mutex<App>, target: &Target) -> 
         }
     };
     http::pass_upgrade(client_upgrade, &mut resp);
-    resp.map(BodyExt::boxed)
+    resp.map(http::boxed)
 }
 
 /// Leaves `app` speaking `version` over an open connection, when the app can be reached.
@@ -349,8 +350,8 @@ async fn speak(app: &mut App, target: &Target, version: hyper::Version) {
 }
 
 async fn send(
-    app: &mut Sender<Incoming>,
-    req: Request<Incoming>,
+    app: &mut Sender<Body>,
+    req: Request<Body>,
 ) -> Result<Response<Incoming>, Option<hyper::Error>> {
     app.ready().await?;
     Ok(app.send(req).await?)

@@ -7,7 +7,6 @@
 //! connection is closed.
 use std::{net::SocketAddr, sync::Arc};
 
-use http_body_util::BodyExt;
 use hyper::{Request, body::Incoming};
 use tower::ServiceExt as _;
 use tracing::debug;
@@ -31,7 +30,7 @@ pub async fn serve<C>(
     };
     let stack = layers::stack(HttpEntry::Service(vip), pod, shared.clone(), downstream);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        stack.clone().oneshot(req.map(BodyExt::boxed))
+        stack.clone().oneshot(req.map(http::boxed))
     });
     if let Err(e) = http::serve(client, service, &shared.http).await {
         debug!(%vip, "outbound HTTP connection ended: {e}");

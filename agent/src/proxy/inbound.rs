@@ -3,18 +3,13 @@
 //! PeerAuthentication is STRICT for that port and the connection was not opened by the node
 //! itself, whose kubelet probes the pod).
 use std::{
-    convert::Infallible,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
-use http_body_util::{BodyExt as _, Empty};
-use hyper::{
-    Method, Request, Response, StatusCode, Uri,
-    body::{Bytes, Incoming},
-    service::service_fn,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::{RecvStream, server::SendResponse};
+use http_body_util::BodyExt as _;
+use hyper::{Method, Request, Response, StatusCode, Uri, body::Bytes};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -28,6 +23,7 @@ use super::{
     canonical,
     conn_log::{Closing, ConnLog},
     connect, gateway,
+    h2_stream::{RecvBody, Tunnel, answer},
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
     http, http_inbound, labels, proxy_port,
     read_ahead::ReadAhead,
@@ -268,34 +264,42 @@ pub async fn hbone(stream: TcpStream, peer: SocketAddr, pod: Arc<PodCtx>, shared
     // Each stream is a connection of the client pod's: as many may be open at once as the
     // pod's connection budget allows (they are counted against it in `tunnel`).
     let streams = u32::try_from(shared.limits.per_pod).unwrap_or(u32::MAX);
-    let direct = Arc::new(http_inbound::Direct::default());
-    let service = service_fn(move |req: Request<Incoming>| {
-        let (pod, shared, client_id) = (pod.clone(), shared.clone(), client_id.clone());
-        let direct = direct.clone();
-        async move {
-            Ok::<_, Infallible>(if req.method() == Method::CONNECT {
-                tunnel(req, peer, &client_id, pod, shared)
-                    .await
-                    .map(|b| b.map_err(|never| match never {}).boxed())
-            } else {
-                // Boxed: a CONNECT stream's task is only as large as a tunnel needs.
-                Box::pin(direct_request(
-                    req, peer, &client_id, &pod, &shared, &direct,
-                ))
-                .await
-            })
-        }
-    });
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(streams)
-        .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
-    if let Err(e) = served {
-        debug!(client = %peer, "HBONE connection ended: {e}");
+        .max_header_list_size(shared.http.max_header_bytes)
+        .handshake::<_, Bytes>(stream);
+    let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return debug!(client = %peer, "HBONE connection without HTTP/2: {e}"),
+        Err(_) => return debug!(client = %peer, "HBONE connection without HTTP/2: timed out"),
+    };
+    let direct = Arc::new(http_inbound::Direct::default());
+    // Accepting also drives the connection: it runs until the client closes it.
+    while let Some(accepted) = conn.accept().await {
+        let (req, respond) = match accepted {
+            Ok(stream) => stream,
+            Err(e) => return debug!(client = %peer, "HBONE connection ended: {e}"),
+        };
+        let (pod, shared, client_id) = (pod.clone(), shared.clone(), client_id.clone());
+        let direct = direct.clone();
+        tokio::spawn(async move {
+            if req.method() == Method::CONNECT {
+                tunnel(req, respond, peer, &client_id, pod, shared).await;
+            } else {
+                let (head, recv) = req.into_parts();
+                let body = RecvBody::new(recv, &head.headers).boxed();
+                let req = Request::from_parts(head, body);
+                // Boxed: a CONNECT stream's task is only as large as a tunnel needs.
+                let resp = Box::pin(direct_request(
+                    req, peer, &client_id, &pod, &shared, &direct,
+                ))
+                .await;
+                answer(respond, resp).await;
+            }
+        });
     }
 }
 
@@ -402,7 +406,7 @@ pub(super) fn stream(
 /// An HTTP/2 request sent straight on the HBONE connection (`hbone::DIRECT`), for one of the
 /// pod's HTTP ports; served as a request inside a tunnel to that port would be.
 async fn direct_request(
-    req: Request<Incoming>,
+    req: Request<http::Body>,
     peer: SocketAddr,
     client_id: &str,
     pod: &Arc<PodCtx>,
@@ -458,12 +462,18 @@ async fn direct_request(
 
 /// One CONNECT stream: open the app connection, answer 200, then splice.
 async fn tunnel(
-    mut req: Request<Incoming>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     peer: SocketAddr,
     client_id: &str,
     pod: Arc<PodCtx>,
     shared: Arc<Shared>,
-) -> Response<Empty<Bytes>> {
+) {
+    let mut refuse = |code: StatusCode| {
+        if let Err(e) = respond.send_response(status(code), true) {
+            debug!(client = %peer, "answering an HBONE CONNECT: {e}");
+        }
+    };
     let target = match connect_target(req.method(), req.uri(), &pod.ips) {
         Ok(t) => t,
         Err(refused) => {
@@ -478,7 +488,7 @@ async fn tunnel(
                 }
                 Refused::NotConnect | Refused::BadAuthority => {}
             }
-            return status(refused.status());
+            return refuse(refused.status());
         }
     };
     let admission = match shared.limits.admit(&pod.budget) {
@@ -487,7 +497,7 @@ async fn tunnel(
             if let Some(suppressed) = shared.fail(limit) {
                 warn!(pod = %pod.name, client_identity = client_id, %target, suppressed, reason = ?limit, "HBONE stream refused: limit reached");
             }
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            return refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     let Stream {
@@ -502,86 +512,77 @@ async fn tunnel(
         && let Err(policy) = authorize::connection(&shared, &pod, &caller, target.port(), &labels)
     {
         debug!(pod = %pod.name, client_identity = client_id, %target, policy, "HBONE stream refused");
-        return status(StatusCode::FORBIDDEN);
+        return refuse(StatusCode::FORBIDDEN);
     }
-    if l7.is_some() {
+    let app = if l7.is_some() {
         info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream to a gateway port");
-        let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            match upgrade.await {
-                Ok(up) => {
-                    let client =
-                        Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
-                    gateway::serve(client, target, caller, pod.clone(), shared.clone(), &labels)
-                        .await;
-                    shared.metrics.closed(&labels);
-                }
-                Err(e) => warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
+        None
+    } else {
+        // The pod's app, or (a gateway port) the gateway route's destination outside the mesh.
+        let app = match gateway {
+            None => {
+                info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream");
+                to_app(&pod, target).await.map(Upstream::App)
             }
-            drop(admission);
-        });
-        return status(StatusCode::OK);
-    }
-    // The pod's app, or (a gateway port) the gateway route's destination outside the mesh.
-    let app = match gateway {
-        None => {
-            info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream");
-            to_app(&pod, target).await.map(Upstream::App)
-        }
-        Some(route) => {
-            info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, destination = route.service(), "HBONE stream to a gateway port");
-            super::outbound::from_gateway(&pod, &shared, route)
-                .await
-                .map(Upstream::Out)
-        }
-    };
-    let app = match app {
-        Ok(app) => app,
-        Err(e) => {
-            warn!(pod = %pod.name, %target, "connecting to the app (or the gateway's destination): {e}");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
-        }
-    };
-    let upgrade = hyper::upgrade::on(&mut req);
-    let log = ConnLog::start(&shared, "inbound", peer, target);
-    // Boxed: the stream's task keeps its labels only while it needs them (see `spliced`).
-    let labels = Box::new(labels);
-    tokio::spawn(async move {
-        let up = match upgrade.await {
-            Ok(up) => up,
-            Err(e) => return warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
+            Some(route) => {
+                info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, destination = route.service(), "HBONE stream to a gateway port");
+                super::outbound::from_gateway(&pod, &shared, route)
+                    .await
+                    .map(Upstream::Out)
+            }
         };
-        let client = Metered::new(hbone::Stream::new(up), shared.metrics.opened(&labels));
         match app {
-            Upstream::App(app) if http => {
-                serve_http(
-                    client,
-                    app,
-                    pod.clone(),
-                    target,
-                    peer,
-                    caller,
-                    &labels,
-                    &shared,
-                )
-                .await
-            }
-            Upstream::App(app) => {
-                spliced(client, app, labels, &pod, &shared, caller, target, log).await
-            }
-            Upstream::Out(out) => {
-                spliced(client, out, labels, &pod, &shared, caller, target, log).await
+            Ok(app) => Some(app),
+            Err(e) => {
+                warn!(pod = %pod.name, %target, "connecting to the app (or the gateway's destination): {e}");
+                return refuse(StatusCode::SERVICE_UNAVAILABLE);
             }
         }
-        drop(admission);
-    });
+    };
     let mut ok = status(StatusCode::OK);
     if http {
         // Its next HTTP/2 requests may come without a tunnel (`hbone::DIRECT`).
         ok.headers_mut()
             .insert(&hbone::DIRECT, hyper::header::HeaderValue::from_static("1"));
     }
-    ok
+    let send = match respond.send_response(ok, false) {
+        Ok(send) => send,
+        Err(e) => return warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
+    };
+    let client = Metered::new(
+        hbone::Stream::new(Tunnel::new(send, req.into_body())),
+        shared.metrics.opened(&labels),
+    );
+    let Some(app) = app else {
+        gateway::serve(client, target, caller, pod.clone(), shared.clone(), &labels).await;
+        shared.metrics.closed(&labels);
+        return drop(admission);
+    };
+    let log = ConnLog::start(&shared, "inbound", peer, target);
+    // Boxed: the stream's task keeps its labels only while it needs them (see `spliced`).
+    let labels = Box::new(labels);
+    match app {
+        Upstream::App(app) if http => {
+            serve_http(
+                client,
+                app,
+                pod.clone(),
+                target,
+                peer,
+                caller,
+                &labels,
+                &shared,
+            )
+            .await
+        }
+        Upstream::App(app) => {
+            spliced(client, app, labels, &pod, &shared, caller, target, log).await
+        }
+        Upstream::Out(out) => {
+            spliced(client, out, labels, &pod, &shared, caller, target, log).await
+        }
+    }
+    drop(admission);
 }
 
 /// Serves an accepted stream (`client`, already counted) to the pod's HTTP port `target` at
@@ -630,8 +631,8 @@ enum Upstream {
     Out(Box<dyn super::Io>),
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut resp = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut resp = Response::new(());
     *resp.status_mut() = code;
     resp
 }

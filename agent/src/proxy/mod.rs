@@ -9,6 +9,7 @@ mod copy;
 mod exchange;
 mod gateway;
 mod guard;
+mod h2_stream;
 mod hbone;
 mod http;
 mod http_inbound;

@@ -15,12 +15,9 @@ use std::{
 };
 
 use anyhow::Result;
-use hyper::client::conn::http2::SendRequest;
 use tokio::sync::Mutex;
 
-use super::http::Body;
-
-pub type Sender = SendRequest<Body>;
+use super::hbone::Sender;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Key {

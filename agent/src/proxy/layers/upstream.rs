@@ -14,8 +14,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use http_body_util::BodyExt;
-use hyper::{StatusCode, Version, body::Incoming, header::HeaderValue, upgrade::OnUpgrade};
+use hyper::{StatusCode, Version, header::HeaderValue, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
 use tokio::sync::Mutex;
 use tracing::warn;
@@ -92,7 +91,6 @@ impl Upstream {
                 if let Some(upgrade) = downstream_upgrade {
                     http::pass_upgrade(upgrade, &mut resp);
                 }
-                let mut resp = resp.map(BodyExt::boxed);
                 let outcome = outcome(&mut resp);
                 outcome.destination = Some(candidate.workload);
                 outcome.upstream = Some(candidate.addr);
@@ -127,7 +125,7 @@ impl Upstream {
         req: Req,
         route: Route,
         max_requests: u32,
-    ) -> Result<hyper::Response<Incoming>, (Failure, String)> {
+    ) -> Result<Resp, (Failure, String)> {
         if req.version() == Version::HTTP_2
             && let Route::Hbone {
                 hbone,
@@ -157,27 +155,24 @@ impl Upstream {
         if matches!(pooled.sender, Sender::Http1(_)) && !pooled.sender.is_closed() && !spent {
             self.conns.lock().await.insert(key, pooled);
         }
-        resp.map_err(|e| (Failure::Reset, format!("reset: {}", causes(e))))
+        resp.map(|r| r.map(http::boxed))
+            .map_err(|e| (Failure::Reset, format!("reset: {}", causes(e))))
     }
 
     /// Sends an HTTP/2 request straight on the pooled HBONE connection (`hbone::DIRECT`) to
     /// the agent at `hbone`, for `target`.
     async fn send_direct(
         &self,
-        mut sender: hbone::Sender,
+        sender: hbone::Sender,
         mut req: Req,
         (hbone, target, identity): (SocketAddr, SocketAddr, &str),
-    ) -> Result<hyper::Response<Incoming>, (Failure, String)> {
+    ) -> Result<Resp, (Failure, String)> {
         let value = HeaderValue::from_str(&target.to_string()).expect("an address is a header");
         req.headers_mut().insert(&hbone::DIRECT, value);
-        sender
-            .ready()
-            .await
-            .map_err(|e| (Failure::Connect, format!("connect failure: {}", causes(e))))?;
         let resp = sender
-            .send_request(req)
+            .send(req)
             .await
-            .map_err(|e| (Failure::Reset, format!("reset: {}", causes(e))))?;
+            .map_err(|e| (Failure::Reset, format!("reset: {e}")))?;
         if resp.status() == StatusCode::MISDIRECTED_REQUEST
             && resp.headers().contains_key(&hbone::DIRECT)
         {
