@@ -23,6 +23,7 @@ use super::{
     canonical,
     conn_log::{Closing, ConnLog},
     connect, gateway,
+    guard::Admission,
     h2_stream::{RecvBody, Tunnel, answer},
     hbone::{self, CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW},
     http, http_inbound, labels, proxy_port,
@@ -460,19 +461,97 @@ async fn direct_request(
     direct.serve(req, pod, target, peer, shared, start).await
 }
 
-/// One CONNECT stream: open the app connection, answer 200, then splice.
+/// One CONNECT stream: open the app connection, answer 200, then splice (or serve HTTP) until
+/// it ends.
 async fn tunnel(
     req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
     peer: SocketAddr,
     client_id: &str,
     pod: Arc<PodCtx>,
     shared: Arc<Shared>,
 ) {
+    // Boxed, and freed once decided: this task lives as long as the stream, and deciding
+    // (connecting to the app, or a gateway's destination) needs more room than serving.
+    let opening = Box::pin(open_tunnel(req, respond, peer, client_id, &pod, &shared));
+    let Some(opened) = opening.await else { return };
+    let Opened {
+        client,
+        app,
+        http,
+        target,
+        caller,
+        labels,
+        admission,
+    } = opened;
+    match app {
+        None => {
+            Box::pin(gateway::serve(
+                client,
+                target,
+                caller,
+                pod.clone(),
+                shared.clone(),
+                &labels,
+            ))
+            .await;
+            shared.metrics.closed(&labels);
+        }
+        Some(Upstream::App(app)) if http => {
+            serve_http(
+                client,
+                app,
+                pod.clone(),
+                target,
+                peer,
+                caller,
+                &labels,
+                &shared,
+            )
+            .await
+        }
+        Some(app) => {
+            let log = ConnLog::start(&shared, "inbound", peer, target);
+            match app {
+                Upstream::App(app) => {
+                    spliced(client, app, labels, &pod, &shared, caller, target, log).await
+                }
+                Upstream::Out(out) => {
+                    spliced(client, out, labels, &pod, &shared, caller, target, log).await
+                }
+            }
+        }
+    }
+    drop(admission);
+}
+
+/// A CONNECT stream answered 200, and what serving it needs.
+struct Opened {
+    client: Metered<hbone::Stream>,
+    /// None for a gateway's L7 port, which `gateway::serve` connects onward itself.
+    app: Option<Upstream>,
+    /// An HTTP port of the pod's own: served at L7.
+    http: bool,
+    target: SocketAddr,
+    caller: Caller,
+    labels: Box<crate::metrics::TcpLabels>,
+    admission: Admission,
+}
+
+/// Decides a CONNECT stream: refused with a status, or connected onward and answered 200.
+async fn open_tunnel(
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: SocketAddr,
+    client_id: &str,
+    pod: &Arc<PodCtx>,
+    shared: &Arc<Shared>,
+) -> Option<Opened> {
     let mut refuse = |code: StatusCode| {
         if let Err(e) = respond.send_response(status(code), true) {
             debug!(client = %peer, "answering an HBONE CONNECT: {e}");
         }
+        None
     };
     let target = match connect_target(req.method(), req.uri(), &pod.ips) {
         Ok(t) => t,
@@ -506,10 +585,10 @@ async fn tunnel(
         l7,
         labels,
         caller,
-    } = stream(&shared, &pod, peer, client_id, target);
+    } = stream(shared, pod, peer, client_id, target);
     if !http
         && l7 != Some(GatewayMode::Http)
-        && let Err(policy) = authorize::connection(&shared, &pod, &caller, target.port(), &labels)
+        && let Err(policy) = authorize::connection(shared, pod, &caller, target.port(), &labels)
     {
         debug!(pod = %pod.name, client_identity = client_id, %target, policy, "HBONE stream refused");
         return refuse(StatusCode::FORBIDDEN);
@@ -522,11 +601,11 @@ async fn tunnel(
         let app = match gateway {
             None => {
                 info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, "HBONE stream");
-                to_app(&pod, target).await.map(Upstream::App)
+                to_app(pod, target).await.map(Upstream::App)
             }
             Some(route) => {
                 info!(direction = "inbound", pod = %pod.name, client = %peer, client_identity = client_id, orig_dst = %target, destination = route.service(), "HBONE stream to a gateway port");
-                super::outbound::from_gateway(&pod, &shared, route)
+                super::outbound::from_gateway(pod, shared, route)
                     .await
                     .map(Upstream::Out)
             }
@@ -547,42 +626,25 @@ async fn tunnel(
     }
     let send = match respond.send_response(ok, false) {
         Ok(send) => send,
-        Err(e) => return warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}"),
+        Err(e) => {
+            warn!(pod = %pod.name, %target, "HBONE stream did not open: {e}");
+            return None;
+        }
     };
     let client = Metered::new(
         hbone::Stream::new(Tunnel::new(send, req.into_body())),
         shared.metrics.opened(&labels),
     );
-    let Some(app) = app else {
-        gateway::serve(client, target, caller, pod.clone(), shared.clone(), &labels).await;
-        shared.metrics.closed(&labels);
-        return drop(admission);
-    };
-    let log = ConnLog::start(&shared, "inbound", peer, target);
-    // Boxed: the stream's task keeps its labels only while it needs them (see `spliced`).
-    let labels = Box::new(labels);
-    match app {
-        Upstream::App(app) if http => {
-            serve_http(
-                client,
-                app,
-                pod.clone(),
-                target,
-                peer,
-                caller,
-                &labels,
-                &shared,
-            )
-            .await
-        }
-        Upstream::App(app) => {
-            spliced(client, app, labels, &pod, &shared, caller, target, log).await
-        }
-        Upstream::Out(out) => {
-            spliced(client, out, labels, &pod, &shared, caller, target, log).await
-        }
-    }
-    drop(admission);
+    Some(Opened {
+        client,
+        app,
+        http,
+        target,
+        caller,
+        // Boxed: the stream's task keeps its labels only while it needs them (see `spliced`).
+        labels: Box::new(labels),
+        admission,
+    })
 }
 
 /// Serves an accepted stream (`client`, already counted) to the pod's HTTP port `target` at
