@@ -199,8 +199,10 @@ impl hyper::body::Body for RecvBody {
 }
 
 /// Readies a message's head for HTTP/2: without the headers HTTP/2 forbids (h2 refuses to send
-/// them), and with its body's length when that is known and not stated.
-pub fn h2_head(headers: &mut HeaderMap, body: &Body, request: bool, status: Option<StatusCode>) {
+/// them), and with its body's length when that is known and not stated. `status` is a
+/// response's, None for a request.
+pub fn h2_head(headers: &mut HeaderMap, body: &Body, status: Option<StatusCode>) {
+    let request = status.is_none();
     if let Some(names) = headers.remove(header::CONNECTION) {
         for name in names.to_str().unwrap_or_default().split(',') {
             headers.remove(name.trim());
@@ -286,7 +288,7 @@ pub async fn send_body(mut body: Body, mut send: SendStream<Bytes>) {
 /// Answers a request received on `respond` with `resp`, its body to the end.
 pub async fn answer(mut respond: SendResponse<Bytes>, resp: Response<Body>) {
     let (mut head, body) = resp.into_parts();
-    h2_head(&mut head.headers, &body, false, Some(head.status));
+    h2_head(&mut head.headers, &body, Some(head.status));
     let end = body.is_end_stream();
     match respond.send_response(Response::from_parts(head, ()), end) {
         Ok(send) if !end => send_body(body, send).await,
@@ -404,7 +406,7 @@ mod tests {
             .body(())
             .unwrap();
         let body = body("helloworld", Some(trailers));
-        h2_head(head.headers_mut(), &body, true, None);
+        h2_head(head.headers_mut(), &body, None);
         let (resp, send) = client
             .ready()
             .await

@@ -130,7 +130,7 @@ impl Sender {
     /// Sends an HTTP/2 request on the connection (not in a tunnel: see `DIRECT`).
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Body>, h2::Error> {
         let (mut head, body) = req.into_parts();
-        h2_head(&mut head.headers, &body, true, None);
+        h2_head(&mut head.headers, &body, None);
         let end = body.is_end_stream();
         let (resp, send) = self.open(Request::from_parts(head, ()), end).await?;
         if !end {
