@@ -1,11 +1,13 @@
 //! HTTP routes as control compiled them from VirtualServices and DestinationRules: matching a
 //! request (first route wins), and picking a destination by weight.
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use hyper::{HeaderMap, Method, StatusCode};
 use serde::Serialize;
 use trellis_api as api;
+
+use crate::state::Resolved;
 
 #[derive(Debug, Serialize)]
 pub struct HttpRoute {
@@ -13,7 +15,8 @@ pub struct HttpRoute {
     #[serde(skip)]
     matches: Vec<HttpMatch>,
     pub destinations: Vec<Destination>,
-    pub policy: Policy,
+    /// Shared with every request the route decides.
+    pub policy: Arc<Policy>,
 }
 
 /// What a route does to each request besides choosing where it goes.
@@ -175,6 +178,8 @@ pub struct Destination {
     pub weight: u32,
     /// The subset's trafficPolicy, replacing the service's.
     pub traffic: Option<TrafficPolicy>,
+    #[serde(skip)]
+    pub resolved: Resolved,
 }
 
 /// A DestinationRule's trafficPolicy, as the proxy applies it.
@@ -304,6 +309,7 @@ pub(crate) fn destination(d: &api::WeightedDestination) -> Destination {
             .subset_traffic_policy
             .as_ref()
             .map(|tp| TrafficPolicy::compile(Some(tp))),
+        resolved: Resolved::default(),
     }
 }
 
@@ -375,7 +381,7 @@ impl HttpRoute {
             name: r.name.clone(),
             matches,
             destinations,
-            policy,
+            policy: Arc::new(policy),
         })
     }
 

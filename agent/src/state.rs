@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, LazyLock, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
 };
@@ -133,6 +133,9 @@ pub struct ServicePort {
     pub tls: Option<Arc<TlsOrigination>>,
     /// ServiceEntry `exportTo`: the namespaces whose pods see it; empty: all.
     pub export_to: Vec<String>,
+    /// Where requests go when no route names a destination.
+    #[serde(skip)]
+    default_target: Resolved,
     #[serde(skip)]
     next: AtomicUsize,
 }
@@ -300,7 +303,7 @@ impl PeerAuth {
 #[derive(Debug)]
 pub struct HttpDecision {
     pub target: Arc<Target>,
-    pub policy: Policy,
+    pub policy: Arc<Policy>,
     /// The uri prefix the route matched on, if it was a prefix match (for `rewrite.uri`).
     pub matched_prefix: Option<String>,
     /// Where this request's copy goes, when the route mirrors it.
@@ -314,6 +317,8 @@ pub struct Target {
     pub cluster: String,
     /// The destination service's host name.
     pub service: String,
+    /// As Istio's Envoy names clusters in access logs and spans: `outbound|PORT|SUBSET|HOST`.
+    pub envoy_cluster: String,
     pub candidates: Vec<Candidate>,
     pub traffic: TrafficPolicy,
     /// The destination port is declared HTTP/2 or gRPC.
@@ -350,6 +355,7 @@ impl Target {
         }
         Ok(Self {
             cluster: format!("{}/{}:{}/{subset}", svc.namespace, svc.name, svc.port),
+            envoy_cluster: format!("outbound|{}|{subset}|{}", svc.port, svc.fqdn),
             service: svc.host(),
             candidates,
             traffic: subset_traffic.unwrap_or(&svc.traffic).clone(),
@@ -376,8 +382,38 @@ impl Candidate {
     }
 }
 
+/// The [`Target`] a route destination (or a service without routes) resolves to, made on the
+/// first request in each address family and kept for the life of the snapshot that holds it:
+/// endpoints do not change within a snapshot, so later requests share it instead of building
+/// the endpoint list and names again.
+#[derive(Debug, Default, Clone)]
+pub struct Resolved([OnceLock<(u16, Resolution)>; 2]);
+
+type Resolution = Result<Arc<Target>, HttpRefusal>;
+
+impl Resolved {
+    /// The target for requests to `port` in `vip`'s family, from `make` the first time. A
+    /// destination serves one port, so `port` differing from the kept one only bypasses the memo.
+    fn get(
+        &self,
+        vip: SocketAddr,
+        port: u16,
+        make: impl FnOnce() -> Result<Target, HttpRefusal>,
+    ) -> Resolution {
+        let slot = &self.0[usize::from(vip.is_ipv6())];
+        if let Some((kept, target)) = slot.get()
+            && *kept == port
+        {
+            return target.clone();
+        }
+        let made = make().map(Arc::new);
+        let _ = slot.set((port, made.clone()));
+        made
+    }
+}
+
 /// Why an HTTP request has nowhere to go.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum HttpRefusal {
     /// The service has routes and none matches (Istio answers 404).
     NoRoute,
@@ -583,6 +619,7 @@ impl MeshState {
                         .and_then(|t| t.tls.as_ref())
                         .map(|t| Arc::new(TlsOrigination::compile(t))),
                     export_to: s.export_to.clone(),
+                    default_target: Resolved::default(),
                     next: AtomicUsize::new(0),
                 });
                 for vip in s.vips.iter().filter_map(|v| v.parse::<IpAddr>().ok()) {
@@ -815,9 +852,12 @@ impl MeshState {
                     .get(&vip)
                     .ok_or_else(|| HttpRefusal::NoUpstream(format!("{vip} is not a service")))?;
                 if svc.routes.is_empty() {
+                    static NO_POLICY: LazyLock<Arc<Policy>> = LazyLock::new(Default::default);
                     return Ok(HttpDecision {
-                        target: Arc::new(Target::of(svc, "", &BTreeMap::new(), None, vip)?),
-                        policy: Policy::default(),
+                        target: svc.default_target.get(vip, vip.port(), || {
+                            Target::of(svc, "", &BTreeMap::new(), None, vip)
+                        })?,
+                        policy: NO_POLICY.clone(),
                         matched_prefix: None,
                         mirror: None,
                     });
@@ -851,10 +891,9 @@ impl MeshState {
             .mirror
             .as_ref()
             .filter(|(_, percent)| fastrand::f64() * 100.0 < *percent)
-            .and_then(|(m, _)| self.target(m, vip).ok())
-            .map(Arc::new);
+            .and_then(|(m, _)| self.target(m, vip).ok());
         Ok(HttpDecision {
-            target: Arc::new(self.target(dst, vip)?),
+            target: self.target(dst, vip)?,
             policy: route.policy.clone(),
             matched_prefix: matched_prefix.map(str::to_owned),
             mirror,
@@ -862,21 +901,23 @@ impl MeshState {
     }
 
     /// A route destination's endpoints, for requests that came to `vip`.
-    fn target(&self, dst: &Destination, vip: SocketAddr) -> Result<Target, HttpRefusal> {
+    fn target(&self, dst: &Destination, vip: SocketAddr) -> Result<Arc<Target>, HttpRefusal> {
         let port = if dst.port == 0 { vip.port() } else { dst.port };
-        let svc = self
-            .by_name
-            .get(&(dst.service.clone(), port))
-            .ok_or_else(|| {
-                HttpRefusal::NoUpstream(format!("{} has no port {port}", dst.service))
-            })?;
-        Target::of(
-            svc,
-            &dst.subset,
-            &dst.subset_labels,
-            dst.traffic.as_ref(),
-            vip,
-        )
+        dst.resolved.get(vip, port, || {
+            let svc = self
+                .by_name
+                .get(&(dst.service.clone(), port))
+                .ok_or_else(|| {
+                    HttpRefusal::NoUpstream(format!("{} has no port {port}", dst.service))
+                })?;
+            Target::of(
+                svc,
+                &dst.subset,
+                &dst.subset_labels,
+                dst.traffic.as_ref(),
+                vip,
+            )
+        })
     }
 
     pub fn peer_auth(&self, uid: &str) -> PeerAuth {

@@ -197,6 +197,7 @@ mod tests {
         Target {
             cluster: "shop/web:80/".into(),
             service: "web.shop.svc.cluster.local".into(),
+            envoy_cluster: "outbound|80||web.shop.svc.cluster.local".into(),
             candidates: vec![candidate("10.0.0.1"), candidate("10.0.0.2")],
             traffic: TrafficPolicy {
                 lb,

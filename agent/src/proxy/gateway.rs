@@ -3,11 +3,10 @@
 //! Gateway, with the node proxy's whole L7 stack, to mesh destinations over HBONE as the
 //! gateway's identity; TLS terminated and then routed as TCP; and TLS passed through untouched
 //! to the destination its SNI selects. Plain TCP ports are spliced in `inbound`.
-use std::{io, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, io, net::SocketAddr, sync::Arc};
 
 use hyper::{Request, body::Incoming};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tower::ServiceExt as _;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -106,10 +105,10 @@ async fn serve_http(
         }
         let stack = stack.clone();
         async move {
-            match denied {
-                Some(resp) => Ok(resp),
-                None => stack.oneshot(req.map(http::boxed)).await,
-            }
+            Ok::<_, Infallible>(match denied {
+                Some(resp) => resp,
+                None => stack.call(req.map(http::boxed)).await,
+            })
         }
     });
     if let Err(e) = http::serve(client, service, &limits).await {

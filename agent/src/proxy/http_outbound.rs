@@ -5,10 +5,9 @@
 //! decide per request. Keep-alive, chunked bodies and trailers pass through hyper; upgrades
 //! (WebSocket) are spliced once the server agrees; a malformed request gets 400 and the
 //! connection is closed.
-use std::{net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use hyper::{Request, body::Incoming};
-use tower::ServiceExt as _;
 use tracing::debug;
 
 use super::{PodCtx, Shared, http, layers};
@@ -30,7 +29,8 @@ pub async fn serve<C>(
     };
     let stack = layers::stack(HttpEntry::Service(vip), pod, shared.clone(), downstream);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        stack.clone().oneshot(req.map(http::boxed))
+        let answer = stack.call(req.map(http::boxed));
+        async move { Ok::<_, Infallible>(answer.await) }
     });
     if let Err(e) = http::serve(client, service, &shared.http).await {
         debug!(%vip, "outbound HTTP connection ended: {e}");

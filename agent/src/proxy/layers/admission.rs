@@ -6,7 +6,7 @@ use std::sync::Arc;
 use hyper::{StatusCode, header::HeaderValue};
 use tower::Layer;
 
-use super::{Next, Req, around, call, local};
+use super::{Next, Req, around, local};
 use crate::{
     proxy::{Shared, balance::Overflow},
     state::Target,
@@ -17,7 +17,7 @@ pub fn layer(shared: Arc<Shared>) -> impl Layer<Next, Service = Next> + Clone {
         let shared = shared.clone();
         async move {
             let Some(target) = req.extensions().get::<Arc<Target>>().cloned() else {
-                return call(next, req).await;
+                return next.call(req).await;
             };
             let _permit = match shared
                 .balancer
@@ -32,7 +32,7 @@ pub fn layer(shared: Arc<Shared>) -> impl Layer<Next, Service = Next> + Clone {
                     return resp;
                 }
             };
-            call(next, req).await
+            next.call(req).await
         }
     })
 }

@@ -2,12 +2,12 @@
 //! reaching upstream.
 use tower::Layer;
 
-use super::{Next, Req, around, call, decision, local, outcome};
+use super::{Next, Req, around, decision, local, outcome};
 
 pub fn layer() -> impl Layer<Next, Service = Next> + Clone {
     around(|req: Req, next: Next| async move {
         let Some(d) = decision(&req) else {
-            return call(next, req).await;
+            return next.call(req).await;
         };
         let (delay, abort) = d.policy.fault.roll();
         if let Some(d) = delay {
@@ -16,7 +16,7 @@ pub fn layer() -> impl Layer<Next, Service = Next> + Clone {
         if let Some(status) = abort {
             return local(status, "fault filter abort\n", "FI");
         }
-        let mut resp = call(next, req).await;
+        let mut resp = next.call(req).await;
         // A delayed request that then failed is reported by its failure.
         if delay.is_some() && outcome(&mut resp).flags == "-" {
             outcome(&mut resp).flags = "DI";

@@ -5,11 +5,11 @@ use std::{sync::Arc, time::Duration};
 
 use http_body_util::{BodyExt as _, Limited};
 use hyper::{Request, body::Body as _, header::HeaderValue};
-use tower::{Layer, ServiceExt as _};
+use tower::Layer;
 use tracing::debug;
 
 use super::{
-    Next, Req, around, call, decision, full, is_upgrade,
+    Next, Req, around, decision, full, is_upgrade,
     retry::BODY_LIMIT,
     upstream::{PerTryTimeout, Upstream},
 };
@@ -26,8 +26,8 @@ pub fn layer(pod: Arc<PodCtx>, shared: Arc<Shared>) -> impl Layer<Next, Service 
         let (pod, shared) = (pod.clone(), shared.clone());
         async move {
             match decision(&req).and_then(|d| d.mirror.clone()) {
-                Some(mirror) => call(next, copy(req, mirror, pod, shared).await).await,
-                None => call(next, req).await,
+                Some(mirror) => next.call(copy(req, mirror, pod, shared).await).await,
+                None => next.call(req).await,
             }
         }
     })
@@ -60,7 +60,7 @@ async fn copy(req: Req, mirror: Arc<Target>, pod: Arc<PodCtx>, shared: Arc<Share
         copy.headers_mut().insert(hyper::header::HOST, v);
     }
     tokio::spawn(async move {
-        let Ok(resp) = Upstream::new(pod, shared).oneshot(copy).await;
+        let resp = Upstream::new(pod, shared).send(copy).await;
         debug!(cluster = mirror.cluster, status = %resp.status(), "mirrored request answered");
     });
     Request::from_parts(parts, full(bytes))

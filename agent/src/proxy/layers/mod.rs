@@ -6,16 +6,16 @@
 //! `mirror` (a copy to the shadow destination) → `timeout` (the route's deadline over all tries)
 //! → `retry` (tries again on what `retryOn` names) → `upstream` (one try: balance, connect, send).
 //!
-//! Every layer is a `Service<Req, Response = Resp, Error = Infallible>`: failures are answers
-//! (503, 504, …) that carry an [`Outcome`] in their extensions, which outer layers read (retry
-//! decides on it, observe reports its flags).
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+//! Every layer turns a request into an answer and never fails: failures are answers (503, 504,
+//! …) that carry an [`Outcome`] in their extensions, which outer layers read (retry decides on
+//! it, observe reports its flags).
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc};
 
 use hyper::{Request, Response};
-use tower::{Layer, ServiceBuilder, ServiceExt as _, util::BoxCloneSyncService};
+use tower::{Layer, ServiceBuilder};
 
 use super::{PodCtx, Shared, http::Body};
-use crate::state::{HttpDecision, HttpEntry, Workload};
+use crate::state::{HttpDecision, HttpEntry, Target, Workload};
 
 mod admission;
 mod fault;
@@ -30,8 +30,28 @@ mod upstream;
 
 pub type Req = Request<Body>;
 pub type Resp = Response<Body>;
-/// The rest of the stack below a layer.
-pub type Next = BoxCloneSyncService<Req, Resp, Infallible>;
+type Answer = Pin<Box<dyn Future<Output = Resp> + Send>>;
+
+/// The rest of the stack below a layer. The stack is built once per downstream connection and
+/// each request (each try) passes through it, so a clone is a reference count, not a copy of
+/// every layer below.
+#[derive(Clone)]
+pub struct Next(Arc<dyn Fn(Req) -> Answer + Send + Sync>);
+
+impl Next {
+    fn new<F, Fut>(f: F) -> Self
+    where
+        F: Fn(Req) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Resp> + Send + 'static,
+    {
+        Self(Arc::new(move |req| Box::pin(f(req))))
+    }
+
+    /// Passes `req` to the rest of the stack.
+    pub fn call(&self, req: Req) -> Answer {
+        (self.0)(req)
+    }
+}
 
 /// Where a downstream connection came from and went to, for access logs and spans.
 #[derive(Clone, Copy)]
@@ -50,19 +70,17 @@ pub fn stack(
     downstream: Downstream,
 ) -> Next {
     let upstream = upstream::Upstream::new(pod.clone(), shared.clone());
-    Next::new(
-        ServiceBuilder::new()
-            .layer(observe::layer(pod.clone(), shared.clone(), downstream))
-            .layer(route::layer(entry, pod.clone(), shared.clone()))
-            .layer(fault::layer())
-            .layer(rewrite::layer())
-            .layer(headers::layer())
-            .layer(admission::layer(shared.clone()))
-            .layer(mirror::layer(pod, shared))
-            .layer(timeout::layer())
-            .layer(retry::layer())
-            .service(Next::new(upstream)),
-    )
+    ServiceBuilder::new()
+        .layer(observe::layer(pod.clone(), shared.clone(), downstream))
+        .layer(route::layer(entry, pod.clone(), shared.clone()))
+        .layer(fault::layer())
+        .layer(rewrite::layer())
+        .layer(headers::layer())
+        .layer(admission::layer(shared.clone()))
+        .layer(mirror::layer(pod, shared))
+        .layer(timeout::layer())
+        .layer(retry::layer())
+        .service(Next::new(move |req| upstream.clone().send(req)))
 }
 
 /// A layer that runs `f` around the rest of the stack.
@@ -73,19 +91,8 @@ where
 {
     tower::layer::layer_fn(move |next: Next| {
         let f = f.clone();
-        Next::new(tower::service_fn(move |req| {
-            let answer = f(req, next.clone());
-            async move { Ok::<_, Infallible>(answer.await) }
-        }))
+        Next::new(move |req| f(req, next.clone()))
     })
-}
-
-/// Passes `req` to the rest of the stack.
-async fn call(next: Next, req: Req) -> Resp {
-    match next.oneshot(req).await {
-        Ok(resp) => resp,
-        Err(never) => match never {},
-    }
 }
 
 /// What the route layer decided for this request; None only if it has not run.
@@ -112,11 +119,10 @@ pub struct Outcome {
     pub flags: &'static str,
     /// The endpoint that answered, if one did.
     pub destination: Option<Arc<Workload>>,
-    pub service: Option<String>,
-    /// The endpoint's address and the cluster (`namespace/service:port/subset`) it is in,
-    /// once one was chosen.
+    /// Where the route sent the request (its service, and its cluster once `upstream` is set).
+    pub target: Option<Arc<Target>>,
+    /// The endpoint's address, once one was chosen.
     pub upstream: Option<SocketAddr>,
-    pub cluster: Option<String>,
     /// Set on an answer the proxy made because the try failed.
     pub failure: Option<Failure>,
 }
@@ -126,9 +132,8 @@ impl Default for Outcome {
         Self {
             flags: "-",
             destination: None,
-            service: None,
+            target: None,
             upstream: None,
-            cluster: None,
             failure: None,
         }
     }

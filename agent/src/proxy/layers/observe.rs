@@ -7,7 +7,7 @@ use hyper::body::Body as _;
 use tower::Layer;
 use tracing::Instrument as _;
 
-use super::{Downstream, Next, Outcome, Req, around, call};
+use super::{Downstream, Next, Outcome, Req, around};
 use crate::{
     metrics::{HttpLabels, LastRequest, RequestFigures},
     proxy::{
@@ -15,7 +15,7 @@ use crate::{
         exchange::{Answer, Ends, Exchange, Side, request_span},
         labels,
     },
-    state::Workload,
+    state::{Target, Workload},
 };
 
 pub fn layer(
@@ -42,19 +42,24 @@ pub fn layer(
             if let Some(x) = &exchange {
                 req = x.count_request(req);
             }
-            let mut resp = call(next, req).instrument(span).await;
+            let mut resp = next.call(req).instrument(span).await;
             let outcome = resp
                 .extensions_mut()
                 .remove::<Outcome>()
                 .unwrap_or_default();
             let code = resp.status().as_u16();
             let source = pod.workload(&shared.state.borrow());
+            let service = outcome.target.as_ref().map(|t| t.service.as_str());
             if let Some(x) = exchange {
                 let answer = Answer {
                     code,
                     flags: outcome.flags,
                     upstream_host: outcome.upstream,
-                    upstream_cluster: outcome.cluster.clone(),
+                    upstream_cluster: outcome
+                        .target
+                        .as_ref()
+                        .filter(|_| outcome.upstream.is_some())
+                        .map(|t| t.envoy_cluster.clone()),
                     failure: outcome.failure.map(|f| format!("{f:?}")),
                     ends: Ends {
                         source: source.clone(),
@@ -64,7 +69,7 @@ pub fn layer(
                             .as_ref()
                             .and_then(|w| w.identity.clone()),
                         destination: outcome.destination.clone(),
-                        service: outcome.service.clone(),
+                        service: service.map(str::to_owned),
                     },
                 };
                 resp = x.respond(answer, resp);
@@ -72,7 +77,7 @@ pub fn layer(
             let key = Key {
                 source,
                 destination: outcome.destination,
-                service: outcome.service,
+                target: outcome.target,
                 grpc,
                 flags: outcome.flags,
                 code,
@@ -88,7 +93,7 @@ pub fn layer(
                     key.source.as_deref(),
                     pod.identity.as_deref(),
                     key.destination.as_deref(),
-                    key.service.as_deref(),
+                    key.service(),
                     key.destination
                         .as_ref()
                         .is_some_and(|w| w.identity.is_some()),
@@ -111,7 +116,7 @@ pub fn layer(
 struct Key {
     source: Option<Arc<Workload>>,
     destination: Option<Arc<Workload>>,
-    service: Option<String>,
+    target: Option<Arc<Target>>,
     grpc: bool,
     flags: &'static str,
     code: u16,
@@ -126,7 +131,13 @@ impl PartialEq for Key {
         };
         same(&self.source, &o.source)
             && same(&self.destination, &o.destination)
-            && (self.service.as_deref(), self.grpc, self.flags, self.code)
-                == (o.service.as_deref(), o.grpc, o.flags, o.code)
+            && (self.service(), self.grpc, self.flags, self.code)
+                == (o.service(), o.grpc, o.flags, o.code)
+    }
+}
+
+impl Key {
+    fn service(&self) -> Option<&str> {
+        self.target.as_ref().map(|t| t.service.as_str())
     }
 }

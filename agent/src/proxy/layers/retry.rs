@@ -10,8 +10,7 @@ use tower::Layer;
 use tracing::debug;
 
 use super::{
-    Failure, Next, Req, around, call, decision, full, is_upgrade, local, outcome,
-    upstream::PerTryTimeout,
+    Failure, Next, Req, around, decision, full, is_upgrade, local, outcome, upstream::PerTryTimeout,
 };
 
 /// Request bodies up to this size are kept so that a retry can send them again.
@@ -24,7 +23,7 @@ pub fn layer() -> impl Layer<Next, Service = Next> + Clone {
             Some(r) if !is_upgrade(&req) && req.body().size_hint().lower() <= BODY_LIMIT as u64 => {
                 r
             }
-            _ => return call(next, req).await,
+            _ => return next.call(req).await,
         };
         let (parts, body) = req.into_parts();
         let body = match Limited::new(body, BODY_LIMIT).collect().await {
@@ -46,7 +45,7 @@ pub fn layer() -> impl Layer<Next, Service = Next> + Clone {
             if let Some(t) = retry.per_try_timeout {
                 req.extensions_mut().insert(PerTryTimeout(t));
             }
-            let mut resp = call(next.clone(), req).await;
+            let mut resp = next.call(req).await;
             let again = match outcome(&mut resp).failure {
                 None => retry.on.status(resp.status()),
                 Some(Failure::Connect) => retry.on.connect_failure,

@@ -4,7 +4,7 @@ use hyper::{Version, header::HeaderValue};
 use tower::Layer;
 use tracing::debug;
 
-use super::{Next, Req, around, call, decision};
+use super::{Next, Req, around, decision};
 
 pub fn layer() -> impl Layer<Next, Service = Next> + Clone {
     around(|mut req: Req, next: Next| async move {
@@ -15,7 +15,7 @@ pub fn layer() -> impl Layer<Next, Service = Next> + Clone {
                 d.matched_prefix.as_deref(),
             );
         }
-        call(next, req).await
+        next.call(req).await
     })
 }
 

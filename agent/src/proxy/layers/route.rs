@@ -8,7 +8,7 @@ use hyper::StatusCode;
 use tower::Layer;
 use tracing::warn;
 
-use super::{Next, Req, around, call, local, outcome};
+use super::{Next, Req, around, local, outcome};
 use crate::{
     proxy::{PodCtx, Shared, http},
     state::{HttpEntry, HttpRefusal},
@@ -60,11 +60,11 @@ pub fn layer(
             if matches!(entry, HttpEntry::Gateway(_)) {
                 http::set_version(&mut req, decision.target.http2);
             }
-            let service = decision.target.service.clone();
+            let target = decision.target.clone();
             req.extensions_mut().insert(decision.target.clone());
             req.extensions_mut().insert(decision);
-            let mut resp = call(next, req).await;
-            outcome(&mut resp).service = Some(service);
+            let mut resp = next.call(req).await;
+            outcome(&mut resp).target = Some(target);
             resp
         }
     })

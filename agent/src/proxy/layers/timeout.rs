@@ -2,14 +2,14 @@
 use hyper::StatusCode;
 use tower::Layer;
 
-use super::{Next, Req, around, call, decision, local};
+use super::{Next, Req, around, decision, local};
 
 pub fn layer() -> impl Layer<Next, Service = Next> + Clone {
     around(|req: Req, next: Next| async move {
         let Some(t) = decision(&req).and_then(|d| d.policy.timeout) else {
-            return call(next, req).await;
+            return next.call(req).await;
         };
-        tokio::time::timeout(t, call(next, req))
+        tokio::time::timeout(t, next.call(req))
             .await
             .unwrap_or_else(|_| {
                 local(

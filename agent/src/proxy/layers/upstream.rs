@@ -3,15 +3,7 @@
 //! endpoints); the request; the outcome fed to outlier detection. Upstream connections belong to
 //! one downstream connection: an HTTP/1.1 one is taken while it carries a request, an HTTP/2 one
 //! is shared.
-use std::{
-    collections::HashMap,
-    convert::Infallible,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Result, bail};
 use hyper::{StatusCode, Version, header::HeaderValue, upgrade::OnUpgrade};
@@ -57,7 +49,8 @@ impl Upstream {
         }
     }
 
-    async fn send(self, mut req: Req) -> Resp {
+    /// One try of `req`.
+    pub async fn send(self, mut req: Req) -> Resp {
         let Some(target) = req.extensions().get::<Arc<Target>>().cloned() else {
             return local(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -94,7 +87,6 @@ impl Upstream {
                 let outcome = outcome(&mut resp);
                 outcome.destination = Some(candidate.workload);
                 outcome.upstream = Some(candidate.addr);
-                outcome.cluster = Some(envoy_cluster(&target));
                 resp
             }
             Err((failure, e)) => {
@@ -114,7 +106,6 @@ impl Upstream {
                 let outcome = outcome(&mut resp);
                 outcome.failure = Some(failure);
                 outcome.upstream = Some(candidate.addr);
-                outcome.cluster = Some(envoy_cluster(&target));
                 resp
             }
         }
@@ -260,32 +251,6 @@ impl Upstream {
         }
         Ok((key, pooled))
     }
-}
-
-impl tower::Service<Req> for Upstream {
-    type Response = Resp;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Resp, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        let answer = self.clone().send(req);
-        Box::pin(async move { Ok(answer.await) })
-    }
-}
-
-/// The target as Istio's Envoy names clusters in access logs and spans:
-/// `outbound|PORT|SUBSET|HOST`, from the `namespace/name:port/subset` it is kept by.
-fn envoy_cluster(target: &Target) -> String {
-    let (port, subset) = target
-        .cluster
-        .rsplit_once(':')
-        .and_then(|(_, rest)| rest.split_once('/'))
-        .unwrap_or_default();
-    format!("outbound|{port}|{subset}|{}", target.service)
 }
 
 /// hyper's error with its causes: its own text alone says only which step failed.
