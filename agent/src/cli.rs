@@ -138,7 +138,8 @@ struct PinArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Proxy worker threads (default: one per CPU).
+    /// Proxy worker threads (default: one per CPU). With 1, the proxy runs on the main thread
+    /// (tokio's current-thread scheduler).
     #[arg(long, env = "TRELLIS_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: Option<u16>,
     #[command(flatten)]
@@ -256,11 +257,18 @@ pub fn main() -> ExitCode {
             .context("starting the runtime")
             .and_then(|rt| rt.block_on(watch_config(args))),
         Command::Run(args) => {
-            crate::memory::share_one_arena();
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = args.worker_threads {
-                runtime.worker_threads(n.into());
-            }
+            let mut runtime = match args.worker_threads {
+                // One worker: everything on this thread, without the work-stealing scheduler's
+                // wake-ups across threads and its per-batch bookkeeping.
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                n => {
+                    let mut multi = tokio::runtime::Builder::new_multi_thread();
+                    if let Some(n) = n {
+                        multi.worker_threads(n.into());
+                    }
+                    multi
+                }
+            };
             runtime
                 .enable_all()
                 .build()

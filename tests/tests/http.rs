@@ -128,7 +128,9 @@ impl Web {
         let agents = vec![
             // The access log (one line per request, with its trace span) helps read failures.
             Agent::start_with_control_and(n1, &control, &["--access-log"]),
-            Agent::start_with_control_and(n2, &control, &["--access-log"]),
+            // One worker thread runs the agent on tokio's current-thread scheduler, a runtime
+            // of its own: every request here crosses both kinds.
+            Agent::start_with_control_and(n2, &control, &["--access-log", "--worker-threads", "1"]),
         ];
         agents[0].wait_pod_state(&client, "enrolled");
         agents[1].wait_pod_state(&v2, "enrolled");
