@@ -1236,6 +1236,46 @@ mod tests {
     }
 
     #[test]
+    fn a_destinations_target_is_made_once_per_snapshot() {
+        let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
+        let decide = |state: &MeshState| {
+            let headers = HeaderMap::new();
+            match state.route_http(HttpEntry::Service(vip), "", &Method::GET, "/", &headers) {
+                Ok(d) => d.target,
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        let mut cfg = config();
+        let state = MeshState::build(&cfg, "n1");
+        let first = decide(&state);
+        assert!(Arc::ptr_eq(&first, &decide(&state)), "made again");
+        assert_eq!(first.candidates.len(), 2);
+        assert_eq!(
+            first.envoy_cluster,
+            "outbound|80||reviews.shop.svc.cluster.local"
+        );
+
+        // The next snapshot, an endpoint fewer: its own target, never the last one's.
+        let mut reviews = cfg
+            .services()
+            .find(|s| s.name == "reviews")
+            .unwrap()
+            .clone();
+        reviews.endpoints.retain(|e| e.pod_name == "reviews-v1");
+        cfg.apply(&api::ConfigUpdate {
+            version: 2,
+            upserts: vec![api::Resource {
+                resource: Some(Resource::Service(reviews)),
+            }],
+            ..Default::default()
+        })
+        .unwrap();
+        let next = decide(&MeshState::build(&cfg, "n1"));
+        let addrs: Vec<SocketAddr> = next.candidates.iter().map(|c| c.addr).collect();
+        assert_eq!(addrs, ["10.244.2.10:9080".parse().unwrap()]);
+    }
+
+    #[test]
     fn peer_authentication_follows_istio_precedence() {
         let mode = |policies: Vec<api::Resource>| {
             let mut cfg = config();

@@ -61,7 +61,7 @@ pub fn layer(
                 http::set_version(&mut req, decision.target.http2);
             }
             let target = decision.target.clone();
-            req.extensions_mut().insert(decision.target.clone());
+            req.extensions_mut().insert(target.clone());
             req.extensions_mut().insert(decision);
             let mut resp = next.call(req).await;
             outcome(&mut resp).target = Some(target);
