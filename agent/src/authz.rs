@@ -6,6 +6,7 @@
 //! Control validated each policy (control/src/istio/security.rs); `Policy::compile` still
 //! refuses what it cannot read, so an update carrying one is rejected whole.
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::Arc,
@@ -46,6 +47,24 @@ pub struct Conn<'a> {
     pub ip: IpAddr,
     /// The destination (pod) port.
     pub port: u16,
+}
+
+/// The caller as rules match it, worked out once per decision.
+#[derive(Clone, Copy)]
+struct Who<'a> {
+    conn: &'a Conn<'a>,
+    principal: Option<&'a str>,
+    namespace: Option<&'a str>,
+}
+
+impl<'a> Who<'a> {
+    fn of(conn: &'a Conn<'a>) -> Self {
+        Self {
+            conn,
+            principal: conn.identity.map(principal),
+            namespace: conn.identity.and_then(namespace),
+        }
+    }
 }
 
 /// What an HTTP request adds for L7 rules.
@@ -117,11 +136,12 @@ impl PodPolicies {
     /// `http` is None for a TCP port: there an ALLOW rule naming HTTP fields never matches and a
     /// DENY (or AUDIT) rule is applied with them ignored, as in Istio.
     pub fn evaluate(&self, conn: &Conn, http: Option<&Http>) -> Decision {
+        let who = Who::of(conn);
         let matched = |action| {
             self.0
                 .iter()
                 .filter(move |p| p.action == action)
-                .filter(|p| p.matches(conn, http))
+                .filter(move |p| p.matches(&who, http))
         };
         let audited = matched(Action::Audit).map(|p| p.name.clone()).collect();
         let mut unmatched_allow = String::new();
@@ -172,12 +192,10 @@ impl Policy {
 
     /// Whether any rule matches; a policy without rules matches nothing (so an ALLOW policy
     /// with `spec: {}` lets nothing in).
-    fn matches(&self, conn: &Conn, http: Option<&Http>) -> bool {
+    fn matches(&self, who: &Who, http: Option<&Http>) -> bool {
         // Which way an HTTP-only field goes on a TCP port.
         let tcp_default = self.action != Action::Allow;
-        self.rules
-            .iter()
-            .any(|r| r.matches(conn, http, tcp_default))
+        self.rules.iter().any(|r| r.matches(who, http, tcp_default))
     }
 }
 
@@ -456,9 +474,12 @@ impl Rule {
     }
 
     /// `tcp_default` is what an HTTP-only field counts as when there is no HTTP request.
-    fn matches(&self, conn: &Conn, http: Option<&Http>, tcp_default: bool) -> bool {
-        let principal = conn.identity.map(principal);
-        let namespace = conn.identity.and_then(namespace);
+    fn matches(&self, who: &Who, http: Option<&Http>, tcp_default: bool) -> bool {
+        let Who {
+            conn,
+            principal,
+            namespace,
+        } = *who;
         let from = self.from.is_empty()
             || self.from.iter().any(|s| {
                 s.principals.matches(principal, Pattern::matches)
@@ -541,7 +562,11 @@ fn namespace(identity: &str) -> Option<&str> {
 /// The path as policies see it: without the query, with `.` and `..` segments resolved and
 /// unreserved characters percent-decoded (so `/public/../admin` and `/%61dmin` are `/admin`),
 /// as Istio's default (BASE) normalization.
-pub fn normalize_path(path: &str) -> String {
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    // Already normal (the usual case): nothing to decode, resolve or drop.
+    if path.starts_with('/') && !path.contains(['?', '#', '%']) && !path.contains("/.") {
+        return Cow::Borrowed(path);
+    }
     let raw = path.split(['?', '#']).next().unwrap_or("").as_bytes();
     let mut bytes = Vec::with_capacity(raw.len());
     let mut i = 0;
@@ -578,7 +603,7 @@ pub fn normalize_path(path: &str) -> String {
     if matches!(decoded.rsplit('/').next(), Some("." | "..")) && !joined.ends_with('/') {
         joined.push('/');
     }
-    joined
+    Cow::Owned(joined)
 }
 
 #[cfg(test)]
@@ -806,6 +831,9 @@ mod tests {
             ("/../../etc", "/etc"),
             ("/caf%C3%A9", "/caf%C3%A9"),
             ("/%", "/%"),
+            ("/a//b.c/.d", "/a//b.c/.d"),
+            ("/a/.", "/a/"),
+            ("", "/"),
         ] {
             assert_eq!(normalize_path(raw), want, "{raw}");
         }
