@@ -53,11 +53,20 @@ const TARGET_IDLE_RSS_MB: f64 = 15.0;
 const TARGET_HELD_RSS_MB: f64 = 60.0;
 const TARGET_CONNECT_RATIO: f64 = 0.5;
 
+/// How the agents run their proxy threads.
+#[derive(Clone, Copy)]
+pub struct Threads {
+    /// `--worker-threads` (default one per CPU).
+    pub workers: Option<u16>,
+    /// `--thread-per-core`.
+    pub per_core: bool,
+}
+
 pub fn run(
     json_out: Option<PathBuf>,
     duration_secs: u64,
     profile: Option<PathBuf>,
-    worker_threads: Option<u16>,
+    threads: Threads,
     repeat: u32,
     mesh_only: bool,
 ) -> Result<()> {
@@ -82,8 +91,8 @@ pub fn run(
     eprintln!("bench: binaries from {}", bin_dir.display());
 
     let duration = Duration::from_secs(duration_secs);
-    let report = bench(duration, worker_threads, repeat, mesh_only)?;
-    print_table(&report, duration_secs, worker_threads);
+    let report = bench(duration, threads, repeat, mesh_only)?;
+    print_table(&report, duration_secs, threads);
     if let Some(path) = json_out {
         fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
@@ -112,12 +121,7 @@ pub fn build_release() -> Result<PathBuf> {
 
 /// Brings the cluster up, runs the phases, and returns every figure. Everything made here is
 /// removed when this returns (or unwinds): agents first, then control, pods and nodes.
-fn bench(
-    duration: Duration,
-    worker_threads: Option<u16>,
-    repeat: u32,
-    mesh_only: bool,
-) -> Result<Value> {
+fn bench(duration: Duration, threads: Threads, repeat: u32, mesh_only: bool) -> Result<Value> {
     eprintln!(
         "bench: creating a two-node cluster; pods client, haproxy, pair-near and server-near on \
          node 1, server and pair-far on node 2"
@@ -166,11 +170,14 @@ fn bench(
     let files = control_files(n1, n2, &client, &server);
     let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
     let control = Control::start(&cluster, &files);
-    let threads = worker_threads.map(|n| n.to_string());
-    let agent_args: Vec<&str> = match &threads {
+    let workers = threads.workers.map(|n| n.to_string());
+    let mut agent_args: Vec<&str> = match &workers {
         Some(n) => vec!["--worker-threads", n],
         None => Vec::new(),
     };
+    if threads.per_core {
+        agent_args.push("--thread-per-core");
+    }
     let a1 = Agent::start_with_control_and(n1, &control, &agent_args);
     let a2 = Agent::start_with_control_and(n2, &control, &agent_args);
     a1.wait_pod_state(&client, "enrolled");
@@ -246,7 +253,8 @@ fn bench(
     eprintln!("bench: removing agents, control, pods and nodes");
     Ok(json!({
         "duration_secs": duration.as_secs(),
-        "agent_worker_threads": worker_threads,
+        "agent_worker_threads": threads.workers,
+        "agent_thread_per_core": threads.per_core,
         "repeat": repeat,
         "mesh_only": mesh_only,
         "load": { "rate": RATE, "conns": CONNS, "size": SIZE },
@@ -804,7 +812,7 @@ fn summary(direct: &Value, pair: &Value, trellis: &Value) -> Value {
     })
 }
 
-fn print_table(r: &Value, secs: u64, worker_threads: Option<u16>) {
+fn print_table(r: &Value, secs: u64, threads: Threads) {
     let (d, p, t, s) = (&r["direct"], &r["pair"], &r["trellis"], &r["summary"]);
     let num = |v: &Value, digits: usize| f(v).map_or("-".into(), |x| format!("{x:.digits$}"));
     let int = |v: &Value| v.as_u64().map_or("-".into(), |x| x.to_string());
@@ -1023,7 +1031,15 @@ fn print_table(r: &Value, secs: u64, worker_threads: Option<u16>) {
             String::new(),
         ));
     }
-    let threads = worker_threads.map_or("one per CPU".to_owned(), |n| n.to_string());
+    let per_core = if threads.per_core {
+        ", thread per core"
+    } else {
+        ""
+    };
+    let threads = threads
+        .workers
+        .map_or("one per CPU".to_owned(), |n| n.to_string())
+        + per_core;
     println!(
         "\nTrellis benchmark: 2 nodes, client pod on node 1 -> server pod on node 2, {secs} s per \
          run; the pair: haproxy on each node, mutual TLS 1.3 between them; agent worker threads: \

@@ -170,6 +170,7 @@ pub async fn forget_direct(
 
 fn key(pod: &PodCtx, hbone: SocketAddr, identity: &str) -> pool::Key {
     pool::Key {
+        worker: super::workers::current(),
         source: pod.uid.clone(),
         hbone,
         identity: identity.to_owned(),

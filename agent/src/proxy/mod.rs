@@ -23,6 +23,7 @@ mod pool;
 mod read_ahead;
 mod terminate;
 mod trace;
+mod workers;
 
 use std::{
     future::Future,
@@ -42,7 +43,7 @@ use tokio::{
     sync::{Semaphore, watch},
     task::JoinHandle,
 };
-use tracing::warn;
+use tracing::{error, warn};
 use trellis_common::{
     DNS_CAPTURE_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, POD_DNS4, POD_DNS6, PROXY_PORTS,
 };
@@ -53,6 +54,7 @@ pub use local::LocalPods;
 pub use originate::TlsOrigination;
 pub use pool::Pool;
 pub use terminate::{ServerTls, best as best_host};
+pub use workers::Workers;
 
 use crate::{
     dns,
@@ -86,6 +88,8 @@ pub struct Shared {
     pub dns_upstream: Option<SocketAddr>,
     /// Access log, taps and trace export.
     pub observe: crate::access::Observe,
+    /// The threads connections are served on.
+    pub workers: Workers,
 }
 
 impl Shared {
@@ -259,12 +263,13 @@ pub fn spawn(pod: Arc<PodCtx>, listeners: PodListeners, shared: Arc<Shared>) -> 
         tasks.push(accept_loop(l, &pod, &shared, inbound::hbone)?);
     }
     for s in listeners.dns {
-        let sock = tokio::net::UdpSocket::from_std(s)?;
-        tasks.push(tokio::spawn(dns::serve_udp(
-            sock,
-            pod.clone(),
-            shared.clone(),
-        )));
+        let (pod, shared2) = (pod.clone(), shared.clone());
+        tasks.push(shared.workers.spawn(async move {
+            match tokio::net::UdpSocket::from_std(s) {
+                Ok(sock) => dns::serve_udp(sock, pod, shared2).await,
+                Err(e) => error!(pod = %pod.name, "cannot serve DNS: {e}"),
+            }
+        }));
     }
     // Listed last, so a pod whose proxy failed to start is never listed.
     let local = serves_hbone.then(|| {
@@ -275,7 +280,8 @@ pub fn spawn(pod: Arc<PodCtx>, listeners: PodListeners, shared: Arc<Shared>) -> 
 }
 
 /// Accepts connections within the pod's and the node's limits (past them: reset at once) and
-/// handles each in its own task, which holds its place under the limits until it ends.
+/// hands each to a worker to handle in its own task, which holds its place under the limits
+/// until it ends.
 fn accept_loop<F, Fut>(
     listener: std::net::TcpListener,
     pod: &Arc<PodCtx>,
@@ -283,12 +289,17 @@ fn accept_loop<F, Fut>(
     handle: F,
 ) -> Result<JoinHandle<()>>
 where
-    F: Fn(TcpStream, SocketAddr, Arc<PodCtx>, Arc<Shared>) -> Fut + Send + 'static,
+    F: Fn(TcpStream, SocketAddr, Arc<PodCtx>, Arc<Shared>) -> Fut + Send + Copy + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::from_std(listener)?;
-    let (pod, shared) = (pod.clone(), shared.clone());
-    Ok(tokio::spawn(async move {
+    let (pod, shared2) = (pod.clone(), shared.clone());
+    Ok(shared.workers.spawn(async move {
+        let shared = shared2;
+        // Registered here, with the reactor of the worker that accepts.
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => return error!(pod = %pod.name, "cannot accept connections: {e}"),
+        };
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok((stream, peer)) => (stream, canonical(peer)),
@@ -303,9 +314,9 @@ where
             };
             match shared.limits.admit(&pod.budget) {
                 Ok(admission) => {
-                    let conn = handle(stream, peer, pod.clone(), shared.clone());
-                    tokio::spawn(async move {
-                        conn.await;
+                    let (pod, shared2) = (pod.clone(), shared.clone());
+                    shared.workers.serve(stream, move |stream| async move {
+                        handle(stream, peer, pod, shared2).await;
                         drop(admission);
                     });
                 }

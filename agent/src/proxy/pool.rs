@@ -3,6 +3,8 @@
 //! so a burst of first connections makes one handshake, not one each. A connection made with a
 //! certificate since renewed is replaced; streams still on it finish undisturbed.
 //!
+//! Each worker thread has its own connections.
+//!
 //! Each connection also remembers which of the destination's ports its agent takes HTTP/2
 //! requests on directly (see `hbone::DIRECT`): learned from its answers to CONNECT, forgotten
 //! with the connection.
@@ -21,6 +23,9 @@ use super::hbone::Sender;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Key {
+    /// The worker thread that uses it (`workers::current`): a connection is driven on the
+    /// worker that made it, so sharing it would wake another thread for each request.
+    pub worker: usize,
     /// The source pod's UID: its connections leave from its own netns and address.
     pub source: String,
     pub hbone: SocketAddr,
