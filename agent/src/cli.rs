@@ -143,8 +143,8 @@ struct RunArgs {
     #[arg(long, env = "TRELLIS_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: Option<u16>,
     /// Thread per core: each worker thread runs its own runtime and keeps the connections it is
-    /// given, instead of sharing work by stealing. More requests per core under load, more CPU
-    /// per request at low rates. No effect with one worker thread.
+    /// given, instead of sharing work by stealing: more requests per core under load. No effect
+    /// with one worker thread.
     #[arg(long, env = "TRELLIS_THREAD_PER_CORE")]
     thread_per_core: bool,
     #[command(flatten)]

@@ -145,7 +145,7 @@ fuzz_target!(|input: Input| {
             }
             (m.as_str(), normalize_path(p), h.as_str())
         }
-        None => ("", String::new(), ""),
+        None => ("", "".into(), ""),
     };
     if input.http.is_some() {
         assert!(path.starts_with('/'), "{path:?}");

@@ -6,8 +6,8 @@
 //! it starts: its requests, the pooled HBONE connections it sends them on (the pool is per
 //! worker) and the connections to the app. So a request wakes no other thread and no task is
 //! stolen. New connections go to the worker with the fewest open. Under load this serves more
-//! requests per core; at low rates it costs more CPU per request, as every worker wakes for
-//! its own share (docs/benchmarks.md has both).
+//! requests per core; at low rates every worker wakes for its own share, where work stealing
+//! leaves one worker doing all of it (docs/benchmarks.md measures both).
 use std::{
     cell::Cell,
     future::Future,
@@ -55,7 +55,7 @@ pub enum Workers {
 impl Workers {
     /// `n` new threads named `trellis-worker-<i>`, each running its own runtime.
     pub fn per_core(n: usize) -> Result<Self> {
-        let mut handles = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::Builder::new()
@@ -79,13 +79,13 @@ impl Workers {
                 .recv()
                 .context("a proxy worker thread died at start")?
                 .with_context(|| format!("starting proxy worker {i}'s runtime"))?;
-            handles.push(Worker {
+            workers.push(Worker {
                 handle,
                 open: Arc::default(),
             });
         }
         Ok(Self::PerCore {
-            workers: handles,
+            workers,
             next: AtomicUsize::new(0),
         })
     }
