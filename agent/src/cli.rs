@@ -262,20 +262,18 @@ pub fn main() -> ExitCode {
             .context("starting the runtime")
             .and_then(|rt| rt.block_on(watch_config(args))),
         Command::Run(args) => {
-            let mut runtime = match (args.worker_threads, args.thread_per_core) {
-                // One worker: everything on this thread, without the work-stealing scheduler's
-                // wake-ups across threads and its per-batch bookkeeping.
-                (Some(1), _) => tokio::runtime::Builder::new_current_thread(),
-                // The proxy has threads of its own (`proxy::Workers`); this one runs the agent's
-                // own work (pods, config, admin).
-                (_, true) => tokio::runtime::Builder::new_current_thread(),
-                (n, false) => {
-                    let mut multi = tokio::runtime::Builder::new_multi_thread();
-                    if let Some(n) = n {
-                        multi.worker_threads(n.into());
-                    }
-                    multi
+            // One worker: everything on this thread, without the work-stealing scheduler's
+            // wake-ups across threads and its per-batch bookkeeping. Thread per core: the proxy
+            // has threads of its own (`proxy::Workers`) and this one runs the agent's own work
+            // (pods, config, admin).
+            let mut runtime = if args.worker_threads == Some(1) || args.per_core() {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut multi = tokio::runtime::Builder::new_multi_thread();
+                if let Some(n) = args.worker_threads {
+                    multi.worker_threads(n.into());
                 }
+                multi
             };
             runtime
                 .enable_all()
@@ -317,7 +315,15 @@ fn init_logging(filter: &str, format: LogFormat, access_log: bool) -> Result<()>
     .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+impl RunArgs {
+    /// Thread per core asked for, with more than one worker (one is the main thread itself).
+    fn per_core(&self) -> bool {
+        self.thread_per_core && self.worker_threads != Some(1)
+    }
+}
+
 async fn run(args: RunArgs, access_log: access::Format) -> Result<()> {
+    let per_core = args.per_core();
     let cgroup_root = match args.cgroup_root {
         Some(root) => root,
         None => cgroup::cgroup2_mount()?,
@@ -351,17 +357,16 @@ async fn run(args: RunArgs, access_log: access::Format) -> Result<()> {
         per_pod = limits.max_connections_per_pod,
         "connection limits"
     );
-    let workers = match (args.worker_threads, args.thread_per_core) {
-        (Some(1), _) | (_, false) => Workers::Runtime,
-        (n, true) => {
-            // One per CPU this process may use (its cgroup's quota counts).
-            let n = n.map_or_else(
-                || std::thread::available_parallelism().map_or(1, |n| n.get()),
-                usize::from,
-            );
-            info!(workers = n, "thread per core");
-            Workers::per_core(n)?
-        }
+    let workers = if per_core {
+        // One per CPU this process may use (its cgroup's quota counts).
+        let n = args.worker_threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            usize::from,
+        );
+        info!(workers = n, "thread per core");
+        Workers::per_core(n)?
+    } else {
+        Workers::Runtime
     };
     let shared = Arc::new(Shared {
         workers,
