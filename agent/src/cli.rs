@@ -63,6 +63,15 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scheduler {
+    /// Each worker thread runs its own runtime and keeps the connections it is given, with
+    /// everything they start: no wake-ups across threads, more requests per core.
+    ThreadPerCore,
+    /// tokio's work-stealing pool: an idle thread takes tasks from a busy one.
+    WorkStealing,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the capture programs (adopting any pinned by an earlier agent), enroll
@@ -142,11 +151,9 @@ struct RunArgs {
     /// (tokio's current-thread scheduler).
     #[arg(long, env = "TRELLIS_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: Option<u16>,
-    /// Thread per core: each worker thread runs its own runtime and keeps the connections it is
-    /// given, instead of sharing work by stealing: more requests per core under load. No effect
-    /// with one worker thread.
-    #[arg(long, env = "TRELLIS_THREAD_PER_CORE")]
-    thread_per_core: bool,
+    /// How the worker threads share connections. No effect with one worker thread.
+    #[arg(long, value_enum, default_value_t = Scheduler::ThreadPerCore, env = "TRELLIS_SCHEDULER")]
+    scheduler: Scheduler,
     #[command(flatten)]
     pins: PinArgs,
     /// cgroup v2 directory the capture programs attach to; pods are found below it in the
@@ -316,9 +323,10 @@ fn init_logging(filter: &str, format: LogFormat, access_log: bool) -> Result<()>
 }
 
 impl RunArgs {
-    /// Thread per core asked for, with more than one worker (one is the main thread itself).
+    /// Thread per core, unless work stealing is asked for or there is one worker (the main
+    /// thread itself).
     fn per_core(&self) -> bool {
-        self.thread_per_core && self.worker_threads != Some(1)
+        self.scheduler == Scheduler::ThreadPerCore && self.worker_threads != Some(1)
     }
 }
 

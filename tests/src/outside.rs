@@ -14,6 +14,8 @@ use crate::{Pod, sys};
 /// answer can only have come from the agent.
 pub struct Dnsmasq {
     child: Child,
+    /// Its pid file and log, removed with it.
+    dir: std::path::PathBuf,
     log: std::path::PathBuf,
 }
 
@@ -50,7 +52,7 @@ impl Dnsmasq {
         let child = pod
             .spawn_app(&mut cmd)
             .expect("starting dnsmasq (cargo xtask setup installs it)");
-        let d = Self { child, log };
+        let d = Self { child, dir, log };
         let start = Instant::now();
         while dig(pod, &[&format!("@{}", pod.ip4), "external.example"]) != "192.0.2.10" {
             assert!(
@@ -72,6 +74,7 @@ impl Drop for Dnsmasq {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -56,9 +56,13 @@ fn denials(node_metrics: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
+/// These agents share work the other way from the default (thread per core), so every policy
+/// path is also proven on tokio's work-stealing pool.
+const WORK_STEALING: &[&str] = &["--scheduler", "work-stealing"];
+
 #[test]
 fn tcp_policies_deny_beats_allow_allow_nothing_and_open_connections_close() {
-    let shop = Shop::start();
+    let shop = Shop::start_with(2, &[], WORK_STEALING);
     let echo = shop.vip(80);
     let direct = addr(shop.server.ip4, 8080);
     assert!(echoes(&shop.client, echo));
@@ -192,7 +196,7 @@ fn tcp_policies_deny_beats_allow_allow_nothing_and_open_connections_close() {
 
 #[test]
 fn http_rules_on_http1_h2c_and_grpc() {
-    let shop = Shop::start();
+    let shop = Shop::start_with(2, &[], WORK_STEALING);
     shop.server
         .start_app(Command::new(binary("trellis-grpc-app")).args([
             "serve",

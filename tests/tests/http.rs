@@ -127,13 +127,10 @@ impl Web {
         );
         let agents = vec![
             // The access log (one line per request, with its trace span) helps read failures.
-            // Thread per core on the client's node, with more workers than this host has
-            // cores, so connections and their pooled HBONE connections are spread over them.
-            Agent::start_with_control_and(
-                n1,
-                &control,
-                &["--access-log", "--thread-per-core", "--worker-threads", "3"],
-            ),
+            // Thread per core (the default) on the client's node, with more workers than this
+            // host has cores, so connections and their pooled HBONE connections are spread over
+            // them.
+            Agent::start_with_control_and(n1, &control, &["--access-log", "--worker-threads", "3"]),
             // One worker thread runs the agent on tokio's current-thread scheduler, a runtime
             // of its own: every request here crosses both kinds.
             Agent::start_with_control_and(n2, &control, &["--access-log", "--worker-threads", "1"]),

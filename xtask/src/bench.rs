@@ -54,12 +54,11 @@ const TARGET_HELD_RSS_MB: f64 = 60.0;
 const TARGET_CONNECT_RATIO: f64 = 0.5;
 
 /// How the agents run their proxy threads.
-#[derive(Clone, Copy)]
 pub struct Threads {
     /// `--worker-threads` (default one per CPU).
     pub workers: Option<u16>,
-    /// `--thread-per-core`.
-    pub per_core: bool,
+    /// `--scheduler` (default the agent's, thread per core).
+    pub scheduler: Option<String>,
 }
 
 pub fn run(
@@ -91,8 +90,8 @@ pub fn run(
     eprintln!("bench: binaries from {}", bin_dir.display());
 
     let duration = Duration::from_secs(duration_secs);
-    let report = bench(duration, threads, repeat, mesh_only)?;
-    print_table(&report, duration_secs, threads);
+    let report = bench(duration, &threads, repeat, mesh_only)?;
+    print_table(&report, duration_secs, &threads);
     if let Some(path) = json_out {
         fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
@@ -121,7 +120,7 @@ pub fn build_release() -> Result<PathBuf> {
 
 /// Brings the cluster up, runs the phases, and returns every figure. Everything made here is
 /// removed when this returns (or unwinds): agents first, then control, pods and nodes.
-fn bench(duration: Duration, threads: Threads, repeat: u32, mesh_only: bool) -> Result<Value> {
+fn bench(duration: Duration, threads: &Threads, repeat: u32, mesh_only: bool) -> Result<Value> {
     eprintln!(
         "bench: creating a two-node cluster; pods client, haproxy, pair-near and server-near on \
          node 1, server and pair-far on node 2"
@@ -175,8 +174,8 @@ fn bench(duration: Duration, threads: Threads, repeat: u32, mesh_only: bool) -> 
         Some(n) => vec!["--worker-threads", n],
         None => Vec::new(),
     };
-    if threads.per_core {
-        agent_args.push("--thread-per-core");
+    if let Some(s) = &threads.scheduler {
+        agent_args.extend(["--scheduler", s]);
     }
     let a1 = Agent::start_with_control_and(n1, &control, &agent_args);
     let a2 = Agent::start_with_control_and(n2, &control, &agent_args);
@@ -254,7 +253,7 @@ fn bench(duration: Duration, threads: Threads, repeat: u32, mesh_only: bool) -> 
     Ok(json!({
         "duration_secs": duration.as_secs(),
         "agent_worker_threads": threads.workers,
-        "agent_thread_per_core": threads.per_core,
+        "agent_scheduler": threads.scheduler,
         "repeat": repeat,
         "mesh_only": mesh_only,
         "load": { "rate": RATE, "conns": CONNS, "size": SIZE },
@@ -812,7 +811,7 @@ fn summary(direct: &Value, pair: &Value, trellis: &Value) -> Value {
     })
 }
 
-fn print_table(r: &Value, secs: u64, threads: Threads) {
+fn print_table(r: &Value, secs: u64, threads: &Threads) {
     let (d, p, t, s) = (&r["direct"], &r["pair"], &r["trellis"], &r["summary"]);
     let num = |v: &Value, digits: usize| f(v).map_or("-".into(), |x| format!("{x:.digits$}"));
     let int = |v: &Value| v.as_u64().map_or("-".into(), |x| x.to_string());
@@ -1031,15 +1030,12 @@ fn print_table(r: &Value, secs: u64, threads: Threads) {
             String::new(),
         ));
     }
-    let per_core = if threads.per_core {
-        ", thread per core"
-    } else {
-        ""
+    let scheduler = threads.scheduler.as_deref().unwrap_or("thread-per-core");
+    let threads = match threads.workers {
+        Some(1) => "1 (the main thread)".to_owned(),
+        Some(n) => format!("{n}, {scheduler}"),
+        None => format!("one per CPU, {scheduler}"),
     };
-    let threads = threads
-        .workers
-        .map_or("one per CPU".to_owned(), |n| n.to_string())
-        + per_core;
     println!(
         "\nTrellis benchmark: 2 nodes, client pod on node 1 -> server pod on node 2, {secs} s per \
          run; the pair: haproxy on each node, mutual TLS 1.3 between them; agent worker threads: \

@@ -93,9 +93,9 @@ enum Task {
         /// The agents' proxy worker threads (`--worker-threads`); default one per CPU.
         #[arg(long, value_name = "N")]
         agent_worker_threads: Option<u16>,
-        /// Run the agents thread per core (`--thread-per-core`).
-        #[arg(long)]
-        agent_thread_per_core: bool,
+        /// The agents' scheduler (`--scheduler`); default the agent's own, thread per core.
+        #[arg(long, value_name = "SCHEDULER", value_parser = ["thread-per-core", "work-stealing"])]
+        agent_scheduler: Option<String>,
         /// Run each L7 latency step this many times in a row (the issue's "in each of 5
         /// consecutive runs": `--repeat 5`).
         #[arg(long, default_value_t = 1, value_name = "N")]
@@ -147,7 +147,7 @@ fn main() -> ExitCode {
             duration_secs,
             profile,
             agent_worker_threads,
-            agent_thread_per_core,
+            agent_scheduler,
             repeat,
             mesh_only,
         } => bench::run(
@@ -156,7 +156,7 @@ fn main() -> ExitCode {
             profile,
             bench::Threads {
                 workers: agent_worker_threads,
-                per_core: agent_thread_per_core,
+                scheduler: agent_scheduler,
             },
             repeat,
             mesh_only,

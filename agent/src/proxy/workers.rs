@@ -1,13 +1,13 @@
-//! Where connections are served. By default on the agent's runtime: its one thread, or tokio's
-//! work-stealing pool, which moves tasks to idle threads.
+//! Where connections are served. By default thread per core: each proxy worker is a thread with
+//! its own current-thread runtime, and a connection stays on the worker it is handed to, with
+//! everything it starts: its requests, the pooled HBONE connections it sends them on (the pool
+//! is per worker) and the connections to the app. So a request wakes no other thread and no task
+//! is stolen. New connections go to the worker with the fewest open. At low rates every worker
+//! wakes for its own share, where work stealing leaves one worker doing all of it;
+//! docs/benchmarks.md measures both.
 //!
-//! Or thread per core (`--thread-per-core`): each proxy worker is a thread with its own
-//! current-thread runtime, and a connection stays on the worker it is handed to, with everything
-//! it starts: its requests, the pooled HBONE connections it sends them on (the pool is per
-//! worker) and the connections to the app. So a request wakes no other thread and no task is
-//! stolen. New connections go to the worker with the fewest open. Under load this serves more
-//! requests per core; at low rates every worker wakes for its own share, where work stealing
-//! leaves one worker doing all of it (docs/benchmarks.md measures both).
+//! Or on the agent's runtime: its one thread (`--worker-threads 1`), or tokio's work-stealing
+//! pool (`--scheduler work-stealing`), which moves tasks to idle threads.
 use std::{
     cell::Cell,
     future::Future,

@@ -33,8 +33,10 @@ impl Drop for GraphPage {
 /// Starts the page in the fabric, reading the demo's Prometheus.
 pub fn start(cluster: &Cluster, prometheus: &Prometheus) -> Result<GraphPage> {
     let addr: SocketAddr = format!("{}:{PORT}", Cluster::SERVICES_IP).parse()?;
-    let log =
-        fs::File::create(std::env::temp_dir().join(format!("{}-graph.log", cluster.fabric())))?;
+    // Beside the screenshot, and overwritten by the next demo rather than left in /tmp.
+    let dir = cmd::root().join("target/demo");
+    fs::create_dir_all(&dir)?;
+    let log = fs::File::create(dir.join("graph.log"))?;
     let mut cmd = Command::new(binary("trellisctl"));
     cmd.args([
         "graph",
