@@ -42,12 +42,15 @@ const ISTIO_LABELS: [&str; 24] = [
 const SERVICE: &str = "server.shop.svc.cluster.local";
 
 /// Sends HTTP requests and TCP bytes from client to server through the mesh for `secs`
-/// seconds (at most 200 requests), so Prometheus sees the counters grow across scrapes.
+/// seconds (at most 200 requests), so Prometheus sees the counters grow across scrapes: paced,
+/// since 200 unpaced requests can all land between two 1 s scrapes, and a series that first
+/// appears at its final value has a rate of zero.
 fn traffic(shop: &Shop, secs: u64) -> usize {
     let url = format!("http://{VIP}:8081/");
     let start = Instant::now();
     let mut requests = 0;
     while start.elapsed() < Duration::from_secs(secs) && requests < 200 {
+        std::thread::sleep(Duration::from_millis(20));
         let body = http_get(&shop.client, &url, &[]);
         assert_eq!(body["client_identity"], spiffe("shop", "client"), "{body}");
         requests += 1;
