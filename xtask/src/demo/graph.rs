@@ -34,9 +34,7 @@ impl Drop for GraphPage {
 pub fn start(cluster: &Cluster, prometheus: &Prometheus) -> Result<GraphPage> {
     let addr: SocketAddr = format!("{}:{PORT}", Cluster::SERVICES_IP).parse()?;
     // Beside the screenshot, and overwritten by the next demo rather than left in /tmp.
-    let dir = cmd::root().join("target/demo");
-    fs::create_dir_all(&dir)?;
-    let log = fs::File::create(dir.join("graph.log"))?;
+    let log = fs::File::create(out_dir()?.join("graph.log"))?;
     let mut cmd = Command::new(binary("trellisctl"));
     cmd.args([
         "graph",
@@ -60,6 +58,13 @@ pub fn start(cluster: &Cluster, prometheus: &Prometheus) -> Result<GraphPage> {
     Ok(page)
 }
 
+/// `target/demo`, made if missing: where the page's log and screenshot go.
+fn out_dir() -> Result<PathBuf> {
+    let dir = cmd::root().join("target/demo");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// One drawn edge, as the page's DOM carries it.
 #[derive(Debug)]
 struct Drawn {
@@ -72,7 +77,10 @@ struct Drawn {
 /// what it saw.
 pub fn check_in_browser(cluster: &Cluster, page: &GraphPage, failures: &mut Vec<String>) {
     let url = format!("http://{}/", page.addr);
-    let shot = cmd::root().join("target/demo/graph.png");
+    let shot = match out_dir() {
+        Ok(dir) => dir.join("graph.png"),
+        Err(e) => return failures.push(format!("the graph page's screenshot: {e:#}")),
+    };
     let dom = match chromium(cluster, &url, &shot) {
         Ok(dom) => dom,
         Err(e) => return failures.push(format!("the graph page in Chromium: {e:#}")),
@@ -103,7 +111,6 @@ pub fn check_in_browser(cluster: &Cluster, page: &GraphPage, failures: &mut Vec<
 /// The page's DOM after its script has drawn, and a screenshot at `shot`.
 fn chromium(cluster: &Cluster, url: &str, shot: &std::path::Path) -> Result<String> {
     let profile = std::env::temp_dir().join(format!("{}-chromium", cluster.fabric()));
-    fs::create_dir_all(shot.parent().expect("a directory"))?;
     let run = |extra: &[String]| -> Result<Vec<u8>> {
         let mut cmd = Command::new(chromium_binary()?);
         cmd.args([
